@@ -1,0 +1,1 @@
+"""Layers of keras-qat: FakeQuant, the float fusion layers, their quantized versions."""

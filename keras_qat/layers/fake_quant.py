@@ -1,0 +1,220 @@
+"""FakeQuant: the layer that owns the range of one quantized activation."""
+
+import keras
+import tensorflow as tf
+
+from keras_qat import ops
+from keras_qat.config import check_non_negative_int
+
+
+def batch_range(x, reduce_axes=None):
+    """Returns `(min, max)` of the finite values of `x`, always containing 0.
+
+    Non-finite values (NaN, +-inf) are replaced by 0 before reducing, so they
+    never reach a range; 0 is inside every range anyway.
+
+    Args:
+        x: Tensor; reduced in float32.
+        reduce_axes: Axes to reduce, `None` for all (a per-tensor range).
+
+    Returns:
+        Two float32 tensors.
+    """
+    x = tf.cast(x, tf.float32)
+    x = tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
+    batch_min = tf.minimum(tf.reduce_min(x, axis=reduce_axes), 0.0)
+    batch_max = tf.maximum(tf.reduce_max(x, axis=reduce_axes), 0.0)
+    return batch_min, batch_max
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class FakeQuant(keras.layers.Layer):
+    """Fake-quantizes its input with a range learned from training batches.
+
+    The range lives in non-trainable variables (`min`, `max`; scalars, or one
+    value per channel) next to a step counter `step`, all saved with the
+    model. In a training call the layer first updates the range from the
+    batch and then quantizes with it:
+
+    - the first training batch sets the range to the batch's min / max;
+    - later batches update it by moving average,
+      `range = ema_decay * range + (1 - ema_decay) * batch_range`, or replace
+      it with the batch range when `ema=False`;
+    - the range always contains 0, and non-finite values never reach it.
+
+    Until `quant_delay` training steps have passed, the output is the input
+    unchanged (the range still learns). In inference the stored range is
+    used; a layer that has not yet seen a training batch has no range and
+    passes its input through.
+
+    Args:
+        num_bits: Bit width, an integer in `[2, 16]`.
+        symmetric: Whether the range is symmetric around zero.
+        narrow_range: Whether the grid is `[1, 2**num_bits - 1]`.
+        per_channel: Whether to keep one range per channel along `axis`.
+        axis: The channel axis when `per_channel=True`.
+        ema: Whether to update the range by moving average (else the range
+            is the last batch's).
+        ema_decay: The moving-average decay, in `[0, 1)`.
+        quant_delay: Number of training steps before quantization starts.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+    Input shape:
+        Any shape; with `per_channel=True`, the size along `axis` must be
+        known.
+
+    Output shape:
+        Same as the input.
+
+    Raises:
+        ValueError: for an invalid argument.
+
+    Example:
+
+    >>> fq = FakeQuant(num_bits=8)
+    >>> x = tf.constant([[-1.0, 0.5, 2.0]])
+    >>> y = fq(x, training=True)   # sets the range to [-1, 2]
+    >>> float(fq.min.numpy()), float(fq.max.numpy())
+    (-1.0, 2.0)
+    """
+
+    def __init__(
+        self,
+        num_bits=8,
+        symmetric=False,
+        narrow_range=False,
+        per_channel=False,
+        axis=-1,
+        ema=True,
+        ema_decay=0.999,
+        quant_delay=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        ops.check_num_bits(num_bits)
+        for name, value in (
+            ("symmetric", symmetric),
+            ("narrow_range", narrow_range),
+            ("per_channel", per_channel),
+            ("ema", ema),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"Received an invalid value for `{name}`, expected a "
+                    f"boolean. Received: {name}={value!r}"
+                )
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise ValueError(
+                "Received an invalid value for `axis`, expected an integer. "
+                f"Received: axis={axis!r}"
+            )
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(
+                "Received an invalid value for `ema_decay`, expected a "
+                f"number in [0, 1). Received: ema_decay={ema_decay!r}"
+            )
+        check_non_negative_int("quant_delay", quant_delay)
+        self.num_bits = num_bits
+        self.symmetric = symmetric
+        self.narrow_range = narrow_range
+        self.per_channel = per_channel
+        self.axis = axis
+        self.ema = ema
+        self.ema_decay = float(ema_decay)
+        self.quant_delay = quant_delay
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        shape = ()
+        if self.per_channel:
+            rank = len(input_shape)
+            if not -rank <= self.axis < rank or input_shape[self.axis] is None:
+                raise ValueError(
+                    f"`FakeQuant(per_channel=True, axis={self.axis})` needs "
+                    "an input whose size along `axis` is known. "
+                    f"Received: input_shape={input_shape}"
+                )
+            shape = (input_shape[self.axis],)
+            self._reduce_axes = [
+                d for d in range(rank) if d != self.axis % rank
+            ]
+        else:
+            self._reduce_axes = None
+        common = dict(
+            shape=shape,
+            initializer="zeros",
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+            aggregation="only_first_replica",
+        )
+        self.min = self.add_weight(name="min", **common)
+        self.max = self.add_weight(name="max", **common)
+        self.step = self.add_weight(
+            name="step",
+            shape=(),
+            initializer="zeros",
+            dtype="int64",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+
+    def _quantize(self, x, min_val, max_val):
+        return ops.fake_quant(
+            x,
+            min_val,
+            max_val,
+            num_bits=self.num_bits,
+            symmetric=self.symmetric,
+            narrow_range=self.narrow_range,
+            axis=self.axis if self.per_channel else None,
+        )
+
+    def update_range(self, x):
+        """Updates the range from batch `x`; returns the new `(min, max)`."""
+        batch_min, batch_max = batch_range(x, self._reduce_axes)
+        decay = self.ema_decay if self.ema else 0.0
+        first = tf.equal(self.step, 0)
+        new_min = tf.where(
+            first, batch_min, decay * self.min + (1.0 - decay) * batch_min
+        )
+        new_max = tf.where(
+            first, batch_max, decay * self.max + (1.0 - decay) * batch_max
+        )
+        self.min.assign(new_min)
+        self.max.assign(new_max)
+        return new_min, new_max
+
+    def call(self, inputs, training=False):
+        if training:
+            step = tf.identity(self.step)
+            min_val, max_val = self.update_range(inputs)
+            self.step.assign_add(1)
+            active = step >= self.quant_delay
+        else:
+            min_val, max_val = self.min, self.max
+            active = tf.logical_and(
+                self.step >= self.quant_delay, self.step > 0
+            )
+        return tf.cond(
+            active,
+            lambda: self._quantize(inputs, min_val, max_val),
+            lambda: tf.identity(inputs),
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_bits=self.num_bits,
+            symmetric=self.symmetric,
+            narrow_range=self.narrow_range,
+            per_channel=self.per_channel,
+            axis=self.axis,
+            ema=self.ema,
+            ema_decay=self.ema_decay,
+            quant_delay=self.quant_delay,
+        )
+        return config

@@ -1,0 +1,332 @@
+"""Float fusion layers: a conv or dense layer, optional BatchNorm, activation.
+
+A fusion layer is one unit of an integer model: the kernel, the BatchNorm
+that will be folded into it and the activation that the integer kernel
+clamps to. `convert_quant_network` turns each one into its quantized
+counterpart (`keras_qat.layers.quant`).
+
+The layers compose Keras' own `Conv2D` / `Dense` and `BatchNormalization`
+(sub-layers `conv` / `dense` and `bn`), so the float arithmetic is exactly
+Keras'.
+"""
+
+import keras
+
+ACTIVATIONS_HINT = (
+    "relu, relu6, sigmoid, leaky_relu, hard_sigmoid, hard_silu (hard_swish), "
+    "silu, tanh, linear or None"
+)
+
+
+def _get_activation(activation):
+    try:
+        return keras.activations.get(activation)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            "Received an invalid value for `activation`, expected a Keras "
+            f"activation such as {ACTIVATIONS_HINT}. "
+            f"Received: activation={activation!r}"
+        ) from error
+
+
+class _FusedBnAct(keras.layers.Layer):
+    """Shared part of the fusion layers: the BatchNorm and the activation.
+
+    Subclasses create the linear sub-layer in `__init__` and implement
+    `linear(inputs)`, the conv or matmul plus bias.
+    """
+
+    def __init__(
+        self,
+        has_bn=False,
+        momentum=0.99,
+        epsilon=1e-3,
+        gamma_initializer="ones",
+        beta_initializer="zeros",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        activation=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(has_bn, bool):
+            raise ValueError(
+                "Received an invalid value for `has_bn`, expected a boolean. "
+                f"Received: has_bn={has_bn!r}"
+            )
+        self.has_bn = has_bn
+        self.activation = _get_activation(activation)
+        self.bn = None
+        if has_bn:
+            self.bn = keras.layers.BatchNormalization(
+                momentum=momentum,
+                epsilon=epsilon,
+                gamma_initializer=gamma_initializer,
+                beta_initializer=beta_initializer,
+                moving_mean_initializer=moving_mean_initializer,
+                moving_variance_initializer=moving_variance_initializer,
+                name="bn",
+            )
+        self._bn_config = dict(
+            momentum=momentum,
+            epsilon=epsilon,
+            gamma_initializer=keras.initializers.serialize(
+                keras.initializers.get(gamma_initializer)
+            ),
+            beta_initializer=keras.initializers.serialize(
+                keras.initializers.get(beta_initializer)
+            ),
+            moving_mean_initializer=keras.initializers.serialize(
+                keras.initializers.get(moving_mean_initializer)
+            ),
+            moving_variance_initializer=keras.initializers.serialize(
+                keras.initializers.get(moving_variance_initializer)
+            ),
+        )
+
+    @property
+    def linear_layer(self):
+        """The `Conv2D` or `Dense` sub-layer."""
+        raise NotImplementedError
+
+    def build(self, input_shape):
+        self.linear_layer.build(input_shape)
+        if self.bn is not None:
+            self.bn.build(self.linear_layer.compute_output_shape(input_shape))
+
+    def compute_output_shape(self, input_shape):
+        return self.linear_layer.compute_output_shape(input_shape)
+
+    def linear(self, inputs, training=False):
+        """The conv or matmul, plus bias; quantized subclasses override it."""
+        return self.linear_layer(inputs)
+
+    def call(self, inputs, training=False):
+        outputs = self.linear(inputs, training=training)
+        if self.bn is not None:
+            outputs = self.bn(outputs, training=training)
+        return self.activation(outputs)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            has_bn=self.has_bn,
+            activation=keras.activations.serialize(self.activation),
+            **self._bn_config,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class Conv2DBnAct(_FusedBnAct):
+    """2D convolution, optional BatchNormalization, optional activation.
+
+    A drop-in for `keras.layers.Conv2D` (followed by `BatchNormalization` when
+    `has_bn=True`), and the unit that `convert_quant_network` quantizes. The
+    convolution is a `keras.layers.Conv2D` sub-layer named `conv`, the
+    BatchNorm a `keras.layers.BatchNormalization` named `bn`.
+
+    Args:
+        filters: Number of output channels.
+        kernel_size: Integer or pair of integers, the window size.
+        strides: Integer or pair of integers.
+        padding: `"valid"` or `"same"`.
+        dilation_rate: Integer or pair of integers.
+        use_bias: Whether the convolution adds a bias.
+        kernel_initializer: Initializer of the kernel.
+        bias_initializer: Initializer of the bias.
+        kernel_regularizer: Optional regularizer of the kernel.
+        bias_regularizer: Optional regularizer of the bias.
+        has_bn: Whether a BatchNormalization follows the convolution.
+        momentum: BatchNorm moving-average momentum.
+        epsilon: BatchNorm epsilon.
+        gamma_initializer: BatchNorm initializers (also `beta_initializer`,
+            `moving_mean_initializer`, `moving_variance_initializer`).
+        activation: Activation applied last: a name (`"relu"`, `"relu6"`,
+            `"sigmoid"`, `"leaky_relu"`, `"hard_sigmoid"`, `"hard_silu"` /
+            `"hard_swish"`, ...), a callable, or `None`.
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Input shape:
+        4D tensor `(batch, height, width, channels)` (channels last).
+
+    Output shape:
+        4D tensor `(batch, new_height, new_width, filters)`.
+
+    Raises:
+        ValueError: for an invalid argument (as `keras.layers.Conv2D` does).
+
+    Example:
+
+    >>> layer = Conv2DBnAct(8, 3, padding="same", has_bn=True,
+    ...                     activation="relu")
+    >>> layer(np.zeros((2, 16, 16, 3), "float32")).shape
+    TensorShape([2, 16, 16, 8])
+    """
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=1,
+        padding="valid",
+        dilation_rate=1,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        has_bn=False,
+        momentum=0.99,
+        epsilon=1e-3,
+        gamma_initializer="ones",
+        beta_initializer="zeros",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        activation=None,
+        **kwargs,
+    ):
+        super().__init__(
+            has_bn=has_bn,
+            momentum=momentum,
+            epsilon=epsilon,
+            gamma_initializer=gamma_initializer,
+            beta_initializer=beta_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            activation=activation,
+            **kwargs,
+        )
+        self.conv = keras.layers.Conv2D(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            dilation_rate=dilation_rate,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            name="conv",
+        )
+
+    @property
+    def linear_layer(self):
+        return self.conv
+
+    def get_config(self):
+        config = super().get_config()
+        conv_config = self.conv.get_config()
+        for key in (
+            "filters",
+            "kernel_size",
+            "strides",
+            "padding",
+            "dilation_rate",
+            "use_bias",
+            "kernel_initializer",
+            "bias_initializer",
+            "kernel_regularizer",
+            "bias_regularizer",
+        ):
+            config[key] = conv_config[key]
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class DenseBnAct(_FusedBnAct):
+    """Densely-connected layer, optional BatchNormalization and activation.
+
+    A drop-in for `keras.layers.Dense` (followed by `BatchNormalization` when
+    `has_bn=True`), and the unit that `convert_quant_network` quantizes. The
+    matmul is a `keras.layers.Dense` sub-layer named `dense`, the BatchNorm a
+    `keras.layers.BatchNormalization` named `bn`.
+
+    Args:
+        units: Number of output units.
+        use_bias: Whether the layer adds a bias.
+        kernel_initializer: Initializer of the kernel.
+        bias_initializer: Initializer of the bias.
+        kernel_regularizer: Optional regularizer of the kernel.
+        bias_regularizer: Optional regularizer of the bias.
+        has_bn: Whether a BatchNormalization follows the matmul.
+        momentum: BatchNorm moving-average momentum.
+        epsilon: BatchNorm epsilon.
+        gamma_initializer: BatchNorm initializers (also `beta_initializer`,
+            `moving_mean_initializer`, `moving_variance_initializer`).
+        activation: Activation applied last (see `Conv2DBnAct`).
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Input shape:
+        N-D tensor `(batch, ..., input_dim)`.
+
+    Output shape:
+        N-D tensor `(batch, ..., units)`.
+
+    Raises:
+        ValueError: for an invalid argument (as `keras.layers.Dense` does).
+
+    Example:
+
+    >>> layer = DenseBnAct(10, activation="relu6")
+    >>> layer(np.zeros((4, 32), "float32")).shape
+    TensorShape([4, 10])
+    """
+
+    def __init__(
+        self,
+        units,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        has_bn=False,
+        momentum=0.99,
+        epsilon=1e-3,
+        gamma_initializer="ones",
+        beta_initializer="zeros",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        activation=None,
+        **kwargs,
+    ):
+        super().__init__(
+            has_bn=has_bn,
+            momentum=momentum,
+            epsilon=epsilon,
+            gamma_initializer=gamma_initializer,
+            beta_initializer=beta_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            activation=activation,
+            **kwargs,
+        )
+        self.dense = keras.layers.Dense(
+            units,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            name="dense",
+        )
+
+    @property
+    def linear_layer(self):
+        return self.dense
+
+    def get_config(self):
+        config = super().get_config()
+        dense_config = self.dense.get_config()
+        for key in (
+            "units",
+            "use_bias",
+            "kernel_initializer",
+            "bias_initializer",
+            "kernel_regularizer",
+            "bias_regularizer",
+        ):
+            config[key] = dense_config[key]
+        return config

@@ -1,0 +1,221 @@
+"""Quantized fusion layers: the float layers with fake-quantized weights.
+
+Each quantized layer subclasses its float fusion layer and changes one
+thing: the kernel is fake-quantized before the conv or matmul. The weight
+range is the kernel's own min / max (per output channel with
+`per_channel=True`), taken at every call, so it never goes stale. The output
+activation is quantized by a separate `FakeQuant` layer that
+`convert_quant_network` places after the layer.
+
+With `has_bn=True` these layers fake-quantize the raw kernel and then apply
+an ordinary BatchNormalization (MindSpore's `bn_fold=False`).
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_qat import ops
+from keras_qat.config import check_non_negative_int
+from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct
+
+
+class _QuantizedWeights:
+    """Mixin that fake-quantizes the kernel of a fusion layer.
+
+    Args:
+        num_bits: Bit width of the weights, in `[2, 16]`.
+        per_channel: One range per output channel (the kernel's last axis).
+        symmetric: Symmetric weight range.
+        narrow_range: Grid `[1, 2**num_bits - 1]`; with `symmetric=True` the
+            signed grid `[-(2**(b-1) - 1), 2**(b-1) - 1]` of TFLite's int8
+            weights.
+        quant_delay: Training steps before the weights are quantized.
+    """
+
+    def __init__(
+        self,
+        *args,
+        num_bits=8,
+        per_channel=False,
+        symmetric=False,
+        narrow_range=False,
+        quant_delay=0,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        ops.check_num_bits(num_bits)
+        for name, value in (
+            ("per_channel", per_channel),
+            ("symmetric", symmetric),
+            ("narrow_range", narrow_range),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"Received an invalid value for `{name}`, expected a "
+                    f"boolean. Received: {name}={value!r}"
+                )
+        check_non_negative_int("quant_delay", quant_delay)
+        self.num_bits = num_bits
+        self.per_channel = per_channel
+        self.symmetric = symmetric
+        self.narrow_range = narrow_range
+        self.quant_delay = quant_delay
+
+    @classmethod
+    def from_float(cls, layer, **quant_options):
+        """Creates the quantized layer of a float fusion layer `layer`.
+
+        The new layer has `layer`'s configuration (and name); its weights are
+        copied by `copy_weights_from` once it is built.
+        """
+        return cls(**layer.get_config(), **quant_options)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.step = self.add_weight(
+            name="step",
+            shape=(),
+            initializer="zeros",
+            dtype="int64",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+
+    def weight_range(self, kernel):
+        """Returns the `(min, max)` of `kernel`, per output channel or not."""
+        kernel = tf.cast(kernel, tf.float32)
+        if self.per_channel:
+            axes = list(range(kernel.shape.rank - 1))
+            return tf.reduce_min(kernel, axes), tf.reduce_max(kernel, axes)
+        return tf.reduce_min(kernel), tf.reduce_max(kernel)
+
+    def quantize_weights(self, kernel):
+        """Fake-quantizes `kernel` with its own range."""
+        min_val, max_val = self.weight_range(kernel)
+        return ops.fake_quant(
+            kernel,
+            min_val,
+            max_val,
+            num_bits=self.num_bits,
+            symmetric=self.symmetric,
+            narrow_range=self.narrow_range,
+            axis=-1 if self.per_channel else None,
+        )
+
+    def maybe_quantize_weights(self, kernel, training):
+        """`kernel`, fake-quantized once `quant_delay` steps have passed.
+
+        A training call also advances the step counter.
+        """
+        step = tf.identity(self.step)
+        if training:
+            self.step.assign_add(1)
+        return tf.cond(
+            step >= self.quant_delay,
+            lambda: self.quantize_weights(kernel),
+            lambda: tf.identity(kernel),
+        )
+
+    def copy_weights_from(self, layer):
+        """Copies every weight of float layer `layer` into this layer.
+
+        Weights are matched by their path below the layer (`conv/kernel`,
+        `bn/gamma`, ...), so the order of creation does not matter.
+        """
+        own = {_relative_path(v, self): v for v in self.weights}
+        for source in layer.weights:
+            key = _relative_path(source, layer)
+            if key not in own:
+                raise ValueError(
+                    f"Cannot copy weight '{key}' of layer '{layer.name}' "
+                    f"({layer.__class__.__name__}) into "
+                    f"{self.__class__.__name__}: it has no such weight."
+                )
+            own[key].assign(source)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_bits=self.num_bits,
+            per_channel=self.per_channel,
+            symmetric=self.symmetric,
+            narrow_range=self.narrow_range,
+            quant_delay=self.quant_delay,
+        )
+        return config
+
+
+def _relative_path(variable, layer):
+    """The path of `variable` below `layer`, such as `conv/kernel`."""
+    path = variable.path
+    prefix = layer.path + "/" if hasattr(layer, "path") else layer.name + "/"
+    if path.startswith(prefix):
+        return path[len(prefix) :]
+    return path.split("/", 1)[-1]
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantConv2DBnAct(_QuantizedWeights, Conv2DBnAct):
+    """`Conv2DBnAct` whose kernel is fake-quantized.
+
+    Takes every argument of `Conv2DBnAct`, plus the weight-quantization
+    options below. Usually created by `convert_quant_network`, not by hand.
+
+    Args:
+        num_bits: Bit width of the weights, in `[2, 16]`.
+        per_channel: One weight range per output channel.
+        symmetric: Symmetric weight range.
+        narrow_range: Weight grid `[1, 2**num_bits - 1]`.
+        quant_delay: Training steps before the weights are quantized.
+        *args, **kwargs: The arguments of `Conv2DBnAct`.
+
+    Raises:
+        ValueError: for an invalid argument.
+
+    Example:
+
+    >>> layer = QuantConv2DBnAct(8, 3, per_channel=True, activation="relu")
+    >>> layer(np.ones((1, 8, 8, 3), "float32")).shape
+    TensorShape([1, 6, 6, 8])
+    """
+
+    def linear(self, inputs, training=False):
+        kernel = self.maybe_quantize_weights(self.conv.kernel, training)
+        outputs = self.conv.convolution_op(inputs, kernel)
+        if self.conv.use_bias:
+            outputs = tf.nn.bias_add(outputs, self.conv.bias)
+        return outputs
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantDenseBnAct(_QuantizedWeights, DenseBnAct):
+    """`DenseBnAct` whose kernel is fake-quantized.
+
+    Takes every argument of `DenseBnAct`, plus the weight-quantization
+    options of `QuantConv2DBnAct`. Usually created by
+    `convert_quant_network`, not by hand.
+
+    Args:
+        num_bits: Bit width of the weights, in `[2, 16]`.
+        per_channel: One weight range per output unit.
+        symmetric: Symmetric weight range.
+        narrow_range: Weight grid `[1, 2**num_bits - 1]`.
+        quant_delay: Training steps before the weights are quantized.
+        *args, **kwargs: The arguments of `DenseBnAct`.
+
+    Raises:
+        ValueError: for an invalid argument.
+
+    Example:
+
+    >>> layer = QuantDenseBnAct(4, num_bits=4)
+    >>> layer(np.ones((2, 3), "float32")).shape
+    TensorShape([2, 4])
+    """
+
+    def linear(self, inputs, training=False):
+        kernel = self.maybe_quantize_weights(self.dense.kernel, training)
+        outputs = keras.ops.matmul(inputs, kernel)
+        if self.dense.use_bias:
+            outputs = outputs + self.dense.bias
+        return outputs

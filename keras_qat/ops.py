@@ -1,0 +1,260 @@
+"""Fake quantization: quantize-dequantize with straight-through gradients.
+
+Everything here is TensorFlow's `FakeQuantWithMinMaxVars` arithmetic
+("nudging"), wrapped so that it can be used with any range, any channel axis
+and any floating dtype:
+
+- `qmin = 1 if narrow_range else 0`, `qmax = 2**num_bits - 1`.
+- The range is first made to contain zero (`min <= 0 <= max`), and widened to
+  `[-M, M]`, `M = max(|min|, |max|)`, when `symmetric=True`.
+- `scale = (max - min) / (qmax - qmin)`,
+  `zero_point = clamp(round(qmin - min / scale), qmin, qmax)`,
+  `nudged_min = (qmin - zero_point) * scale`,
+  `nudged_max = (qmax - zero_point) * scale`.
+- `out = floor((clamp(x, nudged_min, nudged_max) - nudged_min) / scale + 0.5)
+  * scale + nudged_min`, all in float32.
+
+The gradient is the straight-through estimator with clipping: `dx = dy` where
+`nudged_min <= x <= nudged_max` and 0 elsewhere; `dmin` / `dmax` collect the
+gradient of the elements below / above the range.
+"""
+
+import tensorflow as tf
+
+MIN_BITS = 2
+MAX_BITS = 16
+
+
+def quant_levels(num_bits, narrow_range=False):
+    """Returns the integer grid `(qmin, qmax)` of a fake-quant op.
+
+    `qmin = 1 if narrow_range else 0` and `qmax = 2**num_bits - 1`, the grid
+    of TensorFlow's `FakeQuantWithMinMaxVars`.
+
+    Args:
+        num_bits: Integer in `[2, 16]`.
+        narrow_range: Whether the lowest level is left out.
+
+    Returns:
+        A tuple of two Python integers `(qmin, qmax)`.
+
+    Raises:
+        ValueError: if `num_bits` is not an integer in `[2, 16]`.
+    """
+    check_num_bits(num_bits)
+    return (1 if narrow_range else 0), 2**num_bits - 1
+
+
+def check_num_bits(num_bits, name="num_bits"):
+    """Raises `ValueError` unless `num_bits` is an integer in `[2, 16]`."""
+    if (
+        isinstance(num_bits, bool)
+        or not isinstance(num_bits, int)
+        or not MIN_BITS <= num_bits <= MAX_BITS
+    ):
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected an integer "
+            f"in [{MIN_BITS}, {MAX_BITS}]. Received: {name}={num_bits!r}"
+        )
+
+
+def quant_range(min_val, max_val, symmetric=False):
+    """Returns the range that fake quantization actually uses.
+
+    The range is made to contain zero (`min <= 0 <= max`): a range that does
+    not would otherwise slide to `[0, max - min]` inside the TensorFlow op.
+    With `symmetric=True` it is widened to `[-M, M]`,
+    `M = max(|min|, |max|)`.
+
+    Args:
+        min_val: float32 tensor, scalar or per channel.
+        max_val: float32 tensor of the same shape.
+        symmetric: Whether to make the range symmetric around zero.
+
+    Returns:
+        A tuple `(min, max)` of float32 tensors.
+    """
+    min_val = tf.minimum(min_val, 0.0)
+    max_val = tf.maximum(max_val, 0.0)
+    if symmetric:
+        bound = tf.maximum(-min_val, max_val)
+        return -bound, bound
+    return min_val, max_val
+
+
+def nudged_range(min_val, max_val, num_bits=8, narrow_range=False):
+    """Returns `(nudged_min, nudged_max, scale)` of TensorFlow's fake quant.
+
+    The nudged range is the one whose grid represents zero exactly:
+    `scale = (max - min) / (qmax - qmin)`,
+    `zero_point = clamp(round(qmin - min / scale), qmin, qmax)`,
+    `nudged_min = (qmin - zero_point) * scale`,
+    `nudged_max = (qmax - zero_point) * scale`. Rounding is half away from
+    zero, like `std::round` in the TensorFlow kernel. `min_val` and `max_val`
+    must already satisfy `min <= 0 <= max` (see `quant_range`).
+
+    Args:
+        min_val: float32 tensor, scalar or per channel.
+        max_val: float32 tensor of the same shape.
+        num_bits: Integer in `[2, 16]`.
+        narrow_range: Whether the grid starts at 1 instead of 0.
+
+    Returns:
+        A tuple of three float32 tensors of the shape of `min_val`.
+    """
+    qmin, qmax = quant_levels(num_bits, narrow_range)
+    qmin = tf.constant(qmin, tf.float32)
+    qmax = tf.constant(qmax, tf.float32)
+    scale = (max_val - min_val) / (qmax - qmin)
+    zero_point_from_min = qmin - min_val / scale
+    # Half away from zero; zero_point_from_min >= qmin >= 0 here.
+    rounded = tf.floor(zero_point_from_min + 0.5)
+    zero_point = tf.clip_by_value(rounded, qmin, qmax)
+    zero_point = tf.where(tf.math.is_nan(zero_point), qmin, zero_point)
+    return (qmin - zero_point) * scale, (qmax - zero_point) * scale, scale
+
+
+def _fake_quant_last_axis(x, min_val, max_val, num_bits, narrow_range):
+    """Fake quant on float32 `x`, per tensor or along its last axis."""
+    per_channel = min_val.shape.rank == 1
+    if per_channel:
+        forward = tf.quantization.fake_quant_with_min_max_vars_per_channel
+        backward = (
+            tf.quantization.fake_quant_with_min_max_vars_per_channel_gradient
+        )
+    else:
+        forward = tf.quantization.fake_quant_with_min_max_vars
+        backward = tf.quantization.fake_quant_with_min_max_vars_gradient
+
+    @tf.custom_gradient
+    def quantize(x, min_val, max_val):
+        def grad(dy):
+            return backward(
+                dy,
+                x,
+                min_val,
+                max_val,
+                num_bits=num_bits,
+                narrow_range=narrow_range,
+            )
+
+        y = forward(
+            x, min_val, max_val, num_bits=num_bits, narrow_range=narrow_range
+        )
+        return y, grad
+
+    return quantize(x, min_val, max_val)
+
+
+def fake_quant(
+    x,
+    min_val,
+    max_val,
+    num_bits=8,
+    symmetric=False,
+    narrow_range=False,
+    axis=None,
+):
+    """Quantizes `x` to an integer grid over `[min_val, max_val]` and back.
+
+    The forward pass is TensorFlow's `fake_quant_with_min_max_vars` (or its
+    `_per_channel` variant), so that the TFLite converter recognises it; the
+    backward pass, through `tf.custom_gradient`, is TensorFlow's own
+    fake-quant gradient: straight-through inside the nudged range (bounds
+    included), zero outside, and the gradient of the clipped elements for
+    `min_val` / `max_val`.
+
+    The range is first made to contain zero and, with `symmetric=True`,
+    widened to `[-M, M]`, `M = max(|min_val|, |max_val|)`. With
+    `symmetric=True, narrow_range=True` the grid is exactly the signed one,
+    `[-(2**(num_bits-1) - 1), 2**(num_bits-1) - 1] * scale`. A zero-width
+    range (`min_val == max_val == 0`) maps every value to 0.
+
+    Computation is in float32; float16 and bfloat16 inputs are cast to float32
+    and the result is cast back.
+
+    Args:
+        x: Floating-point tensor.
+        min_val: Lower end of the range; a scalar when `axis=None`, else a
+            vector with one value per channel of `x` along `axis`.
+        max_val: Upper end of the range, same shape as `min_val`.
+        num_bits: Bit width, an integer in `[2, 16]`.
+        symmetric: Whether to use a range symmetric around zero.
+        narrow_range: Whether to use the grid `[1, 2**num_bits - 1]` instead
+            of `[0, 2**num_bits - 1]`.
+        axis: `None` for one range for the whole tensor, or the channel axis
+            (any axis of `x`, negative values allowed) for one range per
+            channel.
+
+    Returns:
+        A tensor of the shape and dtype of `x`.
+
+    Raises:
+        ValueError: if `num_bits` is not in `[2, 16]`, `axis` is out of range,
+            `x` is not floating point, or the range does not have one value
+            per channel.
+
+    Example:
+
+    >>> y = fake_quant(tf.constant([-1.0, 0.1, 0.5]), -1.0, 1.0, num_bits=2)
+    >>> y.numpy()  # grid: -2/3, 0, 2/3 after nudging
+    array([-0.6666666,  0.       ,  0.6666666], dtype=float32)
+    """
+    check_num_bits(num_bits)
+    x = tf.convert_to_tensor(x)
+    if not x.dtype.is_floating:
+        raise ValueError(
+            "`fake_quant` expects a floating-point tensor. "
+            f"Received: x.dtype={x.dtype.name}"
+        )
+    input_dtype = x.dtype
+    x = tf.cast(x, tf.float32)
+    min_val = tf.cast(min_val, tf.float32)
+    max_val = tf.cast(max_val, tf.float32)
+    min_val, max_val = quant_range(min_val, max_val, symmetric)
+
+    if axis is None:
+        if min_val.shape.rank != 0 or max_val.shape.rank != 0:
+            raise ValueError(
+                "With `axis=None`, `min_val` and `max_val` must be scalars. "
+                f"Received shapes: {min_val.shape} and {max_val.shape}"
+            )
+        y = _fake_quant_last_axis(x, min_val, max_val, num_bits, narrow_range)
+        return tf.cast(y, input_dtype)
+
+    rank = x.shape.rank
+    if rank is None or not -rank <= axis < rank:
+        raise ValueError(
+            f"Received an invalid value for `axis`, expected an integer in "
+            f"[-{rank}, {rank}) for an input of rank {rank}. "
+            f"Received: axis={axis}"
+        )
+    axis = axis % rank
+    channels = x.shape[axis]
+    for name, value in (("min_val", min_val), ("max_val", max_val)):
+        if value.shape.rank != 1 or (
+            channels is not None and value.shape[0] not in (None, channels)
+        ):
+            raise ValueError(
+                f"With `axis={axis}`, `{name}` must be a vector of "
+                f"{channels} values, one per channel. "
+                f"Received: {name}.shape={value.shape}"
+            )
+
+    # The TensorFlow op takes the channels last, for ranks 1, 2 and 4.
+    perm = [d for d in range(rank) if d != axis] + [axis]
+    moved = x if axis == rank - 1 else tf.transpose(x, perm)
+    if rank in (1, 2, 4):
+        y = _fake_quant_last_axis(
+            moved, min_val, max_val, num_bits, narrow_range
+        )
+    else:
+        flat = tf.reshape(moved, [-1, tf.shape(moved)[-1]])
+        y = _fake_quant_last_axis(flat, min_val, max_val, num_bits, narrow_range)
+        y = tf.reshape(y, tf.shape(moved))
+    if axis != rank - 1:
+        inverse = [0] * rank
+        for position, dim in enumerate(perm):
+            inverse[dim] = position
+        y = tf.transpose(y, inverse)
+    return tf.cast(y, input_dtype)

@@ -1,0 +1,188 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_qat import (
+    Conv2DBnAct,
+    DenseBnAct,
+    FakeQuant,
+    QuantConv2DBnAct,
+    QuantDenseBnAct,
+    convert_quant_network,
+)
+from keras_qat.ops import nudged_range, quant_range
+
+
+def lenet():
+    return keras.Sequential(
+        [
+            keras.Input((12, 12, 1), name="image"),
+            Conv2DBnAct(4, 3, has_bn=True, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dropout(0.0),  # cloned, and deterministic
+            DenseBnAct(8, activation="relu6"),
+            DenseBnAct(3),
+        ]
+    )
+
+
+def branchy():
+    inputs = keras.Input((8, 8, 3))
+    a = Conv2DBnAct(4, 3, padding="same", activation="relu")(inputs)
+    b = Conv2DBnAct(4, 1, has_bn=True)(inputs)
+    merged = keras.layers.Add()([a, b])
+    merged = keras.layers.Concatenate()([merged, a])
+    pooled = keras.layers.GlobalAveragePooling2D()(merged)
+    return keras.Model(inputs, DenseBnAct(2)(pooled))
+
+
+def train(model, x, y, steps, **compile_kwargs):
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", **compile_kwargs)
+    for _ in range(steps):
+        model.train_on_batch(x, y)
+
+
+def test_sequential_layout():
+    qmodel = convert_quant_network(lenet(), per_channel=[True, False])
+    assert isinstance(qmodel, keras.Sequential) and not qmodel.compiled
+    assert [type(layer).__name__ for layer in qmodel.layers] == [
+        "FakeQuant", "QuantConv2DBnAct", "FakeQuant", "MaxPooling2D", "Flatten",
+        "Dropout", "QuantDenseBnAct", "FakeQuant", "QuantDenseBnAct", "FakeQuant",
+    ]
+    assert qmodel.layers[0].name == "image_quant"
+    assert qmodel.layers[1].per_channel and not qmodel.layers[2].per_channel
+
+
+def test_functional_layout_puts_fake_quant_after_merges():
+    model = branchy()
+    model.compile("adam", "mse")
+    qmodel = convert_quant_network(model)
+    assert not qmodel.compiled
+    follows = {}
+    for layer in qmodel.layers:
+        for node in layer._inbound_nodes:
+            for tensor in node.input_tensors:
+                follows.setdefault(tensor._keras_history.operation.name, []).append(layer)
+    for layer in qmodel.layers:
+        if isinstance(layer, (QuantConv2DBnAct, QuantDenseBnAct, keras.layers.Add, keras.layers.Concatenate, keras.layers.InputLayer)):
+            assert [type(c) for c in follows.get(layer.name, [])] == [FakeQuant], layer.name
+    assert sum(isinstance(layer, FakeQuant) for layer in qmodel.layers) == 6
+
+
+@pytest.mark.parametrize("build", [lenet, branchy])
+def test_delayed_quantization_gives_the_float_outputs(build):
+    model = build()
+    shape = (16,) + tuple(model.inputs[0].shape[1:])
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    y = np.random.default_rng(1).standard_normal((16,) + tuple(model.outputs[0].shape[1:])).astype("float32")
+    float_model = keras.models.clone_model(model)
+    float_model.set_weights(model.get_weights())
+    qmodel = convert_quant_network(model, quant_delay=100)
+    np.testing.assert_array_equal(qmodel.predict(x, verbose=0), model.predict(x, verbose=0))
+    train(float_model, x, y, 3)
+    train(qmodel, x, y, 3)
+    np.testing.assert_allclose(qmodel.predict(x, verbose=0), float_model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def on_grid(values, layer):
+    lo, hi = quant_range(layer.min.numpy(), layer.max.numpy(), layer.symmetric)
+    nudged_min, _, scale = (t.numpy() for t in nudged_range(lo, hi, layer.num_bits, layer.narrow_range))
+    levels = (values - nudged_min) / scale
+    return np.allclose(levels, np.round(levels), atol=1e-3) and levels.min() > -1e-3 and levels.max() < 2**layer.num_bits - 1 + 1e-3
+
+
+@pytest.mark.parametrize("build", [lenet, branchy])
+def test_outputs_lie_on_the_grid_after_the_delay(build):
+    model = build()
+    x = np.random.default_rng(0).standard_normal((16,) + tuple(model.inputs[0].shape[1:])).astype("float32")
+    y = np.zeros((16,) + tuple(model.outputs[0].shape[1:]), "float32")
+    qmodel = convert_quant_network(model, quant_delay=2, num_bits=(4, 4))
+    train(qmodel, x, y, 3)
+    fake_quants = [layer for layer in qmodel.layers if isinstance(layer, FakeQuant)]
+    assert all(layer.step.numpy() == 3 for layer in fake_quants)
+    probe = keras.Model(qmodel.inputs, [layer.output for layer in fake_quants])
+    for layer, values in zip(fake_quants, probe.predict(x, verbose=0)):
+        assert on_grid(values, layer), layer.name
+        assert len(np.unique(values)) <= 16
+
+
+def test_the_same_model_converts_twice_and_weights_are_copies():
+    model = branchy()
+    first = convert_quant_network(model)
+    second = convert_quant_network(model, num_bits=4)
+    assert first.count_params() == second.count_params()
+    q_conv = [layer for layer in first.layers if isinstance(layer, QuantConv2DBnAct)][0]
+    f_conv = model.get_layer(q_conv.name)
+    np.testing.assert_array_equal(q_conv.conv.kernel, f_conv.conv.kernel)
+    q_conv.conv.kernel.assign(q_conv.conv.kernel + 1.0)
+    assert not np.array_equal(q_conv.conv.kernel, f_conv.conv.kernel)
+
+
+def test_unsupported_layers_are_listed_together():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="plain_conv")(inputs)
+    x = keras.layers.BatchNormalization(name="lonely_bn")(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(2, name="plain_dense")(x)
+    with pytest.raises(ValueError) as error:
+        convert_quant_network(keras.Model(inputs, outputs))
+    message = str(error.value)
+    for part in ["'plain_conv' (Conv2D)", "'lonely_bn' (BatchNormalization)", "'plain_dense' (Dense)"]:
+        assert part in message
+
+
+def test_subclassed_model_is_rejected_with_advice():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = DenseBnAct(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    net = Net()
+    net(np.zeros((1, 3), "float32"))
+    with pytest.raises(ValueError, match="Net.*Functional"):
+        convert_quant_network(net)
+
+
+def test_unbuilt_sequential_is_rejected():
+    with pytest.raises(ValueError, match="input shape"):
+        convert_quant_network(keras.Sequential([DenseBnAct(2)]))
+
+
+def test_bn_fold_is_not_silently_ignored():
+    with pytest.raises(NotImplementedError, match="bn_fold"):
+        convert_quant_network(lenet(), bn_fold=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_bits=(8, 8, 8)), "num_bits"),
+        (dict(num_bits="8"), "num_bits"),
+        (dict(num_bits=(1, 8)), "num_bits"),
+        (dict(num_bits=(8, 17)), "num_bits"),
+        (dict(quant_delay=-1), "quant_delay"),
+        (dict(quant_delay=(0, -5)), "quant_delay"),
+        (dict(per_channel=(True, True)), "per_channel"),
+        (dict(per_channel=True), "per_channel"),
+        (dict(symmetric="yes"), "symmetric"),
+        (dict(narrow_range=[True]), "narrow_range"),
+        (dict(freeze_bn=-3), "freeze_bn"),
+        (dict(bn_fold="no"), "bn_fold"),
+    ],
+)
+def test_invalid_options_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        convert_quant_network(lenet(), **kwargs)
+
+
+def test_pairs_reach_weights_and_activations():
+    qmodel = convert_quant_network(
+        lenet(), num_bits=(4, 6), symmetric=(True, False), narrow_range=(True, False), quant_delay=(3, 5)
+    )
+    conv, act = qmodel.layers[1], qmodel.layers[2]
+    assert (conv.num_bits, conv.symmetric, conv.narrow_range, conv.quant_delay) == (4, True, True, 3)
+    assert (act.num_bits, act.symmetric, act.narrow_range, act.quant_delay) == (6, False, False, 5)

@@ -1,0 +1,133 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import reference
+from keras_qat import FakeQuant
+
+
+def numpy_observer(batches, ema, decay, axis=None):
+    """Reference range after each batch: first batch sets it, then EMA."""
+    ranges = []
+    lo = hi = None
+    for batch in batches:
+        finite = np.where(np.isfinite(batch), batch, 0)
+        if axis is None:
+            b_lo, b_hi = min(finite.min(), 0), max(finite.max(), 0)
+        else:
+            axes = tuple(d for d in range(batch.ndim) if d != axis % batch.ndim)
+            b_lo = np.minimum(finite.min(axis=axes), 0)
+            b_hi = np.maximum(finite.max(axis=axes), 0)
+        if lo is None or not ema:
+            lo, hi = np.float32(b_lo), np.float32(b_hi)
+        else:
+            lo = np.float32(decay * lo + (1 - decay) * b_lo)
+            hi = np.float32(decay * hi + (1 - decay) * b_hi)
+        ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_per_tensor_range_follows_numpy_observer(ema):
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((4, 6)) * (i + 1) + 0.5).astype("float32") for i in range(5)]
+    layer = FakeQuant(ema=ema, ema_decay=0.9)
+    expected = numpy_observer(batches, ema, 0.9)
+    for step, (batch, (lo, hi)) in enumerate(zip(batches, expected)):
+        y = layer(batch, training=True)
+        np.testing.assert_allclose(layer.min.numpy(), lo, rtol=1e-6)
+        np.testing.assert_allclose(layer.max.numpy(), hi, rtol=1e-6)
+        assert layer.step.numpy() == step + 1
+        np.testing.assert_allclose(y, reference.fake_quant(batch, lo, hi), atol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_per_channel_range_follows_numpy_observer(axis):
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((3, 4, 5)).astype("float32") * 3 for _ in range(4)]
+    layer = FakeQuant(per_channel=True, axis=axis, ema_decay=0.5)
+    for batch, (lo, hi) in zip(batches, numpy_observer(batches, True, 0.5, axis)):
+        layer(batch, training=True)
+        assert layer.min.shape == (batch.shape[axis],)
+        np.testing.assert_allclose(layer.min.numpy(), lo, rtol=1e-6)
+        np.testing.assert_allclose(layer.max.numpy(), hi, rtol=1e-6)
+
+
+def test_quant_delay_passes_through_exactly_until_the_delay():
+    x = np.linspace(-1, 1, 37).astype("float32").reshape(1, 37)
+    layer = FakeQuant(num_bits=4, quant_delay=3)
+    for step in range(3):
+        if step > 0:  # after 1 and 2 training steps, inference is delayed too
+            np.testing.assert_array_equal(layer(x, training=False), x)
+        np.testing.assert_array_equal(layer(x, training=True), x)
+    # 3 steps have passed: inference quantizes, and so does the 4th step,
+    # with the range learned during the delay.
+    y_inference = layer(x, training=False).numpy()
+    y = layer(x, training=True).numpy()
+    np.testing.assert_array_equal(y_inference, y)
+    lo, hi = layer.min.numpy(), layer.max.numpy()
+    assert (lo, hi) == (-1.0, 1.0)
+    np.testing.assert_allclose(y, reference.fake_quant(x, lo, hi, 4), atol=1e-6)
+    assert len(np.unique(y)) <= 16
+    np.testing.assert_array_equal(layer(x, training=False), y)
+
+
+def test_untrained_layer_passes_through_in_inference():
+    x = np.array([[0.3, -2.0]], "float32")
+    np.testing.assert_array_equal(FakeQuant()(x), x)
+
+
+def test_non_finite_batches_leave_the_range_finite():
+    layer = FakeQuant(ema_decay=0.5)
+    layer(np.array([[-1.0, 2.0]], "float32"), training=True)
+    bad = np.array([[np.nan, np.inf, -np.inf, 0.5]], "float32")
+    layer(bad, training=True)
+    np.testing.assert_allclose(layer.min.numpy(), -0.5)
+    np.testing.assert_allclose(layer.max.numpy(), 1.25)
+    first = FakeQuant()
+    first(np.array([[np.nan, np.inf]], "float32"), training=True)
+    assert first.min.numpy() == 0.0 and first.max.numpy() == 0.0
+
+
+def test_inference_uses_stored_range_and_does_not_update():
+    layer = FakeQuant()
+    layer(np.array([[-1.0, 1.0]], "float32"), training=True)
+    y = layer(np.array([[-5.0, 0.5, 5.0]], "float32"), training=False).numpy()
+    assert layer.step.numpy() == 1 and layer.max.numpy() == 1.0
+    assert y[0, 0] == pytest.approx(-1.0, abs=0.01) and y[0, 2] == pytest.approx(1.0, abs=0.01)
+
+
+def test_mixed_precision_input_keeps_float32_range():
+    layer = FakeQuant(dtype="mixed_float16")
+    y = layer(tf.constant([[-1.0, 0.25, 3.0]], tf.float16), training=True)
+    assert y.dtype == tf.float16
+    assert layer.min.dtype == "float32" and layer.max.numpy() == 3.0
+
+
+def test_config_round_trip():
+    layer = FakeQuant(num_bits=4, symmetric=True, narrow_range=True, ema=False, quant_delay=7, name="fq")
+    clone = FakeQuant.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert isinstance(restored, FakeQuant) and restored.num_bits == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_bits=1), "num_bits"),
+        (dict(ema_decay=1.0), "ema_decay"),
+        (dict(quant_delay=-1), "quant_delay"),
+        (dict(symmetric="yes"), "symmetric"),
+        (dict(axis=1.5), "axis"),
+    ],
+)
+def test_invalid_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        FakeQuant(**kwargs)
+
+
+def test_per_channel_needs_known_channels():
+    with pytest.raises(ValueError, match="axis"):
+        FakeQuant(per_channel=True, axis=3).build((None, 4))

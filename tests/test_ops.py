@@ -1,0 +1,218 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import reference
+from keras_qat import ops
+
+
+def assert_matches_reference(y, x, min_val, max_val, num_bits, narrow_range, symmetric):
+    """`y` (per tensor) equals the reference level by level.
+
+    TensorFlow's kernel computes `level * scale + nudged_min` with fused
+    multiply-adds, so values are compared to float32 rounding, and levels
+    exactly. An element whose shifted value lies within a few float32 ulps of
+    a .5 tie may
+    round either way in float32 arithmetic; those are counted and must be
+    rare, and they must still be within one level.
+    """
+    levels, nudged_min, scale, shifted = reference.fake_quant_levels(
+        x, min_val, max_val, num_bits, narrow_range, symmetric
+    )
+    y = np.asarray(y)
+    if scale == 0:
+        np.testing.assert_array_equal(y, np.zeros_like(x))
+        return
+    got_levels = np.round((y.astype(np.float64) - nudged_min) / scale)
+    # A few float32 ulps of `x - nudged_min`, in levels (large at 16 bits).
+    ulps = 8 * np.finfo(np.float32).eps * (np.abs(x) + abs(nudged_min))
+    tie_window = 1e-4 + ulps / scale
+    near_tie = np.abs(shifted - np.floor(shifted) - 0.5) < tie_window
+    mismatch = got_levels != levels
+    assert not np.any(mismatch & ~near_tie), (
+        f"levels differ away from ties at x={x[mismatch & ~near_tie][:5]}"
+    )
+    assert np.all(np.abs(got_levels - levels) <= 1)
+    assert mismatch.sum() <= max(2, near_tie.sum() // 2 + x.size // 2000)
+    expected = levels * scale + nudged_min
+    span = max(abs(nudged_min), abs(nudged_min + scale * (2**num_bits - 1)))
+    ok = ~mismatch
+    np.testing.assert_allclose(y[ok], expected[ok], rtol=0, atol=4e-7 * span)
+
+
+def random_inputs(rng, lo, hi, n=20_000):
+    width = max(hi - lo, 1.0)
+    return np.concatenate(
+        [
+            rng.uniform(lo - 0.2 * width, hi + 0.2 * width, n),
+            np.linspace(lo, hi, 4001),
+            [0.0, lo, hi],
+        ]
+    ).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_bits", [2, 4, 7, 8, 16])
+@pytest.mark.parametrize("narrow_range", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_per_tensor_matches_numpy(num_bits, narrow_range, symmetric):
+    rng = np.random.default_rng(num_bits)
+    for min_val, max_val in [(-1.3, 2.1), (-0.01, 5.0), (-3.0, 0.2)]:
+        x = random_inputs(rng, min_val, max_val)
+        y = ops.fake_quant(
+            x, min_val, max_val, num_bits, symmetric=symmetric, narrow_range=narrow_range
+        )
+        assert y.dtype == tf.float32 and y.shape == x.shape
+        assert_matches_reference(
+            y.numpy(), x, min_val, max_val, num_bits, narrow_range, symmetric
+        )
+
+
+@pytest.mark.parametrize(
+    "min_val, max_val",
+    [
+        (0.5, 2.0),  # min > 0: the range becomes [0, 2], not [0, 1.5]
+        (-2.0, -0.5),  # max < 0: the range becomes [-2, 0]
+        (0.0, 0.0),  # zero range: everything maps to 0
+        (-1.0, 1.0),
+    ],
+)
+def test_edge_ranges(min_val, max_val):
+    x = np.linspace(-3, 3, 601).astype(np.float32)
+    y = ops.fake_quant(x, min_val, max_val).numpy()
+    assert_matches_reference(y, x, min_val, max_val, 8, False, False)
+    assert np.all(np.isfinite(y))
+    if (min_val, max_val) == (0.5, 2.0):
+        assert y.min() == 0.0 and y.max() == pytest.approx(2.0, abs=1e-6)
+    if (min_val, max_val) == (-2.0, -0.5):
+        assert y.max() == 0.0 and y.min() == pytest.approx(-2.0, abs=1e-6)
+
+
+def test_zero_is_exact_and_ties_round_up():
+    # Scale 1/16 (a power of two) and zero point 128: every value below is
+    # exact in float32, so .5 ties are exact and must round up.
+    min_val, max_val = -8.0, 127 / 16
+    ties = (np.arange(-128, 127) + 0.5).astype(np.float32) / 16
+    y = ops.fake_quant(ties, min_val, max_val).numpy()
+    np.testing.assert_array_equal(y, ties + np.float32(1 / 32))
+    assert ops.fake_quant(np.float32(0.0), -0.37, 1.91).numpy() == 0.0
+
+
+def test_symmetric_narrow_range_is_the_signed_grid():
+    x = np.linspace(-2, 2, 1001).astype(np.float32)
+    y = ops.fake_quant(x, -0.5, 1.27, num_bits=8, symmetric=True, narrow_range=True).numpy()
+    scale = np.float32(2 * 1.27 / 254)
+    levels = y / scale
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+    assert round(levels.min()) == -127 and round(levels.max()) == 127
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+@pytest.mark.parametrize("rank", [2, 3, 4])
+def test_per_channel_matches_per_tensor_reference(axis, rank):
+    rng = np.random.default_rng(rank)
+    shape = [3, 4, 5, 6][:rank]
+    x = (rng.standard_normal(shape) * 2).astype(np.float32)
+    channels = shape[axis]
+    mins = -rng.uniform(0.1, 3, channels).astype(np.float32)
+    maxs = rng.uniform(0.1, 3, channels).astype(np.float32)
+    mins[0], maxs[0] = 0.0, 0.0  # one zero-range channel
+    y = ops.fake_quant(x, mins, maxs, num_bits=5, axis=axis).numpy()
+    for c in range(channels):
+        xc = np.take(x, c, axis=axis).ravel()
+        yc = np.take(y, c, axis=axis).ravel()
+        assert_matches_reference(yc, xc, mins[c], maxs[c], 5, False, False)
+
+
+def numpy_gradients(x, dy, min_val, max_val, num_bits, narrow_range):
+    nudged_min, nudged_max, _ = reference.nudge(min_val, max_val, num_bits, narrow_range)
+    inside = (x >= nudged_min) & (x <= nudged_max)
+    return dy * inside, dy[x < nudged_min].sum(), dy[x > nudged_max].sum()
+
+
+@pytest.mark.parametrize("num_bits, narrow_range", [(8, False), (4, True), (2, False)])
+def test_gradients_equal_tf_gradient_op_and_numpy(num_bits, narrow_range):
+    rng = np.random.default_rng(0)
+    x = tf.constant(random_inputs(rng, -1.1, 0.9, 2000))
+    dy = tf.constant(rng.standard_normal(x.shape).astype(np.float32))
+    min_val, max_val = tf.Variable(-1.1), tf.Variable(0.9)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = ops.fake_quant(x, min_val, max_val, num_bits, narrow_range=narrow_range)
+    dx, dmin, dmax = tape.gradient(y, [x, min_val, max_val], output_gradients=dy)
+    tf_dx, tf_dmin, tf_dmax = tf.quantization.fake_quant_with_min_max_vars_gradient(
+        dy, x, -1.1, 0.9, num_bits=num_bits, narrow_range=narrow_range
+    )
+    np.testing.assert_array_equal(dx, tf_dx)
+    np.testing.assert_allclose([dmin, dmax], [tf_dmin, tf_dmax], rtol=1e-6)
+    np_dx, np_dmin, np_dmax = numpy_gradients(
+        x.numpy(), dy.numpy(), -1.1, 0.9, num_bits, narrow_range
+    )
+    np.testing.assert_array_equal(dx, np_dx)
+    np.testing.assert_allclose([dmin, dmax], [np_dmin, np_dmax], rtol=1e-4)
+    assert np.count_nonzero(np_dx == 0) > 0  # some elements were clipped
+
+
+def test_per_channel_gradients_on_axis_0():
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.standard_normal((3, 50)).astype(np.float32) * 2)
+    dy = tf.constant(rng.standard_normal((3, 50)).astype(np.float32))
+    mins = tf.Variable([-1.0, -0.5, -2.0])
+    maxs = tf.Variable([1.0, 0.7, 2.0])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = ops.fake_quant(x, mins, maxs, axis=0)
+    dx, dmin, dmax = tape.gradient(y, [x, mins, maxs], output_gradients=dy)
+    tf_dx, tf_dmin, tf_dmax = (
+        tf.quantization.fake_quant_with_min_max_vars_per_channel_gradient(
+            tf.transpose(dy), tf.transpose(x), mins, maxs
+        )
+    )
+    np.testing.assert_array_equal(dx, tf.transpose(tf_dx))
+    np.testing.assert_allclose(dmin, tf_dmin, rtol=1e-6)
+    np.testing.assert_allclose(dmax, tf_dmax, rtol=1e-6)
+    for c in range(3):
+        np_dx, np_dmin, np_dmax = numpy_gradients(
+            x.numpy()[c], dy.numpy()[c], mins.numpy()[c], maxs.numpy()[c], 8, False
+        )
+        np.testing.assert_array_equal(dx[c], np_dx)
+        np.testing.assert_allclose([dmin[c], dmax[c]], [np_dmin, np_dmax], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_inputs_compute_in_float32(dtype):
+    x = tf.cast(tf.linspace(-2.0, 2.0, 101), dtype)
+    y = ops.fake_quant(x, -1.0, 1.5)
+    assert y.dtype == tf.as_dtype(dtype)
+    expected = ops.fake_quant(tf.cast(x, tf.float32), -1.0, 1.5)
+    np.testing.assert_array_equal(y.numpy(), tf.cast(expected, dtype).numpy())
+
+
+def test_xla_compiles_and_matches_within_one_step():
+    x = tf.constant(np.random.default_rng(2).uniform(-2, 2, 10_000).astype(np.float32))
+    eager = ops.fake_quant(x, -1.3, 1.7)
+    compiled = tf.function(lambda t: ops.fake_quant(t, -1.3, 1.7), jit_compile=True)(x)
+    _, _, scale = reference.nudge(-1.3, 1.7, 8, False)
+    assert np.max(np.abs(eager - compiled)) <= scale * 1.0001
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_bits=1), "num_bits"),
+        (dict(num_bits=17), "num_bits"),
+        (dict(num_bits=8.0), "num_bits"),
+        (dict(axis=3), "axis"),
+    ],
+)
+def test_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ops.fake_quant(tf.zeros((2, 3)), [-1.0] * 3, [1.0] * 3, **{"axis": -1, **kwargs})
+
+
+def test_range_shape_must_match_channels():
+    with pytest.raises(ValueError, match="one per channel"):
+        ops.fake_quant(tf.zeros((2, 3)), [-1.0, -1.0], [1.0, 1.0], axis=1)
+    with pytest.raises(ValueError, match="scalars"):
+        ops.fake_quant(tf.zeros((2, 3)), [-1.0] * 3, [1.0] * 3)
+    with pytest.raises(ValueError, match="floating-point"):
+        ops.fake_quant(tf.zeros((2, 3), tf.int32), -1.0, 1.0)
