@@ -20,12 +20,16 @@ QUANTIZED_LAYERS = {
     DenseBnAct: QuantDenseBnAct,
 }
 
-# Layers whose output gets a range of its own (a FakeQuant after them).
+# Layers whose output gets a range of its own (a FakeQuant after them): an
+# integer kernel computes them and requantizes the result.
 REQUANTIZED_LAYERS = (
     keras.layers.Add,
     keras.layers.Subtract,
     keras.layers.Multiply,
     keras.layers.Concatenate,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.Activation,
 )
 
 # Layers that move or select values without computing new ones (or, like
@@ -62,8 +66,8 @@ def convert_quant_network(
     become `QuantConv2DBnAct` and `QuantDenseBnAct` with the original's
     weights (so a trained float model converts without retraining), and a
     `FakeQuant` layer follows the model input, each quantized layer's output
-    (after its activation) and each `Add`, `Subtract`, `Multiply` and
-    `Concatenate`. Pooling, flatten, reshape, dropout, padding and cropping
+    (after its activation), each `Add`, `Subtract`, `Multiply` and
+    `Concatenate`, and each standalone `ReLU`, `LeakyReLU` and `Activation`. Pooling, flatten, reshape, dropout, padding and cropping
     layers are kept. Layer names are kept; a `FakeQuant` is named after the
     layer it follows, plus `_quant`.
 
@@ -157,7 +161,8 @@ def _check_layers(model):
             f"'{model.name}': {', '.join(unsupported)}. Build the model from "
             "Conv2DBnAct / DenseBnAct fusion layers (they replace Conv2D and "
             "Dense with their BatchNormalization and activation), merge "
-            "layers (Add, Subtract, Multiply, Concatenate) and pass-through "
+            "layers (Add, Subtract, Multiply, Concatenate), activation layers "
+            "(ReLU, LeakyReLU, Activation) and pass-through "
             "layers (" + ", ".join(c.__name__ for c in PASS_THROUGH_LAYERS)
             + ")."
         )

@@ -32,6 +32,7 @@ def branchy():
     a = Conv2DBnAct(4, 3, padding="same", activation="relu")(inputs)
     b = Conv2DBnAct(4, 1, has_bn=True)(inputs)
     merged = keras.layers.Add()([a, b])
+    merged = keras.layers.ReLU()(merged)
     merged = keras.layers.Concatenate()([merged, a])
     pooled = keras.layers.GlobalAveragePooling2D()(merged)
     return keras.Model(inputs, DenseBnAct(2)(pooled))
@@ -65,9 +66,9 @@ def test_functional_layout_puts_fake_quant_after_merges():
             for tensor in node.input_tensors:
                 follows.setdefault(tensor._keras_history.operation.name, []).append(layer)
     for layer in qmodel.layers:
-        if isinstance(layer, (QuantConv2DBnAct, QuantDenseBnAct, keras.layers.Add, keras.layers.Concatenate, keras.layers.InputLayer)):
+        if isinstance(layer, (QuantConv2DBnAct, QuantDenseBnAct, keras.layers.Add, keras.layers.ReLU, keras.layers.Concatenate, keras.layers.InputLayer)):
             assert [type(c) for c in follows.get(layer.name, [])] == [FakeQuant], layer.name
-    assert sum(isinstance(layer, FakeQuant) for layer in qmodel.layers) == 6
+    assert sum(isinstance(layer, FakeQuant) for layer in qmodel.layers) == 7
 
 
 @pytest.mark.parametrize("build", [lenet, branchy])

@@ -1,0 +1,77 @@
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+import idx_data  # noqa: E402
+
+
+def write_idx(path, array, compress=False):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_dataset(directory, n_train, n_test, compress, seed=0):
+    """Digit-like images: class k is a bright bar at row 2k (learnable)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 40, (n, 28, 28))
+        for i, label in enumerate(labels):
+            images[i, 2 * label + 3 : 2 * label + 6, 4:24] = 250
+        suffix = ".gz" if compress else ""
+        write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte{suffix}"), images, compress)
+        write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte{suffix}"), labels, compress)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_round_trip(tmp_path, compress):
+    arrays = write_dataset(str(tmp_path), 12, 5, compress)
+    (x_train, y_train), (x_test, y_test) = idx_data.load("mnist", str(tmp_path))
+    np.testing.assert_array_equal(x_train, arrays["train"][0])
+    np.testing.assert_array_equal(y_test, arrays["t10k"][1])
+    assert x_train.dtype == np.uint8 and x_test.shape == (5, 28, 28)
+
+
+def test_missing_files_are_an_error_not_random_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match="get_data.sh"):
+        idx_data.load("mnist", str(tmp_path))
+
+
+def test_corrupt_file_is_rejected(tmp_path):
+    path = tmp_path / "bad"
+    path.write_bytes(bytes([0, 0, 0x08, 1, 0, 0, 0, 9, 1, 2]))
+    with pytest.raises(ValueError, match="header says"):
+        idx_data.read_idx(str(path))
+
+
+@pytest.mark.slow
+def test_lenet_example_end_to_end(tmp_path):
+    data_dir, out_dir = tmp_path / "data", tmp_path / "out"
+    data_dir.mkdir()
+    write_dataset(str(data_dir), 640, 200, compress=True)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "lenet_quant.py"),
+         f"--data_dir={data_dir}", f"--output_dir={out_dir}", "--float_epochs=3",
+         "--qat_epochs=2", "--quant_delay=5", "--batch_size=32"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "QAT (int8 simulated)" in result.stdout
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["train_images"] == 640
+    assert results["qat_accuracy"] > 0.9  # the bars are easy to learn
+    assert (out_dir / "lenet_qat.keras").exists()
