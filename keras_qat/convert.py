@@ -49,6 +49,27 @@ PASS_THROUGH_LAYERS = (
     keras.layers.Identity,
 )
 
+# Activations that integer kernels fuse into the layer before them.
+FUSABLE_ACTIVATIONS = ("relu", "relu6")
+
+
+def _is_fusable_activation(layer):
+    """Whether `layer` is a ReLU / ReLU6 that an integer Add or Mul fuses."""
+    if isinstance(layer, keras.layers.ReLU):
+        config = layer.get_config()
+        return config["negative_slope"] == 0 and config["threshold"] == 0 and (
+            config["max_value"] in (None, 6)
+        )
+    if isinstance(layer, keras.layers.Activation):
+        return keras.activations.serialize(layer.activation) in FUSABLE_ACTIVATIONS
+    return False
+
+
+def _feeds_only_fusable_activations(layer):
+    """Whether every consumer of `layer`'s output is a fusable activation."""
+    consumers = [node.operation for node in layer._outbound_nodes]
+    return bool(consumers) and all(map(_is_fusable_activation, consumers))
+
 
 def convert_quant_network(
     model,
@@ -67,7 +88,10 @@ def convert_quant_network(
     weights (so a trained float model converts without retraining), and a
     `FakeQuant` layer follows the model input, each quantized layer's output
     (after its activation), each `Add`, `Subtract`, `Multiply` and
-    `Concatenate`, and each standalone `ReLU`, `LeakyReLU` and `Activation`. Pooling, flatten, reshape, dropout, padding and cropping
+    `Concatenate`, and each standalone `ReLU`, `LeakyReLU` and `Activation`.
+    A merge layer whose output only feeds a ReLU or ReLU6 gets no
+    `FakeQuant` of its own: integer kernels fuse that activation into the
+    merge and round once, after it. Pooling, flatten, reshape, dropout, padding and cropping
     layers are kept. Layer names are kept; a `FakeQuant` is named after the
     layer it follows, plus `_quant`.
 
@@ -174,8 +198,11 @@ class _Converter:
     def __init__(self, config):
         self.config = config
         self.copies = []  # (float layer, quantized layer), copied when built.
+        self.fused_into_activation = set()  # names of merges quantized after their ReLU
 
     def clone_layer(self, layer):
+        if isinstance(layer, REQUANTIZED_LAYERS) and _feeds_only_fusable_activations(layer):
+            self.fused_into_activation.add(layer.name)
         quantized_class = QUANTIZED_LAYERS.get(type(layer))
         if quantized_class is not None:
             clone = quantized_class.from_float(
@@ -191,6 +218,8 @@ class _Converter:
         )
 
     def needs_fake_quant(self, clone):
+        if clone.name in self.fused_into_activation:
+            return False
         return isinstance(
             clone, tuple(QUANTIZED_LAYERS.values()) + REQUANTIZED_LAYERS
         )

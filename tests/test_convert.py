@@ -55,20 +55,44 @@ def test_sequential_layout():
     assert qmodel.layers[1].per_channel and not qmodel.layers[2].per_channel
 
 
+def consumers(qmodel):
+    """Layer name -> classes of the layers that consume its output."""
+    follows = {}
+    for layer in qmodel.layers:
+        for node in layer._inbound_nodes:
+            for tensor in node.input_tensors:
+                follows.setdefault(tensor._keras_history.operation.name, []).append(type(layer))
+    return follows
+
+
 def test_functional_layout_puts_fake_quant_after_merges():
     model = branchy()
     model.compile("adam", "mse")
     qmodel = convert_quant_network(model)
     assert not qmodel.compiled
-    follows = {}
+    follows = consumers(qmodel)
     for layer in qmodel.layers:
-        for node in layer._inbound_nodes:
-            for tensor in node.input_tensors:
-                follows.setdefault(tensor._keras_history.operation.name, []).append(layer)
-    for layer in qmodel.layers:
-        if isinstance(layer, (QuantConv2DBnAct, QuantDenseBnAct, keras.layers.Add, keras.layers.ReLU, keras.layers.Concatenate, keras.layers.InputLayer)):
-            assert [type(c) for c in follows.get(layer.name, [])] == [FakeQuant], layer.name
-    assert sum(isinstance(layer, FakeQuant) for layer in qmodel.layers) == 7
+        if isinstance(layer, (QuantConv2DBnAct, QuantDenseBnAct, keras.layers.ReLU, keras.layers.Concatenate, keras.layers.InputLayer)):
+            assert follows.get(layer.name) == [FakeQuant], layer.name
+    # The Add feeds only a ReLU: integer kernels fuse it and round once, after the ReLU.
+    add = [layer for layer in qmodel.layers if isinstance(layer, keras.layers.Add)][0]
+    assert follows[add.name] == [keras.layers.ReLU]
+    assert sum(isinstance(layer, FakeQuant) for layer in qmodel.layers) == 6
+
+
+@pytest.mark.parametrize(
+    "activation, fused",
+    [(keras.layers.ReLU(), True), (keras.layers.ReLU(max_value=6.0), True),
+     (keras.layers.Activation("relu6"), True), (keras.layers.ReLU(negative_slope=0.1), False),
+     (keras.layers.Activation("sigmoid"), False)],
+)
+def test_only_relu_and_relu6_fuse_into_a_merge(activation, fused):
+    inputs = keras.Input((6,))
+    a, b = DenseBnAct(4)(inputs), DenseBnAct(4)(inputs)
+    merged = keras.layers.Multiply()([a, b])
+    qmodel = convert_quant_network(keras.Model(inputs, activation(merged)))
+    multiply = [layer for layer in qmodel.layers if isinstance(layer, keras.layers.Multiply)][0]
+    assert consumers(qmodel)[multiply.name] == [type(activation) if fused else FakeQuant]
 
 
 @pytest.mark.parametrize("build", [lenet, branchy])
