@@ -37,12 +37,6 @@ flags.DEFINE_list("networks", ["lenet5", "resnet20"], "Networks to time.")
 flags.DEFINE_string("output", "bench/results/train_step.json", "JSON output path.")
 FLAGS = flags.FLAGS
 
-NETWORKS = {
-    "lenet5": (models.lenet5, (28, 28, 1)),
-    "resnet20": (models.resnet20, (32, 32, 3)),
-}
-
-
 def compiled(model, jit_compile):
     model.compile(
         optimizer=keras.optimizers.SGD(1e-3),
@@ -60,7 +54,7 @@ def time_steps(model, x, y, steps):
 
 
 def measure(name, jit_compile):
-    build, shape = NETWORKS[name]
+    build, shape = models.NETWORKS[name]
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (FLAGS.batch_size,) + shape).astype("float32")
     y = rng.integers(0, 10, FLAGS.batch_size).astype("int32")

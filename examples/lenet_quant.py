@@ -6,6 +6,13 @@
    (quant_delay=900, per-channel weights, asymmetric ranges) and QAT-train
    it from the float weights.
 4. Evaluate (int8-simulated accuracy), save, and print a table.
+5. With --export_tflite: write the int8 TFLite model, evaluate it on the
+   full test set and compare it with the Keras model.
+
+TFLite's int8 kernels need symmetric weights with zero point 0, so with
+--export_tflite the weights are quantized with symmetric=True and
+narrow_range=True (per channel); without it the example uses MindSpore's
+lenet_quant settings (asymmetric weights).
 
 Usage:
     bash scripts/get_data.sh mnist
@@ -38,6 +45,7 @@ flags.DEFINE_float("qat_lr", 1e-4, "Adam learning rate of QAT.")
 flags.DEFINE_integer("quant_delay", 900, "Training steps before fake quantization starts.")
 flags.DEFINE_integer("limit_train", 0, "Use only this many training images (0: all); for smoke runs.")
 flags.DEFINE_integer("seed", 1, "Random seed.")
+flags.DEFINE_bool("export_tflite", False, "Export, evaluate and compare an int8 TFLite model.")
 FLAGS = flags.FLAGS
 
 
@@ -81,6 +89,23 @@ def load_data():
     return (prepare(x_train), y_train.astype("int32")), (prepare(x_test), y_test.astype("int32"))
 
 
+def export(network, qat_network, data):
+    """Writes float and int8 TFLite models and measures the int8 one."""
+    _, (x_test, y_test) = data
+    int8_path = os.path.join(FLAGS.output_dir, "lenet_int8.tflite")
+    int8_bytes = kq.export_tflite(qat_network, int8_path)
+    float_bytes = kq.export_float_tflite(network, os.path.join(FLAGS.output_dir, "lenet_float.tflite"))
+    tflite_out, _ = kq.run_tflite(int8_bytes, x_test)
+    report = kq.compare_tflite(qat_network, int8_bytes, x_test)
+    return {
+        "tflite_accuracy": float(np.mean(tflite_out.argmax(-1) == y_test)),
+        **report,
+        "float_tflite_bytes": len(float_bytes),
+        "int8_tflite_bytes": len(int8_bytes),
+        "size_ratio": len(int8_bytes) / len(float_bytes),
+    }
+
+
 def main(argv):
     del argv
     keras.utils.set_random_seed(FLAGS.seed)
@@ -94,15 +119,20 @@ def main(argv):
 
     # A trained float network converts with its weights.
     network = keras.saving.load_model(float_path)
+    symmetric_weights = FLAGS.export_tflite  # TFLite int8 weights: zero point 0
     qat_network = kq.convert_quant_network(
         network, quant_delay=FLAGS.quant_delay, bn_fold=False,
-        per_channel=[True, False], symmetric=[False, False],
+        per_channel=[True, False], symmetric=[symmetric_weights, False],
+        narrow_range=[symmetric_weights, False],
     )
     qat_accuracy, qat_epoch = train(qat_network, data, FLAGS.qat_epochs, FLAGS.qat_lr)
     qat_path = os.path.join(FLAGS.output_dir, "lenet_qat.keras")
     qat_network.save(qat_path)
 
-    results = {
+    results = {}
+    if FLAGS.export_tflite:
+        results.update(export(network, qat_network, data))
+    results.update({
         "float_accuracy": float_accuracy,
         "qat_accuracy": qat_accuracy,
         "float_epoch_seconds": float_epoch,
@@ -110,13 +140,20 @@ def main(argv):
         "float_epochs": FLAGS.float_epochs,
         "qat_epochs": FLAGS.qat_epochs,
         "train_images": int(len(data[0][0])),
-    }
+    })
     with open(os.path.join(FLAGS.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print()
     print(f"{'model':<22}{'test accuracy':>15}{'s / epoch':>12}")
     print(f"{'float':<22}{100 * float_accuracy:>14.2f}%{float_epoch:>12.1f}")
     print(f"{'QAT (int8 simulated)':<22}{100 * qat_accuracy:>14.2f}%{qat_epoch:>12.1f}")
+    if FLAGS.export_tflite:
+        print(f"{'int8 TFLite':<22}{100 * results['tflite_accuracy']:>14.2f}%")
+        print(f"TFLite vs Keras QAT: top-1 agreement {100 * results['top1_agreement']:.2f} %, "
+              f"{100 * results['within_one_step']:.2f} % of outputs within one output step "
+              f"(max {results['max_diff_steps']:.1f} steps)")
+        print(f"model size: float TFLite {results['float_tflite_bytes']} B, int8 TFLite "
+              f"{results['int8_tflite_bytes']} B ({results['size_ratio']:.3f}x)")
     print(f"saved: {float_path}, {qat_path}")
 
 

@@ -51,3 +51,10 @@ def resnet20(input_shape=(32, 32, 3), num_classes=10, depth=20, width=16):
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = kq.DenseBnAct(num_classes, name="logits")(x)
     return keras.Model(inputs, outputs, name=f"resnet{depth}")
+
+
+# name -> (builder, input shape), for the benchmarks.
+NETWORKS = {
+    "lenet5": (lenet5, (28, 28, 1)),
+    "resnet20": (resnet20, (32, 32, 3)),
+}

@@ -12,9 +12,16 @@ if _keras.config.backend() != "tensorflow":
 
 from keras_qat.config import QuantConfig
 from keras_qat.convert import convert_quant_network
+from keras_qat.export import (
+    compare_tflite,
+    export_float_tflite,
+    export_tflite,
+    run_tflite,
+    tflite_interpreter,
+)
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct
-from keras_qat.layers.quant import QuantConv2DBnAct, QuantDenseBnAct
+from keras_qat.layers.quant import QuantConcatenate, QuantConv2DBnAct, QuantDenseBnAct
 from keras_qat.ops import fake_quant
 
 __version__ = "0.1.0"
@@ -23,9 +30,15 @@ __all__ = [
     "Conv2DBnAct",
     "DenseBnAct",
     "FakeQuant",
+    "QuantConcatenate",
     "QuantConfig",
     "QuantConv2DBnAct",
     "QuantDenseBnAct",
+    "compare_tflite",
     "convert_quant_network",
+    "export_float_tflite",
+    "export_tflite",
     "fake_quant",
+    "run_tflite",
+    "tflite_interpreter",
 ]

@@ -12,7 +12,11 @@ import keras
 from keras_qat.config import QuantConfig
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct
-from keras_qat.layers.quant import QuantConv2DBnAct, QuantDenseBnAct
+from keras_qat.layers.quant import (
+    QuantConcatenate,
+    QuantConv2DBnAct,
+    QuantDenseBnAct,
+)
 
 # Float fusion layer -> quantized layer.
 QUANTIZED_LAYERS = {
@@ -26,10 +30,10 @@ REQUANTIZED_LAYERS = (
     keras.layers.Add,
     keras.layers.Subtract,
     keras.layers.Multiply,
-    keras.layers.Concatenate,
     keras.layers.ReLU,
     keras.layers.LeakyReLU,
     keras.layers.Activation,
+    keras.layers.GlobalAveragePooling2D,
 )
 
 # Layers that move or select values without computing new ones (or, like
@@ -38,7 +42,6 @@ PASS_THROUGH_LAYERS = (
     keras.layers.InputLayer,
     keras.layers.MaxPooling2D,
     keras.layers.AveragePooling2D,
-    keras.layers.GlobalAveragePooling2D,
     keras.layers.GlobalMaxPooling2D,
     keras.layers.Flatten,
     keras.layers.Reshape,
@@ -52,23 +55,9 @@ PASS_THROUGH_LAYERS = (
 # Activations that integer kernels fuse into the layer before them.
 FUSABLE_ACTIVATIONS = ("relu", "relu6")
 
-
-def _is_fusable_activation(layer):
-    """Whether `layer` is a ReLU / ReLU6 that an integer Add or Mul fuses."""
-    if isinstance(layer, keras.layers.ReLU):
-        config = layer.get_config()
-        return config["negative_slope"] == 0 and config["threshold"] == 0 and (
-            config["max_value"] in (None, 6)
-        )
-    if isinstance(layer, keras.layers.Activation):
-        return keras.activations.serialize(layer.activation) in FUSABLE_ACTIVATIONS
-    return False
-
-
-def _feeds_only_fusable_activations(layer):
-    """Whether every consumer of `layer`'s output is a fusable activation."""
-    consumers = [node.operation for node in layer._outbound_nodes]
-    return bool(consumers) and all(map(_is_fusable_activation, consumers))
+# Outputs whose range TFLite's int8 kernels fix: sigmoid has scale 1/256 and
+# zero point -128, tanh scale 1/128 and zero point 0.
+FIXED_OUTPUT_RANGES = {"sigmoid": (0.0, 255 / 256), "tanh": (-1.0, 127 / 128)}
 
 
 def convert_quant_network(
@@ -85,15 +74,29 @@ def convert_quant_network(
 
     The model is cloned layer by layer. `Conv2DBnAct` and `DenseBnAct`
     become `QuantConv2DBnAct` and `QuantDenseBnAct` with the original's
-    weights (so a trained float model converts without retraining), and a
-    `FakeQuant` layer follows the model input, each quantized layer's output
-    (after its activation), each `Add`, `Subtract`, `Multiply` and
-    `Concatenate`, and each standalone `ReLU`, `LeakyReLU` and `Activation`.
-    A merge layer whose output only feeds a ReLU or ReLU6 gets no
-    `FakeQuant` of its own: integer kernels fuse that activation into the
-    merge and round once, after it. Pooling, flatten, reshape, dropout, padding and cropping
-    layers are kept. Layer names are kept; a `FakeQuant` is named after the
-    layer it follows, plus `_quant`.
+    weights (so a trained float model converts without retraining). A
+    `FakeQuant` layer follows wherever an integer kernel rounds its result:
+
+    - the model input, and each quantized layer's output (after its
+      activation when that is None, ReLU or ReLU6, which integer kernels
+      fuse; any other activation becomes an `Activation` layer between two
+      `FakeQuant`s, so that the activation's input is quantized too);
+    - each `Add`, `Subtract`, `Multiply` and `GlobalAveragePooling2D`;
+    - a `Concatenate` becomes a `QuantConcatenate`, which quantizes all its
+      inputs with one shared range (TFLite requires one scale for all
+      operands of a concatenation);
+    - each standalone `ReLU`, `LeakyReLU` and `Activation`. Sigmoid and tanh
+      outputs get the fixed ranges of TFLite's int8 kernels.
+
+    A layer whose every consumer is a ReLU / ReLU6 layer or a `Concatenate`
+    gets no `FakeQuant` of its own (unless it is a model output): TFLite
+    fuses the activation into the op, and writes each input of a
+    concatenation on the concatenation's grid, so the integer op rounds
+    once, to its consumer's grid.
+
+    Max pooling, `AveragePooling2D`, flatten, reshape, dropout, padding and
+    cropping layers are kept as they are. Layer names are kept; a
+    `FakeQuant` is named after the layer it follows, plus `_quant`.
 
     Every quantization option is a `(weights, activations)` pair, as in
     MindSpore's `convert_quant_network`; a single value applies to both.
@@ -154,11 +157,17 @@ def convert_quant_network(
             "(fake-quantized weights followed by an ordinary BatchNorm)."
         )
     if isinstance(model, keras.Sequential):
+        if not model.built or not model.inputs:
+            raise ValueError(
+                f"Sequential model '{model.name}' has no input shape yet. "
+                "Start it with keras.Input(shape) or call it on data before "
+                "converting it."
+            )
         _check_layers(model)
-        return _SequentialConverter(config).convert(model)
+        return _SequentialConverter(config, model).convert(model)
     if _is_functional(model):
         _check_layers(model)
-        return _FunctionalConverter(config).convert(model)
+        return _FunctionalConverter(config, model).convert(model)
     raise ValueError(
         "`convert_quant_network` converts Sequential and Functional models "
         "only, since it needs the model's graph of layers. Received a model "
@@ -177,7 +186,9 @@ def _check_layers(model):
         f"'{layer.name}' ({layer.__class__.__name__})"
         for layer in model.layers
         if type(layer) not in QUANTIZED_LAYERS
-        and not isinstance(layer, REQUANTIZED_LAYERS + PASS_THROUGH_LAYERS)
+        and not isinstance(
+            layer, REQUANTIZED_LAYERS + PASS_THROUGH_LAYERS + (keras.layers.Concatenate,)
+        )
     ]
     if unsupported:
         raise ValueError(
@@ -185,43 +196,143 @@ def _check_layers(model):
             f"'{model.name}': {', '.join(unsupported)}. Build the model from "
             "Conv2DBnAct / DenseBnAct fusion layers (they replace Conv2D and "
             "Dense with their BatchNormalization and activation), merge "
-            "layers (Add, Subtract, Multiply, Concatenate), activation layers "
+            "layers (Add, Subtract, Multiply, Concatenate), "
+            "GlobalAveragePooling2D, activation layers "
             "(ReLU, LeakyReLU, Activation) and pass-through "
             "layers (" + ", ".join(c.__name__ for c in PASS_THROUGH_LAYERS)
             + ")."
         )
 
 
+def _activation_name(activation):
+    name = keras.activations.serialize(activation)
+    return name if isinstance(name, str) else None
+
+
+def _is_fusable_activation(layer):
+    """Whether `layer` is a ReLU / ReLU6 that an integer Add or Mul fuses."""
+    if isinstance(layer, keras.layers.ReLU):
+        config = layer.get_config()
+        return config["negative_slope"] == 0 and config["threshold"] == 0 and (
+            config["max_value"] in (None, 6)
+        )
+    if isinstance(layer, keras.layers.Activation):
+        return _activation_name(layer.activation) in FUSABLE_ACTIVATIONS
+    return False
+
+
+def _absorbs_rounding(consumer):
+    """Whether `consumer` writes its input's integer result on its own grid.
+
+    TFLite fuses a ReLU / ReLU6 into the op before it, and makes every input
+    of a CONCATENATION use the concatenation's scale: in both cases the
+    producing op rounds once, to the consumer's output grid.
+    """
+    return _is_fusable_activation(consumer) or isinstance(
+        consumer, keras.layers.Concatenate
+    )
+
+
+def _producers(layer):
+    """The layers whose outputs `layer` consumes, in input order."""
+    node = layer._inbound_nodes[0]
+    return [t._keras_history.operation for t in node.input_tensors]
+
+
+def _output_layer_names(model):
+    return {t._keras_history.operation.name for t in model.outputs}
+
+
 class _Converter:
-    """What both model kinds share: the layer mapping and the weight copy."""
+    """What both model kinds share: which layers replace and follow a layer.
 
-    def __init__(self, config):
+    `clone_layer(layer)` returns the layer that takes `layer`'s place, and
+    `follow_ups(clone)` the layers applied to its output, in order (FakeQuant
+    layers, and the activation of a fusion layer whose activation integer
+    kernels cannot fuse).
+    """
+
+    def __init__(self, config, model):
         self.config = config
+        self.output_layers = _output_layer_names(model)
         self.copies = []  # (float layer, quantized layer), copied when built.
-        self.fused_into_activation = set()  # names of merges quantized after their ReLU
+        self._follow_ups = {}  # id(clone) -> layers applied after it
 
-    def clone_layer(self, layer):
-        if isinstance(layer, REQUANTIZED_LAYERS) and _feeds_only_fusable_activations(layer):
-            self.fused_into_activation.add(layer.name)
-        quantized_class = QUANTIZED_LAYERS.get(type(layer))
-        if quantized_class is not None:
-            clone = quantized_class.from_float(
-                layer, **self.config.weight_options()
-            )
-            self.copies.append((layer, clone))
-            return clone
-        return layer.__class__.from_config(layer.get_config())
+    def fake_quant_dropped(self, layer):
+        """Whether `layer` would end in a FakeQuant that its consumers make
+        unnecessary (so its output is not yet quantized)."""
+        rounds = type(layer) in QUANTIZED_LAYERS or isinstance(
+            layer, REQUANTIZED_LAYERS
+        )
+        return rounds and self.rounded_by_consumers(layer)
 
-    def fake_quant(self, name):
-        return FakeQuant(
-            name=f"{name}_quant", **self.config.activation_options()
+    def rounded_by_consumers(self, layer):
+        """Whether every consumer of `layer` rounds `layer`'s result itself."""
+        consumers = [node.operation for node in layer._outbound_nodes]
+        return (
+            bool(consumers)
+            and layer.name not in self.output_layers
+            and all(map(_absorbs_rounding, consumers))
         )
 
-    def needs_fake_quant(self, clone):
-        if clone.name in self.fused_into_activation:
-            return False
-        return isinstance(
-            clone, tuple(QUANTIZED_LAYERS.values()) + REQUANTIZED_LAYERS
+    def clone_layer(self, layer):
+        if isinstance(layer, keras.layers.Concatenate):
+            # Quantizes with its own range: nothing follows it.
+            return QuantConcatenate(
+                **layer.get_config(),
+                quantize_inputs=[
+                    self.fake_quant_dropped(producer)
+                    for producer in _producers(layer)
+                ],
+                **self.config.activation_options(),
+            )
+        quantized_class = QUANTIZED_LAYERS.get(type(layer))
+        if quantized_class is None:
+            clone = layer.__class__.from_config(layer.get_config())
+            if isinstance(layer, REQUANTIZED_LAYERS):
+                self._follow_ups[id(clone)] = self.unless_rounded_later(
+                    layer, [self.fake_quant(layer.name, _fixed_range_of(layer))]
+                )
+            return clone
+        activation = _activation_name(layer.activation)
+        fused = activation in (None, "linear") + FUSABLE_ACTIVATIONS
+        config = layer.get_config()
+        if not fused:  # quantize before and after the activation
+            config["activation"] = None
+        clone = quantized_class(**config, **self.config.weight_options())
+        self.copies.append((layer, clone))
+        follow_ups = [self.fake_quant(layer.name)]
+        if not fused:
+            follow_ups += [
+                keras.layers.Activation(
+                    layer.activation, name=f"{layer.name}_activation"
+                ),
+                self.fake_quant(
+                    f"{layer.name}_activation",
+                    FIXED_OUTPUT_RANGES.get(activation),
+                ),
+            ]
+        self._follow_ups[id(clone)] = self.unless_rounded_later(layer, follow_ups)
+        return clone
+
+    def unless_rounded_later(self, layer, follow_ups):
+        """`follow_ups` without its last FakeQuant when consumers round.
+
+        A fixed range (sigmoid, tanh) is kept: the integer kernel's output
+        has that range whatever comes next.
+        """
+        if follow_ups[-1].fixed_range is None and self.rounded_by_consumers(layer):
+            return follow_ups[:-1]
+        return follow_ups
+
+    def follow_ups(self, clone):
+        return self._follow_ups.get(id(clone), [])
+
+    def fake_quant(self, name, fixed_range=None):
+        return FakeQuant(
+            name=f"{name}_quant",
+            fixed_range=fixed_range,
+            **self.config.activation_options(),
         )
 
     def copy_weights(self):
@@ -229,14 +340,14 @@ class _Converter:
             clone.copy_weights_from(layer)
 
 
+def _fixed_range_of(layer):
+    if isinstance(layer, keras.layers.Activation):
+        return FIXED_OUTPUT_RANGES.get(_activation_name(layer.activation))
+    return None
+
+
 class _SequentialConverter(_Converter):
     def convert(self, model):
-        if not model.built or not model.inputs:
-            raise ValueError(
-                f"Sequential model '{model.name}' has no input shape yet. "
-                "Start it with keras.Input(shape) or call it on data before "
-                "converting it."
-            )
         source = model.inputs[0]
         input_name = source._keras_history.operation.name
         layers = [
@@ -247,17 +358,15 @@ class _SequentialConverter(_Converter):
         ]
         for layer in model.layers:
             clone = self.clone_layer(layer)
-            layers.append(clone)
-            if self.needs_fake_quant(clone):
-                layers.append(self.fake_quant(layer.name))
+            layers += [clone] + self.follow_ups(clone)
         new_model = keras.Sequential(layers, name=model.name)
         self.copy_weights()
         return new_model
 
 
 class _FunctionalConverter(_Converter):
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, model):
+        super().__init__(config, model)
         self.quantized_inputs = {}  # id(model input) -> its FakeQuant output
 
     def quantize_input(self, tensor):
@@ -277,8 +386,8 @@ class _FunctionalConverter(_Converter):
             self.quantize_input, (args, kwargs)
         )
         outputs = layer(*args, **kwargs)
-        if self.needs_fake_quant(layer):
-            outputs = self.fake_quant(layer.name)(outputs)
+        for follow_up in self.follow_ups(layer):
+            outputs = follow_up(outputs)
         return outputs
 
     def convert(self, model):

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from keras_qat import (
+    QuantConcatenate,
     Conv2DBnAct,
     DenseBnAct,
     FakeQuant,
@@ -72,12 +73,22 @@ def test_functional_layout_puts_fake_quant_after_merges():
     assert not qmodel.compiled
     follows = consumers(qmodel)
     for layer in qmodel.layers:
-        if isinstance(layer, (QuantConv2DBnAct, QuantDenseBnAct, keras.layers.ReLU, keras.layers.Concatenate, keras.layers.InputLayer)):
+        if isinstance(layer, (QuantConv2DBnAct, QuantDenseBnAct,
+                              keras.layers.GlobalAveragePooling2D, keras.layers.InputLayer)):
             assert follows.get(layer.name) == [FakeQuant], layer.name
-    # The Add feeds only a ReLU: integer kernels fuse it and round once, after the ReLU.
+    # The Add feeds only a ReLU (fused by integer kernels) and the ReLU only a
+    # Concatenate (whose inputs are written on its grid): each rounds once, later.
     add = [layer for layer in qmodel.layers if isinstance(layer, keras.layers.Add)][0]
+    relu = [layer for layer in qmodel.layers if isinstance(layer, keras.layers.ReLU)][0]
     assert follows[add.name] == [keras.layers.ReLU]
-    assert sum(isinstance(layer, FakeQuant) for layer in qmodel.layers) == 6
+    assert follows[relu.name] == [QuantConcatenate]
+    # The concatenation quantizes itself with one shared range: the ReLU output
+    # on it, and the conv output (already quantized, used by the Add too) not again.
+    concat = [layer for layer in qmodel.layers if isinstance(layer, QuantConcatenate)][0]
+    assert follows[concat.name] == [keras.layers.GlobalAveragePooling2D]
+    assert concat.quantize_inputs == [True, False]
+    # input, 2 convs, pooling, dense
+    assert sum(isinstance(layer, FakeQuant) for layer in qmodel.layers) == 5
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,37 @@
 """FakeQuant: the layer that owns the range of one quantized activation."""
 
+import contextlib
+import threading
+
 import keras
 import tensorflow as tf
 
 from keras_qat import ops
 from keras_qat.config import check_non_negative_int
+
+_export_state = threading.local()
+
+
+@contextlib.contextmanager
+def tracing_for_export():
+    """Within this context, quantizers quantize unconditionally in inference.
+
+    A trained quantization network checks at run time whether its quant delay
+    has passed (a `tf.cond`). The TFLite converter cannot quantize through
+    control flow, so `export_tflite` traces the model inside this context,
+    after checking that every delay has passed and every range is calibrated.
+    """
+    previous = getattr(_export_state, "active", False)
+    _export_state.active = True
+    try:
+        yield
+    finally:
+        _export_state.active = previous
+
+
+def is_tracing_for_export():
+    """Whether the model is being traced by `export_tflite`."""
+    return getattr(_export_state, "active", False)
 
 
 def batch_range(x, reduce_axes=None):
@@ -63,6 +90,10 @@ class FakeQuant(keras.layers.Layer):
     used; a layer that has not yet seen a training batch has no range and
     passes its input through.
 
+    With `fixed_range=(min, max)` the range is that one, always: for outputs
+    whose integer kernels fix their range, such as sigmoid (`[0, 255/256]`,
+    TFLite's scale 1/256) and tanh (`[-1, 127/128]`, scale 1/128).
+
     Args:
         num_bits: Bit width, an integer in `[2, 16]`.
         symmetric: Whether the range is symmetric around zero.
@@ -73,6 +104,8 @@ class FakeQuant(keras.layers.Layer):
             is the last batch's).
         ema_decay: The moving-average decay, in `[0, 1)`.
         quant_delay: Number of training steps before quantization starts.
+        fixed_range: `None` to learn the range, or a `(min, max)` pair with
+            `min <= 0 <= max` that is used as it is.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Input shape:
@@ -104,10 +137,26 @@ class FakeQuant(keras.layers.Layer):
         ema=True,
         ema_decay=0.999,
         quant_delay=0,
+        fixed_range=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         ops.check_num_bits(num_bits)
+        if fixed_range is not None:
+            if (
+                not isinstance(fixed_range, (list, tuple))
+                or len(fixed_range) != 2
+                or not fixed_range[0] <= 0 <= fixed_range[1]
+                or fixed_range[0] == fixed_range[1]
+            ):
+                raise ValueError(
+                    "Received an invalid value for `fixed_range`, expected "
+                    "None or a pair (min, max) with min <= 0 <= max and "
+                    f"min < max. Received: fixed_range={fixed_range!r}"
+                )
+            fixed_range = (float(fixed_range[0]), float(fixed_range[1]))
+            if per_channel:
+                raise ValueError("`fixed_range` is per tensor; it cannot be used with per_channel=True.")
         for name, value in (
             ("symmetric", symmetric),
             ("narrow_range", narrow_range),
@@ -138,6 +187,7 @@ class FakeQuant(keras.layers.Layer):
         self.ema = ema
         self.ema_decay = float(ema_decay)
         self.quant_delay = quant_delay
+        self.fixed_range = fixed_range
         self.supports_masking = True
 
     def build(self, input_shape):
@@ -158,14 +208,18 @@ class FakeQuant(keras.layers.Layer):
             self._reduce_axes = None
         common = dict(
             shape=shape,
-            initializer="zeros",
             dtype="float32",
             trainable=False,
             autocast=False,
             aggregation="only_first_replica",
         )
-        self.min = self.add_weight(name="min", **common)
-        self.max = self.add_weight(name="max", **common)
+        low, high = self.fixed_range or (0.0, 0.0)
+        self.min = self.add_weight(
+            name="min", initializer=keras.initializers.Constant(low), **common
+        )
+        self.max = self.add_weight(
+            name="max", initializer=keras.initializers.Constant(high), **common
+        )
         self.step = self.add_weight(
             name="step",
             shape=(),
@@ -188,6 +242,8 @@ class FakeQuant(keras.layers.Layer):
 
     def update_range(self, x):
         """Updates the range from batch `x`; returns the new `(min, max)`."""
+        if self.fixed_range is not None:
+            return self.min, self.max
         batch_min, batch_max = batch_range(x, self._reduce_axes)
         decay = self.ema_decay if self.ema else 0.0
         first = tf.equal(self.step, 0)
@@ -201,22 +257,38 @@ class FakeQuant(keras.layers.Layer):
         self.max.assign(new_max)
         return new_min, new_max
 
-    def call(self, inputs, training=False):
+    def observe(self, inputs, training=False):
+        """Returns `(min, max, active)` for quantizing this call's inputs.
+
+        A training call first updates the range from `inputs` and advances
+        the step counter. `active` is a boolean tensor (quantize, or pass
+        through during the quant delay), or Python `True` while the model is
+        traced for export.
+        """
         if training:
             step = tf.identity(self.step)
             min_val, max_val = self.update_range(inputs)
             self.step.assign_add(1)
-            active = step >= self.quant_delay
-        else:
-            min_val, max_val = self.min, self.max
-            active = tf.logical_and(
-                self.step >= self.quant_delay, self.step > 0
-            )
+            return min_val, max_val, step >= self.quant_delay
+        if is_tracing_for_export():
+            return self.min, self.max, True
+        active = self.step >= self.quant_delay
+        if self.fixed_range is None:  # a learned range needs a batch first
+            active = tf.logical_and(active, self.step > 0)
+        return self.min, self.max, active
+
+    def quantize_with(self, x, min_val, max_val, active):
+        """Fake-quantizes `x` with the range from `observe` when `active`."""
+        if active is True:
+            return self._quantize(x, min_val, max_val)
         return tf.cond(
             active,
-            lambda: self._quantize(inputs, min_val, max_val),
-            lambda: tf.identity(inputs),
+            lambda: self._quantize(x, min_val, max_val),
+            lambda: tf.identity(x),
         )
+
+    def call(self, inputs, training=False):
+        return self.quantize_with(inputs, *self.observe(inputs, training))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -232,5 +304,6 @@ class FakeQuant(keras.layers.Layer):
             ema=self.ema,
             ema_decay=self.ema_decay,
             quant_delay=self.quant_delay,
+            fixed_range=self.fixed_range,
         )
         return config

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from keras_qat import ops
 from keras_qat.config import check_non_negative_int
+from keras_qat.layers.fake_quant import FakeQuant, is_tracing_for_export
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct
 
 
@@ -61,15 +62,6 @@ class _QuantizedWeights:
         self.narrow_range = narrow_range
         self.quant_delay = quant_delay
 
-    @classmethod
-    def from_float(cls, layer, **quant_options):
-        """Creates the quantized layer of a float fusion layer `layer`.
-
-        The new layer has `layer`'s configuration (and name); its weights are
-        copied by `copy_weights_from` once it is built.
-        """
-        return cls(**layer.get_config(), **quant_options)
-
     def build(self, input_shape):
         super().build(input_shape)
         self.step = self.add_weight(
@@ -107,6 +99,8 @@ class _QuantizedWeights:
 
         A training call also advances the step counter.
         """
+        if is_tracing_for_export() and not training:
+            return self.quantize_weights(kernel)
         step = tf.identity(self.step)
         if training:
             self.step.assign_add(1)
@@ -213,9 +207,142 @@ class QuantDenseBnAct(_QuantizedWeights, DenseBnAct):
     TensorShape([2, 4])
     """
 
+    _as_conv = False  # True while traced for export as a 1x1 conv.
+
     def linear(self, inputs, training=False):
-        kernel = self.maybe_quantize_weights(self.dense.kernel, training)
-        outputs = keras.ops.matmul(inputs, kernel)
+        if self._as_conv:
+            # (n, 1, 1, in) inputs and a (1, 1, in, out) kernel; see `call`.
+            in_units, units = self.dense.kernel.shape
+            kernel = tf.reshape(self.dense.kernel, [1, 1, in_units, units])
+            outputs = tf.nn.conv2d(
+                inputs, self.quantize_weights(kernel), strides=1, padding="VALID"
+            )
+        else:
+            kernel = self.maybe_quantize_weights(self.dense.kernel, training)
+            outputs = keras.ops.matmul(inputs, kernel)
         if self.dense.use_bias:
-            outputs = outputs + self.dense.bias
+            outputs = tf.nn.bias_add(outputs, self.dense.bias)
         return outputs
+
+    def call(self, inputs, training=False):
+        """As `DenseBnAct.call`, except when traced for TFLite export.
+
+        The TFLite converter turns a MatMul with per-channel fake-quantized
+        weights into a transpose whose quantized axis does not match ("'tfl.
+        transpose' op has mismatched quantized axes"), but converts a 1x1
+        Conv2D with per-output-channel weights into an int8 CONV_2D. So the
+        export trace of a per-channel layer runs the whole unit (1x1 conv,
+        bias, BatchNorm, activation) on `(n, 1, 1, in)` inputs and reshapes
+        back at the end. The kernel is reshaped to `(1, 1, in, out)` before
+        it is quantized, so its quantized axis is the last one throughout;
+        the ranges and the dot products are those of the matmul.
+        """
+        self._as_conv = (
+            self.per_channel and not training and is_tracing_for_export()
+        )
+        if not self._as_conv:
+            return super().call(inputs, training=training)
+        in_units, units = self.dense.kernel.shape
+        flat = tf.reshape(inputs, [-1, 1, 1, in_units])
+        outputs = super().call(flat, training=training)
+        if inputs.shape.rank == 2:  # a static shape: no shape ops in the model
+            return tf.reshape(outputs, [-1, units])
+        return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [units]], 0))
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantConcatenate(keras.layers.Concatenate):
+    """`Concatenate` whose inputs and output share one quantization range.
+
+    An integer concatenation writes every input on the output's grid
+    (TFLite requires one scale for all operands of CONCATENATION). This
+    layer keeps that range in a `FakeQuant` sub-layer named `quant`, learned
+    from the concatenated values, and quantizes with it the inputs listed in
+    `quantize_inputs` (by default all) and the output.
+
+    `convert_quant_network` lists the inputs that have no `FakeQuant` of
+    their own: an integer op writes those directly on the concatenation's
+    grid. An input that is already fake-quantized (because other layers use
+    it too) is left as it is and is requantized by the output's
+    quantization, as the integer model requantizes it; quantizing it here
+    as well would put two fake-quant ops in a row, which the TFLite
+    converter does not translate faithfully.
+
+    Args:
+        axis: Concatenation axis.
+        quantize_inputs: `None` (all inputs) or one boolean per input.
+        num_bits: Bit width of the shared range.
+        symmetric: Symmetric range.
+        narrow_range: Grid `[1, 2**num_bits - 1]`.
+        ema: Moving-average range updates (see `FakeQuant`).
+        ema_decay: Moving-average decay.
+        quant_delay: Training steps before quantization starts.
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Example:
+
+    >>> layer = QuantConcatenate(axis=-1)
+    >>> y = layer([np.ones((2, 3)), -np.ones((2, 2))], training=True)
+    >>> float(layer.quant.min.numpy()), float(layer.quant.max.numpy())
+    (-1.0, 1.0)
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        quantize_inputs=None,
+        num_bits=8,
+        symmetric=False,
+        narrow_range=False,
+        ema=True,
+        ema_decay=0.999,
+        quant_delay=0,
+        **kwargs,
+    ):
+        super().__init__(axis=axis, **kwargs)
+        if quantize_inputs is not None:
+            quantize_inputs = [bool(flag) for flag in quantize_inputs]
+        self.quantize_inputs = quantize_inputs
+        self.quant = FakeQuant(
+            num_bits=num_bits,
+            symmetric=symmetric,
+            narrow_range=narrow_range,
+            ema=ema,
+            ema_decay=ema_decay,
+            quant_delay=quant_delay,
+            name="quant",
+        )
+
+    def build(self, input_shape):
+        if self.quantize_inputs is not None and len(self.quantize_inputs) != len(input_shape):
+            raise ValueError(
+                f"`quantize_inputs` has {len(self.quantize_inputs)} entries for "
+                f"{len(input_shape)} inputs. Received: quantize_inputs={self.quantize_inputs}"
+            )
+        super().build(input_shape)
+        self.quant.build(self.compute_output_shape(input_shape))
+
+    def call(self, inputs, training=False):
+        flags = self.quantize_inputs or [True] * len(inputs)
+        min_val, max_val, active = self.quant.observe(super().call(inputs), training)
+        inputs = [
+            self.quant.quantize_with(x, min_val, max_val, active) if flag else x
+            for x, flag in zip(inputs, flags)
+        ]
+        outputs = super().call(inputs)
+        if all(flags):  # already on the shared grid
+            return outputs
+        return self.quant.quantize_with(outputs, min_val, max_val, active)
+
+    def compute_output_spec(self, inputs, training=False):
+        return super().compute_output_spec(inputs)
+
+    def get_config(self):
+        config = super().get_config()
+        config["quantize_inputs"] = self.quantize_inputs
+        quant = self.quant.get_config()
+        for key in (
+            "num_bits", "symmetric", "narrow_range", "ema", "ema_decay", "quant_delay"
+        ):
+            config[key] = quant[key]
+        return config
