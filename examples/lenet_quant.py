@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import idx_data  # noqa: E402
+import strategies  # noqa: E402
 from models import lenet5  # noqa: E402
 import keras_qat as kq  # noqa: E402
 
@@ -110,8 +111,14 @@ def main(argv):
     del argv
     keras.utils.set_random_seed(FLAGS.seed)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
+    strategy = strategies.make_strategy(FLAGS.strategy, FLAGS.tpu)
     data = load_data()
+    with strategy.scope():
+        run(data)
 
+
+def run(data):
+    """Trains, converts, QAT-trains and reports; inside the strategy's scope."""
     network = lenet5()
     float_accuracy, float_epoch = train(network, data, FLAGS.float_epochs, FLAGS.float_lr)
     float_path = os.path.join(FLAGS.output_dir, "lenet_float.keras")

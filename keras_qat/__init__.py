@@ -19,6 +19,7 @@ from keras_qat.export import (
     run_tflite,
     tflite_interpreter,
 )
+from keras_qat.layers.bn_fold import QuantConv2DBnFoldAct, QuantDenseBnFoldAct
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct
 from keras_qat.layers.quant import QuantConcatenate, QuantConv2DBnAct, QuantDenseBnAct
@@ -33,7 +34,9 @@ __all__ = [
     "QuantConcatenate",
     "QuantConfig",
     "QuantConv2DBnAct",
+    "QuantConv2DBnFoldAct",
     "QuantDenseBnAct",
+    "QuantDenseBnFoldAct",
     "compare_tflite",
     "convert_quant_network",
     "export_float_tflite",

@@ -61,7 +61,7 @@ class QuantConfig:
     symmetric: tuple = (False, False)
     narrow_range: tuple = (False, False)
     quant_delay: tuple = (0, 0)
-    bn_fold: bool = False
+    bn_fold: bool = True
     freeze_bn: int = 10_000_000
 
     @classmethod
@@ -72,7 +72,7 @@ class QuantConfig:
         symmetric=(False, False),
         narrow_range=(False, False),
         quant_delay=(0, 0),
-        bn_fold=False,
+        bn_fold=True,
         freeze_bn=10_000_000,
     ):
         """Validates user arguments and returns a `QuantConfig`.

@@ -10,6 +10,7 @@ the layers.
 import keras
 
 from keras_qat.config import QuantConfig
+from keras_qat.layers.bn_fold import QuantConv2DBnFoldAct, QuantDenseBnFoldAct
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct
 from keras_qat.layers.quant import (
@@ -18,10 +19,14 @@ from keras_qat.layers.quant import (
     QuantDenseBnAct,
 )
 
-# Float fusion layer -> quantized layer.
+# Float fusion layer -> quantized layer, and with its BatchNorm folded.
 QUANTIZED_LAYERS = {
     Conv2DBnAct: QuantConv2DBnAct,
     DenseBnAct: QuantDenseBnAct,
+}
+FOLDED_LAYERS = {
+    Conv2DBnAct: QuantConv2DBnFoldAct,
+    DenseBnAct: QuantDenseBnFoldAct,
 }
 
 # Layers whose output gets a range of its own (a FakeQuant after them): an
@@ -62,7 +67,7 @@ FIXED_OUTPUT_RANGES = {"sigmoid": (0.0, 255 / 256), "tanh": (-1.0, 127 / 128)}
 
 def convert_quant_network(
     model,
-    bn_fold=False,
+    bn_fold=True,
     freeze_bn=10_000_000,
     quant_delay=0,
     num_bits=(8, 8),
@@ -96,7 +101,9 @@ def convert_quant_network(
 
     Max pooling, `AveragePooling2D`, flatten, reshape, dropout, padding and
     cropping layers are kept as they are. Layer names are kept; a
-    `FakeQuant` is named after the layer it follows, plus `_quant`.
+    `FakeQuant` is named after the layer it follows, plus `_quant`. With
+    `bn_fold=True`, fusion layers with `has_bn=True` become
+    `QuantConv2DBnFoldAct` / `QuantDenseBnFoldAct` instead.
 
     Every quantization option is a `(weights, activations)` pair, as in
     MindSpore's `convert_quant_network`; a single value applies to both.
@@ -105,10 +112,14 @@ def convert_quant_network(
         model: A Sequential or Functional Keras model built from fusion
             layers and the pass-through layers above. Sequential models
             must be built (have an input shape).
-        bn_fold: Whether to fold BatchNorm into the weights during training.
-            Not implemented yet: `True` raises `NotImplementedError`.
+        bn_fold: Whether a fusion layer's BatchNorm is folded into its
+            weights (`QuantConv2DBnFoldAct`, `QuantDenseBnFoldAct`): the
+            fake-quantized weights are then exactly the deployed ones. With
+            `False`, the raw weights are fake-quantized and an ordinary
+            BatchNorm follows (what TFLite folds later, exactly only for
+            per-channel weights). Default `True`, as in MindSpore.
         freeze_bn: Training step from which folded BatchNorm statistics are
-            frozen (used with `bn_fold=True`).
+            frozen (with `bn_fold=True`).
         quant_delay: Number of training steps before quantization starts;
             an integer >= 0 or a (weights, activations) pair.
         num_bits: Bit widths, integers in `[2, 16]`.
@@ -126,7 +137,6 @@ def convert_quant_network(
             model that is not Sequential or Functional, for an unbuilt
             Sequential model, or for layers that cannot be quantized (all of
             them are listed, with their classes).
-        NotImplementedError: for `bn_fold=True`.
 
     Example:
 
@@ -151,11 +161,6 @@ def convert_quant_network(
         bn_fold=bn_fold,
         freeze_bn=freeze_bn,
     )
-    if config.bn_fold:
-        raise NotImplementedError(
-            "`bn_fold=True` is not implemented yet; use bn_fold=False "
-            "(fake-quantized weights followed by an ordinary BatchNorm)."
-        )
     if isinstance(model, keras.Sequential):
         if not model.built or not model.inputs:
             raise ValueError(
@@ -287,6 +292,10 @@ class _Converter:
                 **self.config.activation_options(),
             )
         quantized_class = QUANTIZED_LAYERS.get(type(layer))
+        options = self.config.weight_options()
+        if quantized_class is not None and self.config.bn_fold and layer.has_bn:
+            quantized_class = FOLDED_LAYERS[type(layer)]
+            options["freeze_bn"] = self.config.freeze_bn
         if quantized_class is None:
             clone = layer.__class__.from_config(layer.get_config())
             if isinstance(layer, REQUANTIZED_LAYERS):
@@ -299,7 +308,7 @@ class _Converter:
         config = layer.get_config()
         if not fused:  # quantize before and after the activation
             config["activation"] = None
-        clone = quantized_class(**config, **self.config.weight_options())
+        clone = quantized_class(**config, **options)
         self.copies.append((layer, clone))
         follow_ups = [self.fake_quant(layer.name)]
         if not fused:

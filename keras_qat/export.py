@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from keras_qat.layers.bn_fold import _BnFolding
 from keras_qat.layers.fake_quant import FakeQuant, tracing_for_export
 from keras_qat.layers.quant import _QuantizedWeights
 
@@ -106,11 +107,11 @@ def check_exportable(qmodel):
             step = int(layer.step.numpy())
             if step < layer.quant_delay:
                 problems.append(f"{name} is still in its quant delay ({step} of {layer.quant_delay} steps)")
-            if layer.has_bn and not layer.per_channel:
+            if layer.has_bn and not layer.per_channel and not isinstance(layer, _BnFolding):
                 problems.append(
                     f"{name} has per-tensor weights followed by a BatchNorm: folding the "
                     "BatchNorm's per-channel scale into them leaves them off their single "
-                    "int8 grid (use per_channel=[True, ...] for weights)"
+                    "int8 grid (use bn_fold=True or per_channel=[True, ...] for weights)"
                 )
     if problems:
         raise ValueError(

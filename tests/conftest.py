@@ -5,6 +5,14 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPU devices, for tf.distribute tests (MirroredStrategy). This
+# must happen before TensorFlow initializes its devices, so here, first.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * 2,
+)
 
 
 @pytest.fixture(autouse=True)

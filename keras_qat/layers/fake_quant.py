@@ -70,6 +70,24 @@ def batch_range(x, reduce_axes=None):
     return tf.minimum(batch_min, 0.0), tf.maximum(batch_max, 0.0)
 
 
+def across_replicas(batch_min, batch_max):
+    """The min of `batch_min` and max of `batch_max` over all replicas.
+
+    Inside a `tf.distribute` strategy each replica sees its shard of the
+    global batch; gathering the per-replica values and reducing them gives
+    every replica the range that a single device computes from the whole
+    batch. (`tf.distribute.ReduceOp` has no MIN / MAX, hence `all_gather`.)
+    Outside a strategy, or with one replica, the values are returned as
+    they are.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return batch_min, batch_max
+    mins = context.all_gather(batch_min[None], axis=0)
+    maxs = context.all_gather(batch_max[None], axis=0)
+    return tf.reduce_min(mins, axis=0), tf.reduce_max(maxs, axis=0)
+
+
 @keras.saving.register_keras_serializable(package="keras_qat")
 class FakeQuant(keras.layers.Layer):
     """Fake-quantizes its input with a range learned from training batches.
@@ -84,6 +102,12 @@ class FakeQuant(keras.layers.Layer):
       `range = ema_decay * range + (1 - ema_decay) * batch_range`, or replace
       it with the batch range when `ema=False`;
     - the range always contains 0, and non-finite values never reach it.
+
+    Under a `tf.distribute` strategy the batch min / max are reduced across
+    replicas before the update, so every replica holds the range a single
+    device would compute from the global batch; the range variables and the
+    step counter use `only_first_replica` aggregation, so the step advances
+    once per global step.
 
     Until `quant_delay` training steps have passed, the output is the input
     unchanged (the range still learns). In inference the stored range is
@@ -244,7 +268,9 @@ class FakeQuant(keras.layers.Layer):
         """Updates the range from batch `x`; returns the new `(min, max)`."""
         if self.fixed_range is not None:
             return self.min, self.max
-        batch_min, batch_max = batch_range(x, self._reduce_axes)
+        batch_min, batch_max = across_replicas(
+            *batch_range(x, self._reduce_axes)
+        )
         decay = self.ema_decay if self.ema else 0.0
         first = tf.equal(self.step, 0)
         new_min = tf.where(

@@ -11,6 +11,7 @@ Keras'.
 """
 
 import keras
+import tensorflow as tf
 
 ACTIVATIONS_HINT = (
     "relu, relu6, sigmoid, leaky_relu, hard_sigmoid, hard_silu (hard_swish), "
@@ -45,6 +46,7 @@ class _FusedBnAct(keras.layers.Layer):
         beta_initializer="zeros",
         moving_mean_initializer="zeros",
         moving_variance_initializer="ones",
+        synchronized=False,
         activation=None,
         **kwargs,
     ):
@@ -65,11 +67,13 @@ class _FusedBnAct(keras.layers.Layer):
                 beta_initializer=beta_initializer,
                 moving_mean_initializer=moving_mean_initializer,
                 moving_variance_initializer=moving_variance_initializer,
+                synchronized=synchronized,
                 name="bn",
             )
         self._bn_config = dict(
             momentum=momentum,
             epsilon=epsilon,
+            synchronized=synchronized,
             gamma_initializer=keras.initializers.serialize(
                 keras.initializers.get(gamma_initializer)
             ),
@@ -100,6 +104,10 @@ class _FusedBnAct(keras.layers.Layer):
     def linear(self, inputs, training=False):
         """The conv or matmul, plus bias; quantized subclasses override it."""
         return self.linear_layer(inputs)
+
+    def apply_kernel(self, inputs, kernel):
+        """The conv or matmul of `inputs` with `kernel`, without bias."""
+        raise NotImplementedError
 
     def call(self, inputs, training=False):
         outputs = self.linear(inputs, training=training)
@@ -142,6 +150,9 @@ class Conv2DBnAct(_FusedBnAct):
         epsilon: BatchNorm epsilon.
         gamma_initializer: BatchNorm initializers (also `beta_initializer`,
             `moving_mean_initializer`, `moving_variance_initializer`).
+        synchronized: Whether BatchNorm batch statistics are computed over
+            the global batch under a `tf.distribute` strategy (Keras'
+            `BatchNormalization(synchronized=True)`).
         activation: Activation applied last: a name (`"relu"`, `"relu6"`,
             `"sigmoid"`, `"leaky_relu"`, `"hard_sigmoid"`, `"hard_silu"` /
             `"hard_swish"`, ...), a callable, or `None`.
@@ -183,11 +194,13 @@ class Conv2DBnAct(_FusedBnAct):
         beta_initializer="zeros",
         moving_mean_initializer="zeros",
         moving_variance_initializer="ones",
+        synchronized=False,
         activation=None,
         **kwargs,
     ):
         super().__init__(
             has_bn=has_bn,
+            synchronized=synchronized,
             momentum=momentum,
             epsilon=epsilon,
             gamma_initializer=gamma_initializer,
@@ -214,6 +227,9 @@ class Conv2DBnAct(_FusedBnAct):
     @property
     def linear_layer(self):
         return self.conv
+
+    def apply_kernel(self, inputs, kernel):
+        return self.conv.convolution_op(inputs, kernel)
 
     def get_config(self):
         config = super().get_config()
@@ -255,6 +271,8 @@ class DenseBnAct(_FusedBnAct):
         epsilon: BatchNorm epsilon.
         gamma_initializer: BatchNorm initializers (also `beta_initializer`,
             `moving_mean_initializer`, `moving_variance_initializer`).
+        synchronized: Whether BatchNorm batch statistics are computed over
+            the global batch under a `tf.distribute` strategy.
         activation: Activation applied last (see `Conv2DBnAct`).
         **kwargs: Base layer keyword arguments, such as `name`.
 
@@ -289,11 +307,13 @@ class DenseBnAct(_FusedBnAct):
         beta_initializer="zeros",
         moving_mean_initializer="zeros",
         moving_variance_initializer="ones",
+        synchronized=False,
         activation=None,
         **kwargs,
     ):
         super().__init__(
             has_bn=has_bn,
+            synchronized=synchronized,
             momentum=momentum,
             epsilon=epsilon,
             gamma_initializer=gamma_initializer,
@@ -316,6 +336,11 @@ class DenseBnAct(_FusedBnAct):
     @property
     def linear_layer(self):
         return self.dense
+
+    def apply_kernel(self, inputs, kernel):
+        if kernel.shape.rank == 4:  # (1, 1, in, out): as a 1x1 convolution
+            return tf.nn.conv2d(inputs, kernel, strides=1, padding="VALID")
+        return keras.ops.matmul(inputs, kernel)
 
     def get_config(self):
         config = super().get_config()

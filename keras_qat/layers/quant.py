@@ -73,6 +73,17 @@ class _QuantizedWeights:
             aggregation="only_first_replica",
         )
 
+    def weight_kernel(self):
+        """The float kernel whose quantized version the layer applies."""
+        return self.linear_layer.kernel
+
+    def linear(self, inputs, training=False):
+        kernel = self.maybe_quantize_weights(self.weight_kernel(), training)
+        outputs = self.apply_kernel(inputs, kernel)
+        if self.linear_layer.use_bias:
+            outputs = tf.nn.bias_add(outputs, self.linear_layer.bias)
+        return outputs
+
     def weight_range(self, kernel):
         """Returns the `(min, max)` of `kernel`, per output channel or not."""
         kernel = tf.cast(kernel, tf.float32)
@@ -97,17 +108,18 @@ class _QuantizedWeights:
     def maybe_quantize_weights(self, kernel, training):
         """`kernel`, fake-quantized once `quant_delay` steps have passed.
 
-        A training call also advances the step counter.
+        A training call also advances the step counter. Kernels are small,
+        so both are computed and one is selected (`tf.where`, not
+        `tf.cond`): no control flow in the layer, and the gradient of the
+        chosen one flows.
         """
         if is_tracing_for_export() and not training:
             return self.quantize_weights(kernel)
         step = tf.identity(self.step)
         if training:
             self.step.assign_add(1)
-        return tf.cond(
-            step >= self.quant_delay,
-            lambda: self.quantize_weights(kernel),
-            lambda: tf.identity(kernel),
+        return tf.where(
+            step >= self.quant_delay, self.quantize_weights(kernel), kernel
         )
 
     def copy_weights_from(self, layer):
@@ -173,16 +185,46 @@ class QuantConv2DBnAct(_QuantizedWeights, Conv2DBnAct):
     TensorShape([1, 6, 6, 8])
     """
 
-    def linear(self, inputs, training=False):
-        kernel = self.maybe_quantize_weights(self.conv.kernel, training)
-        outputs = self.conv.convolution_op(inputs, kernel)
-        if self.conv.use_bias:
-            outputs = tf.nn.bias_add(outputs, self.conv.bias)
-        return outputs
+
+class DenseAsConvForExport:
+    """Mixin: traces a per-channel quantized dense unit as a 1x1 conv.
+
+    The TFLite converter turns a MatMul with per-channel fake-quantized
+    weights into a transpose whose quantized axis does not match ("'tfl.
+    transpose' op has mismatched quantized axes"), but converts a 1x1
+    Conv2D with per-output-channel weights into an int8 CONV_2D. So the
+    export trace of a per-channel layer runs the whole unit (1x1 conv, bias,
+    BatchNorm, activation) on `(n, 1, 1, in)` inputs and reshapes back at
+    the end. The kernel is reshaped to `(1, 1, in, out)` before it is
+    quantized, so its quantized axis is the last one throughout; ranges and
+    dot products are those of the matmul. Training and inference are not
+    affected.
+    """
+
+    _as_conv = False  # True while traced for export as a 1x1 conv.
+
+    def weight_kernel(self):
+        kernel = super().weight_kernel()
+        if self._as_conv:
+            return tf.reshape(kernel, [1, 1] + list(kernel.shape))
+        return kernel
+
+    def call(self, inputs, training=False):
+        self._as_conv = (
+            self.per_channel and not training and is_tracing_for_export()
+        )
+        if not self._as_conv:
+            return super().call(inputs, training=training)
+        in_units, units = self.dense.kernel.shape
+        flat = tf.reshape(inputs, [-1, 1, 1, in_units])
+        outputs = super().call(flat, training=training)
+        if inputs.shape.rank == 2:  # a static shape: no shape ops in the model
+            return tf.reshape(outputs, [-1, units])
+        return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [units]], 0))
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
-class QuantDenseBnAct(_QuantizedWeights, DenseBnAct):
+class QuantDenseBnAct(DenseAsConvForExport, _QuantizedWeights, DenseBnAct):
     """`DenseBnAct` whose kernel is fake-quantized.
 
     Takes every argument of `DenseBnAct`, plus the weight-quantization
@@ -206,48 +248,6 @@ class QuantDenseBnAct(_QuantizedWeights, DenseBnAct):
     >>> layer(np.ones((2, 3), "float32")).shape
     TensorShape([2, 4])
     """
-
-    _as_conv = False  # True while traced for export as a 1x1 conv.
-
-    def linear(self, inputs, training=False):
-        if self._as_conv:
-            # (n, 1, 1, in) inputs and a (1, 1, in, out) kernel; see `call`.
-            in_units, units = self.dense.kernel.shape
-            kernel = tf.reshape(self.dense.kernel, [1, 1, in_units, units])
-            outputs = tf.nn.conv2d(
-                inputs, self.quantize_weights(kernel), strides=1, padding="VALID"
-            )
-        else:
-            kernel = self.maybe_quantize_weights(self.dense.kernel, training)
-            outputs = keras.ops.matmul(inputs, kernel)
-        if self.dense.use_bias:
-            outputs = tf.nn.bias_add(outputs, self.dense.bias)
-        return outputs
-
-    def call(self, inputs, training=False):
-        """As `DenseBnAct.call`, except when traced for TFLite export.
-
-        The TFLite converter turns a MatMul with per-channel fake-quantized
-        weights into a transpose whose quantized axis does not match ("'tfl.
-        transpose' op has mismatched quantized axes"), but converts a 1x1
-        Conv2D with per-output-channel weights into an int8 CONV_2D. So the
-        export trace of a per-channel layer runs the whole unit (1x1 conv,
-        bias, BatchNorm, activation) on `(n, 1, 1, in)` inputs and reshapes
-        back at the end. The kernel is reshaped to `(1, 1, in, out)` before
-        it is quantized, so its quantized axis is the last one throughout;
-        the ranges and the dot products are those of the matmul.
-        """
-        self._as_conv = (
-            self.per_channel and not training and is_tracing_for_export()
-        )
-        if not self._as_conv:
-            return super().call(inputs, training=training)
-        in_units, units = self.dense.kernel.shape
-        flat = tf.reshape(inputs, [-1, 1, 1, in_units])
-        outputs = super().call(flat, training=training)
-        if inputs.shape.rank == 2:  # a static shape: no shape ops in the model
-            return tf.reshape(outputs, [-1, units])
-        return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [units]], 0))
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")

@@ -1,0 +1,122 @@
+"""ResNet-20 on Fashion-MNIST: float, QAT with bn_fold=False, QAT with bn_fold=True.
+
+1. Train a ResNet-20-style fusion network (Conv2DBnAct(has_bn=True) blocks,
+   Add shortcuts) in float and save it.
+2. Convert it twice, with bn_fold=True (BatchNorm folded into the weights
+   that are fake-quantized, MindSpore's default) and with bn_fold=False
+   (raw weights fake-quantized, then an ordinary BatchNorm), and QAT-train
+   each for the same number of steps from the float weights.
+3. Print float / bn_fold=False / bn_fold=True test accuracies (int8
+   simulated) and write them as JSON.
+
+Data: Fashion-MNIST IDX files, by default from the Debian package
+dataset-fashion-mnist (`bash scripts/get_data.sh fashion_mnist`), or
+`--data_dir`.
+
+Usage:
+    python examples/resnet_quant.py [--float_epochs 6] [--qat_epochs 1]
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import idx_data  # noqa: E402
+import strategies  # noqa: E402
+from models import resnet20  # noqa: E402
+import keras_qat as kq  # noqa: E402
+
+flags.DEFINE_string("data_dir", None, "Directory with the Fashion-MNIST IDX files; default: the Debian package's.")
+flags.DEFINE_string("output_dir", "runs/resnet", "Where models and results are written.")
+flags.DEFINE_integer("float_epochs", 6, "Float training epochs.")
+flags.DEFINE_integer("qat_epochs", 1, "QAT epochs, for each of bn_fold=True and bn_fold=False.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_float("float_lr", 2e-3, "Adam learning rate of float training (cosine decay).")
+flags.DEFINE_float("qat_lr", 1e-4, "Adam learning rate of QAT.")
+flags.DEFINE_integer("quant_delay", 100, "Training steps before fake quantization starts.")
+flags.DEFINE_integer("freeze_bn", 300, "Training step from which folded BatchNorm statistics freeze.")
+flags.DEFINE_integer("limit_train", 0, "Use only this many training images (0: all); for smoke runs.")
+flags.DEFINE_integer("seed", 1, "Random seed.")
+FLAGS = flags.FLAGS
+
+
+def load_data():
+    (x_train, y_train), (x_test, y_test) = idx_data.load("fashion_mnist", FLAGS.data_dir)
+    if FLAGS.limit_train:
+        x_train, y_train = x_train[: FLAGS.limit_train], y_train[: FLAGS.limit_train]
+    prepare = lambda x: (x.astype("float32") / 255.0)[..., None]  # noqa: E731
+    return (prepare(x_train), y_train.astype("int32")), (prepare(x_test), y_test.astype("int32"))
+
+
+def train(model, data, epochs, learning_rate):
+    (x_train, y_train), (x_test, y_test) = data
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    start = time.perf_counter()
+    model.fit(x_train, y_train, batch_size=FLAGS.batch_size, epochs=epochs, verbose=2)
+    seconds = time.perf_counter() - start
+    _, accuracy = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
+    return float(accuracy), seconds
+
+
+def main(argv):
+    del argv
+    keras.utils.set_random_seed(FLAGS.seed)
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    strategy = strategies.make_strategy(FLAGS.strategy, FLAGS.tpu)
+    data = load_data()
+    with strategy.scope():
+        run(data)
+
+
+def run(data):
+    """Trains, converts twice, QAT-trains and reports; inside the strategy's scope."""
+    steps_per_epoch = -(-len(data[0][0]) // FLAGS.batch_size)
+
+    network = resnet20(input_shape=(28, 28, 1))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        FLAGS.float_lr, decay_steps=FLAGS.float_epochs * steps_per_epoch
+    )
+    float_accuracy, float_seconds = train(network, data, FLAGS.float_epochs, schedule)
+    float_path = os.path.join(FLAGS.output_dir, "resnet20_float.keras")
+    network.save(float_path)
+
+    results = {"float_accuracy": float_accuracy, "float_seconds": float_seconds}
+    for bn_fold in (False, True):
+        keras.utils.set_random_seed(FLAGS.seed)  # same data order for both
+        qat = kq.convert_quant_network(
+            keras.saving.load_model(float_path), bn_fold=bn_fold, freeze_bn=FLAGS.freeze_bn,
+            quant_delay=FLAGS.quant_delay, per_channel=[True, False],
+            symmetric=[True, False], narrow_range=[True, False],
+        )
+        accuracy, seconds = train(qat, data, FLAGS.qat_epochs, FLAGS.qat_lr)
+        qat.save(os.path.join(FLAGS.output_dir, f"resnet20_qat_bn_fold_{bn_fold}.keras"))
+        results[f"bn_fold_{bn_fold}_accuracy"] = accuracy
+        results[f"bn_fold_{bn_fold}_seconds"] = seconds
+    results.update(float_epochs=FLAGS.float_epochs, qat_epochs=FLAGS.qat_epochs,
+                   qat_steps=FLAGS.qat_epochs * steps_per_epoch, train_images=int(len(data[0][0])))
+    with open(os.path.join(FLAGS.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+    print()
+    print(f"{'model':<28}{'test accuracy':>15}{'train s':>10}")
+    print(f"{'float':<28}{100 * float_accuracy:>14.2f}%{float_seconds:>10.0f}")
+    for bn_fold in (False, True):
+        print(f"{f'QAT int8, bn_fold={bn_fold}':<28}{100 * results[f'bn_fold_{bn_fold}_accuracy']:>14.2f}%"
+              f"{results[f'bn_fold_{bn_fold}_seconds']:>10.0f}")
+    print(f"QAT: {results['qat_steps']} steps each; float: {FLAGS.float_epochs} epochs")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,76 @@
+"""XLA (jit_compile, our stand-in for TPU) and mixed precision."""
+
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_qat as kq
+from keras_qat.ops import nudged_range, quant_range
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import models  # noqa: E402
+
+
+def output_step(qmodel):
+    layer = [layer for layer in qmodel.layers if isinstance(layer, kq.FakeQuant)][-1]
+    return float(nudged_range(*quant_range(layer.min.numpy(), layer.max.numpy()))[2])
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20"])
+def test_xla_training_and_inference_match_the_graph_within_one_step(name):
+    build, shape = models.NETWORKS[name]
+    qmodel = kq.convert_quant_network(build(), per_channel=[True, False])
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (16,) + shape).astype("float32")
+    y = rng.integers(0, 10, 16)
+    qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), jit_compile=True,
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    losses = [float(qmodel.train_on_batch(x, y)) for _ in range(3)]
+    assert np.all(np.isfinite(losses))
+    assert all(layer.step.numpy() == 3 for layer in qmodel.layers if isinstance(layer, kq.FakeQuant))
+    graph = tf.function(lambda t: qmodel(t, training=False))(x).numpy()
+    xla = tf.function(lambda t: qmodel(t, training=False), jit_compile=True)(x).numpy()
+    # XLA's fake-quant kernel rounds some near-ties the other way (float32
+    # arithmetic in a different order): at most one output step apart.
+    assert np.max(np.abs(graph - xla)) <= output_step(qmodel) * 1.001
+
+
+def small_model():
+    inputs = keras.Input((8, 8, 3))
+    x = kq.Conv2DBnAct(8, 3, has_bn=True, activation="relu")(inputs)
+    x = kq.Conv2DBnAct(8, 3, padding="same", activation="relu6")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, kq.DenseBnAct(4)(x))
+
+
+def train_ranges(policy, weights, data):
+    keras.config.set_dtype_policy(policy)
+    qmodel = kq.convert_quant_network(small_model(), per_channel=[True, False])
+    qmodel.set_weights(weights)
+    qmodel.compile(optimizer=keras.optimizers.SGD(1e-2), loss="mse")
+    losses = [float(qmodel.train_on_batch(x, y)) for x, y in data]
+    output = qmodel(data[0][0], training=False)
+    ranges = [(layer.min.numpy(), layer.max.numpy(), layer.min.dtype)
+              for layer in qmodel.layers if isinstance(layer, kq.FakeQuant)]
+    keras.config.set_dtype_policy("float32")
+    return losses, output, ranges
+
+
+@pytest.mark.parametrize("policy, tolerance", [("mixed_float16", 2e-2), ("mixed_bfloat16", 5e-2)])
+def test_mixed_precision_trains_with_float32_ranges(policy, tolerance):
+    weights = kq.convert_quant_network(small_model()).get_weights()
+    rng = np.random.default_rng(1)
+    data = [(rng.standard_normal((16, 8, 8, 3)).astype("float32"),
+             rng.standard_normal((16, 4)).astype("float32")) for _ in range(4)]
+    ref_losses, _, ref_ranges = train_ranges("float32", weights, data)
+    losses, output, ranges = train_ranges(policy, weights, data)
+    assert np.all(np.isfinite(losses))
+    assert output.dtype == policy.split("_")[1]  # the policy's compute dtype
+    for (lo, hi, dtype), (ref_lo, ref_hi, _) in zip(ranges, ref_ranges):
+        assert dtype == "float32"  # fake-quant state and math stay float32
+        np.testing.assert_allclose([lo, hi], [ref_lo, ref_hi], rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(losses, ref_losses, rtol=10 * tolerance)
