@@ -22,7 +22,7 @@ Usage:
 import json
 import os
 import sys
-import time
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -50,36 +50,14 @@ flags.DEFINE_bool("export_tflite", False, "Export, evaluate and compare an int8 
 FLAGS = flags.FLAGS
 
 
-class EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.times = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
-
-
-def compile_model(model, learning_rate):
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    return model
-
-
-def train(model, data, epochs, learning_rate):
+def train(model, data, epochs, learning_rate, strategy):
     (x_train, y_train), (x_test, y_test) = data
-    timer = EpochTimer()
-    compile_model(model, learning_rate).fit(
-        x_train, y_train, batch_size=FLAGS.batch_size, epochs=epochs,
-        validation_data=(x_test, y_test), callbacks=[timer], verbose=2,
+    times = strategies.fit(
+        model, x_train, y_train, epochs=epochs, batch_size=FLAGS.batch_size,
+        optimizer=keras.optimizers.Adam(learning_rate), strategy=strategy, seed=FLAGS.seed,
     )
-    _, accuracy = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
     # Median, so that the first epoch's tracing does not dominate.
-    return accuracy, float(np.median(timer.times))
+    return strategies.accuracy(model, x_test, y_test), float(np.median(times))
 
 
 def load_data():
@@ -90,8 +68,13 @@ def load_data():
     return (prepare(x_train), y_train.astype("int32")), (prepare(x_test), y_test.astype("int32"))
 
 
-def export(network, qat_network, data):
-    """Writes float and int8 TFLite models and measures the int8 one."""
+def export(float_path, qat_path, data):
+    """Writes float and int8 TFLite models and measures the int8 one.
+
+    The models are loaded from their .keras files, outside any strategy.
+    """
+    network = keras.saving.load_model(float_path)
+    qat_network = keras.saving.load_model(qat_path)
     _, (x_test, y_test) = data
     int8_path = os.path.join(FLAGS.output_dir, "lenet_int8.tflite")
     int8_bytes = kq.export_tflite(qat_network, int8_path)
@@ -113,15 +96,27 @@ def main(argv):
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     strategy = strategies.make_strategy(FLAGS.strategy, FLAGS.tpu)
     data = load_data()
+    # One writer: under multi-worker training the other workers save to a
+    # temporary directory and stop after training.
+    chief = strategies.is_chief(strategy)
+    out_dir = FLAGS.output_dir if chief else tempfile.mkdtemp()
+    float_path = os.path.join(out_dir, "lenet_float.keras")
+    qat_path = os.path.join(out_dir, "lenet_qat.keras")
     with strategy.scope():
-        run(data)
+        results = train_both(data, strategy, float_path, qat_path)
+    if not chief:
+        return
+    if FLAGS.export_tflite:
+        results.update(export(float_path, qat_path, data))
+    with open(os.path.join(FLAGS.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print_table(results, float_path, qat_path)
 
 
-def run(data):
-    """Trains, converts, QAT-trains and reports; inside the strategy's scope."""
+def train_both(data, strategy, float_path, qat_path):
+    """Float training, conversion, QAT; returns accuracies and epoch times."""
     network = lenet5()
-    float_accuracy, float_epoch = train(network, data, FLAGS.float_epochs, FLAGS.float_lr)
-    float_path = os.path.join(FLAGS.output_dir, "lenet_float.keras")
+    float_accuracy, float_epoch = train(network, data, FLAGS.float_epochs, FLAGS.float_lr, strategy)
     network.save(float_path)
 
     # A trained float network converts with its weights.
@@ -132,14 +127,9 @@ def run(data):
         per_channel=[True, False], symmetric=[symmetric_weights, False],
         narrow_range=[symmetric_weights, False],
     )
-    qat_accuracy, qat_epoch = train(qat_network, data, FLAGS.qat_epochs, FLAGS.qat_lr)
-    qat_path = os.path.join(FLAGS.output_dir, "lenet_qat.keras")
+    qat_accuracy, qat_epoch = train(qat_network, data, FLAGS.qat_epochs, FLAGS.qat_lr, strategy)
     qat_network.save(qat_path)
-
-    results = {}
-    if FLAGS.export_tflite:
-        results.update(export(network, qat_network, data))
-    results.update({
+    return {
         "float_accuracy": float_accuracy,
         "qat_accuracy": qat_accuracy,
         "float_epoch_seconds": float_epoch,
@@ -147,13 +137,16 @@ def run(data):
         "float_epochs": FLAGS.float_epochs,
         "qat_epochs": FLAGS.qat_epochs,
         "train_images": int(len(data[0][0])),
-    })
-    with open(os.path.join(FLAGS.output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        "strategy": FLAGS.strategy,
+        "replicas": strategy.num_replicas_in_sync,
+    }
+
+
+def print_table(results, float_path, qat_path):
     print()
     print(f"{'model':<22}{'test accuracy':>15}{'s / epoch':>12}")
-    print(f"{'float':<22}{100 * float_accuracy:>14.2f}%{float_epoch:>12.1f}")
-    print(f"{'QAT (int8 simulated)':<22}{100 * qat_accuracy:>14.2f}%{qat_epoch:>12.1f}")
+    print(f"{'float':<22}{100 * results['float_accuracy']:>14.2f}%{results['float_epoch_seconds']:>12.1f}")
+    print(f"{'QAT (int8 simulated)':<22}{100 * results['qat_accuracy']:>14.2f}%{results['qat_epoch_seconds']:>12.1f}")
     if FLAGS.export_tflite:
         print(f"{'int8 TFLite':<22}{100 * results['tflite_accuracy']:>14.2f}%")
         print(f"TFLite vs Keras QAT: top-1 agreement {100 * results['top1_agreement']:.2f} %, "
@@ -161,7 +154,7 @@ def run(data):
               f"(max {results['max_diff_steps']:.1f} steps)")
         print(f"model size: float TFLite {results['float_tflite_bytes']} B, int8 TFLite "
               f"{results['int8_tflite_bytes']} B ({results['size_ratio']:.3f}x)")
-    print(f"saved: {float_path}, {qat_path}")
+    print(f"saved: {float_path}, {qat_path} ({results['replicas']} replica(s), --strategy={results['strategy']})")
 
 
 if __name__ == "__main__":

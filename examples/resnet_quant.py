@@ -20,7 +20,7 @@ Usage:
 import json
 import os
 import sys
-import time
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -56,18 +56,13 @@ def load_data():
     return (prepare(x_train), y_train.astype("int32")), (prepare(x_test), y_test.astype("int32"))
 
 
-def train(model, data, epochs, learning_rate):
+def train(model, data, epochs, learning_rate, strategy):
     (x_train, y_train), (x_test, y_test) = data
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+    times = strategies.fit(
+        model, x_train, y_train, epochs=epochs, batch_size=FLAGS.batch_size,
+        optimizer=keras.optimizers.Adam(learning_rate), strategy=strategy, seed=FLAGS.seed,
     )
-    start = time.perf_counter()
-    model.fit(x_train, y_train, batch_size=FLAGS.batch_size, epochs=epochs, verbose=2)
-    seconds = time.perf_counter() - start
-    _, accuracy = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
-    return float(accuracy), seconds
+    return strategies.accuracy(model, x_test, y_test), float(sum(times))
 
 
 def main(argv):
@@ -76,20 +71,33 @@ def main(argv):
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     strategy = strategies.make_strategy(FLAGS.strategy, FLAGS.tpu)
     data = load_data()
+    chief = strategies.is_chief(strategy)  # the one writer under multi-worker training
+    out_dir = FLAGS.output_dir if chief else tempfile.mkdtemp()
     with strategy.scope():
-        run(data)
+        results = train_all(data, strategy, out_dir)
+    if not chief:
+        return
+    with open(os.path.join(FLAGS.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print()
+    print(f"{'model':<28}{'test accuracy':>15}{'train s':>10}")
+    print(f"{'float':<28}{100 * results['float_accuracy']:>14.2f}%{results['float_seconds']:>10.0f}")
+    for bn_fold in (False, True):
+        print(f"{f'QAT int8, bn_fold={bn_fold}':<28}{100 * results[f'bn_fold_{bn_fold}_accuracy']:>14.2f}%"
+              f"{results[f'bn_fold_{bn_fold}_seconds']:>10.0f}")
+    print(f"QAT: {results['qat_steps']} steps each; float: {FLAGS.float_epochs} epochs; "
+          f"{results['replicas']} replica(s), --strategy={FLAGS.strategy}")
 
 
-def run(data):
-    """Trains, converts twice, QAT-trains and reports; inside the strategy's scope."""
+def train_all(data, strategy, out_dir):
+    """Float training, then QAT with bn_fold=False and with bn_fold=True."""
     steps_per_epoch = -(-len(data[0][0]) // FLAGS.batch_size)
-
     network = resnet20(input_shape=(28, 28, 1))
     schedule = keras.optimizers.schedules.CosineDecay(
         FLAGS.float_lr, decay_steps=FLAGS.float_epochs * steps_per_epoch
     )
-    float_accuracy, float_seconds = train(network, data, FLAGS.float_epochs, schedule)
-    float_path = os.path.join(FLAGS.output_dir, "resnet20_float.keras")
+    float_accuracy, float_seconds = train(network, data, FLAGS.float_epochs, schedule, strategy)
+    float_path = os.path.join(out_dir, "resnet20_float.keras")
     network.save(float_path)
 
     results = {"float_accuracy": float_accuracy, "float_seconds": float_seconds}
@@ -100,22 +108,14 @@ def run(data):
             quant_delay=FLAGS.quant_delay, per_channel=[True, False],
             symmetric=[True, False], narrow_range=[True, False],
         )
-        accuracy, seconds = train(qat, data, FLAGS.qat_epochs, FLAGS.qat_lr)
-        qat.save(os.path.join(FLAGS.output_dir, f"resnet20_qat_bn_fold_{bn_fold}.keras"))
+        accuracy, seconds = train(qat, data, FLAGS.qat_epochs, FLAGS.qat_lr, strategy)
+        qat.save(os.path.join(out_dir, f"resnet20_qat_bn_fold_{bn_fold}.keras"))
         results[f"bn_fold_{bn_fold}_accuracy"] = accuracy
         results[f"bn_fold_{bn_fold}_seconds"] = seconds
     results.update(float_epochs=FLAGS.float_epochs, qat_epochs=FLAGS.qat_epochs,
-                   qat_steps=FLAGS.qat_epochs * steps_per_epoch, train_images=int(len(data[0][0])))
-    with open(os.path.join(FLAGS.output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-
-    print()
-    print(f"{'model':<28}{'test accuracy':>15}{'train s':>10}")
-    print(f"{'float':<28}{100 * float_accuracy:>14.2f}%{float_seconds:>10.0f}")
-    for bn_fold in (False, True):
-        print(f"{f'QAT int8, bn_fold={bn_fold}':<28}{100 * results[f'bn_fold_{bn_fold}_accuracy']:>14.2f}%"
-              f"{results[f'bn_fold_{bn_fold}_seconds']:>10.0f}")
-    print(f"QAT: {results['qat_steps']} steps each; float: {FLAGS.float_epochs} epochs")
+                   qat_steps=FLAGS.qat_epochs * steps_per_epoch, train_images=int(len(data[0][0])),
+                   replicas=strategy.num_replicas_in_sync)
+    return results
 
 
 if __name__ == "__main__":

@@ -75,3 +75,41 @@ def test_lenet_example_end_to_end(tmp_path):
     assert results["train_images"] == 640
     assert results["qat_accuracy"] > 0.9  # the bars are easy to learn
     assert (out_dir / "lenet_qat.keras").exists()
+
+
+@pytest.mark.slow
+def test_lenet_example_with_two_workers(tmp_path):
+    """--strategy=multi_worker: two processes on 127.0.0.1, the chief reports."""
+    import socket
+
+    data_dir, out_dir = tmp_path / "data", tmp_path / "out"
+    data_dir.mkdir()
+    write_dataset(str(data_dir), 256, 100, compress=False)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "examples", "lenet_quant.py"), "--strategy=multi_worker",
+             f"--data_dir={data_dir}", f"--output_dir={out_dir}", "--float_epochs=1", "--qat_epochs=1",
+             "--quant_delay=2", "--batch_size=32", "--export_tflite"],
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+                     TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    try:
+        logs = [worker.communicate(timeout=400)[0] for worker in workers]
+    finally:
+        for worker in workers:  # stop by itself and free the ports
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    for worker, log in zip(workers, logs):
+        assert worker.returncode == 0, log[-3000:]
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["replicas"] == 2 and results["strategy"] == "multi_worker"
+    assert results["within_one_step"] >= 0.99
