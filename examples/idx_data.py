@@ -87,3 +87,21 @@ def load(name, data_dir=None):
         f"were not found in: {', '.join(candidates)}. Run "
         f"`bash scripts/get_data.sh {name}` or pass --data_dir."
     )
+
+
+def load_for_training(name, data_dir=None, limit_train=0):
+    """`load`, as float32 images in [0, 1] with a channel axis, int32 labels.
+
+    Args:
+        name: `"mnist"` or `"fashion_mnist"`.
+        data_dir: As for `load`.
+        limit_train: Keep only this many training examples (0: all).
+    """
+    (x_train, y_train), (x_test, y_test) = load(name, data_dir)
+    if limit_train:
+        x_train, y_train = x_train[:limit_train], y_train[:limit_train]
+
+    def prepare(images):
+        return (images.astype("float32") / 255.0)[..., None]
+
+    return (prepare(x_train), y_train.astype("int32")), (prepare(x_test), y_test.astype("int32"))

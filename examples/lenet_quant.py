@@ -60,14 +60,6 @@ def train(model, data, epochs, learning_rate, strategy):
     return strategies.accuracy(model, x_test, y_test), float(np.median(times))
 
 
-def load_data():
-    (x_train, y_train), (x_test, y_test) = idx_data.load("mnist", FLAGS.data_dir)
-    if FLAGS.limit_train:
-        x_train, y_train = x_train[: FLAGS.limit_train], y_train[: FLAGS.limit_train]
-    prepare = lambda x: (x.astype("float32") / 255.0)[..., None]  # noqa: E731
-    return (prepare(x_train), y_train.astype("int32")), (prepare(x_test), y_test.astype("int32"))
-
-
 def export(float_path, qat_path, data):
     """Writes float and int8 TFLite models and measures the int8 one.
 
@@ -95,7 +87,7 @@ def main(argv):
     keras.utils.set_random_seed(FLAGS.seed)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     strategy = strategies.make_strategy(FLAGS.strategy, FLAGS.tpu)
-    data = load_data()
+    data = idx_data.load_for_training("mnist", FLAGS.data_dir, FLAGS.limit_train)
     # One writer: under multi-worker training the other workers save to a
     # temporary directory and stop after training.
     chief = strategies.is_chief(strategy)

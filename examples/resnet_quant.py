@@ -48,14 +48,6 @@ flags.DEFINE_integer("seed", 1, "Random seed.")
 FLAGS = flags.FLAGS
 
 
-def load_data():
-    (x_train, y_train), (x_test, y_test) = idx_data.load("fashion_mnist", FLAGS.data_dir)
-    if FLAGS.limit_train:
-        x_train, y_train = x_train[: FLAGS.limit_train], y_train[: FLAGS.limit_train]
-    prepare = lambda x: (x.astype("float32") / 255.0)[..., None]  # noqa: E731
-    return (prepare(x_train), y_train.astype("int32")), (prepare(x_test), y_test.astype("int32"))
-
-
 def train(model, data, epochs, learning_rate, strategy):
     (x_train, y_train), (x_test, y_test) = data
     times = strategies.fit(
@@ -70,7 +62,7 @@ def main(argv):
     keras.utils.set_random_seed(FLAGS.seed)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     strategy = strategies.make_strategy(FLAGS.strategy, FLAGS.tpu)
-    data = load_data()
+    data = idx_data.load_for_training("fashion_mnist", FLAGS.data_dir, FLAGS.limit_train)
     chief = strategies.is_chief(strategy)  # the one writer under multi-worker training
     out_dir = FLAGS.output_dir if chief else tempfile.mkdtemp()
     with strategy.scope():
