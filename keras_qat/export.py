@@ -22,7 +22,6 @@ from keras_qat.layers.quant import _QuantizedWeights
 # Ops that only convert between float and integer at the model's edges.
 _EDGE_OPS = {"QUANTIZE", "DEQUANTIZE"}
 _FLOAT_TYPES = (np.float32, np.float16, np.float64)
-_INTEGER_IO = {tf.int8: np.int8, tf.uint8: np.uint8}
 
 
 def tflite_interpreter(model_content, num_threads=None, default_delegates=True):
