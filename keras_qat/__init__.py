@@ -12,6 +12,7 @@ if _keras.config.backend() != "tensorflow":
 
 from keras_qat.config import QuantConfig
 from keras_qat.convert import convert_quant_network
+from keras_qat.fuse import fuse
 from keras_qat.export import (
     compare_tflite,
     export_float_tflite,
@@ -42,6 +43,7 @@ __all__ = [
     "export_float_tflite",
     "export_tflite",
     "fake_quant",
+    "fuse",
     "run_tflite",
     "tflite_interpreter",
 ]

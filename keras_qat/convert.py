@@ -10,6 +10,7 @@ the layers.
 import keras
 
 from keras_qat.config import QuantConfig
+from keras_qat.fuse import fuse
 from keras_qat.layers.bn_fold import QuantConv2DBnFoldAct, QuantDenseBnFoldAct
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct
@@ -108,10 +109,15 @@ def convert_quant_network(
     Every quantization option is a `(weights, activations)` pair, as in
     MindSpore's `convert_quant_network`; a single value applies to both.
 
+    A plain model is fused first (`keras_qat.fuse`): each `Conv2D` /
+    `Dense` with the `BatchNormalization` and activation after it becomes a
+    fusion layer with the same weights.
+
     Args:
         model: A Sequential or Functional Keras model built from fusion
-            layers and the pass-through layers above. Sequential models
-            must be built (have an input shape).
+            layers (or plain `Conv2D` / `Dense` layers, fused first) and the
+            layers above. Sequential models must be built (have an input
+            shape).
         bn_fold: Whether a fusion layer's BatchNorm is folded into its
             weights (`QuantConv2DBnFoldAct`, `QuantDenseBnFoldAct`): the
             fake-quantized weights are then exactly the deployed ones. With
@@ -161,6 +167,15 @@ def convert_quant_network(
         bn_fold=bn_fold,
         freeze_bn=freeze_bn,
     )
+    if isinstance(model, keras.Model) and any(
+        type(layer) in (keras.layers.Conv2D, keras.layers.Dense) for layer in model.layers
+    ):
+        if not model.built or not model.inputs:
+            raise ValueError(
+                f"Model '{model.name}' has no input shape yet. Start it with "
+                "keras.Input(shape) or call it on data before converting it."
+            )
+        model = fuse(model)  # plain Conv2D / Dense (+ BN, activation) -> fusion layers
     if isinstance(model, keras.Sequential):
         if not model.built or not model.inputs:
             raise ValueError(
@@ -198,9 +213,9 @@ def _check_layers(model):
     if unsupported:
         raise ValueError(
             "`convert_quant_network` cannot quantize these layers of model "
-            f"'{model.name}': {', '.join(unsupported)}. Build the model from "
-            "Conv2DBnAct / DenseBnAct fusion layers (they replace Conv2D and "
-            "Dense with their BatchNormalization and activation), merge "
+            f"'{model.name}': {', '.join(unsupported)}. Supported: Conv2D / "
+            "Dense with the BatchNormalization and activation after them "
+            "(fused into Conv2DBnAct / DenseBnAct), those fusion layers, merge "
             "layers (Add, Subtract, Multiply, Concatenate), "
             "GlobalAveragePooling2D, activation layers "
             "(ReLU, LeakyReLU, Activation) and pass-through "
@@ -210,8 +225,10 @@ def _check_layers(model):
 
 
 def _activation_name(activation):
+    """The activation's registered name, or the class name of an activation
+    object (never None, which means "no activation")."""
     name = keras.activations.serialize(activation)
-    return name if isinstance(name, str) else None
+    return name if isinstance(name, str) else type(activation).__name__
 
 
 def _is_fusable_activation(layer):

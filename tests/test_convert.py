@@ -161,14 +161,16 @@ def test_the_same_model_converts_twice_and_weights_are_copies():
 
 def test_unsupported_layers_are_listed_together():
     inputs = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(4, 3, name="plain_conv")(inputs)
-    x = keras.layers.BatchNormalization(name="lonely_bn")(x)
-    x = keras.layers.Flatten()(x)
-    outputs = keras.layers.Dense(2, name="plain_dense")(x)
+    x = keras.layers.DepthwiseConv2D(3, name="depthwise")(inputs)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.BatchNormalization(name="lonely_bn")(x)  # follows no conv: not fused
+    x = keras.layers.LayerNormalization(name="layer_norm")(keras.layers.Flatten()(x))
+    outputs = keras.layers.Dense(2)(x)
     with pytest.raises(ValueError) as error:
         convert_quant_network(keras.Model(inputs, outputs))
     message = str(error.value)
-    for part in ["'plain_conv' (Conv2D)", "'lonely_bn' (BatchNormalization)", "'plain_dense' (Dense)"]:
+    for part in ["'depthwise' (DepthwiseConv2D)", "'lonely_bn' (BatchNormalization)",
+                 "'layer_norm' (LayerNormalization)"]:
         assert part in message
 
 
