@@ -18,12 +18,23 @@ from keras_qat.export import (
     export_float_tflite,
     export_tflite,
     run_tflite,
+    strip_tflite_names,
     tflite_interpreter,
 )
-from keras_qat.layers.bn_fold import QuantConv2DBnFoldAct, QuantDenseBnFoldAct
+from keras_qat.layers.bn_fold import (
+    QuantConv2DBnFoldAct,
+    QuantDenseBnFoldAct,
+    QuantDepthwiseConv2DBnFoldAct,
+)
 from keras_qat.layers.fake_quant import FakeQuant
-from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct
-from keras_qat.layers.quant import QuantConcatenate, QuantConv2DBnAct, QuantDenseBnAct
+from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
+from keras_qat.layers.quant import (
+    QuantAveragePooling2D,
+    QuantConcatenate,
+    QuantConv2DBnAct,
+    QuantDenseBnAct,
+    QuantDepthwiseConv2DBnAct,
+)
 from keras_qat.ops import fake_quant
 
 __version__ = "0.1.0"
@@ -31,13 +42,17 @@ __version__ = "0.1.0"
 __all__ = [
     "Conv2DBnAct",
     "DenseBnAct",
+    "DepthwiseConv2DBnAct",
     "FakeQuant",
+    "QuantAveragePooling2D",
     "QuantConcatenate",
     "QuantConfig",
     "QuantConv2DBnAct",
     "QuantConv2DBnFoldAct",
     "QuantDenseBnAct",
     "QuantDenseBnFoldAct",
+    "QuantDepthwiseConv2DBnAct",
+    "QuantDepthwiseConv2DBnFoldAct",
     "compare_tflite",
     "convert_quant_network",
     "export_float_tflite",
@@ -45,5 +60,6 @@ __all__ = [
     "fake_quant",
     "fuse",
     "run_tflite",
+    "strip_tflite_names",
     "tflite_interpreter",
 ]

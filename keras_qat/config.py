@@ -6,6 +6,8 @@ MindSpore's `convert_quant_network`; a single value applies to both.
 
 import dataclasses
 
+import keras
+
 from keras_qat.ops import check_num_bits
 
 
@@ -131,3 +133,47 @@ class QuantConfig:
             narrow_range=self.narrow_range[1],
             quant_delay=self.quant_delay[1],
         )
+
+
+def selected_layer_names(model, selectors, argument="skip_layers"):
+    """Names of the layers of `model` that `selectors` choose.
+
+    Args:
+        model: A Sequential or Functional model.
+        selectors: `None`, or one or a list of: a layer name, a layer class
+            (its subclasses match too), or a predicate `layer -> bool`.
+        argument: The argument's name, for error messages.
+
+    Returns:
+        A set of layer names.
+
+    Raises:
+        ValueError: for a name that is not a layer of `model`, or a selector
+            of another type.
+    """
+    if selectors is None:
+        return set()
+    if isinstance(selectors, (str, type)) or callable(selectors):
+        selectors = [selectors]
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    names = set()
+    for selector in selectors:
+        if isinstance(selector, str):
+            if selector not in {layer.name for layer in layers}:
+                raise ValueError(
+                    f"Received an invalid value for `{argument}`: model "
+                    f"'{model.name}' has no layer named '{selector}'. Its "
+                    f"layers: {', '.join(layer.name for layer in layers)}."
+                )
+            names.add(selector)
+        elif isinstance(selector, type):
+            names.update(layer.name for layer in layers if isinstance(layer, selector))
+        elif callable(selector):
+            names.update(layer.name for layer in layers if selector(layer))
+        else:
+            raise ValueError(
+                f"Received an invalid value for `{argument}`, expected layer "
+                "names, layer classes or a predicate `layer -> bool`. "
+                f"Received: {argument}={selectors!r}"
+            )
+    return names

@@ -9,25 +9,39 @@ the layers.
 
 import keras
 
-from keras_qat.config import QuantConfig
-from keras_qat.fuse import fuse
-from keras_qat.layers.bn_fold import QuantConv2DBnFoldAct, QuantDenseBnFoldAct
+# Keras' arithmetic operations on KerasTensors (`x + 3.0`, `x * y`): they
+# are graph nodes without being layers. keras.ops exposes only the
+# functions, so the classes come from Keras' source package.
+from keras.src.ops import numpy as keras_numpy_ops
+
+from keras_qat.config import QuantConfig, selected_layer_names
+from keras_qat.fuse import fuse, has_fusable_layers
+from keras_qat.nested import inline_nested_models
+from keras_qat.layers.bn_fold import (
+    QuantConv2DBnFoldAct,
+    QuantDenseBnFoldAct,
+    QuantDepthwiseConv2DBnFoldAct,
+)
 from keras_qat.layers.fake_quant import FakeQuant
-from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct
+from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
 from keras_qat.layers.quant import (
+    QuantAveragePooling2D,
     QuantConcatenate,
     QuantConv2DBnAct,
     QuantDenseBnAct,
+    QuantDepthwiseConv2DBnAct,
 )
 
 # Float fusion layer -> quantized layer, and with its BatchNorm folded.
 QUANTIZED_LAYERS = {
     Conv2DBnAct: QuantConv2DBnAct,
     DenseBnAct: QuantDenseBnAct,
+    DepthwiseConv2DBnAct: QuantDepthwiseConv2DBnAct,
 }
 FOLDED_LAYERS = {
     Conv2DBnAct: QuantConv2DBnFoldAct,
     DenseBnAct: QuantDenseBnFoldAct,
+    DepthwiseConv2DBnAct: QuantDepthwiseConv2DBnFoldAct,
 }
 
 # Layers whose output gets a range of its own (a FakeQuant after them): an
@@ -39,7 +53,15 @@ REQUANTIZED_LAYERS = (
     keras.layers.ReLU,
     keras.layers.LeakyReLU,
     keras.layers.Activation,
+    keras.layers.Softmax,
     keras.layers.GlobalAveragePooling2D,
+)
+
+# Operations (not layers) whose output an integer kernel requantizes.
+REQUANTIZED_OPS = (
+    keras_numpy_ops.Add,
+    keras_numpy_ops.Subtract,
+    keras_numpy_ops.Multiply,
 )
 
 # Layers that move or select values without computing new ones (or, like
@@ -61,9 +83,13 @@ PASS_THROUGH_LAYERS = (
 # Activations that integer kernels fuse into the layer before them.
 FUSABLE_ACTIVATIONS = ("relu", "relu6")
 
-# Outputs whose range TFLite's int8 kernels fix: sigmoid has scale 1/256 and
-# zero point -128, tanh scale 1/128 and zero point 0.
-FIXED_OUTPUT_RANGES = {"sigmoid": (0.0, 255 / 256), "tanh": (-1.0, 127 / 128)}
+# Outputs whose range TFLite's int8 kernels fix: sigmoid and softmax have
+# scale 1/256 and zero point -128, tanh scale 1/128 and zero point 0.
+FIXED_OUTPUT_RANGES = {
+    "sigmoid": (0.0, 255 / 256),
+    "softmax": (0.0, 255 / 256),
+    "tanh": (-1.0, 127 / 128),
+}
 
 
 def convert_quant_network(
@@ -75,49 +101,57 @@ def convert_quant_network(
     per_channel=(False, False),
     symmetric=(False, False),
     narrow_range=(False, False),
+    skip_layers=None,
 ):
     """Converts a float fusion network into a quantization network.
 
-    The model is cloned layer by layer. `Conv2DBnAct` and `DenseBnAct`
-    become `QuantConv2DBnAct` and `QuantDenseBnAct` with the original's
-    weights (so a trained float model converts without retraining). A
-    `FakeQuant` layer follows wherever an integer kernel rounds its result:
+    The model is cloned layer by layer. `Conv2DBnAct`,
+    `DepthwiseConv2DBnAct` and `DenseBnAct` become their `Quant...`
+    counterparts with the original's weights (so a trained float model
+    converts without retraining). A `FakeQuant` layer follows wherever an
+    integer kernel rounds its result:
 
     - the model input, and each quantized layer's output (after its
       activation when that is None, ReLU or ReLU6, which integer kernels
       fuse; any other activation becomes an `Activation` layer between two
       `FakeQuant`s, so that the activation's input is quantized too);
-    - each `Add`, `Subtract`, `Multiply` and `GlobalAveragePooling2D`;
+    - each `Add`, `Subtract`, `Multiply`, `GlobalAveragePooling2D`, and each
+      Keras operation `+`, `-`, `*` on tensors (as in `x + 3.0`);
     - a `Concatenate` becomes a `QuantConcatenate`, which quantizes all its
       inputs with one shared range (TFLite requires one scale for all
       operands of a concatenation);
-    - each standalone `ReLU`, `LeakyReLU` and `Activation`. Sigmoid and tanh
-      outputs get the fixed ranges of TFLite's int8 kernels.
+    - an `AveragePooling2D` whose input has no other consumer becomes a
+      `QuantAveragePooling2D`: input and output share one range and the
+      average is rounded as TFLite's int8 kernel rounds it;
+    - each standalone `ReLU`, `LeakyReLU`, `Activation` and `Softmax`.
+      Sigmoid, softmax and tanh outputs get the fixed ranges of TFLite's
+      int8 kernels.
 
-    A layer whose every consumer is a ReLU / ReLU6 layer or a `Concatenate`
-    gets no `FakeQuant` of its own (unless it is a model output): TFLite
-    fuses the activation into the op, and writes each input of a
-    concatenation on the concatenation's grid, so the integer op rounds
-    once, to its consumer's grid.
+    A layer whose every consumer is a ReLU / ReLU6 layer, a `Concatenate`
+    or such an average pooling gets no `FakeQuant` of its own (unless it is
+    a model output): the integer op rounds once, to its consumer's grid.
 
-    Max pooling, `AveragePooling2D`, flatten, reshape, dropout, padding and
-    cropping layers are kept as they are. Layer names are kept; a
-    `FakeQuant` is named after the layer it follows, plus `_quant`. With
-    `bn_fold=True`, fusion layers with `has_bn=True` become
-    `QuantConv2DBnFoldAct` / `QuantDenseBnFoldAct` instead.
+    Max pooling, flatten, reshape, dropout, padding and cropping layers are
+    kept as they are. Layer names are kept; a `FakeQuant` is named after the
+    layer it follows, plus `_quant`. With `bn_fold=True`, fusion layers with
+    `has_bn=True` become the `Quant...BnFoldAct` layers instead.
 
     Every quantization option is a `(weights, activations)` pair, as in
     MindSpore's `convert_quant_network`; a single value applies to both.
 
-    A plain model is fused first (`keras_qat.fuse`): each `Conv2D` /
-    `Dense` with the `BatchNormalization` and activation after it becomes a
-    fusion layer with the same weights.
+    Nested models (a Functional or Sequential model used as a layer) are
+    inlined first (`keras_qat.nested.inline_nested_models`), so the result
+    is one flat Functional model. Then a plain model is fused
+    (`keras_qat.fuse`): each `Conv2D` / `DepthwiseConv2D` /
+    `SeparableConv2D` / `Dense` with the `BatchNormalization` and activation
+    after it, and each per-channel affine layer on images (BatchNorm after
+    no conv, `Rescaling`, `Normalization`), becomes fusion layers with the
+    same weights.
 
     Args:
         model: A Sequential or Functional Keras model built from fusion
-            layers (or plain `Conv2D` / `Dense` layers, fused first) and the
-            layers above. Sequential models must be built (have an input
-            shape).
+            layers or the plain layers above (fused first), possibly with
+            nested models. It must be built (have an input shape).
         bn_fold: Whether a fusion layer's BatchNorm is folded into its
             weights (`QuantConv2DBnFoldAct`, `QuantDenseBnFoldAct`): the
             fake-quantized weights are then exactly the deployed ones. With
@@ -133,16 +167,22 @@ def convert_quant_network(
             `per_channel=[True, False]`.
         symmetric: Symmetric ranges.
         narrow_range: Grids `[1, 2**b - 1]` instead of `[0, 2**b - 1]`.
+        skip_layers: Layers to leave in float, neither fused nor quantized:
+            layer names, layer classes, or a predicate `layer -> bool` (or
+            a list of them), matched after nested models are inlined. A
+            `FakeQuant` follows a skipped layer whose result a quantized
+            layer uses. `export_tflite` then needs `allow_float_ops=True`.
 
     Returns:
-        A new, uncompiled Keras model of the same kind (Sequential or
-        Functional) as `model`. `model` is left unchanged.
+        A new, uncompiled Keras model: Sequential for a Sequential `model`
+        without nested models, else Functional. `model` is left unchanged.
 
     Raises:
         ValueError: for an invalid option (the message names it), for a
-            model that is not Sequential or Functional, for an unbuilt
-            Sequential model, or for layers that cannot be quantized (all of
-            them are listed, with their classes).
+            model that is not Sequential or Functional (such as a subclassed
+            model), for an unbuilt model, for a `skip_layers` entry naming
+            no layer, or for layers that cannot be quantized (all of them
+            are listed, with their classes).
 
     Example:
 
@@ -167,60 +207,63 @@ def convert_quant_network(
         bn_fold=bn_fold,
         freeze_bn=freeze_bn,
     )
-    if isinstance(model, keras.Model) and any(
-        type(layer) in (keras.layers.Conv2D, keras.layers.Dense) for layer in model.layers
-    ):
-        if not model.built or not model.inputs:
-            raise ValueError(
-                f"Model '{model.name}' has no input shape yet. Start it with "
-                "keras.Input(shape) or call it on data before converting it."
-            )
-        model = fuse(model)  # plain Conv2D / Dense (+ BN, activation) -> fusion layers
+    if not isinstance(model, keras.Sequential) and not _is_functional(model):
+        raise ValueError(
+            "`convert_quant_network` converts Sequential and Functional models "
+            "only, since it needs the model's graph of layers. Received a model "
+            f"of class {model.__class__.__name__}. Rebuild it as a Functional "
+            "model (keras.Model(inputs, outputs)) from the same layers."
+        )
+    if not model.built or not model.inputs:
+        raise ValueError(
+            f"Model '{model.name}' has no input shape yet. Start it with "
+            "keras.Input(shape) or call it on data before converting it."
+        )
+    model = inline_nested_models(model)
+    skipped = selected_layer_names(model, skip_layers)
+    if has_fusable_layers(model):
+        # Plain Conv2D / Dense (+ BN, activation), affine layers -> fusion layers.
+        model = fuse(model, skip_layers=sorted(skipped))
+    _check_layers(model, skipped)
     if isinstance(model, keras.Sequential):
-        if not model.built or not model.inputs:
-            raise ValueError(
-                f"Sequential model '{model.name}' has no input shape yet. "
-                "Start it with keras.Input(shape) or call it on data before "
-                "converting it."
-            )
-        _check_layers(model)
-        return _SequentialConverter(config, model).convert(model)
-    if _is_functional(model):
-        _check_layers(model)
-        return _FunctionalConverter(config, model).convert(model)
-    raise ValueError(
-        "`convert_quant_network` converts Sequential and Functional models "
-        "only, since it needs the model's graph of layers. Received a model "
-        f"of class {model.__class__.__name__}. Rebuild it as a Functional "
-        "model (keras.Model(inputs, outputs)) from the same layers."
-    )
+        return _SequentialConverter(config, model, skipped).convert(model)
+    return _FunctionalConverter(config, model, skipped).convert(model)
 
 
 def _is_functional(model):
     return isinstance(model, keras.Model) and hasattr(model, "_run_through_graph")
 
 
-def _check_layers(model):
+def _check_layers(model, skipped):
     """Raises one `ValueError` listing every layer that cannot be converted."""
     unsupported = [
         f"'{layer.name}' ({layer.__class__.__name__})"
         for layer in model.layers
-        if type(layer) not in QUANTIZED_LAYERS
+        if layer.name not in skipped
+        and type(layer) not in QUANTIZED_LAYERS
         and not isinstance(
             layer, REQUANTIZED_LAYERS + PASS_THROUGH_LAYERS + (keras.layers.Concatenate,)
         )
+    ]
+    unsupported += [
+        f"'{op.name}' (Keras operation {op.__class__.__name__})"
+        for op in getattr(model, "operations", [])
+        if not isinstance(op, keras.layers.Layer) and not isinstance(op, REQUANTIZED_OPS)
     ]
     if unsupported:
         raise ValueError(
             "`convert_quant_network` cannot quantize these layers of model "
             f"'{model.name}': {', '.join(unsupported)}. Supported: Conv2D / "
-            "Dense with the BatchNormalization and activation after them "
-            "(fused into Conv2DBnAct / DenseBnAct), those fusion layers, merge "
-            "layers (Add, Subtract, Multiply, Concatenate), "
-            "GlobalAveragePooling2D, activation layers "
-            "(ReLU, LeakyReLU, Activation) and pass-through "
+            "DepthwiseConv2D / SeparableConv2D / Dense with the "
+            "BatchNormalization and activation after them, BatchNormalization, "
+            "Rescaling and Normalization (last axis) on 4D inputs, the fusion "
+            "layers, merge layers (Add, Subtract, Multiply, Concatenate), "
+            "GlobalAveragePooling2D, activation layers (ReLU, LeakyReLU, "
+            "Activation, Softmax), the Keras operations +, - and * between "
+            "tensors or with constants, and pass-through "
             "layers (" + ", ".join(c.__name__ for c in PASS_THROUGH_LAYERS)
-            + ")."
+            + "). To keep layers in float, pass them to `skip_layers` (names, "
+            "classes or a predicate)."
         )
 
 
@@ -246,12 +289,13 @@ def _is_fusable_activation(layer):
 def _absorbs_rounding(consumer):
     """Whether `consumer` writes its input's integer result on its own grid.
 
-    TFLite fuses a ReLU / ReLU6 into the op before it, and makes every input
-    of a CONCATENATION use the concatenation's scale: in both cases the
-    producing op rounds once, to the consumer's output grid.
+    TFLite fuses a ReLU / ReLU6 into the op before it, makes every input of
+    a CONCATENATION use the concatenation's scale, and gives an
+    AVERAGE_POOL_2D's input its output's scale: in all three cases the
+    producing op rounds once, to the consumer's grid.
     """
     return _is_fusable_activation(consumer) or isinstance(
-        consumer, keras.layers.Concatenate
+        consumer, (keras.layers.Concatenate, keras.layers.AveragePooling2D)
     )
 
 
@@ -274,8 +318,10 @@ class _Converter:
     kernels cannot fuse).
     """
 
-    def __init__(self, config, model):
+    def __init__(self, config, model, skipped=()):
         self.config = config
+        self.skipped = set(skipped)
+        self.names = {layer.name for layer in model.layers}
         self.output_layers = _output_layer_names(model)
         self.copies = []  # (float layer, quantized layer), copied when built.
         self._follow_ups = {}  # id(clone) -> layers applied after it
@@ -283,8 +329,10 @@ class _Converter:
     def fake_quant_dropped(self, layer):
         """Whether `layer` would end in a FakeQuant that its consumers make
         unnecessary (so its output is not yet quantized)."""
-        rounds = type(layer) in QUANTIZED_LAYERS or isinstance(
-            layer, REQUANTIZED_LAYERS
+        rounds = (
+            type(layer) in QUANTIZED_LAYERS
+            or isinstance(layer, REQUANTIZED_LAYERS + REQUANTIZED_OPS)
+            or layer.name in self.skipped  # a float result
         )
         return rounds and self.rounded_by_consumers(layer)
 
@@ -294,10 +342,33 @@ class _Converter:
         return (
             bool(consumers)
             and layer.name not in self.output_layers
-            and all(map(_absorbs_rounding, consumers))
+            and all(
+                consumer.name not in self.skipped and _absorbs_rounding(consumer)
+                for consumer in consumers
+            )
         )
 
+    def clone_skipped(self, layer):
+        """A float copy of a skipped layer, quantized after it when a
+        quantized layer uses its result."""
+        clone = layer.__class__.from_config(layer.get_config())
+        self.copies.append((layer, clone))
+        consumers = [node.operation for node in layer._outbound_nodes]
+        if any(consumer.name not in self.skipped for consumer in consumers):
+            self._follow_ups[id(clone)] = self.unless_rounded_later(
+                layer, [self.fake_quant(layer.name)]
+            )
+        return clone
+
     def clone_layer(self, layer):
+        if isinstance(layer, REQUANTIZED_OPS):  # its constant operand is in the node
+            clone = layer.__class__.from_config(layer.get_config())
+            self._follow_ups[id(clone)] = self.unless_rounded_later(
+                layer, [self.fake_quant(layer.name)]
+            )
+            return clone
+        if layer.name in self.skipped:
+            return self.clone_skipped(layer)
         if isinstance(layer, keras.layers.Concatenate):
             # Quantizes with its own range: nothing follows it.
             return QuantConcatenate(
@@ -307,6 +378,12 @@ class _Converter:
                     for producer in _producers(layer)
                 ],
                 **self.config.activation_options(),
+            )
+        if isinstance(layer, keras.layers.AveragePooling2D) and self.fake_quant_dropped(
+            _producers(layer)[0]
+        ):  # Rounds its input and output to one grid: nothing follows it.
+            return QuantAveragePooling2D(
+                **layer.get_config(), **self.config.activation_options()
             )
         quantized_class = QUANTIZED_LAYERS.get(type(layer))
         options = self.config.weight_options()
@@ -355,20 +432,32 @@ class _Converter:
         return self._follow_ups.get(id(clone), [])
 
     def fake_quant(self, name, fixed_range=None):
+        # Keras operations may share a name with a layer ("add").
+        base = candidate = f"{name}_quant"
+        suffix = 1
+        while candidate in self.names:
+            suffix += 1
+            candidate = f"{base}_{suffix}"
+        self.names.add(candidate)
         return FakeQuant(
-            name=f"{name}_quant",
+            name=candidate,
             fixed_range=fixed_range,
             **self.config.activation_options(),
         )
 
     def copy_weights(self):
         for layer, clone in self.copies:
-            clone.copy_weights_from(layer)
+            if hasattr(clone, "copy_weights_from"):
+                clone.copy_weights_from(layer)
+            elif layer.weights:
+                clone.set_weights(layer.get_weights())
 
 
 def _fixed_range_of(layer):
     if isinstance(layer, keras.layers.Activation):
         return FIXED_OUTPUT_RANGES.get(_activation_name(layer.activation))
+    if isinstance(layer, keras.layers.Softmax):
+        return FIXED_OUTPUT_RANGES["softmax"]
     return None
 
 
@@ -391,8 +480,8 @@ class _SequentialConverter(_Converter):
 
 
 class _FunctionalConverter(_Converter):
-    def __init__(self, config, model):
-        super().__init__(config, model)
+    def __init__(self, config, model, skipped=()):
+        super().__init__(config, model, skipped)
         self.quantized_inputs = {}  # id(model input) -> its FakeQuant output
 
     def quantize_input(self, tensor):

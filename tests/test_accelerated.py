@@ -74,3 +74,23 @@ def test_mixed_precision_trains_with_float32_ranges(policy, tolerance):
         assert dtype == "float32"  # fake-quant state and math stay float32
         np.testing.assert_allclose([lo, hi], [ref_lo, ref_hi], rtol=tolerance, atol=tolerance)
     np.testing.assert_allclose(losses, ref_losses, rtol=10 * tolerance)
+
+
+def test_xla_trains_the_real_world_layers():
+    """Depthwise, separable, affine, shared-range average pooling, Keras
+    operations and fixed-range softmax under jit_compile."""
+    from test_fuse import image_patterns
+
+    qmodel = kq.convert_quant_network(image_patterns(), per_channel=[True, False])
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 255, (16, 16, 16, 3)).astype("float32")
+    qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), jit_compile=True, loss="categorical_crossentropy")
+    losses = [float(qmodel.train_on_batch(x, keras.utils.to_categorical(rng.integers(0, 5, 16), 5)))
+              for _ in range(3)]
+    assert np.all(np.isfinite(losses))
+    pooling = qmodel.get_layer("average_pooling")
+    assert isinstance(pooling, kq.QuantAveragePooling2D) and pooling.quant.step.numpy() == 3
+    logits = keras.Model(qmodel.inputs, qmodel.get_layer("logits_quant").output)
+    graph = tf.function(lambda t: logits(t, training=False))(x).numpy()
+    xla = tf.function(lambda t: logits(t, training=False), jit_compile=True)(x).numpy()
+    assert np.max(np.abs(graph - xla)) <= output_step(logits) * 1.001

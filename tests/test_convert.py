@@ -161,16 +161,17 @@ def test_the_same_model_converts_twice_and_weights_are_copies():
 
 def test_unsupported_layers_are_listed_together():
     inputs = keras.Input((8, 8, 3))
-    x = keras.layers.DepthwiseConv2D(3, name="depthwise")(inputs)
+    x = keras.layers.UnitNormalization(name="unit_norm")(inputs)
     x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.BatchNormalization(name="lonely_bn")(x)  # follows no conv: not fused
-    x = keras.layers.LayerNormalization(name="layer_norm")(keras.layers.Flatten()(x))
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.BatchNormalization(name="flat_bn")(x)  # 2D, after no Dense: no integer kernel
+    x = keras.layers.LayerNormalization(name="layer_norm")(x)
     outputs = keras.layers.Dense(2)(x)
     with pytest.raises(ValueError) as error:
         convert_quant_network(keras.Model(inputs, outputs))
     message = str(error.value)
-    for part in ["'depthwise' (DepthwiseConv2D)", "'lonely_bn' (BatchNormalization)",
-                 "'layer_norm' (LayerNormalization)"]:
+    for part in ["'unit_norm' (UnitNormalization)", "'flat_bn' (BatchNormalization)",
+                 "'layer_norm' (LayerNormalization)", "skip_layers"]:
         assert part in message
 
 
@@ -223,3 +224,16 @@ def test_pairs_reach_weights_and_activations():
     conv, act = qmodel.layers[1], qmodel.layers[2]
     assert (conv.num_bits, conv.symmetric, conv.narrow_range, conv.quant_delay) == (4, True, True, 3)
     assert (act.num_bits, act.symmetric, act.narrow_range, act.quant_delay) == (6, False, False, 5)
+
+
+def test_average_pooling_shares_its_input_range_unless_the_input_is_used_elsewhere():
+    inputs = keras.Input((8, 8, 3))
+    a = Conv2DBnAct(4, 3, padding="same", name="only_pooled")(inputs)
+    a = keras.layers.AveragePooling2D(2, name="pool_a")(a)
+    b = Conv2DBnAct(4, 3, padding="same", name="also_added")(inputs)
+    pooled_b = keras.layers.AveragePooling2D(2, name="pool_b")(b)
+    c = keras.layers.Add()([keras.layers.MaxPooling2D(2)(b), pooled_b, a])
+    qmodel = convert_quant_network(keras.Model(inputs, c))
+    names = {layer.name for layer in qmodel.layers}
+    assert type(qmodel.get_layer("pool_a")).__name__ == "QuantAveragePooling2D" and "only_pooled_quant" not in names
+    assert type(qmodel.get_layer("pool_b")) is keras.layers.AveragePooling2D and "also_added_quant" in names

@@ -21,11 +21,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def build_qat_model():
-    """Folded synchronized BatchNorm, plain conv, Add, Dense: every kind of state."""
+    """Folded synchronized BatchNorm (conv and depthwise), plain conv, Add,
+    shared-range average pooling, Dense: every kind of state."""
     inputs = keras.Input((8, 8, 3))
     a = Conv2DBnAct(4, 3, padding="same", has_bn=True, synchronized=True, activation="relu")(inputs)
+    a = kq.DepthwiseConv2DBnAct(3, padding="same", has_bn=True, synchronized=True)(a)
     b = Conv2DBnAct(4, 1)(inputs)
-    x = keras.layers.Flatten()(keras.layers.Add()([a, b]))
+    x = keras.layers.AveragePooling2D(2)(keras.layers.Add()([a, b]))
+    x = keras.layers.Flatten()(x)
     outputs = DenseBnAct(3)(x)
     return kq.convert_quant_network(
         keras.Model(inputs, outputs), quant_delay=2, freeze_bn=3, per_channel=[True, False]

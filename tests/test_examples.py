@@ -113,3 +113,5 @@ def test_lenet_example_with_two_workers(tmp_path):
     results = json.loads((out_dir / "results.json").read_text())
     assert results["replicas"] == 2 and results["strategy"] == "multi_worker"
     assert results["within_one_step"] >= 0.99
+    # Issue 4's size target: per-tensor weights, names stripped from both models.
+    assert results["per_channel_weights"] is False and results["size_ratio"] <= 0.27

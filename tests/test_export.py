@@ -234,3 +234,46 @@ def test_writes_path_and_float_baseline_is_float(tmp_path):
     assert path.read_bytes() == tflite_bytes
     float_bytes = kq.export_float_tflite(keras.Model(qmodel.inputs, qmodel.outputs))
     assert float_ops(float_bytes)  # the baseline computes in float
+
+
+def test_strip_names_keeps_the_model_and_drops_its_strings(tmp_path):
+    x = np.random.default_rng(5).uniform(-1, 1, (64, 12, 12, 3)).astype("float32")
+    qmodel = calibrate(conv_model(True, has_bn=True, bn_fold=True), x)
+    named = kq.export_tflite(qmodel)
+    path = tmp_path / "stripped.tflite"
+    stripped = kq.export_tflite(qmodel, str(path), strip_names=True)
+    assert path.read_bytes() == stripped
+    assert len(stripped) < len(named)
+    _, tensors = ops_and_tensors(stripped)
+    assert all(not t["name"] for t in tensors.values())
+    assert tflite_interpreter(stripped).get_signature_list() == {}
+    np.testing.assert_array_equal(kq.run_tflite(stripped, x)[0], kq.run_tflite(named, x)[0])
+    assert kq.strip_tflite_names(named) == stripped
+    float_model = kq.export_float_tflite(kq.fuse(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])),
+                                         strip_names=True)
+    assert tflite_interpreter(float_model).get_signature_list() == {}
+
+
+@pytest.mark.parametrize("activation", ["swish", "hard_swish"])
+def test_real_world_patterns_export_to_int8(activation):
+    from test_fuse import image_patterns, randomize_bns
+
+    rng = np.random.default_rng(6)
+    model = randomize_bns(image_patterns(activation), rng)
+    qmodel = kq.convert_quant_network(model, per_channel=[True, False], **EXPORTABLE)
+    x = rng.uniform(0, 255, (256, 16, 16, 3)).astype("float32")
+    qmodel.compile(optimizer=keras.optimizers.SGD(1e-4), loss="categorical_crossentropy")
+    qmodel.fit(x, keras.utils.to_categorical(rng.integers(0, 5, 256), 5), batch_size=64, verbose=0)
+    tflite_bytes = kq.export_tflite(qmodel)
+    names = assert_integer_model(tflite_bytes, ["CONV_2D", "DEPTHWISE_CONV_2D", "MUL", "ADD", "SUB",
+                                                "AVERAGE_POOL_2D", "SOFTMAX", "PAD"],
+                                 per_channel_ops=("CONV_2D", "DEPTHWISE_CONV_2D"))
+    assert names.count("HARD_SWISH") == 1 + (activation == "hard_swish")
+    assert ("LOGISTIC" in names) == (activation == "swish")
+    # Up to the logits, within one step of every FakeQuant; the softmax
+    # output (step 1/256) moves by several steps per step of its logits.
+    logits = keras.Model(qmodel.inputs, qmodel.get_layer("logits_quant").output)
+    report = kq.compare_tflite(logits, kq.export_tflite(logits), x)
+    assert report["within_one_step"] >= 0.99 and report["max_diff_steps"] <= 2.001, report
+    report = kq.compare_tflite(qmodel, tflite_bytes, x)
+    assert report["top1_agreement_unambiguous"] >= 0.999, report

@@ -9,8 +9,9 @@ L = keras.layers
 
 
 def randomize_bns(model, rng):
-    """Non-trivial BatchNorm statistics, so that fusing them is tested."""
-    for layer in model.layers:
+    """Non-trivial BatchNorm statistics, so that fusing them is tested
+    (nested models' BatchNorms too)."""
+    for layer in model._flatten_layers():
         if isinstance(layer, L.BatchNormalization):
             n = layer.gamma.shape[0]
             layer.set_weights([rng.uniform(0.5, 1.5, n), rng.uniform(-0.5, 0.5, n),
@@ -76,10 +77,12 @@ def test_what_is_and_is_not_absorbed():
     assert keras.activations.serialize(dense.activation) == "softmax"
 
 
-def test_bn_after_an_activated_conv_is_not_folded():
-    model = keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(3, 3, activation="relu"), L.BatchNormalization()])
+def test_bn_after_an_activated_conv_becomes_its_own_affine_layer():
+    model = randomize_bns(keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(3, 3, activation="relu"),
+                                            L.BatchNormalization()]), np.random.default_rng(3))
     fused = kq.fuse(model)
-    assert [type(l).__name__ for l in fused.layers] == ["Conv2DBnAct", "BatchNormalization"]
+    assert [type(l).__name__ for l in fused.layers] == ["Conv2DBnAct", "DepthwiseConv2DBnAct"]
+    assert fused.layers[1].has_bn and fused.layers[1].trainable
     x = np.random.default_rng(1).standard_normal((2, 6, 6, 2)).astype("float32")
     np.testing.assert_allclose(fused(x), model(x), rtol=1e-6, atol=1e-6)
 
@@ -108,7 +111,82 @@ def test_plain_models_convert_train_save_and_load(tmp_path):
 
 def test_unsupported_layers_are_still_listed():
     inputs = keras.Input((8, 8, 3))
-    x = L.DepthwiseConv2D(3, name="depthwise")(inputs)
+    x = L.LayerNormalization(name="norm")(inputs)
     outputs = L.Dense(2)(L.Flatten()(x))
-    with pytest.raises(ValueError, match="'depthwise' \\(DepthwiseConv2D\\)"):
+    with pytest.raises(ValueError, match="'norm' \\(LayerNormalization\\)"):
         kq.convert_quant_network(keras.Model(inputs, outputs))
+
+
+def image_patterns(activation="swish"):
+    """Rescaling / Normalization at the input, separable, depthwise, SE
+    block with a broadcast Multiply, pre-activation BatchNorm, pooling,
+    padding, cropping, Keras operations and a softmax output."""
+    inputs = keras.Input((16, 16, 3))
+    x = L.Rescaling(1 / 127.5, offset=-1, name="rescale")(inputs)
+    x = L.Normalization(mean=[0.1, 0.2, 0.3], variance=[1.5, 2.0, 0.5], name="norm")(x)
+    x = L.ZeroPadding2D(1)(x)
+    x = L.Conv2D(8, 3, strides=2, use_bias=False)(x)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU(6.0)(x)
+    x = L.DepthwiseConv2D(3, padding="same")(x)
+    x = L.BatchNormalization()(x)
+    x = L.Activation("hard_swish")(x)
+    se = L.GlobalAveragePooling2D(keepdims=True)(x)
+    se = L.Conv2D(4, 1, activation="relu")(se)
+    se = L.Conv2D(8, 1)(se)
+    se = L.ReLU(6.0)(se + 3.0) * (1.0 / 6.0)  # Keras operations, as in MobileNetV3
+    x = L.Multiply()([x, se])
+    h = L.SeparableConv2D(8, 3, padding="same", use_bias=False, name="sep")(x)
+    h = L.BatchNormalization()(h)
+    h = L.Activation(activation)(h)
+    x = L.Add()([x, h])
+    pre = L.BatchNormalization(name="pre_bn")(x)  # follows no conv: a per-channel affine op
+    pre = L.ReLU()(pre)
+    pre = L.Conv2D(8, 3, padding="same")(pre)
+    x = L.Subtract()([x, pre])
+    x = L.AveragePooling2D(2, name="average_pooling")(x)
+    x = L.Cropping2D(1)(x)
+    x = L.Dropout(0.1)(x)
+    x = L.Flatten()(x)
+    outputs = L.Dense(5, activation="softmax", name="logits")(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_image_patterns_fuse_exactly():
+    rng = np.random.default_rng(4)
+    model = randomize_bns(image_patterns(), rng)
+    x = rng.uniform(0, 255, (8, 16, 16, 3)).astype("float32")
+    fused = kq.fuse(model)
+    kinds = [type(layer).__name__ for layer in fused.layers]
+    assert "BatchNormalization" not in kinds and "SeparableConv2D" not in kinds
+    assert kinds.count("DepthwiseConv2DBnAct") == 5  # rescaling, normalization, depthwise, separable, BN
+    layers = {layer.name: layer for layer in fused.layers}
+    assert not layers["rescale"].trainable and not layers["norm"].trainable
+    assert layers["pre_bn"].has_bn and layers["pre_bn"].trainable
+    assert keras.activations.serialize(layers["pre_bn"].activation) == "relu"
+    assert layers["sep_depthwise"].depthwise.kernel.shape == (3, 3, 8, 1)
+    assert layers["sep"].conv.kernel.shape == (1, 1, 8, 8)
+    np.testing.assert_allclose(fused.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_inverted_normalization_and_per_channel_rescaling_fuse_exactly():
+    rng = np.random.default_rng(5)
+    model = keras.Sequential([
+        keras.Input((4, 4, 3)),
+        L.Normalization(mean=[1.0, -2.0, 0.5], variance=[4.0, 0.25, 1.0], invert=True),
+        L.Rescaling([0.5, 2.0, -1.0], offset=[0.0, 1.0, 3.0]),
+        L.BatchNormalization(),
+    ])
+    randomize_bns(model, rng)
+    fused = kq.fuse(model)
+    assert [type(layer).__name__ for layer in fused.layers] == ["DepthwiseConv2DBnAct"] * 3
+    x = rng.standard_normal((3, 4, 4, 3)).astype("float32")
+    np.testing.assert_allclose(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_skipped_layers_are_not_fused():
+    model = plain_sequential()
+    fused = kq.fuse(model, skip_layers=[model.layers[1].name, L.Dense])
+    kinds = [type(layer).__name__ for layer in fused.layers]
+    assert kinds[:4] == ["Conv2DBnAct", "BatchNormalization", "ReLU", "Conv2DBnAct"]
+    assert "DenseBnAct" not in kinds

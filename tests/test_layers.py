@@ -131,3 +131,21 @@ def test_copy_weights_reports_a_missing_weight():
     target.build((None, 8, 8, 3))
     with pytest.raises(ValueError, match="bn/gamma"):
         target.copy_weights_from(source)
+
+
+def test_quant_average_pooling_rounds_like_the_int8_kernel():
+    from keras_qat import QuantAveragePooling2D
+
+    rng = np.random.default_rng(4)
+    layer = QuantAveragePooling2D(2, ema=False)
+    x = rng.uniform(-1.0, 2.0, (4, 6, 6, 3)).astype("float32")
+    layer(x, training=True)  # learns the range of x
+    y = layer(x).numpy()
+    nudged_min, _, scale = reference.nudge(x.min(), x.max(), 8, False)
+    levels = reference.fake_quant_levels(x, x.min(), x.max())[0]
+    signed = levels.reshape(4, 3, 2, 3, 2, 3).mean(axis=(2, 4)) - 128
+    rounded = np.sign(signed) * np.floor(np.abs(signed) + 0.5)  # half away from zero
+    assert np.mean(signed % 1 == 0.5) > 0.05  # ties, where rounding half up would differ
+    np.testing.assert_allclose(y, (rounded + 128) * scale + nudged_min, rtol=0, atol=1e-5)
+    config = layer.get_config()
+    assert QuantAveragePooling2D.from_config(config).get_config() == config

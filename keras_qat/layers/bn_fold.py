@@ -34,8 +34,12 @@ import keras
 import tensorflow as tf
 
 from keras_qat.config import check_non_negative_int
-from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct
-from keras_qat.layers.quant import DenseAsConvForExport, _QuantizedWeights
+from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
+from keras_qat.layers.quant import (
+    DenseAsConvForExport,
+    DepthwiseKernelChannelsLast,
+    _QuantizedWeights,
+)
 
 
 class _BnFolding(_QuantizedWeights):
@@ -186,4 +190,35 @@ class QuantDenseBnFoldAct(DenseAsConvForExport, _BnFolding, DenseBnAct):
     >>> layer = QuantDenseBnFoldAct(4, has_bn=True)
     >>> layer(np.ones((2, 3), "float32")).shape
     TensorShape([2, 4])
+    """
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantDepthwiseConv2DBnFoldAct(
+    DepthwiseKernelChannelsLast, _BnFolding, DepthwiseConv2DBnAct
+):
+    """`DepthwiseConv2DBnAct(has_bn=True)` with its BatchNorm folded.
+
+    As `QuantConv2DBnFoldAct`, for a depthwise convolution: output channel
+    `c * depth_multiplier + m` is scaled by its own `gamma / sigma` and, with
+    `per_channel=True`, quantized with its own range.
+
+    Args:
+        freeze_bn: Training step from which BatchNorm statistics are frozen.
+        num_bits: Bit width of the weights, in `[2, 16]`.
+        per_channel: One weight range per output channel.
+        symmetric: Symmetric weight range.
+        narrow_range: Weight grid `[1, 2**num_bits - 1]`.
+        quant_delay: Training steps before the weights are quantized.
+        *args, **kwargs: The arguments of `DepthwiseConv2DBnAct`
+            (`has_bn=True`).
+
+    Raises:
+        ValueError: for `has_bn=False` or another invalid argument.
+
+    Example:
+
+    >>> layer = QuantDepthwiseConv2DBnFoldAct(3, has_bn=True, per_channel=True)
+    >>> layer(np.ones((1, 8, 8, 4), "float32")).shape
+    TensorShape([1, 6, 6, 4])
     """

@@ -355,3 +355,138 @@ class DenseBnAct(_FusedBnAct):
         ):
             config[key] = dense_config[key]
         return config
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class DepthwiseConv2DBnAct(_FusedBnAct):
+    """Depthwise 2D convolution, optional BatchNormalization and activation.
+
+    A drop-in for `keras.layers.DepthwiseConv2D` (followed by
+    `BatchNormalization` when `has_bn=True`). The convolution is a
+    `keras.layers.DepthwiseConv2D` sub-layer named `depthwise`, the
+    BatchNorm a `keras.layers.BatchNormalization` named `bn`. Output channel
+    `c * depth_multiplier + m` is filter `m` of input channel `c`, as in
+    Keras and TFLite; quantized layers keep one weight range per output
+    channel (`in_channels * depth_multiplier` ranges).
+
+    Args:
+        kernel_size: Integer or pair of integers, the window size.
+        strides: Integer or pair of integers.
+        padding: `"valid"` or `"same"`.
+        depth_multiplier: Output channels per input channel.
+        dilation_rate: Integer or pair of integers.
+        use_bias: Whether the convolution adds a bias.
+        depthwise_initializer: Initializer of the depthwise kernel.
+        bias_initializer: Initializer of the bias.
+        depthwise_regularizer: Optional regularizer of the kernel.
+        bias_regularizer: Optional regularizer of the bias.
+        has_bn: Whether a BatchNormalization follows the convolution.
+        momentum, epsilon, gamma_initializer, ...: BatchNorm arguments, as
+            in `Conv2DBnAct`.
+        synchronized: Whether BatchNorm batch statistics are computed over
+            the global batch under a `tf.distribute` strategy.
+        activation: Activation applied last (see `Conv2DBnAct`).
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Input shape:
+        4D tensor `(batch, height, width, channels)` (channels last).
+
+    Output shape:
+        4D tensor `(batch, new_height, new_width, channels * depth_multiplier)`.
+
+    Raises:
+        ValueError: for an invalid argument (as `keras.layers.DepthwiseConv2D`
+            does).
+
+    Example:
+
+    >>> layer = DepthwiseConv2DBnAct(3, padding="same", depth_multiplier=2,
+    ...                              has_bn=True, activation="relu6")
+    >>> layer(np.zeros((2, 16, 16, 4), "float32")).shape
+    TensorShape([2, 16, 16, 8])
+    """
+
+    def __init__(
+        self,
+        kernel_size,
+        strides=1,
+        padding="valid",
+        depth_multiplier=1,
+        dilation_rate=1,
+        use_bias=True,
+        depthwise_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        depthwise_regularizer=None,
+        bias_regularizer=None,
+        has_bn=False,
+        momentum=0.99,
+        epsilon=1e-3,
+        gamma_initializer="ones",
+        beta_initializer="zeros",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        synchronized=False,
+        activation=None,
+        **kwargs,
+    ):
+        super().__init__(
+            has_bn=has_bn,
+            synchronized=synchronized,
+            momentum=momentum,
+            epsilon=epsilon,
+            gamma_initializer=gamma_initializer,
+            beta_initializer=beta_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            activation=activation,
+            **kwargs,
+        )
+        self.depthwise = keras.layers.DepthwiseConv2D(
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            depth_multiplier=depth_multiplier,
+            dilation_rate=dilation_rate,
+            use_bias=use_bias,
+            depthwise_initializer=depthwise_initializer,
+            bias_initializer=bias_initializer,
+            depthwise_regularizer=depthwise_regularizer,
+            bias_regularizer=bias_regularizer,
+            name="depthwise",
+        )
+
+    @property
+    def linear_layer(self):
+        return self.depthwise
+
+    def apply_kernel(self, inputs, kernel):
+        """Depthwise conv with `kernel` of the sub-layer's shape, or of shape
+        `(kh, kw, 1, channels * depth_multiplier)` (output channels last)."""
+        kernel = tf.reshape(kernel, self.depthwise.kernel.shape)
+        depthwise = self.depthwise
+        return keras.ops.depthwise_conv(
+            inputs,
+            kernel,
+            strides=depthwise.strides,
+            padding=depthwise.padding,
+            data_format=depthwise.data_format,
+            dilation_rate=depthwise.dilation_rate,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        depthwise_config = self.depthwise.get_config()
+        for key in (
+            "kernel_size",
+            "strides",
+            "padding",
+            "depth_multiplier",
+            "dilation_rate",
+            "use_bias",
+            "depthwise_initializer",
+            "bias_initializer",
+            "depthwise_regularizer",
+            "bias_regularizer",
+        ):
+            config[key] = depthwise_config[key]
+        return config

@@ -1,0 +1,126 @@
+"""DepthwiseConv2DBnAct and its quantized forms: one weight range per
+output channel (in_channels * depth_multiplier), BatchNorm folded per
+output channel."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_qat as kq
+import reference
+from keras_qat import DepthwiseConv2DBnAct, QuantDepthwiseConv2DBnAct, QuantDepthwiseConv2DBnFoldAct
+
+CHANNELS, MULTIPLIER = 3, 2
+
+
+def randomized(layer, rng):
+    layer.build((None, 7, 7, CHANNELS))
+    n = CHANNELS * MULTIPLIER
+    kernel = rng.standard_normal((3, 3, CHANNELS, MULTIPLIER)).astype("float32")
+    kernel *= rng.uniform(0.1, 3.0, (1, 1, CHANNELS, MULTIPLIER)).astype("float32")  # ranges differ per channel
+    layer.depthwise.kernel.assign(kernel)
+    layer.depthwise.bias.assign(rng.uniform(-0.2, 0.2, n))
+    if layer.has_bn:
+        bn = layer.bn
+        bn.gamma.assign(rng.uniform(0.5, 1.5, n))
+        bn.beta.assign(rng.uniform(-0.5, 0.5, n))
+        bn.moving_mean.assign(rng.uniform(-0.3, 0.3, n))
+        bn.moving_variance.assign(rng.uniform(0.3, 2.0, n))
+    return layer
+
+
+def per_output_channel_fake_quant(kernel, scale=None):
+    """Numpy: kernel (kh, kw, C, M) times `scale` per output channel c*M+m,
+    fake-quantized symmetric 8-bit with one range per output channel."""
+    kh, kw, c, m = kernel.shape
+    flat = kernel.reshape(kh, kw, c * m) * (1.0 if scale is None else scale)
+    out = np.empty_like(flat)
+    for channel in range(c * m):
+        k = flat[..., channel]
+        out[..., channel] = reference.fake_quant(k, k.min(), k.max(), 8, True, True)
+    return out.reshape(kh, kw, c, m)
+
+
+def depthwise(x, kernel):
+    return tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "VALID").numpy()
+
+
+def test_fusion_layer_equals_keras_layers_and_round_trips():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 7, 7, CHANNELS)).astype("float32")
+    fused = randomized(DepthwiseConv2DBnAct(3, depth_multiplier=MULTIPLIER, has_bn=True, activation="relu6"), rng)
+    plain = keras.Sequential([keras.Input((7, 7, CHANNELS)), keras.layers.DepthwiseConv2D(3, depth_multiplier=MULTIPLIER),
+                              keras.layers.BatchNormalization(), keras.layers.ReLU(6.0)])
+    plain.layers[0].set_weights(fused.depthwise.get_weights())
+    plain.layers[1].set_weights(fused.bn.get_weights())
+    np.testing.assert_allclose(fused(x), plain(x), rtol=1e-5, atol=1e-6)
+    config = fused.get_config()
+    assert DepthwiseConv2DBnAct.from_config(config).get_config() == config
+    assert config["depth_multiplier"] == MULTIPLIER
+
+
+def test_quantized_kernel_has_one_range_per_output_channel():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 7, 7, CHANNELS)).astype("float32")
+    layer = randomized(QuantDepthwiseConv2DBnAct(3, depth_multiplier=MULTIPLIER, per_channel=True,
+                                                 symmetric=True, narrow_range=True), rng)
+    kernel = layer.depthwise.kernel.numpy()
+    expected = depthwise(x, per_output_channel_fake_quant(kernel)) + layer.depthwise.bias.numpy()
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    low, high = layer.weight_range(layer.weight_kernel())
+    assert low.shape == (CHANNELS * MULTIPLIER,)
+    np.testing.assert_allclose(high, kernel.reshape(9, -1).max(0))
+
+
+def test_folded_kernel_scales_and_quantizes_each_output_channel():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 7, 7, CHANNELS)).astype("float32")
+    layer = randomized(QuantDepthwiseConv2DBnFoldAct(3, depth_multiplier=MULTIPLIER, has_bn=True, per_channel=True,
+                                                     symmetric=True, narrow_range=True), rng)
+    bn = layer.bn
+    sigma = np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    scale = bn.gamma.numpy() / sigma
+    bias = bn.beta.numpy() + scale * (layer.depthwise.bias.numpy() - bn.moving_mean.numpy())
+    q = per_output_channel_fake_quant(layer.depthwise.kernel.numpy(), scale)
+    np.testing.assert_allclose(layer(x), depthwise(x, q) + bias, rtol=1e-5, atol=1e-5)
+    # Delayed, the folded layer computes the float layer.
+    float_layer = randomized(DepthwiseConv2DBnAct(3, depth_multiplier=MULTIPLIER, has_bn=True), rng)
+    delayed = QuantDepthwiseConv2DBnFoldAct(3, depth_multiplier=MULTIPLIER, has_bn=True, quant_delay=5)
+    delayed.build(x.shape)
+    delayed.copy_weights_from(float_layer)
+    np.testing.assert_allclose(delayed(x), float_layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bn_fold", [True, False])
+def test_plain_depthwise_model_converts_trains_and_exports(bn_fold, tmp_path):
+    inputs = keras.Input((10, 10, CHANNELS))
+    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=MULTIPLIER, use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU(6.0)(x)
+    x = keras.layers.Conv2D(4, 1)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(5)(x)
+    model = keras.Model(inputs, outputs)
+    qmodel = kq.convert_quant_network(model, bn_fold=bn_fold, per_channel=[True, False],
+                                      symmetric=[True, False], narrow_range=[True, False])
+    expected = QuantDepthwiseConv2DBnFoldAct if bn_fold else QuantDepthwiseConv2DBnAct
+    assert sum(type(layer) is expected for layer in qmodel.layers) == 1
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, (128, 10, 10, CHANNELS)).astype("float32")
+    qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    qmodel.fit(x, rng.standard_normal((128, 5)).astype("float32"), batch_size=32, epochs=1, verbose=0)
+    path = str(tmp_path / "depthwise.keras")
+    qmodel.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
+    tflite_bytes = kq.export_tflite(loaded)
+    interpreter = kq.tflite_interpreter(tflite_bytes, default_delegates=False)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    (op,) = [op for op in interpreter._get_ops_details() if op["op_name"] == "DEPTHWISE_CONV_2D"]
+    weights = tensors[op["inputs"][1]]
+    assert weights["dtype"] == np.int8 and list(weights["shape"]) == [1, 3, 3, CHANNELS * MULTIPLIER]
+    assert len(weights["quantization_parameters"]["scales"]) == CHANNELS * MULTIPLIER
+    assert weights["quantization_parameters"]["quantized_dimension"] == 3
+    report = kq.compare_tflite(loaded, tflite_bytes, x)
+    assert report["within_one_step"] >= 0.99 and report["max_diff_steps"] <= 2.001, report

@@ -1,0 +1,147 @@
+"""Nested models are inlined; `skip_layers` keeps chosen layers in float;
+Keras operations on tensors are quantized or reported."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_qat as kq
+from keras_qat.nested import inline_nested_models
+from test_fuse import randomize_bns
+
+L = keras.layers
+EXPORTABLE = dict(per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False])
+
+
+def backbone():
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", use_bias=False, name="stem")(inputs)
+    x = L.BatchNormalization(name="stem_bn")(x)
+    x = L.ReLU(name="stem_relu")(x)
+    block = keras.Sequential([keras.Input((8, 8, 6)), L.Conv2D(6, 3, padding="same", name="head"),
+                              L.BatchNormalization()], name="block")
+    x = L.ReLU()(L.Add()([x, block(x)]))
+    return keras.Model(inputs, x, name="backbone")
+
+
+def classifier():
+    inputs = keras.Input((8, 8, 3))
+    features = backbone()(inputs)
+    x = L.GlobalAveragePooling2D()(features)
+    outputs = L.Dense(4, name="head")(x)  # the same name as a layer inside
+    return keras.Model(inputs, outputs, name="classifier")
+
+
+def test_nested_models_are_inlined_with_their_weights():
+    rng = np.random.default_rng(0)
+    model = randomize_bns(classifier(), rng)
+    flat = inline_nested_models(model)
+    assert not any(isinstance(layer, keras.Model) for layer in flat.layers)
+    names = [layer.name for layer in flat.layers]
+    assert "head" in names and "block_head" in names  # the inner one is renamed
+    assert len(names) == len(set(names))
+    x = rng.standard_normal((4, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(flat.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
+    assert inline_nested_models(flat) is flat
+
+
+def test_a_shared_nested_model_stays_shared():
+    inner = keras.Sequential([keras.Input((5,)), L.Dense(3, name="shared")], name="tower")
+    a, b = keras.Input((5,)), keras.Input((5,))
+    model = keras.Model([a, b], L.Subtract()([inner(a), inner(b)]))
+    flat = inline_nested_models(model)
+    dense = [layer for layer in flat.layers if isinstance(layer, L.Dense)]
+    assert len(dense) == 1 and len(flat.weights) == len(model.weights)
+    x = [np.ones((2, 5), "float32"), np.arange(10, dtype="float32").reshape(2, 5)]
+    np.testing.assert_allclose(flat(x), model(x), rtol=1e-6)
+
+
+def test_nested_model_converts_trains_saves_and_exports(tmp_path):
+    rng = np.random.default_rng(1)
+    model = randomize_bns(classifier(), rng)
+    qmodel = kq.convert_quant_network(model, **EXPORTABLE)
+    kinds = [type(layer).__name__ for layer in qmodel.layers]
+    assert kinds.count("QuantConv2DBnFoldAct") == 2 and "Sequential" not in kinds
+    x = rng.uniform(-1, 1, (64, 8, 8, 3)).astype("float32")
+    qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    qmodel.fit(x, rng.standard_normal((64, 4)).astype("float32"), epochs=1, verbose=0)
+    path = str(tmp_path / "nested.keras")
+    qmodel.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
+    report = kq.compare_tflite(loaded, kq.export_tflite(loaded), x)
+    assert report["within_one_step"] >= 0.99 and report["max_diff_steps"] <= 2.001, report
+
+
+def small_model():
+    inputs = keras.Input((6, 6, 2))
+    x = L.Conv2D(4, 3, name="conv_a")(inputs)
+    x = L.LayerNormalization(name="norm")(x)  # no integer kernel
+    x = L.Conv2D(4, 1, activation="relu", name="conv_b")(x)
+    x = L.Flatten()(x)
+    return keras.Model(inputs, L.Dense(3, name="logits")(x))
+
+
+@pytest.mark.parametrize("skip", ["norm", [L.LayerNormalization], lambda layer: layer.name == "norm"])
+def test_skipped_layer_stays_float_between_fake_quants(skip):
+    model = small_model()
+    qmodel = kq.convert_quant_network(model, skip_layers=skip, **EXPORTABLE)
+    names = [layer.name for layer in qmodel.layers]
+    norm = qmodel.get_layer("norm")
+    assert type(norm) is L.LayerNormalization
+    assert names[names.index("norm") + 1] == "norm_quant"  # a quantized layer uses it
+    for weight, original in zip(norm.weights, model.get_layer("norm").weights):
+        np.testing.assert_array_equal(weight, original)
+
+
+def test_skipped_conv_keeps_its_float_weights_and_export_names_the_float_ops():
+    rng = np.random.default_rng(2)
+    model = small_model()
+    qmodel = kq.convert_quant_network(model, skip_layers=["norm", "conv_b"], **EXPORTABLE)
+    conv_b = qmodel.get_layer("conv_b")
+    assert type(conv_b) is L.Conv2D  # neither fused nor quantized
+    np.testing.assert_array_equal(conv_b.kernel, model.get_layer("conv_b").kernel)
+    x = rng.uniform(-1, 1, (32, 6, 6, 2)).astype("float32")
+    qmodel.compile(optimizer="sgd", loss="mse")
+    qmodel.train_on_batch(x, rng.standard_normal((32, 3)).astype("float32"))
+    with pytest.raises(ValueError, match="float compute ops"):
+        kq.export_tflite(qmodel)
+    tflite_bytes = kq.export_tflite(qmodel, allow_float_ops=True)
+    report = kq.compare_tflite(qmodel, tflite_bytes, x)
+    # Between two float ops the converter drops the rounding of the
+    # FakeQuant, so agreement is looser than in an all-integer model.
+    assert report["top1_agreement_unambiguous"] == 1.0 and report["max_diff_steps"] <= 4.001, report
+
+
+def test_bad_skip_layers_are_reported():
+    with pytest.raises(ValueError, match="no layer named 'nope'.*conv_a"):
+        kq.convert_quant_network(small_model(), skip_layers=["norm", "nope"])
+    with pytest.raises(ValueError, match="skip_layers"):
+        kq.convert_quant_network(small_model(), skip_layers=[3])
+    with pytest.raises(ValueError, match="'norm' \\(LayerNormalization\\)"):
+        kq.convert_quant_network(small_model())
+
+
+def test_keras_operations_are_quantized_or_listed():
+    inputs = keras.Input((4,))
+    x = L.Dense(4, name="first")(inputs)
+    y = L.ReLU(6.0)(x + 3.0) * (1.0 / 6.0)
+    model = keras.Model(inputs, L.Dense(2)(L.Multiply()([x, y])))
+    qmodel = kq.convert_quant_network(model, **EXPORTABLE)
+    consumers = {
+        type(op).__name__: type(op._outbound_nodes[0].operation).__name__
+        for op in qmodel.operations
+        if not isinstance(op, L.Layer)
+    }
+    # `x + 3.0` feeds only a ReLU6, which rounds it; `* (1 / 6)` is rounded itself.
+    assert consumers == {"Add": "ReLU", "Multiply": "FakeQuant"}
+    x = np.random.default_rng(3).uniform(-6, 6, (256, 4)).astype("float32")
+    qmodel.compile(optimizer="sgd", loss="mse")
+    qmodel.train_on_batch(x, np.zeros((256, 2), "float32"))
+    tflite_bytes = kq.export_tflite(qmodel)
+    report = kq.compare_tflite(qmodel, tflite_bytes, x)
+    assert report["within_one_step"] >= 0.99 and report["max_diff_steps"] <= 2.001, report
+
+    outputs = L.Dense(2)(keras.ops.exp(L.Dense(4)(inputs)))
+    with pytest.raises(ValueError, match="Keras operation Exp"):
+        kq.convert_quant_network(keras.Model(inputs, outputs))
