@@ -7,22 +7,33 @@ and compare it with the Keras model on 64 random images. The table gives
 the time of each stage, the float compute ops left (none expected), the
 int8 and float TFLite sizes and the agreement.
 
+With --train_images N the networks are trained instead, on 32x32 RGB
+Fashion-MNIST (padded, channels repeated): float for --float_epochs on N
+training images, then QAT for --qat_epochs from the float weights, and the
+table compares float, QAT and int8 TFLite accuracy and the TFLite / Keras
+agreement on the 10k test images.
+
 Usage:
     python bench/applications.py [--networks MobileNetV2,ResNet50,...]
+    bash scripts/get_data.sh fashion_mnist
+    python bench/applications.py --train_images 20000 --networks MobileNetV2,ResNet50V2
 """
 
 import json
 import os
 import platform
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+import idx_data  # noqa: E402
 import keras_qat as kq  # noqa: E402
 from keras_qat.export import float_ops  # noqa: E402
 
@@ -38,7 +49,12 @@ NETWORKS = {
 }
 
 flags.DEFINE_list("networks", list(NETWORKS), "keras.applications networks to run.")
-flags.DEFINE_string("output", "bench/results/applications.json", "JSON output path.")
+flags.DEFINE_string("output", None, "JSON output path (default: bench/results/applications[_trained].json).")
+flags.DEFINE_integer("train_images", 0, "Train on this many Fashion-MNIST images (0: untrained, random data).")
+flags.DEFINE_string("data_dir", None, "Fashion-MNIST IDX directory (default: the Debian package's).")
+flags.DEFINE_integer("float_epochs", 3, "Float epochs with --train_images.")
+flags.DEFINE_integer("qat_epochs", 1, "QAT epochs with --train_images.")
+flags.DEFINE_integer("batch_size", 64, "Batch size with --train_images.")
 FLAGS = flags.FLAGS
 
 
@@ -78,8 +94,80 @@ def run(name):
     }
 
 
+def fashion_mnist_rgb32(limit_train):
+    """Fashion-MNIST padded to 32x32 with 3 equal channels, in [0, 1]."""
+    (x_train, y_train), (x_test, y_test) = idx_data.load_for_training(
+        "fashion_mnist", FLAGS.data_dir, limit_train
+    )
+
+    def rgb32(images):
+        return np.repeat(np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))), 3, axis=-1)
+
+    return (rgb32(x_train), y_train), (rgb32(x_test), y_test)
+
+
+def run_trained(name, data):
+    _, kwargs, input_scale = NETWORKS[name]
+    (x_train, y_train), (x_test, y_test) = data
+    x_train, x_test = x_train * input_scale, x_test * input_scale
+    model = getattr(keras.applications, name)(
+        weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None, **kwargs
+    )
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def fit(network, epochs, learning_rate):
+        steps = epochs * (len(x_train) // FLAGS.batch_size)
+        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
+        network.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=["accuracy"])
+        start = time.perf_counter()
+        network.fit(x_train, y_train, batch_size=FLAGS.batch_size, epochs=epochs, verbose=0)
+        seconds = time.perf_counter() - start
+        return network.evaluate(x_test, y_test, batch_size=256, verbose=0)[1], seconds
+
+    float_accuracy, float_s = fit(model, FLAGS.float_epochs, 2e-3)
+    qmodel = kq.convert_quant_network(
+        model, per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False]
+    )
+    qat_accuracy, qat_s = fit(qmodel, FLAGS.qat_epochs, 1e-4)
+    int8 = kq.export_tflite(qmodel)
+    tflite_out, _ = kq.run_tflite(int8, x_test)
+    report = kq.compare_tflite(qmodel, int8, x_test)
+    return {
+        "network": name,
+        "train_images": len(x_train),
+        "float_accuracy": float(float_accuracy),
+        "qat_accuracy": float(qat_accuracy),
+        "tflite_accuracy": float(np.mean(tflite_out.argmax(-1) == y_test)),
+        "float_s": float_s,
+        "qat_s": qat_s,
+        "int8_bytes": len(int8),
+        **report,
+    }
+
+
+def print_trained(results):
+    print(f"{'network':<18}{'float':>8}{'QAT':>8}{'TFLite':>8}{'top-1 agree':>12}"
+          f"{'<=1 step':>9}{'max steps':>10}{'float s':>9}{'QAT s':>7}")
+    for r in results:
+        print(f"{r['network']:<18}{100 * r['float_accuracy']:>7.2f}%{100 * r['qat_accuracy']:>7.2f}%"
+              f"{100 * r['tflite_accuracy']:>7.2f}%{100 * r['top1_agreement']:>11.2f}%"
+              f"{100 * r['within_one_step']:>8.1f}%{r['max_diff_steps']:>10.1f}{r['float_s']:>9.0f}{r['qat_s']:>7.0f}")
+
+
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
+    keras.utils.set_random_seed(0)
+    output = FLAGS.output or (
+        "bench/results/applications_trained.json" if FLAGS.train_images
+        else "bench/results/applications.json"
+    )
+    if FLAGS.train_images:
+        data = fashion_mnist_rgb32(FLAGS.train_images)
+        results = [run_trained(name, data) for name in FLAGS.networks]
+        print_trained(results)
+        write(output, results)
+        return
     results = [run(name) for name in FLAGS.networks]
     header = (f"{'network':<18}{'size':>5}{'convert s':>10}{'fit s':>7}{'export s':>9}"
               f"{'float ops':>10}{'int8/float':>11}{'top-1':>8}{'<=1 step':>9}{'max steps':>10}")
@@ -88,11 +176,15 @@ def main(argv):
         print(f"{r['network']:<18}{r['input_size']:>5}{r['convert_s']:>10.1f}{r['fit_2_steps_s']:>7.1f}"
               f"{r['export_s']:>9.1f}{len(r['float_ops']):>10}{r['int8_bytes'] / r['float_bytes']:>11.3f}"
               f"{100 * r['top1_agreement']:>7.1f}%{100 * r['within_one_step']:>8.1f}%{r['max_diff_steps']:>10.1f}")
-    os.makedirs(os.path.dirname(FLAGS.output), exist_ok=True)
-    with open(FLAGS.output, "w") as f:
+    write(output, results)
+
+
+def write(output, results):
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output, "w") as f:
         json.dump({"tensorflow": tf.__version__, "keras": keras.__version__,
                    "machine": platform.machine(), "cpus": os.cpu_count(), "results": results}, f, indent=2)
-    print(f"wrote {FLAGS.output}")
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

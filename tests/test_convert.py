@@ -237,3 +237,13 @@ def test_average_pooling_shares_its_input_range_unless_the_input_is_used_elsewhe
     names = {layer.name for layer in qmodel.layers}
     assert type(qmodel.get_layer("pool_a")).__name__ == "QuantAveragePooling2D" and "only_pooled_quant" not in names
     assert type(qmodel.get_layer("pool_b")) is keras.layers.AveragePooling2D and "also_added_quant" in names
+
+
+def test_softmax_and_sigmoid_layers_get_the_fixed_int8_ranges():
+    inputs = keras.Input((6,))
+    x = DenseBnAct(4)(inputs)
+    probabilities = keras.layers.Softmax(name="probabilities")(x)
+    gate = keras.layers.Activation("sigmoid", name="gate")(x)
+    qmodel = convert_quant_network(keras.Model(inputs, [probabilities, gate]))
+    assert qmodel.get_layer("probabilities_quant").fixed_range == (0.0, 255 / 256)
+    assert qmodel.get_layer("gate_quant").fixed_range == (0.0, 255 / 256)

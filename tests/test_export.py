@@ -255,7 +255,7 @@ def test_strip_names_keeps_the_model_and_drops_its_strings(tmp_path):
 
 
 @pytest.mark.parametrize("activation", ["swish", "hard_swish"])
-def test_real_world_patterns_export_to_int8(activation):
+def test_real_world_patterns_export_to_int8(activation, tmp_path):
     from test_fuse import image_patterns, randomize_bns
 
     rng = np.random.default_rng(6)
@@ -264,6 +264,10 @@ def test_real_world_patterns_export_to_int8(activation):
     x = rng.uniform(0, 255, (256, 16, 16, 3)).astype("float32")
     qmodel.compile(optimizer=keras.optimizers.SGD(1e-4), loss="categorical_crossentropy")
     qmodel.fit(x, keras.utils.to_categorical(rng.integers(0, 5, 256), 5), batch_size=64, verbose=0)
+    path = str(tmp_path / "patterns.keras")
+    qmodel.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
     tflite_bytes = kq.export_tflite(qmodel)
     names = assert_integer_model(tflite_bytes, ["CONV_2D", "DEPTHWISE_CONV_2D", "MUL", "ADD", "SUB",
                                                 "AVERAGE_POOL_2D", "SOFTMAX", "PAD"],

@@ -131,7 +131,7 @@ def image_patterns(activation="swish"):
     x = L.DepthwiseConv2D(3, padding="same")(x)
     x = L.BatchNormalization()(x)
     x = L.Activation("hard_swish")(x)
-    se = L.GlobalAveragePooling2D(keepdims=True)(x)
+    se = L.Reshape((1, 1, 8))(L.GlobalAveragePooling2D()(x))
     se = L.Conv2D(4, 1, activation="relu")(se)
     se = L.Conv2D(8, 1)(se)
     se = L.ReLU(6.0)(se + 3.0) * (1.0 / 6.0)  # Keras operations, as in MobileNetV3
