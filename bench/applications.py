@@ -164,8 +164,10 @@ def main(argv):
     )
     if FLAGS.train_images:
         data = fashion_mnist_rgb32(FLAGS.train_images)
-        results = [run_trained(name, data) for name in FLAGS.networks]
-        print_trained(results)
+        results = []
+        for name in FLAGS.networks:
+            results.append(run_trained(name, data))
+            print_trained(results[-1:])
         write(output, results)
         return
     results = [run(name) for name in FLAGS.networks]

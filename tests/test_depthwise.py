@@ -124,3 +124,43 @@ def test_plain_depthwise_model_converts_trains_and_exports(bn_fold, tmp_path):
     assert weights["quantization_parameters"]["quantized_dimension"] == 3
     report = kq.compare_tflite(loaded, tflite_bytes, x)
     assert report["within_one_step"] >= 0.99 and report["max_diff_steps"] <= 2.001, report
+
+
+def test_folded_training_step_follows_the_formulas_and_stays_finite():
+    """Issue 3's batch-statistics correction, for the depthwise layer: output
+    and moving statistics against numpy before and after freeze_bn, and no
+    NaN with gamma = 0 and a zero variance."""
+    rng = np.random.default_rng(4)
+    n = CHANNELS * MULTIPLIER
+    layer = randomized(QuantDepthwiseConv2DBnFoldAct(3, depth_multiplier=MULTIPLIER, has_bn=True, per_channel=True,
+                                                     symmetric=True, narrow_range=True, momentum=0.9, freeze_bn=2), rng)
+    gamma = layer.bn.gamma.numpy()
+    gamma[0] = 0.0
+    layer.bn.gamma.assign(gamma)
+    variance = layer.bn.moving_variance.numpy()
+    variance[1] = 0.0
+    layer.bn.moving_variance.assign(variance)
+    eps = layer.bn.epsilon
+    for step in range(4):
+        x = (rng.standard_normal((3, 7, 7, CHANNELS)) * (step + 1)).astype("float32")
+        kernel, bias = layer.depthwise.kernel.numpy(), layer.depthwise.bias.numpy()
+        beta, mean_r, var_r = layer.bn.beta.numpy(), layer.bn.moving_mean.numpy(), layer.bn.moving_variance.numpy()
+        sigma_r = np.sqrt(var_r + eps)
+        y = depthwise(x, per_output_channel_fake_quant(kernel, gamma / sigma_r))
+        if step >= 2:  # frozen
+            expected, mean, var = y + beta - gamma * (mean_r - bias) / sigma_r, mean_r, var_r
+        else:
+            raw = depthwise(x, kernel) + bias
+            mean_b, var_b = raw.mean(axis=(0, 1, 2)), raw.var(axis=(0, 1, 2))
+            sigma_b = np.sqrt(var_b + eps)
+            expected = y * sigma_r / sigma_b + beta - gamma * (mean_b - bias) / sigma_b
+            mean, var = 0.9 * mean_r + 0.1 * mean_b, 0.9 * var_r + 0.1 * var_b
+        with tf.GradientTape() as tape:
+            out = layer(x, training=True)
+            loss = tf.reduce_sum(out * out)
+        grads = tape.gradient(loss, layer.trainable_weights)
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(layer.bn.moving_mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer.bn.moving_variance, var, rtol=1e-5, atol=1e-6)
+        assert all(g is not None and np.all(np.isfinite(g)) for g in grads)
+    assert layer.bn.moving_mean.shape == (n,)
