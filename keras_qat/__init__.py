@@ -34,6 +34,7 @@ from keras_qat.layers.quant import (
     QuantConv2DBnAct,
     QuantDenseBnAct,
     QuantDepthwiseConv2DBnAct,
+    QuantHardSigmoid,
 )
 from keras_qat.ops import fake_quant
 
@@ -53,6 +54,7 @@ __all__ = [
     "QuantDenseBnFoldAct",
     "QuantDepthwiseConv2DBnAct",
     "QuantDepthwiseConv2DBnFoldAct",
+    "QuantHardSigmoid",
     "compare_tflite",
     "convert_quant_network",
     "export_float_tflite",

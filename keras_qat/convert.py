@@ -30,6 +30,7 @@ from keras_qat.layers.quant import (
     QuantConv2DBnAct,
     QuantDenseBnAct,
     QuantDepthwiseConv2DBnAct,
+    QuantHardSigmoid,
 )
 
 # Float fusion layer -> quantized layer, and with its BatchNorm folded.
@@ -84,8 +85,10 @@ PASS_THROUGH_LAYERS = (
 FUSABLE_ACTIVATIONS = ("relu", "relu6")
 
 # Outputs whose range TFLite's int8 kernels fix: sigmoid and softmax have
-# scale 1/256 and zero point -128, tanh scale 1/128 and zero point 0.
+# scale 1/256 and zero point -128, tanh scale 1/128 and zero point 0; hard
+# sigmoid's is [0, 1] by construction.
 FIXED_OUTPUT_RANGES = {
+    "hard_sigmoid": (0.0, 1.0),  # relu6(x + 3) * (1 / 6): see QuantHardSigmoid
     "sigmoid": (0.0, 255 / 256),
     "softmax": (0.0, 255 / 256),
     "tanh": (-1.0, 127 / 128),
@@ -125,7 +128,8 @@ def convert_quant_network(
       average is rounded as TFLite's int8 kernel rounds it;
     - each standalone `ReLU`, `LeakyReLU`, `Activation` and `Softmax`.
       Sigmoid, softmax and tanh outputs get the fixed ranges of TFLite's
-      int8 kernels.
+      int8 kernels; a hard sigmoid becomes a `QuantHardSigmoid` (two int8
+      ops in TFLite).
 
     A layer whose every consumer is a ReLU / ReLU6 layer, a `Concatenate`
     or such an average pooling gets no `FakeQuant` of its own (unless it is
@@ -391,7 +395,9 @@ class _Converter:
             quantized_class = FOLDED_LAYERS[type(layer)]
             options["freeze_bn"] = self.config.freeze_bn
         if quantized_class is None:
-            clone = layer.__class__.from_config(layer.get_config())
+            clone = self.activation_layer(layer.activation, layer.name) if isinstance(
+                layer, keras.layers.Activation
+            ) else layer.__class__.from_config(layer.get_config())
             if isinstance(layer, REQUANTIZED_LAYERS):
                 self._follow_ups[id(clone)] = self.unless_rounded_later(
                     layer, [self.fake_quant(layer.name, _fixed_range_of(layer))]
@@ -407,9 +413,7 @@ class _Converter:
         follow_ups = [self.fake_quant(layer.name)]
         if not fused:
             follow_ups += [
-                keras.layers.Activation(
-                    layer.activation, name=f"{layer.name}_activation"
-                ),
+                self.activation_layer(layer.activation, f"{layer.name}_activation"),
                 self.fake_quant(
                     f"{layer.name}_activation",
                     FIXED_OUTPUT_RANGES.get(activation),
@@ -417,6 +421,17 @@ class _Converter:
             ]
         self._follow_ups[id(clone)] = self.unless_rounded_later(layer, follow_ups)
         return clone
+
+    def activation_layer(self, activation, name):
+        """An `Activation` layer, or a `QuantHardSigmoid` for hard sigmoid,
+        which TFLite computes as two int8 ops."""
+        if _activation_name(activation) == "hard_sigmoid":
+            return QuantHardSigmoid(
+                num_bits=self.config.num_bits[1],
+                quant_delay=self.config.quant_delay[1],
+                name=name,
+            )
+        return keras.layers.Activation(activation, name=name)
 
     def unless_rounded_later(self, layer, follow_ups):
         """`follow_ups` without its last FakeQuant when consumers round.

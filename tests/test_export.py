@@ -281,3 +281,27 @@ def test_real_world_patterns_export_to_int8(activation, tmp_path):
     assert report["within_one_step"] >= 0.99 and report["max_diff_steps"] <= 2.001, report
     report = kq.compare_tflite(qmodel, tflite_bytes, x)
     assert report["top1_agreement_unambiguous"] >= 0.999, report
+
+
+def test_hard_sigmoid_exports_as_two_int8_ops():
+    inputs = keras.Input((8, 8, 3))
+    x = kq.Conv2DBnAct(6, 3, activation="hard_sigmoid")(inputs)
+    x = kq.Conv2DBnAct(6, 1)(x)
+    x = keras.layers.Activation("hard_sigmoid")(x)
+    outputs = kq.DenseBnAct(4)(keras.layers.Flatten()(x))
+    qmodel = kq.convert_quant_network(keras.Model(inputs, outputs), per_channel=[True, False], **EXPORTABLE)
+    assert sum(isinstance(layer, kq.QuantHardSigmoid) for layer in qmodel.layers) == 2
+    x = np.random.default_rng(7).uniform(-4, 4, (256, 8, 8, 3)).astype("float32")
+    calibrate(qmodel, x)
+    tflite_bytes = kq.export_tflite(qmodel)  # raises if the ADD / MUL stayed float
+    names = assert_integer_model(tflite_bytes, ["CONV_2D", "ADD", "MUL"], per_channel_ops=("CONV_2D",))
+    assert names.count("ADD") == 2 and names.count("MUL") == 2
+    assert_parity(qmodel, tflite_bytes, x)
+    # Keras' hard_sigmoid, with relu6(x + 3) on the fixed [0, 6] grid.
+    import reference
+
+    layer = kq.QuantHardSigmoid()
+    values = np.linspace(-5, 5, 41).astype("float32")
+    relu6 = np.asarray(keras.activations.hard_sigmoid(values)) * 6
+    np.testing.assert_allclose(layer(values), reference.fake_quant(relu6, 0.0, 6.0) / 6, atol=1e-6)
+    assert kq.QuantHardSigmoid.from_config(layer.get_config()).get_config() == layer.get_config()

@@ -480,3 +480,48 @@ class QuantAveragePooling2D(keras.layers.AveragePooling2D):
         config = super().get_config()
         config.update(_range_options(self.quant))
         return config
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantHardSigmoid(keras.layers.Layer):
+    """`hard_sigmoid`, `relu6(x + 3) / 6`, as TFLite's int8 ops compute it.
+
+    TFLite has no int8 hard-sigmoid kernel: the converter turns
+    `hard_sigmoid` into an ADD of 3 with a fused ReLU6, then a MUL by 1/6,
+    and each of them needs a quantized output. This layer quantizes the
+    ReLU6 result with a `FakeQuant` sub-layer named `quant` of fixed range
+    `[0, 6]`; `convert_quant_network` puts a `FakeQuant` of fixed range
+    `[0, 1]` after it for the MUL.
+
+    Args:
+        num_bits: Bit width of the intermediate range.
+        quant_delay: Training steps before quantization starts.
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Example:
+
+    >>> layer = QuantHardSigmoid()
+    >>> [float(v) for v in layer(np.array([-4.0, 0.0, 4.0], "float32"))]
+    [0.0, 0.5, 1.0]
+    """
+
+    def __init__(self, num_bits=8, quant_delay=0, **kwargs):
+        super().__init__(**kwargs)
+        self.quant = FakeQuant(
+            num_bits=num_bits, quant_delay=quant_delay, fixed_range=(0.0, 6.0), name="quant"
+        )
+
+    def build(self, input_shape):
+        self.quant.build(input_shape)
+
+    def call(self, inputs, training=False):
+        clipped = keras.ops.relu6(inputs + 3.0)
+        return self.quant(clipped, training=training) * (1.0 / 6.0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_bits=self.quant.num_bits, quant_delay=self.quant.quant_delay)
+        return config
