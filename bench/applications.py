@@ -113,6 +113,12 @@ def run_trained(name, data):
     model = getattr(keras.applications, name)(
         weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None, **kwargs
     )
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            # The applications' momentum (0.99 to 0.999) suits long training;
+            # in these few hundred steps the moving statistics would stay
+            # near their initial values and inference would fail.
+            layer.momentum = 0.9
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     def fit(network, epochs, learning_rate):
@@ -132,6 +138,12 @@ def run_trained(name, data):
     int8 = kq.export_tflite(qmodel)
     tflite_out, _ = kq.run_tflite(int8, x_test)
     report = kq.compare_tflite(qmodel, int8, x_test)
+    # Yardstick: the same Keras model under XLA, whose fake-quant kernel
+    # rounds some float ties the other way (README, Known limits).
+    keras_out = qmodel.predict(x_test, batch_size=256, verbose=0)
+    qmodel.compile(loss=loss, jit_compile=True)
+    xla_out = qmodel.predict(x_test, batch_size=256, verbose=0)
+    xla_steps = np.abs(xla_out - keras_out) / report["output_scale"]
     return {
         "network": name,
         "train_images": len(x_train),
@@ -141,17 +153,22 @@ def run_trained(name, data):
         "float_s": float_s,
         "qat_s": qat_s,
         "int8_bytes": len(int8),
+        "xla_top1_agreement": float(np.mean(xla_out.argmax(-1) == keras_out.argmax(-1))),
+        "xla_within_one_step": float(np.mean(xla_steps <= 1.001)),
+        "xla_max_diff_steps": float(xla_steps.max()),
         **report,
     }
 
 
 def print_trained(results):
-    print(f"{'network':<18}{'float':>8}{'QAT':>8}{'TFLite':>8}{'top-1 agree':>12}"
-          f"{'<=1 step':>9}{'max steps':>10}{'float s':>9}{'QAT s':>7}")
+    print(f"{'network':<18}{'float':>8}{'QAT':>8}{'TFLite':>8}{'TFLite vs Keras: top-1':>24}"
+          f"{'<=1 step':>9}{'max':>6}{'XLA vs Keras: top-1':>21}{'<=1 step':>9}{'max':>6}")
     for r in results:
         print(f"{r['network']:<18}{100 * r['float_accuracy']:>7.2f}%{100 * r['qat_accuracy']:>7.2f}%"
-              f"{100 * r['tflite_accuracy']:>7.2f}%{100 * r['top1_agreement']:>11.2f}%"
-              f"{100 * r['within_one_step']:>8.1f}%{r['max_diff_steps']:>10.1f}{r['float_s']:>9.0f}{r['qat_s']:>7.0f}")
+              f"{100 * r['tflite_accuracy']:>7.2f}%{100 * r['top1_agreement']:>23.2f}%"
+              f"{100 * r['within_one_step']:>8.1f}%{r['max_diff_steps']:>6.0f}"
+              f"{100 * r['xla_top1_agreement']:>20.2f}%{100 * r['xla_within_one_step']:>8.1f}%"
+              f"{r['xla_max_diff_steps']:>6.0f}")
 
 
 def main(argv):

@@ -13,7 +13,7 @@ ResNet50V2 differ by up to 5 output steps. With statistics calibrated on
 the data they are worse still: Keras' own CPU and XLA fake-quant kernels,
 which differ only at float ties, then disagree by up to 32 output steps on
 MobileNetV2. Top-1 parity proper is measured on trained networks (the
-examples).
+examples and `bench/applications.py --train_images`).
 """
 
 import keras
