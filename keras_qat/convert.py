@@ -395,9 +395,12 @@ class _Converter:
             quantized_class = FOLDED_LAYERS[type(layer)]
             options["freeze_bn"] = self.config.freeze_bn
         if quantized_class is None:
-            clone = self.activation_layer(layer.activation, layer.name) if isinstance(
-                layer, keras.layers.Activation
-            ) else layer.__class__.from_config(layer.get_config())
+            if isinstance(layer, keras.layers.Activation) and (
+                _activation_name(layer.activation) == "hard_sigmoid"
+            ):
+                clone = self.activation_layer(layer.activation, layer.name)
+            else:
+                clone = layer.__class__.from_config(layer.get_config())
             if isinstance(layer, REQUANTIZED_LAYERS):
                 self._follow_ups[id(clone)] = self.unless_rounded_later(
                     layer, [self.fake_quant(layer.name, _fixed_range_of(layer))]
@@ -423,8 +426,9 @@ class _Converter:
         return clone
 
     def activation_layer(self, activation, name):
-        """An `Activation` layer, or a `QuantHardSigmoid` for hard sigmoid,
-        which TFLite computes as two int8 ops."""
+        """An `Activation` layer applying `activation`, or a
+        `QuantHardSigmoid` for hard sigmoid, which TFLite computes as two
+        int8 ops."""
         if _activation_name(activation) == "hard_sigmoid":
             return QuantHardSigmoid(
                 num_bits=self.config.num_bits[1],
