@@ -23,6 +23,7 @@ from keras_qat.layers.bn_fold import (
     QuantDepthwiseConv2DBnFoldAct,
 )
 from keras_qat.layers.fake_quant import FakeQuant
+from keras_qat.layers.input_grid import GRID_PRESERVING_LAYERS
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
 from keras_qat.layers.quant import (
     QuantAveragePooling2D,
@@ -67,19 +68,7 @@ REQUANTIZED_OPS = (
 
 # Layers that move or select values without computing new ones (or, like
 # Dropout, are the identity in inference): they are kept as they are.
-PASS_THROUGH_LAYERS = (
-    keras.layers.InputLayer,
-    keras.layers.MaxPooling2D,
-    keras.layers.AveragePooling2D,
-    keras.layers.GlobalMaxPooling2D,
-    keras.layers.Flatten,
-    keras.layers.Reshape,
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout2D,
-    keras.layers.ZeroPadding2D,
-    keras.layers.Cropping2D,
-    keras.layers.Identity,
-)
+PASS_THROUGH_LAYERS = (keras.layers.InputLayer,) + GRID_PRESERVING_LAYERS
 
 # Activations that integer kernels fuse into the layer before them.
 FUSABLE_ACTIVATIONS = ("relu", "relu6")

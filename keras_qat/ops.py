@@ -114,6 +114,59 @@ def nudged_range(min_val, max_val, num_bits=8, narrow_range=False):
     return (qmin - zero_point) * scale, (qmax - zero_point) * scale, scale
 
 
+def grid_scale(min_val, max_val, num_bits=8, symmetric=False, narrow_range=False):
+    """Returns the step of the grid that `fake_quant` uses for a range.
+
+    That is `nudged_range(*quant_range(min_val, max_val, symmetric), ...)`'s
+    scale: the scale an integer model stores for the quantized tensor.
+
+    Args:
+        min_val: float32 tensor, scalar or per channel.
+        max_val: float32 tensor of the same shape.
+        num_bits: Integer in `[2, 16]`.
+        symmetric: Whether the range is made symmetric first.
+        narrow_range: Whether the grid starts at 1 instead of 0.
+
+    Returns:
+        A float32 tensor of the shape of `min_val`.
+    """
+    low, high = quant_range(
+        tf.cast(min_val, tf.float32), tf.cast(max_val, tf.float32), symmetric
+    )
+    return nudged_range(low, high, num_bits, narrow_range)[2]
+
+
+def int32_bias(bias, scale):
+    """Rounds `bias` to the int32 grid on which integer kernels add it.
+
+    An integer conv or matmul accumulates `input * weight` in int32 at scale
+    `input_scale * weight_scale` and adds its bias there: TFLite stores the
+    bias as `round(bias / scale)` (half away from zero) in int32. This
+    returns that value times `scale`, with a straight-through gradient for
+    `bias`. Where `scale` is 0 (an all-zero weight channel) `bias` is kept.
+
+    Args:
+        bias: Floating-point tensor.
+        scale: float32 tensor broadcastable to `bias`, usually
+            `input_scale * weight_scale` per output channel.
+
+    Returns:
+        A tensor of the shape and dtype of `bias`.
+
+    Example:
+
+    >>> int32_bias(tf.constant([0.26, -0.25]), 0.1).numpy()
+    array([ 0.3, -0.3], dtype=float32)
+    """
+    bias = tf.convert_to_tensor(bias)
+    value = tf.cast(bias, tf.float32)
+    scale = tf.cast(scale, tf.float32)
+    levels = tf.math.divide_no_nan(value, scale)
+    rounded = tf.sign(levels) * tf.floor(tf.abs(levels) + 0.5) * scale
+    rounded = tf.where(scale > 0, rounded, value)
+    return bias + tf.stop_gradient(tf.cast(rounded, bias.dtype) - bias)
+
+
 def _fake_quant_last_axis(x, min_val, max_val, num_bits, narrow_range):
     """Fake quant on float32 `x`, per tensor or along its last axis."""
     per_channel = min_val.shape.rank == 1

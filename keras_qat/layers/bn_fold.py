@@ -86,11 +86,14 @@ class _BnFolding(_QuantizedWeights):
 
     def call(self, inputs, training=False):
         step = tf.identity(self.step)  # before this call's increment
-        kernel = self.maybe_quantize_weights(self.folded_kernel(), training)
+        float_kernel = self.folded_kernel()
+        kernel, weights_active = self.maybe_quantize_weights(float_kernel, training)
         outputs = tf.cast(
             self.apply_kernel(inputs, tf.cast(kernel, inputs.dtype)), tf.float32
         )
-        frozen = outputs + self.folded_bias()
+        frozen = outputs + self.int32_bias(
+            self.folded_bias(), float_kernel, weights_active, training
+        )
         if training:
             # Both are computed and one selected: no control flow, which
             # tf.distribute cannot cross with the statistics' updates.

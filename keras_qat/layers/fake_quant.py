@@ -296,12 +296,38 @@ class FakeQuant(keras.layers.Layer):
             min_val, max_val = self.update_range(inputs)
             self.step.assign_add(1)
             return min_val, max_val, step >= self.quant_delay
+        return self.min, self.max, self._active_in_inference()
+
+    def _active_in_inference(self):
         if is_tracing_for_export():
-            return self.min, self.max, True
+            return True
         active = self.step >= self.quant_delay
         if self.fixed_range is None:  # a learned range needs a batch first
             active = tf.logical_and(active, self.step > 0)
-        return self.min, self.max, active
+        return active
+
+    def output_grid(self, training=False):
+        """Returns `(scale, active)` of this layer's output grid, or None.
+
+        `scale` is the step of the current range's grid (the scale of the
+        tensor in an integer model); `active` whether the latest call
+        quantized its output: a boolean tensor, or Python `True` while the
+        model is traced for export. Read after this layer's call in the same
+        step (as a consumer does), a training call has already advanced the
+        step counter. `None` for a per-channel range, which no integer
+        kernel takes as input.
+
+        Args:
+            training: Whether the latest call was a training call.
+        """
+        if self.per_channel:
+            return None
+        scale = ops.grid_scale(
+            self.min, self.max, self.num_bits, self.symmetric, self.narrow_range
+        )
+        if training and not is_tracing_for_export():
+            return scale, self.step > self.quant_delay
+        return scale, self._active_in_inference()
 
     def quantize_with(self, x, min_val, max_val, active):
         """Fake-quantizes `x` with the range from `observe` when `active`."""

@@ -17,11 +17,15 @@ import tensorflow as tf
 from keras_qat import ops
 from keras_qat.config import check_non_negative_int
 from keras_qat.layers.fake_quant import FakeQuant, is_tracing_for_export
+from keras_qat.layers.input_grid import InputGridTracking
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
 
 
-class _QuantizedWeights:
+class _QuantizedWeights(InputGridTracking):
     """Mixin that fake-quantizes the kernel of a fusion layer.
+
+    The bias is rounded to the int32 grid on which the integer kernel adds
+    it (`int32_bias`), once the layer's input grid is known.
 
     Args:
         num_bits: Bit width of the weights, in `[2, 16]`.
@@ -78,11 +82,32 @@ class _QuantizedWeights:
         return self.linear_layer.kernel
 
     def linear(self, inputs, training=False):
-        kernel = self.maybe_quantize_weights(self.weight_kernel(), training)
+        float_kernel = self.weight_kernel()
+        kernel, weights_active = self.maybe_quantize_weights(float_kernel, training)
         outputs = self.apply_kernel(inputs, kernel)
         if self.linear_layer.use_bias:
-            outputs = tf.nn.bias_add(outputs, self.linear_layer.bias)
+            bias = self.linear_layer.bias
+            if not self.has_bn:  # else the deployed bias is BatchNorm's fold
+                bias = self.int32_bias(bias, float_kernel, weights_active, training)
+            outputs = tf.nn.bias_add(outputs, bias)
         return outputs
+
+    def int32_bias(self, bias, float_kernel, weights_active, training):
+        """`bias` on the int32 grid of the integer kernel's accumulator.
+
+        The grid step is `input_scale * weight_scale` per output channel
+        (see `keras_qat.layers.input_grid`). The bias stays float while the
+        weights or the input are not quantized, and in a layer whose input
+        has no single known grid.
+        """
+        grid = self.input_grid(training)
+        if grid is None:
+            return bias
+        input_scale, input_active = grid
+        rounded = ops.int32_bias(bias, input_scale * self.weight_scale(float_kernel))
+        if input_active is True and weights_active is True:
+            return rounded
+        return tf.where(tf.logical_and(input_active, weights_active), rounded, bias)
 
     def weight_range(self, kernel):
         """Returns the `(min, max)` of `kernel`, per output channel or not."""
@@ -91,6 +116,15 @@ class _QuantizedWeights:
             axes = list(range(kernel.shape.rank - 1))
             return tf.reduce_min(kernel, axes), tf.reduce_max(kernel, axes)
         return tf.reduce_min(kernel), tf.reduce_max(kernel)
+
+    def weight_scale(self, kernel):
+        """The grid step of `kernel`'s quantization, per channel or not."""
+        return ops.grid_scale(
+            *self.weight_range(kernel),
+            num_bits=self.num_bits,
+            symmetric=self.symmetric,
+            narrow_range=self.narrow_range,
+        )
 
     def quantize_weights(self, kernel):
         """Fake-quantizes `kernel` with its own range."""
@@ -108,19 +142,20 @@ class _QuantizedWeights:
     def maybe_quantize_weights(self, kernel, training):
         """`kernel`, fake-quantized once `quant_delay` steps have passed.
 
-        A training call also advances the step counter. Kernels are small,
-        so both are computed and one is selected (`tf.where`, not
-        `tf.cond`): no control flow in the layer, and the gradient of the
-        chosen one flows.
+        Returns `(kernel, active)`: `active` says whether it is quantized,
+        a boolean tensor or (while traced for export) Python `True`. A
+        training call also advances the step counter. Kernels are small, so
+        both are computed and one is selected (`tf.where`, not `tf.cond`):
+        no control flow in the layer, and the gradient of the chosen one
+        flows.
         """
         if is_tracing_for_export() and not training:
-            return self.quantize_weights(kernel)
+            return self.quantize_weights(kernel), True
         step = tf.identity(self.step)
         if training:
             self.step.assign_add(1)
-        return tf.where(
-            step >= self.quant_delay, self.quantize_weights(kernel), kernel
-        )
+        active = step >= self.quant_delay
+        return tf.where(active, self.quantize_weights(kernel), kernel), active
 
     def copy_weights_from(self, layer):
         """Copies every weight of float layer `layer` into this layer.
@@ -380,6 +415,10 @@ class QuantConcatenate(keras.layers.Concatenate):
     def compute_output_spec(self, inputs, training=False):
         return super().compute_output_spec(inputs)
 
+    def output_grid(self, training=False):
+        """`(scale, active)` of the output's grid: see `FakeQuant.output_grid`."""
+        return self.quant.output_grid(training)
+
     def get_config(self):
         config = super().get_config()
         config["quantize_inputs"] = self.quantize_inputs
@@ -475,6 +514,10 @@ class QuantAveragePooling2D(keras.layers.AveragePooling2D):
 
     def compute_output_spec(self, inputs, training=False):
         return super().compute_output_spec(inputs)
+
+    def output_grid(self, training=False):
+        """`(scale, active)` of the output's grid: see `FakeQuant.output_grid`."""
+        return self.quant.output_grid(training)
 
     def get_config(self):
         config = super().get_config()
