@@ -13,7 +13,9 @@ statistics (Jacob et al. 2018, section 3.2; Krishnamoorthi 2018, section
   with `y = conv(x, fake_quant(W_fold))`, where `mu_B`, `sigma_B` are the
   statistics of the float `conv(x, W) + b`; the moving statistics update
   with the BatchNorm's momentum;
-- from `freeze_bn` steps on, and in inference: `y + b_fold`, and the moving
+- from `freeze_bn` steps on, and in inference: `y + b_fold`, with `b_fold`
+  rounded to the int32 grid of the integer kernel (`input_scale *
+  weight_scale`, see `keras_qat.layers.input_grid`), and the moving
   statistics no longer change.
 
 With `synchronized=True` on the fusion layer, the batch statistics are those

@@ -7,8 +7,14 @@ range is the kernel's own min / max (per output channel with
 activation is quantized by a separate `FakeQuant` layer that
 `convert_quant_network` places after the layer.
 
+The bias is added as the integer kernel adds it: rounded to the int32 grid
+of the accumulator, `input_scale * weight_scale` per output channel, once
+the layer's input is quantized (`keras_qat.layers.input_grid`; the input
+scale comes from the `FakeQuant` before the layer).
+
 With `has_bn=True` these layers fake-quantize the raw kernel and then apply
-an ordinary BatchNormalization (MindSpore's `bn_fold=False`).
+an ordinary BatchNormalization (MindSpore's `bn_fold=False`); the bias then
+stays float, since the deployed bias is the one TFLite folds later.
 """
 
 import keras
