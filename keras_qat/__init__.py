@@ -35,6 +35,7 @@ from keras_qat.layers.quant import (
     QuantDenseBnAct,
     QuantDepthwiseConv2DBnAct,
     QuantHardSigmoid,
+    QuantSwish,
 )
 from keras_qat.ops import fake_quant
 
@@ -55,6 +56,7 @@ __all__ = [
     "QuantDepthwiseConv2DBnAct",
     "QuantDepthwiseConv2DBnFoldAct",
     "QuantHardSigmoid",
+    "QuantSwish",
     "compare_tflite",
     "convert_quant_network",
     "export_float_tflite",

@@ -32,6 +32,7 @@ from keras_qat.layers.quant import (
     QuantDenseBnAct,
     QuantDepthwiseConv2DBnAct,
     QuantHardSigmoid,
+    QuantSwish,
 )
 
 # Float fusion layer -> quantized layer, and with its BatchNorm folded.
@@ -72,6 +73,13 @@ PASS_THROUGH_LAYERS = (keras.layers.InputLayer,) + GRID_PRESERVING_LAYERS
 
 # Activations that integer kernels fuse into the layer before them.
 FUSABLE_ACTIVATIONS = ("relu", "relu6")
+
+# Activations that TFLite computes as two int8 ops, with a rounding in
+# between that these layers simulate.
+DECOMPOSED_ACTIVATIONS = {
+    "hard_sigmoid": QuantHardSigmoid,  # ADD with fused ReLU6, MUL
+    "silu": QuantSwish,  # LOGISTIC, MUL (also "swish")
+}
 
 # Outputs whose range TFLite's int8 kernels fix: sigmoid and softmax have
 # scale 1/256 and zero point -128, tanh scale 1/128 and zero point 0; hard
@@ -117,8 +125,9 @@ def convert_quant_network(
       average is rounded as TFLite's int8 kernel rounds it;
     - each standalone `ReLU`, `LeakyReLU`, `Activation` and `Softmax`.
       Sigmoid, softmax and tanh outputs get the fixed ranges of TFLite's
-      int8 kernels; a hard sigmoid becomes a `QuantHardSigmoid` (two int8
-      ops in TFLite).
+      int8 kernels; a hard sigmoid becomes a `QuantHardSigmoid` and a
+      swish / silu a `QuantSwish` (two int8 ops each in TFLite, with a
+      rounding in between that these layers simulate).
 
     A layer whose every consumer is a ReLU / ReLU6 layer, a `Concatenate`
     or such an average pooling gets no `FakeQuant` of its own (unless it is
@@ -385,7 +394,7 @@ class _Converter:
             options["freeze_bn"] = self.config.freeze_bn
         if quantized_class is None:
             if isinstance(layer, keras.layers.Activation) and (
-                _activation_name(layer.activation) == "hard_sigmoid"
+                _activation_name(layer.activation) in DECOMPOSED_ACTIVATIONS
             ):
                 clone = self.activation_layer(layer.activation, layer.name)
             else:
@@ -415,11 +424,12 @@ class _Converter:
         return clone
 
     def activation_layer(self, activation, name):
-        """An `Activation` layer applying `activation`, or a
-        `QuantHardSigmoid` for hard sigmoid, which TFLite computes as two
-        int8 ops."""
-        if _activation_name(activation) == "hard_sigmoid":
-            return QuantHardSigmoid(
+        """An `Activation` layer applying `activation`, or the layer of
+        `DECOMPOSED_ACTIVATIONS` for an activation that TFLite computes as
+        two int8 ops."""
+        decomposed = DECOMPOSED_ACTIVATIONS.get(_activation_name(activation))
+        if decomposed is not None:
+            return decomposed(
                 num_bits=self.config.num_bits[1],
                 quant_delay=self.config.quant_delay[1],
                 name=name,

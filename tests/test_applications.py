@@ -1,24 +1,25 @@
 """keras.applications networks (weights=None, small inputs) convert, train
-two steps with `fit`, save and load, and export to an all-int8 TFLite
-model that agrees with the Keras model: the same top-1 wherever the two
-largest logits are more than two output steps apart, and logits on average
-within two output steps. About a minute each on 2 CPU cores.
+two steps with `fit`, save and load, and export to an all-int8 TFLite model
+whose top-1 agrees with the Keras model on random inputs. About a minute
+and a half each on 2 CPU cores.
 
-The agreement asked of these untrained networks is looser than that of the
-small models in test_export.py (within one step at every FakeQuant):
-untrained deep networks amplify one-step rounding differences. Their
-BatchNorm statistics are still the initial ones, so the logits vary little
-between inputs and many rows are near-ties (`ambiguous_rows`); ResNet50 and
-ResNet50V2 differ by up to 5 output steps. With statistics calibrated on
-the data they are worse still: Keras' own CPU and XLA fake-quant kernels,
-which differ only at float ties, then disagree by up to 32 output steps on
-MobileNetV2. Top-1 parity proper is measured on trained networks (the
-examples and `bench/applications.py --train_images`).
+Untrained networks with their initial BatchNorm statistics give nearly the
+same logits for every input, so top-1 would be decided by near-ties. The
+tests therefore first set the BatchNorm statistics from the random inputs:
+the logits then separate the rows (checked), and the networks become as
+sensitive as trained ones, or more: a deep network amplifies one-step
+rounding differences layer by layer. The measure of what a network
+amplifies is the Keras model itself under XLA, whose fake-quant kernel
+rounds float near-ties differently; the int8 model must agree with the
+Keras model about as well as that (top-1 and mean difference in output
+steps). On trained networks both agree on more than 98 % of test images
+(`bench/applications.py --train_images`).
 """
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_qat as kq
 from test_export import assert_integer_model
@@ -33,6 +34,31 @@ NETWORKS = {
     "MobileNetV3Small": (64, {}),  # Rescaling, hard-swish, SE Multiply, x + 3 ops
 }
 
+# TFLite's int8 HARD_SWISH kernel (XNNPACK's, in 16-bit fixed point) is one
+# step off on 0.4 % of its outputs, measured on a lone op; MobileNetV3Small
+# has 19 of them, and the network amplifies those differences as well.
+KERNEL_ERROR_SLACK = {"MobileNetV3Small": 2.0}
+
+
+def set_batchnorm_statistics(model, x):
+    """Sets every BatchNorm's moving statistics to those of `x`."""
+    batchnorms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in batchnorms]
+    for layer in batchnorms:
+        layer.momentum = 0.0
+    model(x, training=True)
+    for layer, momentum in zip(batchnorms, momenta):
+        layer.momentum = momentum
+
+
+def xla_agreement(keras_out, qmodel, x, scale):
+    """Top-1 agreement and mean difference (in output steps) of `qmodel`
+    under XLA with its outputs `keras_out` without XLA."""
+    xla = tf.function(lambda batch: qmodel(batch, training=False), jit_compile=True)
+    xla_out = np.concatenate([xla(x[i : i + 32]).numpy() for i in range(0, len(x), 32)])
+    top1 = np.mean(xla_out.argmax(1) == keras_out.argmax(1))
+    return top1, np.abs(xla_out - keras_out).mean() / scale
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(NETWORKS))
@@ -41,20 +67,30 @@ def test_application_converts_trains_saves_and_exports(name, tmp_path):
     model = getattr(keras.applications, name)(
         weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None, **kwargs
     )
-    qmodel = kq.convert_quant_network(model, **EXPORTABLE)
     rng = np.random.default_rng(0)
-    x = rng.uniform(0, 1, (32, size, size, 3)).astype("float32")
+    x = rng.uniform(0, 1, (128, size, size, 3)).astype("float32")
     if name == "MobileNetV3Small":
         x *= 255  # it rescales its own input
+    set_batchnorm_statistics(model, x[:64])
+    qmodel = kq.convert_quant_network(model, **EXPORTABLE)
     qmodel.compile(optimizer=keras.optimizers.SGD(1e-4),
                    loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     qmodel.fit(x[:16], keras.utils.to_categorical(rng.integers(0, 10, 16), 10), batch_size=8, verbose=0)
     path = str(tmp_path / f"{name}.keras")
     qmodel.save(path)
     loaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
+    keras_out = loaded.predict(x, verbose=0)
+    np.testing.assert_array_equal(keras_out, qmodel.predict(x, verbose=0))
     tflite_bytes = kq.export_tflite(loaded)  # raises if a float compute op is left
     assert_integer_model(tflite_bytes, ["CONV_2D"], per_channel_ops=("CONV_2D", "DEPTHWISE_CONV_2D"))
     report = kq.compare_tflite(loaded, tflite_bytes, x)
-    assert report["top1_agreement_unambiguous"] == 1.0, report
-    assert report["mean_abs_diff"] <= 2 * report["output_scale"], report
+    # The logits vary between inputs by several output steps, and top-1
+    # picks different classes: agreement is not decided by constant logits.
+    assert np.std(keras_out, axis=0).mean() >= 3 * report["output_scale"], report
+    assert len(np.unique(keras_out.argmax(1))) >= 2
+    xla_top1, xla_mean_steps = xla_agreement(keras_out, loaded, x, report["output_scale"])
+    print(name, report, "XLA top-1", xla_top1, "XLA mean steps", xla_mean_steps)
+    slack = KERNEL_ERROR_SLACK.get(name, 1.0)
+    assert report["top1_agreement"] >= xla_top1 - 0.08 * slack, (report, xla_top1)
+    mean_steps = report["mean_abs_diff"] / report["output_scale"]
+    assert mean_steps <= slack * (1.5 * xla_mean_steps + 1), (report, xla_mean_steps)
