@@ -531,8 +531,39 @@ class QuantAveragePooling2D(keras.layers.AveragePooling2D):
         return config
 
 
+class _TwoOpActivation(keras.layers.Layer):
+    """Base: an activation that TFLite computes as two int8 ops.
+
+    The first op's result is rounded to a fixed grid, held by a `FakeQuant`
+    sub-layer named `quant` of range `intermediate_range`; subclasses
+    compute the activation around it in `call`.
+    """
+
+    intermediate_range = None
+
+    def __init__(self, num_bits=8, quant_delay=0, **kwargs):
+        super().__init__(**kwargs)
+        self.quant = FakeQuant(
+            num_bits=num_bits,
+            quant_delay=quant_delay,
+            fixed_range=self.intermediate_range,
+            name="quant",
+        )
+
+    def build(self, input_shape):
+        self.quant.build(input_shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_bits=self.quant.num_bits, quant_delay=self.quant.quant_delay)
+        return config
+
+
 @keras.saving.register_keras_serializable(package="keras_qat")
-class QuantHardSigmoid(keras.layers.Layer):
+class QuantHardSigmoid(_TwoOpActivation):
     """`hard_sigmoid`, `relu6(x + 3) / 6`, as TFLite's int8 ops compute it.
 
     TFLite has no int8 hard-sigmoid kernel: the converter turns
@@ -554,30 +585,15 @@ class QuantHardSigmoid(keras.layers.Layer):
     [0.0, 0.5, 1.0]
     """
 
-    def __init__(self, num_bits=8, quant_delay=0, **kwargs):
-        super().__init__(**kwargs)
-        self.quant = FakeQuant(
-            num_bits=num_bits, quant_delay=quant_delay, fixed_range=(0.0, 6.0), name="quant"
-        )
-
-    def build(self, input_shape):
-        self.quant.build(input_shape)
+    intermediate_range = (0.0, 6.0)
 
     def call(self, inputs, training=False):
         clipped = keras.ops.relu6(inputs + 3.0)
         return self.quant(clipped, training=training) * (1.0 / 6.0)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(num_bits=self.quant.num_bits, quant_delay=self.quant.quant_delay)
-        return config
-
 
 @keras.saving.register_keras_serializable(package="keras_qat")
-class QuantSwish(keras.layers.Layer):
+class QuantSwish(_TwoOpActivation):
     """`swish` / `silu`, `x * sigmoid(x)`, as TFLite's int8 ops compute it.
 
     TFLite computes swish as a LOGISTIC and a MUL, and the int8 LOGISTIC
@@ -600,22 +616,7 @@ class QuantSwish(keras.layers.Layer):
     [-0.2695, 0.0, 1.7578]
     """
 
-    def __init__(self, num_bits=8, quant_delay=0, **kwargs):
-        super().__init__(**kwargs)
-        self.quant = FakeQuant(
-            num_bits=num_bits, quant_delay=quant_delay, fixed_range=(0.0, 255 / 256), name="quant"
-        )
-
-    def build(self, input_shape):
-        self.quant.build(input_shape)
+    intermediate_range = (0.0, 255 / 256)
 
     def call(self, inputs, training=False):
         return inputs * self.quant(keras.ops.sigmoid(inputs), training=training)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(num_bits=self.quant.num_bits, quant_delay=self.quant.quant_delay)
-        return config
