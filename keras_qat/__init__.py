@@ -10,36 +10,30 @@ if _keras.config.backend() != "tensorflow":
         "before importing keras."
     )
 
-from keras_qat.config import QuantConfig
-from keras_qat.convert import convert_quant_network
-from keras_qat.fuse import fuse
-from keras_qat.export import (
-    compare_tflite,
+from keras_qat.export.inspect import compare_tflite, run_tflite, tflite_interpreter
+from keras_qat.export.litert import (
+    check_exportable,
     export_float_tflite,
     export_tflite,
-    run_tflite,
     strip_tflite_names,
-    tflite_interpreter,
 )
-from keras_qat.layers.bn_fold import (
+from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
+from keras_qat.layers.fake_quant import FakeQuant, WeightQuantizer
+from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
+from keras_qat.layers.quantized import (
+    QuantConv2DBnAct,
     QuantConv2DBnFoldAct,
+    QuantDenseBnAct,
     QuantDenseBnFoldAct,
+    QuantDepthwiseConv2DBnAct,
     QuantDepthwiseConv2DBnFoldAct,
 )
-from keras_qat.layers.fake_quant import FakeQuant
-from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
-from keras_qat.layers.quant import (
-    QuantAveragePooling2D,
-    QuantConcatenate,
-    QuantConv2DBnAct,
-    QuantDenseBnAct,
-    QuantDepthwiseConv2DBnAct,
-    QuantHardSigmoid,
-    QuantSwish,
-)
-from keras_qat.ops import fake_quant
+from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
+from keras_qat.quantizers import fake_quant
+from keras_qat.transforms.fuse import fuse
+from keras_qat.transforms.place import convert_quant_network
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "Conv2DBnAct",
@@ -48,7 +42,6 @@ __all__ = [
     "FakeQuant",
     "QuantAveragePooling2D",
     "QuantConcatenate",
-    "QuantConfig",
     "QuantConv2DBnAct",
     "QuantConv2DBnFoldAct",
     "QuantDenseBnAct",
@@ -57,6 +50,8 @@ __all__ = [
     "QuantDepthwiseConv2DBnFoldAct",
     "QuantHardSigmoid",
     "QuantSwish",
+    "WeightQuantizer",
+    "check_exportable",
     "compare_tflite",
     "convert_quant_network",
     "export_float_tflite",

@@ -1,122 +1,147 @@
-"""The options of `convert_quant_network`, validated once, in one place.
+"""Options, their validation and their defaults, in one place.
 
-Every quantization option is a `(weights, activations)` pair, as in
-MindSpore's `convert_quant_network`; a single value applies to both.
+Every check raises `ValueError` in Keras' style, naming the argument and
+ending in "Received: name=value". numpy booleans and integers are accepted
+wherever Python ones are, and returned as Python values (so that configs
+stay JSON-serializable).
 """
 
 import dataclasses
+import numbers
 
-import keras
+import numpy as np
 
-from keras_qat.ops import check_num_bits
+MIN_BITS = 2
+MAX_BITS = 16
+
+# Defaults shared by the layers and `convert_quant_network`.
+DEFAULT_NUM_BITS = 8
+DEFAULT_EMA_DECAY = 0.999
+# Training steps before folded BatchNorm statistics freeze: never, in practice.
+DEFAULT_FREEZE_BN = 10_000_000
 
 
-def _pair(name, value):
-    """Returns `value` as a `(weights, activations)` tuple."""
+def _invalid(name, expected, value):
+    return ValueError(
+        f"Received an invalid value for `{name}`, expected {expected}. "
+        f"Received: {name}={value!r}"
+    )
+
+
+def check_bool(name, value):
+    """Returns `value` as a Python bool; raises unless it is a boolean."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise _invalid(name, "a boolean", value)
+
+
+def check_int(name, value, minimum=0):
+    """Returns `value` as a Python int; raises unless it is an integer
+    >= `minimum` (booleans are not integers here)."""
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Integral)
+        or value < minimum
+    ):
+        expected = (
+            "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
+        )
+        raise _invalid(name, expected, value)
+    return int(value)
+
+
+def check_num_bits(value, name="num_bits"):
+    """Returns `value` as a Python int; raises unless it is an integer in
+    `[MIN_BITS, MAX_BITS]`."""
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Integral)
+        or not MIN_BITS <= value <= MAX_BITS
+    ):
+        raise _invalid(name, f"an integer in [{MIN_BITS}, {MAX_BITS}]", value)
+    return int(value)
+
+
+def check_fraction(name, value):
+    """Returns `value` as a Python float; raises unless it is a real number
+    in `[0, 1)`."""
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Real)
+        or not 0.0 <= value < 1.0
+    ):
+        raise _invalid(name, "a number in [0, 1)", value)
+    return float(value)
+
+
+def as_pair(name, value):
+    """Returns `value` as a `(weights, activations)` tuple: a single value
+    applies to both."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
-            raise ValueError(
-                f"Received an invalid value for `{name}`, expected a single "
-                "value or a (weights, activations) pair. "
-                f"Received: {name}={value!r}"
+            raise _invalid(
+                name, "a single value or a (weights, activations) pair", value
             )
         return tuple(value)
     return (value, value)
 
 
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(
-            f"Received an invalid value for `{name}`, expected a boolean "
-            f"or a pair of booleans. Received: {name}={value!r}"
-        )
-
-
-def check_non_negative_int(name, value):
-    """Raises `ValueError` unless `value` is an integer >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(
-            f"Received an invalid value for `{name}`, expected a "
-            f"non-negative integer. Received: {name}={value!r}"
-        )
+def _pair_of(name, value, check):
+    weights, activations = as_pair(name, value)
+    return (
+        check(f"{name}[0] (weights)", weights),
+        check(f"{name}[1] (activations)", activations),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantConfig:
-    """Validated options of `convert_quant_network`.
+class QuantOptions:
+    """The validated options of `convert_quant_network`.
 
-    Each pair field holds `(weights, activations)`.
-
-    Args:
-        num_bits: Bit widths, integers in `[2, 16]`.
-        per_channel: Per-channel ranges; only weights may be per channel.
-        symmetric: Symmetric ranges.
-        narrow_range: Grids without their lowest level.
-        quant_delay: Training steps before quantization starts.
-        bn_fold: Whether BatchNorm is folded into the weights.
-        freeze_bn: Training step from which folded BatchNorm statistics are
-            frozen.
+    Each pair field holds `(weights, activations)`. Build it with
+    `QuantOptions.from_args`, which validates; the converter passes
+    `weight_options()` to each layer's `WeightQuantizer` and
+    `activation_options()` to each `FakeQuant`.
     """
 
-    num_bits: tuple = (8, 8)
+    num_bits: tuple = (DEFAULT_NUM_BITS, DEFAULT_NUM_BITS)
     per_channel: tuple = (False, False)
     symmetric: tuple = (False, False)
     narrow_range: tuple = (False, False)
     quant_delay: tuple = (0, 0)
     bn_fold: bool = True
-    freeze_bn: int = 10_000_000
+    freeze_bn: int = DEFAULT_FREEZE_BN
 
     @classmethod
-    def from_args(
-        cls,
-        num_bits=(8, 8),
-        per_channel=(False, False),
-        symmetric=(False, False),
-        narrow_range=(False, False),
-        quant_delay=(0, 0),
-        bn_fold=True,
-        freeze_bn=10_000_000,
-    ):
-        """Validates user arguments and returns a `QuantConfig`.
+    def from_args(cls, num_bits, per_channel, symmetric, narrow_range,
+                  quant_delay, bn_fold, freeze_bn):
+        """Validates user arguments and returns the options.
 
         Raises:
             ValueError: naming the argument, for a pair of the wrong length,
                 a bit width outside `[2, 16]`, a non-boolean flag, a negative
-                or non-integer delay, or per-channel activations.
+                or non-integer count, or per-channel activations.
         """
-        num_bits = _pair("num_bits", num_bits)
-        for part, bits in zip(("weights", "activations"), num_bits):
-            check_num_bits(bits, name=f"num_bits ({part})")
-        flags = {
-            "per_channel": _pair("per_channel", per_channel),
-            "symmetric": _pair("symmetric", symmetric),
-            "narrow_range": _pair("narrow_range", narrow_range),
-        }
-        for name, pair in flags.items():
-            for value in pair:
-                _check_bool(name, value)
-        if flags["per_channel"][1]:
+        per_channel = _pair_of("per_channel", per_channel, check_bool)
+        if per_channel[1]:
             raise ValueError(
                 "Received an invalid value for `per_channel`: activations "
                 "cannot be quantized per channel (integer kernels use one "
                 "scale per activation tensor). Use per_channel=[True, False] "
                 f"for per-channel weights. Received: per_channel={per_channel!r}"
             )
-        quant_delay = _pair("quant_delay", quant_delay)
-        for value in quant_delay:
-            check_non_negative_int("quant_delay", value)
-        _check_bool("bn_fold", bn_fold)
-        check_non_negative_int("freeze_bn", freeze_bn)
         return cls(
-            num_bits=num_bits,
-            quant_delay=quant_delay,
-            bn_fold=bn_fold,
-            freeze_bn=freeze_bn,
-            **flags,
+            num_bits=_pair_of("num_bits", num_bits, lambda n, v: check_num_bits(v, n)),
+            per_channel=per_channel,
+            symmetric=_pair_of("symmetric", symmetric, check_bool),
+            narrow_range=_pair_of("narrow_range", narrow_range, check_bool),
+            quant_delay=_pair_of("quant_delay", quant_delay, check_int),
+            bn_fold=check_bool("bn_fold", bn_fold),
+            freeze_bn=check_int("freeze_bn", freeze_bn),
         )
 
     def weight_options(self):
-        """Keyword arguments of a quantized layer's weight quantizer."""
+        """Keyword arguments of a layer's `WeightQuantizer`."""
         return dict(
             num_bits=self.num_bits[0],
             per_channel=self.per_channel[0],
@@ -126,54 +151,10 @@ class QuantConfig:
         )
 
     def activation_options(self):
-        """Keyword arguments of a `FakeQuant` layer on activations."""
+        """Keyword arguments of a `FakeQuant` on activations."""
         return dict(
             num_bits=self.num_bits[1],
             symmetric=self.symmetric[1],
             narrow_range=self.narrow_range[1],
             quant_delay=self.quant_delay[1],
         )
-
-
-def selected_layer_names(model, selectors, argument="skip_layers"):
-    """Names of the layers of `model` that `selectors` choose.
-
-    Args:
-        model: A Sequential or Functional model.
-        selectors: `None`, or one or a list of: a layer name, a layer class
-            (its subclasses match too), or a predicate `layer -> bool`.
-        argument: The argument's name, for error messages.
-
-    Returns:
-        A set of layer names.
-
-    Raises:
-        ValueError: for a name that is not a layer of `model`, or a selector
-            of another type.
-    """
-    if selectors is None:
-        return set()
-    if isinstance(selectors, (str, type)) or callable(selectors):
-        selectors = [selectors]
-    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    names = set()
-    for selector in selectors:
-        if isinstance(selector, str):
-            if selector not in {layer.name for layer in layers}:
-                raise ValueError(
-                    f"Received an invalid value for `{argument}`: model "
-                    f"'{model.name}' has no layer named '{selector}'. Its "
-                    f"layers: {', '.join(layer.name for layer in layers)}."
-                )
-            names.add(selector)
-        elif isinstance(selector, type):
-            names.update(layer.name for layer in layers if isinstance(layer, selector))
-        elif callable(selector):
-            names.update(layer.name for layer in layers if selector(layer))
-        else:
-            raise ValueError(
-                f"Received an invalid value for `{argument}`, expected layer "
-                "names, layer classes or a predicate `layer -> bool`. "
-                f"Received: {argument}={selectors!r}"
-            )
-    return names

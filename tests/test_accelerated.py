@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_qat as kq
-from keras_qat.ops import nudged_range, quant_range
+from keras_qat.quantizers import nudged_range, quant_range
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import models  # noqa: E402
@@ -89,7 +89,7 @@ def test_xla_trains_the_real_world_layers():
               for _ in range(3)]
     assert np.all(np.isfinite(losses))
     pooling = qmodel.get_layer("average_pooling")
-    assert isinstance(pooling, kq.QuantAveragePooling2D) and pooling.quant.step.numpy() == 3
+    assert isinstance(pooling, kq.QuantAveragePooling2D) and pooling.quantizer.step.numpy() == 3
     logits = keras.Model(qmodel.inputs, qmodel.get_layer("logits_quant").output)
     graph = tf.function(lambda t: logits(t, training=False))(x).numpy()
     xla = tf.function(lambda t: logits(t, training=False), jit_compile=True)(x).numpy()

@@ -5,7 +5,9 @@ import tensorflow as tf
 
 import keras_qat as kq
 import reference
+from keras_qat.export.inspect import float_ops
 from keras_qat import Conv2DBnAct, DenseBnAct, QuantConv2DBnFoldAct, QuantDenseBnFoldAct
+from keras_qat.layers import bn_folding
 
 EPS = 1e-3
 
@@ -55,21 +57,21 @@ def conv(x, kernel):
 def test_inference_is_the_deployed_arithmetic(per_channel, use_bias):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 7, 7, 3)).astype("float32")
-    layer = QuantConv2DBnFoldAct(5, 3, has_bn=True, use_bias=use_bias, per_channel=per_channel,
-                                 symmetric=True, narrow_range=True, activation="relu6")
+    layer = QuantConv2DBnFoldAct(5, 3, has_bn=True, use_bias=use_bias, activation="relu6",
+                                 weight_quantizer=dict(per_channel=per_channel, symmetric=True, narrow_range=True))
     layer.build(x.shape)
     randomize(layer, rng, 5)
     w_fold, b_fold = numpy_folded(layer)
     q = numpy_fake_quant_kernel(w_fold, per_channel, symmetric=True, narrow_range=True)
     expected = np.clip(conv(x, q) + b_fold, 0, 6)
     np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(layer.folded_kernel(), w_fold, rtol=1e-6)
+    np.testing.assert_allclose(bn_folding.folded_kernel(layer), w_fold, rtol=1e-6)
 
 
 def test_dense_inference_is_the_deployed_arithmetic():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 6)).astype("float32")
-    layer = QuantDenseBnFoldAct(3, has_bn=True, per_channel=True, num_bits=4)
+    layer = QuantDenseBnFoldAct(3, has_bn=True, weight_quantizer=dict(per_channel=True, num_bits=4))
     layer.build(x.shape)
     randomize(layer, rng, 3)
     w_fold, b_fold = numpy_folded(layer)
@@ -87,7 +89,7 @@ def test_delayed_inference_equals_the_float_layer(cls, float_cls, args, shape):
     float_layer = float_cls(*args, has_bn=True, activation="relu")
     float_layer.build(x.shape)
     randomize(float_layer, rng, 4)
-    layer = cls(*args, has_bn=True, activation="relu", quant_delay=10)
+    layer = cls(*args, has_bn=True, activation="relu", weight_quantizer=dict(quant_delay=10))
     layer.build(x.shape)
     layer.copy_weights_from(float_layer)
     np.testing.assert_allclose(layer(x), float_layer(x), rtol=1e-5, atol=1e-5)
@@ -111,7 +113,7 @@ def numpy_training_step(layer_state, x, per_channel, momentum, frozen):
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_training_output_and_statistics_before_and_after_freeze(per_channel):
     rng = np.random.default_rng(3)
-    layer = QuantConv2DBnFoldAct(4, 3, has_bn=True, per_channel=per_channel, momentum=0.9, freeze_bn=2)
+    layer = QuantConv2DBnFoldAct(4, 3, has_bn=True, weight_quantizer=dict(per_channel=per_channel), momentum=0.9, freeze_bn=2)
     layer.build((None, 6, 6, 2))
     randomize(layer, rng, 4)
     for step in range(4):
@@ -122,12 +124,12 @@ def test_training_output_and_statistics_before_and_after_freeze(per_channel):
         np.testing.assert_allclose(layer(x, training=True), expected, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(layer.bn.moving_mean, mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(layer.bn.moving_variance, var, rtol=1e-5, atol=1e-6)
-        assert layer.step.numpy() == step + 1
+        assert layer.weight_quantizer.step.numpy() == step + 1
 
 
 def test_gamma_zero_and_zero_variance_stay_finite():
     rng = np.random.default_rng(4)
-    layer = QuantConv2DBnFoldAct(4, 3, has_bn=True, per_channel=True, freeze_bn=1)
+    layer = QuantConv2DBnFoldAct(4, 3, has_bn=True, weight_quantizer=dict(per_channel=True), freeze_bn=1)
     layer.build((None, 6, 6, 2))
     randomize(layer, rng, 4, zero_gamma=True, tiny_variance=True)
     x = rng.standard_normal((3, 6, 6, 2)).astype("float32")
@@ -160,7 +162,7 @@ def test_needs_batchnorm_and_config_round_trip():
         QuantConv2DBnFoldAct(4, 3)
     with pytest.raises(ValueError, match="freeze_bn"):
         QuantDenseBnFoldAct(4, has_bn=True, freeze_bn=-1)
-    layer = QuantConv2DBnFoldAct(4, 3, has_bn=True, freeze_bn=7, num_bits=6)
+    layer = QuantConv2DBnFoldAct(4, 3, has_bn=True, freeze_bn=7, weight_quantizer=dict(num_bits=6))
     assert QuantConv2DBnFoldAct.from_config(layer.get_config()).get_config() == layer.get_config()
 
 
@@ -190,7 +192,7 @@ def test_convert_folds_by_default_and_freezing_survives_save_load(tmp_path):
     qmodel.save(path)
     loaded = keras.saving.load_model(path)
     conv = [layer for layer in loaded.layers if isinstance(layer, QuantConv2DBnFoldAct)][0]
-    assert conv.step.numpy() == 2 and conv.freeze_bn == 2
+    assert conv.weight_quantizer.step.numpy() == 2 and conv.freeze_bn == 2
     before = conv.bn.moving_mean.numpy().copy()
     loaded.train_on_batch(x * 3, y)  # step 2 >= freeze_bn: statistics frozen
     np.testing.assert_array_equal(conv.bn.moving_mean, before)
@@ -208,6 +210,6 @@ def test_folded_model_exports_to_int8(per_channel):
     for _ in range(5):
         qmodel.train_on_batch(x, rng.standard_normal((128, 4)).astype("float32"))
     tflite_bytes = kq.export_tflite(qmodel)  # per-tensor weights too: the BN is already folded
-    assert kq.export.float_ops(tflite_bytes) == []
+    assert float_ops(tflite_bytes) == []
     report = kq.compare_tflite(qmodel, tflite_bytes, x)
     assert report["within_one_step"] >= 0.99 and report["top1_agreement_unambiguous"] >= 0.999, report

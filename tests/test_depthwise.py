@@ -12,6 +12,7 @@ import reference
 from keras_qat import DepthwiseConv2DBnAct, QuantDepthwiseConv2DBnAct, QuantDepthwiseConv2DBnFoldAct
 
 CHANNELS, MULTIPLIER = 3, 2
+EXPORTABLE_WEIGHTS = dict(per_channel=True, symmetric=True, narrow_range=True)
 
 
 def randomized(layer, rng):
@@ -63,12 +64,11 @@ def test_fusion_layer_equals_keras_layers_and_round_trips():
 def test_quantized_kernel_has_one_range_per_output_channel():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 7, 7, CHANNELS)).astype("float32")
-    layer = randomized(QuantDepthwiseConv2DBnAct(3, depth_multiplier=MULTIPLIER, per_channel=True,
-                                                 symmetric=True, narrow_range=True), rng)
+    layer = randomized(QuantDepthwiseConv2DBnAct(3, depth_multiplier=MULTIPLIER, weight_quantizer=EXPORTABLE_WEIGHTS), rng)
     kernel = layer.depthwise.kernel.numpy()
     expected = depthwise(x, per_output_channel_fake_quant(kernel)) + layer.depthwise.bias.numpy()
     np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
-    low, high = layer.weight_range(layer.weight_kernel())
+    low, high = layer.weight_quantizer.range(layer.kernel())
     assert low.shape == (CHANNELS * MULTIPLIER,)
     np.testing.assert_allclose(high, kernel.reshape(9, -1).max(0))
 
@@ -76,8 +76,8 @@ def test_quantized_kernel_has_one_range_per_output_channel():
 def test_folded_kernel_scales_and_quantizes_each_output_channel():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 7, 7, CHANNELS)).astype("float32")
-    layer = randomized(QuantDepthwiseConv2DBnFoldAct(3, depth_multiplier=MULTIPLIER, has_bn=True, per_channel=True,
-                                                     symmetric=True, narrow_range=True), rng)
+    layer = randomized(QuantDepthwiseConv2DBnFoldAct(3, depth_multiplier=MULTIPLIER, has_bn=True,
+                                                     weight_quantizer=EXPORTABLE_WEIGHTS), rng)
     bn = layer.bn
     sigma = np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
     scale = bn.gamma.numpy() / sigma
@@ -86,7 +86,7 @@ def test_folded_kernel_scales_and_quantizes_each_output_channel():
     np.testing.assert_allclose(layer(x), depthwise(x, q) + bias, rtol=1e-5, atol=1e-5)
     # Delayed, the folded layer computes the float layer.
     float_layer = randomized(DepthwiseConv2DBnAct(3, depth_multiplier=MULTIPLIER, has_bn=True), rng)
-    delayed = QuantDepthwiseConv2DBnFoldAct(3, depth_multiplier=MULTIPLIER, has_bn=True, quant_delay=5)
+    delayed = QuantDepthwiseConv2DBnFoldAct(3, depth_multiplier=MULTIPLIER, has_bn=True, weight_quantizer=dict(quant_delay=5))
     delayed.build(x.shape)
     delayed.copy_weights_from(float_layer)
     np.testing.assert_allclose(delayed(x), float_layer(x), rtol=1e-5, atol=1e-5)
@@ -132,8 +132,8 @@ def test_folded_training_step_follows_the_formulas_and_stays_finite():
     NaN with gamma = 0 and a zero variance."""
     rng = np.random.default_rng(4)
     n = CHANNELS * MULTIPLIER
-    layer = randomized(QuantDepthwiseConv2DBnFoldAct(3, depth_multiplier=MULTIPLIER, has_bn=True, per_channel=True,
-                                                     symmetric=True, narrow_range=True, momentum=0.9, freeze_bn=2), rng)
+    layer = randomized(QuantDepthwiseConv2DBnFoldAct(3, depth_multiplier=MULTIPLIER, has_bn=True, momentum=0.9,
+                                                     freeze_bn=2, weight_quantizer=EXPORTABLE_WEIGHTS), rng)
     gamma = layer.bn.gamma.numpy()
     gamma[0] = 0.0
     layer.bn.gamma.assign(gamma)

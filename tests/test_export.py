@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 import keras_qat as kq
-from keras_qat.export import float_ops, tflite_interpreter
+from keras_qat.export.inspect import float_ops, tflite_interpreter
 
 EXPORTABLE = dict(symmetric=[True, False], narrow_range=[True, False])
 

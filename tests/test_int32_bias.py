@@ -6,12 +6,21 @@ import pytest
 import tensorflow as tf
 
 import keras_qat as kq
-from keras_qat import ops
-from keras_qat.export import tflite_interpreter
-from keras_qat.layers.input_grid import grid_source
+from keras_qat import quantizers
+from keras_qat.export.inspect import tflite_interpreter
 from reference import f32, fake_quant, nudge
 
 EXPORTABLE = dict(per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False])
+
+
+def input_grid_sources(layer):
+    """The layer whose `input_grid` output each call of `layer` receives
+    (None for a call without one)."""
+    sources = []
+    for node in layer._inbound_nodes:
+        grid = node.arguments.kwargs.get("input_grid")
+        sources.append(None if grid is None else grid._keras_history.operation)
+    return sources
 
 
 def round_half_away(x):
@@ -27,11 +36,11 @@ def test_int32_bias_op_against_numpy():
     bias_t = tf.constant(bias)
     with tf.GradientTape() as tape:
         tape.watch(bias_t)
-        rounded = ops.int32_bias(bias_t, scale)
+        rounded = quantizers.int32_bias(bias_t, scale)
     np.testing.assert_allclose(rounded.numpy(), expected, rtol=1e-6, atol=0)
     assert np.any(np.abs(rounded.numpy() - bias) > 1e-3)  # it did round
     np.testing.assert_array_equal(tape.gradient(rounded, bias_t).numpy(), np.ones(64, f32))  # straight through
-    np.testing.assert_array_equal(ops.int32_bias(tf.constant([0.25, -0.25, 0.26]), 0.5).numpy(), [0.5, -0.5, 0.5])
+    np.testing.assert_array_equal(quantizers.int32_bias(tf.constant([0.25, -0.25, 0.26]), 0.5).numpy(), [0.5, -0.5, 0.5])
 
 
 def dense_model(units=16, inputs=4, has_bn=False):
@@ -84,7 +93,7 @@ def test_dense_adds_bias_on_the_accumulator_grid():
     qmodel = kq.convert_quant_network(dense_model(), bn_fold=False, **EXPORTABLE)
     calibrate(qmodel, x)
     layer = qmodel.get_layer("dense")
-    assert layer._input_grid_source is qmodel.get_layer("x_quant")
+    assert input_grid_sources(layer) == [qmodel.get_layer("x_quant")]
     got = keras.Model(qmodel.inputs, layer.output).predict(x, verbose=0)
     kernel, bias = layer.dense.kernel.numpy(), layer.dense.bias.numpy()
     expected, step = reference_dense(qmodel, x, kernel, bias)
@@ -140,32 +149,36 @@ def test_grid_source_walks_through_layers_that_keep_the_grid():
     x = keras.layers.Dropout(0.5, name="drop")(x)
     x = keras.layers.Dense(3, name="dense")(x)
     qmodel = kq.convert_quant_network(keras.Model(inp, x), **EXPORTABLE)
-    assert qmodel.get_layer("dense")._input_grid_source is qmodel.get_layer("conv_quant")
-    assert grid_source(qmodel.get_layer("flat").output) is qmodel.get_layer("conv_quant")
-    assert grid_source(qmodel.inputs[0]) is None
+    assert input_grid_sources(qmodel.get_layer("dense")) == [qmodel.get_layer("conv_quant")]
+    # The conv's input comes straight from the model input's FakeQuant.
+    input_quant = qmodel.layers[1]
+    assert isinstance(input_quant, kq.FakeQuant) and input_grid_sources(qmodel.get_layer("conv")) == [input_quant]
 
 
 def test_layer_without_a_known_input_grid_keeps_its_float_bias():
     x = np.random.default_rng(5).uniform(-1, 1, (16, 4)).astype(f32)
-    layer = kq.QuantDenseBnAct(3, per_channel=True, symmetric=True, narrow_range=True, name="dense")
+    layer = kq.QuantDenseBnAct(3, weight_quantizer=dict(per_channel=True, symmetric=True, narrow_range=True),
+                               name="dense")
     inp = keras.Input((4,))
     model = keras.Model(inp, layer(inp))  # fed by a float model input
     layer.dense.bias.assign([0.1234567, -0.2345678, 0.3456789])
-    assert layer._input_grid_source is None
-    w_q = layer.quantize_weights(layer.dense.kernel).numpy()
+    assert input_grid_sources(layer) == [None]
+    w_q = layer.weight_quantizer.quantize_weights(layer.dense.kernel).values.numpy()
     np.testing.assert_allclose(model.predict(x, verbose=0), x @ w_q + layer.dense.bias.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match=r"'dense' \(QuantDenseBnAct\) adds its bias in float"):
+        kq.check_exportable(model)
 
 
-def test_shared_layer_with_two_input_grids_keeps_its_float_bias():
+def test_shared_layer_called_without_input_grids_keeps_its_float_bias():
     a, b = keras.Input((4,)), keras.Input((4,))
     qa = kq.FakeQuant(name="qa")(a)
     qb = kq.FakeQuant(name="qb")(b)
-    layer = kq.QuantDenseBnAct(3, per_channel=True, symmetric=True, narrow_range=True)
+    layer = kq.QuantDenseBnAct(3, weight_quantizer=dict(per_channel=True, symmetric=True, narrow_range=True))
     model = keras.Model([a, b], [layer(qa), layer(qb)])
-    assert layer.input_grid() is None
+    assert input_grid_sources(layer) == [None, None]
     calibrate(model, [np.ones((4, 4), f32), -np.ones((4, 4), f32)])
     x = np.random.default_rng(6).uniform(-1, 1, (8, 4)).astype(f32)
-    w_q = layer.quantize_weights(layer.dense.kernel).numpy()
+    w_q = layer.weight_quantizer.quantize_weights(layer.dense.kernel).values.numpy()
     got = model.predict([x, x], verbose=0)[0]
     x_q = fake_quant(x, model.get_layer("qa").min.numpy(), model.get_layer("qa").max.numpy())
     np.testing.assert_allclose(got, x_q @ w_q + layer.dense.bias.numpy(), atol=1e-6)
@@ -178,7 +191,7 @@ def test_grid_source_is_found_again_after_loading(tmp_path):
     path = str(tmp_path / "model.keras")
     qmodel.save(path)
     loaded = keras.saving.load_model(path)
-    assert loaded.get_layer("dense")._input_grid_source is loaded.get_layer("x_quant")
+    assert input_grid_sources(loaded.get_layer("dense")) == [loaded.get_layer("x_quant")]
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
 
 

@@ -71,7 +71,7 @@ def test_invalid_arguments_are_reported():
     with pytest.raises(ValueError):
         Conv2DBnAct(0, 3)  # Keras' own check of `filters`
     with pytest.raises(ValueError, match="num_bits"):
-        QuantConv2DBnAct(4, 3, num_bits=20)
+        QuantConv2DBnAct(4, 3, weight_quantizer=dict(num_bits=20))
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -80,8 +80,9 @@ def test_quant_conv_inference_is_conv_of_fake_quantized_kernel(per_channel, symm
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 8, 8, 3)).astype("float32")
     layer = QuantConv2DBnAct(
-        5, 3, has_bn=True, activation="relu", num_bits=4,
-        per_channel=per_channel, symmetric=symmetric, narrow_range=narrow_range,
+        5, 3, has_bn=True, activation="relu",
+        weight_quantizer=dict(num_bits=4, per_channel=per_channel, symmetric=symmetric,
+                              narrow_range=narrow_range),
     )
     layer.build(x.shape)
     randomize_bn(layer, rng)
@@ -106,14 +107,14 @@ def test_quant_conv_inference_is_conv_of_fake_quantized_kernel(per_channel, symm
 def test_quant_dense_weight_delay_and_gradients():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((4, 6)).astype("float32")
-    layer = QuantDenseBnAct(3, num_bits=2, quant_delay=1)
+    layer = QuantDenseBnAct(3, weight_quantizer=dict(num_bits=2, quant_delay=1))
     float_layer = DenseBnAct(3)
     float_layer.build(x.shape)
     layer.build(x.shape)
     layer.copy_weights_from(float_layer)
     np.testing.assert_array_equal(layer(x), float_layer(x))  # delayed
     np.testing.assert_array_equal(layer(x, training=True), float_layer(x))  # step 0
-    assert layer.step.numpy() == 1
+    assert layer.weight_quantizer.step.numpy() == 1
     with tf.GradientTape() as tape:
         y = layer(x, training=True)  # step 1: 2-bit weights
         loss = tf.reduce_sum(y)
@@ -137,7 +138,7 @@ def test_quant_average_pooling_rounds_like_the_int8_kernel():
     from keras_qat import QuantAveragePooling2D
 
     rng = np.random.default_rng(4)
-    layer = QuantAveragePooling2D(2, ema=False)
+    layer = QuantAveragePooling2D(2, quantizer=dict(ema=False))
     x = rng.uniform(-1.0, 2.0, (4, 6, 6, 3)).astype("float32")
     layer(x, training=True)  # learns the range of x
     y = layer(x).numpy()

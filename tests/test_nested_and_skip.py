@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import keras_qat as kq
-from keras_qat.nested import inline_nested_models
+from keras_qat.transforms.inline import inline_nested_models
 from test_fuse import randomize_bns
 
 L = keras.layers

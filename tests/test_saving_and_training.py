@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from keras_qat import Conv2DBnAct, DenseBnAct, FakeQuant, convert_quant_network
-from keras_qat.ops import nudged_range, quant_range
+from keras_qat.quantizers import nudged_range, quant_range
 
 
 def small_qat_model(quant_delay=1):

@@ -1,13 +1,27 @@
-"""FakeQuant: the layer that owns the range of one quantized activation."""
+"""The two quantizers: `FakeQuant` (an activation's range) and
+`WeightQuantizer` (a layer's weight range).
 
+Both are layers, so that their state (ranges, step counters) is tracked,
+saved and distributed like any other weight; both share `Quantizer`: the
+grid options, their validation, the step counter and the quant delay.
+"""
+
+import collections
 import contextlib
 import threading
 
 import keras
 import tensorflow as tf
 
-from keras_qat import ops
-from keras_qat.config import check_non_negative_int
+from keras_qat import quantizers
+from keras_qat.config import (
+    DEFAULT_EMA_DECAY,
+    DEFAULT_NUM_BITS,
+    check_bool,
+    check_fraction,
+    check_int,
+    check_num_bits,
+)
 
 _export_state = threading.local()
 
@@ -17,9 +31,9 @@ def tracing_for_export():
     """Within this context, quantizers quantize unconditionally in inference.
 
     A trained quantization network checks at run time whether its quant delay
-    has passed (a `tf.cond`). The TFLite converter cannot quantize through
-    control flow, so `export_tflite` traces the model inside this context,
-    after checking that every delay has passed and every range is calibrated.
+    has passed. The TFLite converter cannot quantize through that choice, so
+    `export_tflite` traces the model inside this context, after checking that
+    every delay has passed and every range is calibrated.
     """
     previous = getattr(_export_state, "active", False)
     _export_state.active = True
@@ -34,49 +48,13 @@ def is_tracing_for_export():
     return getattr(_export_state, "active", False)
 
 
-def batch_range(x, reduce_axes=None):
-    """Returns `(min, max)` of the finite values of `x`, always containing 0.
-
-    Non-finite values (NaN, +-inf) are treated as 0, so they never reach a
-    range; 0 is inside every range anyway. Masking every element costs two
-    extra passes over each activation in every training step, so the plain
-    min / max is taken first and the masked one only when that is not finite.
-
-    Args:
-        x: Tensor; reduced in float32.
-        reduce_axes: Axes to reduce, `None` for all (a per-tensor range).
-
-    Returns:
-        Two float32 tensors.
-    """
-    x = tf.cast(x, tf.float32)
-
-    def reduce(values):
-        return (
-            tf.reduce_min(values, axis=reduce_axes),
-            tf.reduce_max(values, axis=reduce_axes),
-        )
-
-    batch_min, batch_max = reduce(x)
-    finite = tf.logical_and(
-        tf.reduce_all(tf.math.is_finite(batch_min)),
-        tf.reduce_all(tf.math.is_finite(batch_max)),
-    )
-    batch_min, batch_max = tf.cond(
-        finite,
-        lambda: (batch_min, batch_max),
-        lambda: reduce(tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))),
-    )
-    return tf.minimum(batch_min, 0.0), tf.maximum(batch_max, 0.0)
-
-
 def across_replicas(batch_min, batch_max):
     """The min of `batch_min` and max of `batch_max` over all replicas.
 
     Inside a `tf.distribute` strategy each replica sees its shard of the
     global batch; gathering the per-replica values and reducing them gives
     every replica the range that a single device computes from the whole
-    batch. (`tf.distribute.ReduceOp` has no MIN / MAX, hence `all_gather`.)
+    batch (`tf.distribute.ReduceOp` has no MIN / MAX, hence `all_gather`).
     Outside a strategy, or with one replica, the values are returned as
     they are.
     """
@@ -88,8 +66,111 @@ def across_replicas(batch_min, batch_max):
     return tf.reduce_min(mins, axis=0), tf.reduce_max(maxs, axis=0)
 
 
+class Quantizer(keras.layers.Layer):
+    """Base of the quantizers: grid options, step counter, quant delay.
+
+    Args:
+        num_bits: Bit width, an integer in `[2, 16]`.
+        symmetric: Whether the range is symmetric around zero.
+        narrow_range: Whether the grid is `[1, 2**num_bits - 1]`.
+        per_channel: Whether to keep one range per channel.
+        quant_delay: Number of training steps before quantization starts.
+        **kwargs: Base layer keyword arguments, such as `name`.
+    """
+
+    def __init__(
+        self,
+        num_bits=DEFAULT_NUM_BITS,
+        symmetric=False,
+        narrow_range=False,
+        per_channel=False,
+        quant_delay=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_bits = check_num_bits(num_bits)
+        self.symmetric = check_bool("symmetric", symmetric)
+        self.narrow_range = check_bool("narrow_range", narrow_range)
+        self.per_channel = check_bool("per_channel", per_channel)
+        self.quant_delay = check_int("quant_delay", quant_delay)
+
+    def add_step_counter(self):
+        """Creates `step`, the number of training calls so far."""
+        self.step = self.add_weight(
+            name="step",
+            shape=(),
+            initializer="zeros",
+            dtype="int64",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+
+    def advance(self, training):
+        """Counts a training call; returns whether this call quantizes.
+
+        The result is Python `True` while the model is traced for export,
+        else a boolean tensor: the delay has passed (counted before this
+        call).
+        """
+        if training:
+            before = tf.identity(self.step)
+            self.step.assign_add(1)
+            return before >= self.quant_delay
+        if is_tracing_for_export():
+            return True
+        return self.step >= self.quant_delay
+
+    def fake_quant(self, x, min_val, max_val, axis=-1):
+        """`quantizers.fake_quant` with this quantizer's grid options."""
+        return quantizers.fake_quant(
+            x,
+            min_val,
+            max_val,
+            num_bits=self.num_bits,
+            symmetric=self.symmetric,
+            narrow_range=self.narrow_range,
+            axis=axis if self.per_channel else None,
+        )
+
+    def grid_scale(self, min_val, max_val):
+        """The step of this quantizer's grid for a range."""
+        return quantizers.grid_scale(
+            min_val, max_val, self.num_bits, self.symmetric, self.narrow_range
+        )
+
+    @classmethod
+    def get(cls, identifier, argument="quantizer"):
+        """An instance of this class from an instance, a config dict (its
+        options, or a serialized quantizer) or None (the defaults)."""
+        if identifier is None:
+            return cls()
+        if isinstance(identifier, dict):
+            if "class_name" in identifier:
+                identifier = keras.saving.deserialize_keras_object(identifier)
+            else:
+                return cls(**identifier)
+        if isinstance(identifier, cls):
+            return identifier
+        raise ValueError(
+            f"Received an invalid value for `{argument}`, expected a "
+            f"{cls.__name__}, a dict of its options or None. "
+            f"Received: {argument}={identifier!r}"
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_bits=self.num_bits,
+            symmetric=self.symmetric,
+            narrow_range=self.narrow_range,
+            per_channel=self.per_channel,
+            quant_delay=self.quant_delay,
+        )
+        return config
+
+
 @keras.saving.register_keras_serializable(package="keras_qat")
-class FakeQuant(keras.layers.Layer):
+class FakeQuant(Quantizer):
     """Fake-quantizes its input with a range learned from training batches.
 
     The range lives in non-trainable variables (`min`, `max`; scalars, or one
@@ -118,6 +199,11 @@ class FakeQuant(keras.layers.Layer):
     whose integer kernels fix their range, such as sigmoid (`[0, 255/256]`,
     TFLite's scale 1/256) and tanh (`[-1, 127/128]`, scale 1/128).
 
+    Called with `return_grid=True`, the layer also returns its *grid*: the
+    step of the output's grid (a float32 scalar) when this call quantized,
+    else 0. A quantized layer that consumes the output takes it as its
+    `input_grid`, to add its bias on the integer kernel's int32 grid.
+
     Args:
         num_bits: Bit width, an integer in `[2, 16]`.
         symmetric: Whether the range is symmetric around zero.
@@ -128,8 +214,8 @@ class FakeQuant(keras.layers.Layer):
             is the last batch's).
         ema_decay: The moving-average decay, in `[0, 1)`.
         quant_delay: Number of training steps before quantization starts.
-        fixed_range: `None` to learn the range, or a `(min, max)` pair with
-            `min <= 0 <= max` that is used as it is.
+        fixed_range: `None` to learn the range, or a finite `(min, max)` pair
+            with `min <= 0 <= max`, `min < max`, that is used as it is.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Input shape:
@@ -137,7 +223,7 @@ class FakeQuant(keras.layers.Layer):
         known.
 
     Output shape:
-        Same as the input.
+        Same as the input (and a scalar grid with `return_grid=True`).
 
     Raises:
         ValueError: for an invalid argument.
@@ -153,69 +239,34 @@ class FakeQuant(keras.layers.Layer):
 
     def __init__(
         self,
-        num_bits=8,
+        num_bits=DEFAULT_NUM_BITS,
         symmetric=False,
         narrow_range=False,
         per_channel=False,
         axis=-1,
         ema=True,
-        ema_decay=0.999,
+        ema_decay=DEFAULT_EMA_DECAY,
         quant_delay=0,
         fixed_range=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        ops.check_num_bits(num_bits)
-        if fixed_range is not None:
-            if (
-                not isinstance(fixed_range, (list, tuple))
-                or len(fixed_range) != 2
-                or not fixed_range[0] <= 0 <= fixed_range[1]
-                or fixed_range[0] == fixed_range[1]
-            ):
-                raise ValueError(
-                    "Received an invalid value for `fixed_range`, expected "
-                    "None or a pair (min, max) with min <= 0 <= max and "
-                    f"min < max. Received: fixed_range={fixed_range!r}"
-                )
-            fixed_range = (float(fixed_range[0]), float(fixed_range[1]))
-            if per_channel:
-                raise ValueError("`fixed_range` is per tensor; it cannot be used with per_channel=True.")
-        for name, value in (
-            ("symmetric", symmetric),
-            ("narrow_range", narrow_range),
-            ("per_channel", per_channel),
-            ("ema", ema),
-        ):
-            if not isinstance(value, bool):
-                raise ValueError(
-                    f"Received an invalid value for `{name}`, expected a "
-                    f"boolean. Received: {name}={value!r}"
-                )
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise ValueError(
-                "Received an invalid value for `axis`, expected an integer. "
-                f"Received: axis={axis!r}"
-            )
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(
-                "Received an invalid value for `ema_decay`, expected a "
-                f"number in [0, 1). Received: ema_decay={ema_decay!r}"
-            )
-        check_non_negative_int("quant_delay", quant_delay)
-        self.num_bits = num_bits
-        self.symmetric = symmetric
-        self.narrow_range = narrow_range
-        self.per_channel = per_channel
-        self.axis = axis
-        self.ema = ema
-        self.ema_decay = float(ema_decay)
-        self.quant_delay = quant_delay
-        self.fixed_range = fixed_range
+        super().__init__(
+            num_bits=num_bits,
+            symmetric=symmetric,
+            narrow_range=narrow_range,
+            per_channel=per_channel,
+            quant_delay=quant_delay,
+            **kwargs,
+        )
+        self.axis = check_int("axis", axis, minimum=-(2**31))
+        self.ema = check_bool("ema", ema)
+        self.ema_decay = check_fraction("ema_decay", ema_decay)
+        self.fixed_range = _check_fixed_range(fixed_range, self.per_channel)
         self.supports_masking = True
 
     def build(self, input_shape):
         shape = ()
+        self._reduce_axes = None
         if self.per_channel:
             rank = len(input_shape)
             if not -rank <= self.axis < rank or input_shape[self.axis] is None:
@@ -225,60 +276,33 @@ class FakeQuant(keras.layers.Layer):
                     f"Received: input_shape={input_shape}"
                 )
             shape = (input_shape[self.axis],)
-            self._reduce_axes = [
-                d for d in range(rank) if d != self.axis % rank
-            ]
-        else:
-            self._reduce_axes = None
-        common = dict(
-            shape=shape,
-            dtype="float32",
-            trainable=False,
-            autocast=False,
-            aggregation="only_first_replica",
-        )
+            self._reduce_axes = [d for d in range(rank) if d != self.axis % rank]
         low, high = self.fixed_range or (0.0, 0.0)
-        self.min = self.add_weight(
-            name="min", initializer=keras.initializers.Constant(low), **common
+        self.min, self.max = (
+            self.add_weight(
+                name=name,
+                shape=shape,
+                initializer=keras.initializers.Constant(value),
+                dtype="float32",
+                trainable=False,
+                autocast=False,
+                aggregation="only_first_replica",
+            )
+            for name, value in (("min", low), ("max", high))
         )
-        self.max = self.add_weight(
-            name="max", initializer=keras.initializers.Constant(high), **common
-        )
-        self.step = self.add_weight(
-            name="step",
-            shape=(),
-            initializer="zeros",
-            dtype="int64",
-            trainable=False,
-            aggregation="only_first_replica",
-        )
-
-    def _quantize(self, x, min_val, max_val):
-        return ops.fake_quant(
-            x,
-            min_val,
-            max_val,
-            num_bits=self.num_bits,
-            symmetric=self.symmetric,
-            narrow_range=self.narrow_range,
-            axis=self.axis if self.per_channel else None,
-        )
+        self.add_step_counter()
 
     def update_range(self, x):
         """Updates the range from batch `x`; returns the new `(min, max)`."""
         if self.fixed_range is not None:
             return self.min, self.max
         batch_min, batch_max = across_replicas(
-            *batch_range(x, self._reduce_axes)
+            *quantizers.batch_range(x, self._reduce_axes)
         )
         decay = self.ema_decay if self.ema else 0.0
         first = tf.equal(self.step, 0)
-        new_min = tf.where(
-            first, batch_min, decay * self.min + (1.0 - decay) * batch_min
-        )
-        new_max = tf.where(
-            first, batch_max, decay * self.max + (1.0 - decay) * batch_max
-        )
+        new_min = tf.where(first, batch_min, decay * self.min + (1.0 - decay) * batch_min)
+        new_max = tf.where(first, batch_max, decay * self.max + (1.0 - decay) * batch_max)
         self.min.assign(new_min)
         self.max.assign(new_max)
         return new_min, new_max
@@ -286,76 +310,155 @@ class FakeQuant(keras.layers.Layer):
     def observe(self, inputs, training=False):
         """Returns `(min, max, active)` for quantizing this call's inputs.
 
-        A training call first updates the range from `inputs` and advances
-        the step counter. `active` is a boolean tensor (quantize, or pass
-        through during the quant delay), or Python `True` while the model is
-        traced for export.
+        A training call first updates the range from `inputs` and counts a
+        step. `active` is a boolean tensor (quantize, or pass through during
+        the quant delay), or Python `True` while the model is traced for
+        export.
         """
         if training:
-            step = tf.identity(self.step)
             min_val, max_val = self.update_range(inputs)
-            self.step.assign_add(1)
-            return min_val, max_val, step >= self.quant_delay
-        return self.min, self.max, self._active_in_inference()
-
-    def _active_in_inference(self):
-        if is_tracing_for_export():
-            return True
-        active = self.step >= self.quant_delay
-        if self.fixed_range is None:  # a learned range needs a batch first
-            active = tf.logical_and(active, self.step > 0)
-        return active
-
-    def output_grid(self, training=False):
-        """Returns `(scale, active)` of this layer's output grid, or None.
-
-        `scale` is the step of the current range's grid (the scale of the
-        tensor in an integer model); `active` whether the latest call
-        quantized its output: a boolean tensor, or Python `True` while the
-        model is traced for export. Read after this layer's call in the same
-        step (as a consumer does), a training call has already advanced the
-        step counter. `None` for a per-channel range, which no integer
-        kernel takes as input.
-
-        Args:
-            training: Whether the latest call was a training call.
-        """
-        if self.per_channel:
-            return None
-        scale = ops.grid_scale(
-            self.min, self.max, self.num_bits, self.symmetric, self.narrow_range
-        )
-        if training and not is_tracing_for_export():
-            return scale, self.step > self.quant_delay
-        return scale, self._active_in_inference()
+            return min_val, max_val, self.advance(training)
+        active = self.advance(training)
+        if active is not True and self.fixed_range is None:
+            active = tf.logical_and(active, self.step > 0)  # a range needs a batch
+        return self.min, self.max, active
 
     def quantize_with(self, x, min_val, max_val, active):
         """Fake-quantizes `x` with the range from `observe` when `active`."""
         if active is True:
-            return self._quantize(x, min_val, max_val)
+            return self.fake_quant(x, min_val, max_val, self.axis)
         return tf.cond(
             active,
-            lambda: self._quantize(x, min_val, max_val),
+            lambda: self.fake_quant(x, min_val, max_val, self.axis),
             lambda: tf.identity(x),
         )
 
-    def call(self, inputs, training=False):
-        return self.quantize_with(inputs, *self.observe(inputs, training))
+    def grid(self, min_val, max_val, active):
+        """The step of the output grid when `active`, else 0 (float32)."""
+        if self.per_channel:
+            raise ValueError(
+                f"FakeQuant '{self.name}' is per channel: its output has no "
+                "single grid for a layer's int32 bias. Received: "
+                "return_grid=True"
+            )
+        scale = self.grid_scale(min_val, max_val)
+        return scale if active is True else tf.where(active, scale, 0.0)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
+    def call(self, inputs, training=False, return_grid=False):
+        min_val, max_val, active = self.observe(inputs, training)
+        outputs = self.quantize_with(inputs, min_val, max_val, active)
+        if return_grid:
+            return outputs, self.grid(min_val, max_val, active)
+        return outputs
+
+    def compute_output_spec(self, inputs, training=False, return_grid=False):
+        outputs = keras.KerasTensor(inputs.shape, inputs.dtype)
+        if return_grid:
+            return outputs, keras.KerasTensor((), "float32")
+        return outputs
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
 
     def get_config(self):
         config = super().get_config()
         config.update(
-            num_bits=self.num_bits,
-            symmetric=self.symmetric,
-            narrow_range=self.narrow_range,
-            per_channel=self.per_channel,
             axis=self.axis,
             ema=self.ema,
             ema_decay=self.ema_decay,
-            quant_delay=self.quant_delay,
             fixed_range=self.fixed_range,
         )
         return config
+
+
+def _check_fixed_range(fixed_range, per_channel):
+    """Returns `fixed_range` as a pair of Python floats, or None."""
+    if fixed_range is None:
+        return None
+    try:
+        low, high = (float(value) for value in fixed_range)
+        valid = low <= 0.0 <= high and low < high and abs(high - low) < float("inf")
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(
+            "Received an invalid value for `fixed_range`, expected None or a "
+            "pair (min, max) of finite numbers with min <= 0 <= max and "
+            f"min < max. Received: fixed_range={fixed_range!r}"
+        )
+    if per_channel:
+        raise ValueError(
+            "`fixed_range` is one range for the whole tensor; it cannot be "
+            "used with per_channel=True. Received: per_channel=True"
+        )
+    return (low, high)
+
+
+QuantizedWeights = collections.namedtuple("QuantizedWeights", "values scale active")
+QuantizedWeights.__doc__ = """A fake-quantized kernel.
+
+`values` (the kernel, fake-quantized when `active`), `scale` (the grid
+step, per output channel or not; 0 when not `active`, so that a bias rounded
+to `input_grid * scale` stays float) and `active` (a boolean tensor, or
+Python `True` while traced for export)."""
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class WeightQuantizer(Quantizer):
+    """Fake-quantizes a layer's kernel with the kernel's own min / max.
+
+    The range is taken from the kernel at every call (per output channel,
+    the kernel's last axis, with `per_channel=True`), so it never goes stale
+    and nothing but the step counter is stored. A quantized fusion layer
+    owns one, as the sub-layer `weight_quantizer`, and passes it the kernel
+    whose quantized version it applies (a folded kernel, for example).
+
+    Args:
+        num_bits: Bit width of the weights, an integer in `[2, 16]`.
+        symmetric: Symmetric range; with `narrow_range=True` the signed grid
+            `[-(2**(b-1) - 1), 2**(b-1) - 1] * scale` of TFLite's int8
+            weights.
+        narrow_range: Grid `[1, 2**num_bits - 1]`.
+        per_channel: One range per output channel (the kernel's last axis).
+        quant_delay: Training steps before the weights are quantized.
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Example:
+
+    >>> quantizer = WeightQuantizer(num_bits=4, per_channel=True)
+    >>> kernel = tf.constant([[0.5, -1.0], [1.0, 0.25]])
+    >>> quantizer.build(kernel.shape)
+    >>> quantizer.quantize_weights(kernel).values.shape
+    TensorShape([2, 2])
+    """
+
+    def build(self, kernel_shape):
+        self.add_step_counter()
+
+    def range(self, kernel):
+        """The `(min, max)` of `kernel`, per output channel or not."""
+        kernel = tf.cast(kernel, tf.float32)
+        if self.per_channel:
+            axes = list(range(kernel.shape.rank - 1))
+            return tf.reduce_min(kernel, axes), tf.reduce_max(kernel, axes)
+        return tf.reduce_min(kernel), tf.reduce_max(kernel)
+
+    def quantize_weights(self, kernel, training=False):
+        """Fake-quantizes `kernel` (float32) once the quant delay has passed.
+
+        A training call counts a step. Kernels are small, so both versions
+        are computed and one is selected (`tf.where`, not `tf.cond`): no
+        control flow, and the gradient of the chosen one flows.
+
+        Returns:
+            `QuantizedWeights(values, scale, active)`.
+        """
+        active = self.advance(training)
+        min_val, max_val = self.range(kernel)
+        quantized = self.fake_quant(kernel, min_val, max_val)
+        scale = self.grid_scale(min_val, max_val)
+        if active is True:
+            return QuantizedWeights(quantized, scale, True)
+        return QuantizedWeights(
+            tf.where(active, quantized, kernel), tf.where(active, scale, 0.0), active
+        )

@@ -1,25 +1,41 @@
-"""Float fusion layers: a conv or dense layer, optional BatchNorm, activation.
+"""Fusion layers: a conv or dense layer, an optional BatchNorm, an activation.
 
 A fusion layer is one unit of an integer model: the kernel, the BatchNorm
 that will be folded into it and the activation that the integer kernel
-clamps to. `convert_quant_network` turns each one into its quantized
-counterpart (`keras_qat.layers.quant`).
+clamps to. It composes Keras' own layers (sub-layers `conv` / `dense` /
+`depthwise` and `bn`), so the float arithmetic is exactly Keras', and it
+takes every argument of the Keras layer it stands for.
 
-The layers compose Keras' own `Conv2D` / `Dense` and `BatchNormalization`
-(sub-layers `conv` / `dense` and `bn`), so the float arithmetic is exactly
-Keras'.
+Quantization is a mode of the same layer (as `Layer.quantize` is in Keras):
+the `Quant...` subclasses in `keras_qat.layers.quantized` own a
+`WeightQuantizer` and, when folded, fold the BatchNorm into the kernel
+(`keras_qat.layers.bn_folding`). Each kind of fusion layer only says how its
+kernel looks with the output channels last (`kernel()`) and how to apply
+such a kernel (`kernel_op(inputs, kernel)`).
 """
 
 import keras
 import tensorflow as tf
+
+from keras_qat import quantizers
+from keras_qat.config import DEFAULT_FREEZE_BN, check_bool, check_int
+from keras_qat.layers import bn_folding
+from keras_qat.layers.fake_quant import WeightQuantizer, is_tracing_for_export
 
 ACTIVATIONS_HINT = (
     "relu, relu6, sigmoid, leaky_relu, hard_sigmoid, hard_silu (hard_swish), "
     "silu, tanh, linear or None"
 )
 
+# Config entries of the linear sub-layer that are not the fusion layer's
+# arguments: its own, or options that fusion layers do not take (LoRA, and
+# Keras' own post-training quantization).
+_NOT_FORWARDED = ("name", "trainable", "dtype", "activation", "activity_regularizer",
+                  "quantization_config", "lora_rank", "lora_alpha")  # fmt: skip
 
-def _get_activation(activation):
+
+def get_activation(activation):
+    """`keras.activations.get`, with a Keras-style error message."""
     try:
         return keras.activations.get(activation)
     except (ValueError, TypeError) as error:
@@ -30,133 +46,199 @@ def _get_activation(activation):
         ) from error
 
 
-class _FusedBnAct(keras.layers.Layer):
-    """Shared part of the fusion layers: the BatchNorm and the activation.
+class FusionLayer(keras.layers.Layer):
+    """Base of the fusion layers: the BatchNorm, the activation, the modes.
 
-    Subclasses create the linear sub-layer in `__init__` and implement
-    `linear(inputs)`, the conv or matmul plus bias.
+    Subclasses create their Keras layer (the *linear layer*) in `__init__`
+    and implement `linear_layer`, `kernel()` and `kernel_op()`.
+
+    Args:
+        has_bn: Whether a BatchNormalization follows the linear layer.
+        activation: Activation applied last.
+        momentum, epsilon, center, scale, beta_initializer,
+            gamma_initializer, moving_mean_initializer,
+            moving_variance_initializer, beta_regularizer, gamma_regularizer,
+            beta_constraint, gamma_constraint, synchronized: The arguments of
+            the `keras.layers.BatchNormalization` (with `has_bn=True`).
+        weight_quantizer: Quantized layers only: a `WeightQuantizer`, a dict
+            of its options, or None for the defaults.
+        freeze_bn: Folded layers only: the training step from which the
+            BatchNorm statistics are frozen.
+        **kwargs: Base layer keyword arguments, such as `name`, `trainable`,
+            `dtype` and `activity_regularizer` (applied to the output).
     """
+
+    quantized = False  # the kernel is fake-quantized (the Quant... layers)
+    folded = False  # the BatchNorm is folded into the kernel (Quant...BnFoldAct)
 
     def __init__(
         self,
         has_bn=False,
+        activation=None,
         momentum=0.99,
         epsilon=1e-3,
-        gamma_initializer="ones",
+        center=True,
+        scale=True,
         beta_initializer="zeros",
+        gamma_initializer="ones",
         moving_mean_initializer="zeros",
         moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
         synchronized=False,
-        activation=None,
+        weight_quantizer=None,
+        freeze_bn=DEFAULT_FREEZE_BN,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if not isinstance(has_bn, bool):
-            raise ValueError(
-                "Received an invalid value for `has_bn`, expected a boolean. "
-                f"Received: has_bn={has_bn!r}"
-            )
-        self.has_bn = has_bn
-        self.activation = _get_activation(activation)
-        self.bn = None
-        if has_bn:
-            self.bn = keras.layers.BatchNormalization(
-                momentum=momentum,
-                epsilon=epsilon,
-                gamma_initializer=gamma_initializer,
-                beta_initializer=beta_initializer,
-                moving_mean_initializer=moving_mean_initializer,
-                moving_variance_initializer=moving_variance_initializer,
-                synchronized=synchronized,
-                name="bn",
-            )
-        self._bn_config = dict(
-            momentum=momentum,
-            epsilon=epsilon,
-            synchronized=synchronized,
-            gamma_initializer=keras.initializers.serialize(
-                keras.initializers.get(gamma_initializer)
-            ),
-            beta_initializer=keras.initializers.serialize(
-                keras.initializers.get(beta_initializer)
-            ),
-            moving_mean_initializer=keras.initializers.serialize(
-                keras.initializers.get(moving_mean_initializer)
-            ),
-            moving_variance_initializer=keras.initializers.serialize(
-                keras.initializers.get(moving_variance_initializer)
-            ),
-        )
+        self.has_bn = check_bool("has_bn", has_bn)
+        self.activation = get_activation(activation)
+        bn = keras.layers.BatchNormalization(
+            momentum=momentum, epsilon=epsilon, center=center, scale=scale,
+            beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint,
+            synchronized=synchronized, dtype=self.dtype_policy, name="bn",
+        )  # fmt: skip
+        self._bn_config = {
+            key: value
+            for key, value in bn.get_config().items()
+            if key not in ("name", "trainable", "dtype", "axis")
+            and not key.startswith("renorm")
+        }
+        self.bn = bn if self.has_bn else None
+        self._init_modes(weight_quantizer, freeze_bn)
+
+    def _init_modes(self, weight_quantizer, freeze_bn):
+        if not self.quantized:
+            if weight_quantizer is not None:
+                raise ValueError(
+                    f"{self.__class__.__name__} is a float layer; use its Quant... "
+                    "counterpart (or convert_quant_network) to quantize it. "
+                    f"Received: weight_quantizer={weight_quantizer!r}"
+                )
+            return
+        self.weight_quantizer = WeightQuantizer.get(weight_quantizer, "weight_quantizer")
+        if self.folded:
+            if not self.has_bn:
+                raise ValueError(
+                    f"{self.__class__.__name__} folds a BatchNorm and needs "
+                    "has_bn=True. Received: has_bn=False"
+                )
+            self.freeze_bn = check_int("freeze_bn", freeze_bn)
 
     @property
     def linear_layer(self):
-        """The `Conv2D` or `Dense` sub-layer."""
+        """The Keras `Conv2D`, `Dense` or `DepthwiseConv2D` sub-layer."""
+        raise NotImplementedError
+
+    def kernel(self):
+        """The linear layer's kernel, with its output channels last."""
+        return self.linear_layer.kernel
+
+    def kernel_op(self, inputs, kernel):
+        """The conv or matmul of `inputs` with a kernel like `kernel()`'s,
+        without bias."""
         raise NotImplementedError
 
     def build(self, input_shape):
         self.linear_layer.build(input_shape)
         if self.bn is not None:
             self.bn.build(self.linear_layer.compute_output_shape(input_shape))
+        if self.quantized and not self.weight_quantizer.built:  # built when loaded
+            self.weight_quantizer.build(self.kernel().shape)
+        if not self.trainable:  # a frozen layer's sub-layers are frozen too
+            self.trainable = False
 
     def compute_output_shape(self, input_shape):
         return self.linear_layer.compute_output_shape(input_shape)
 
-    def linear(self, inputs, training=False):
-        """The conv or matmul, plus bias; quantized subclasses override it."""
-        return self.linear_layer(inputs)
-
-    def apply_kernel(self, inputs, kernel):
-        """The conv or matmul of `inputs` with `kernel`, without bias."""
-        raise NotImplementedError
-
-    def call(self, inputs, training=False):
-        outputs = self.linear(inputs, training=training)
-        if self.bn is not None:
-            outputs = self.bn(outputs, training=training)
+    def call(self, inputs, training=False, input_grid=None):
+        if self.folded:
+            outputs = bn_folding.folded_call(self, inputs, training, input_grid)
+        else:
+            if self.quantized:
+                outputs = self.quantized_linear(inputs, training, input_grid)
+            else:
+                outputs = self.linear_layer(inputs)
+            if self.bn is not None:
+                outputs = self.bn(outputs, training=training)
         return self.activation(outputs)
+
+    def quantized_linear(self, inputs, training, input_grid):
+        """The conv or matmul with the fake-quantized kernel, plus bias.
+
+        Without BatchNorm the bias is the integer kernel's: on the int32 grid
+        `input_grid * weight scale` (see `bias_on_grid`). With an unfolded
+        BatchNorm it stays float: TFLite folds the BatchNorm into it later.
+        """
+        weights = self.weight_quantizer.quantize_weights(self.kernel(), training)
+        outputs = self.kernel_op(inputs, tf.cast(weights.values, inputs.dtype))
+        if not self.linear_layer.use_bias:
+            return outputs
+        bias = self.linear_layer.bias
+        if self.bn is None:
+            bias = quantizers.bias_on_grid(bias, input_grid, weights.scale)
+        return tf.nn.bias_add(outputs, tf.cast(bias, outputs.dtype))
+
+    def copy_weights_from(self, source):
+        """Copies the weights of fusion layer `source` (same kind and shape)
+        into this one: the linear layer's and the BatchNorm's."""
+        if source.bn is not None and self.bn is None:
+            raise ValueError(
+                f"Cannot copy the BatchNorm weights (bn/gamma, bn/beta, ...) of "
+                f"'{source.name}' into {self.__class__.__name__} '{self.name}', "
+                "which has no BatchNorm (has_bn=False)."
+            )
+        self.linear_layer.set_weights(source.linear_layer.get_weights())
+        if source.bn is not None:
+            self.bn.set_weights(source.bn.get_weights())
 
     def get_config(self):
         config = super().get_config()
+        linear = self.linear_layer.get_config()
+        config.update({k: v for k, v in linear.items() if k not in _NOT_FORWARDED})
+        config.update(self._bn_config)
         config.update(
-            has_bn=self.has_bn,
-            activation=keras.activations.serialize(self.activation),
-            **self._bn_config,
+            has_bn=self.has_bn, activation=keras.activations.serialize(self.activation)
         )
+        if self.quantized:
+            config["weight_quantizer"] = keras.saving.serialize_keras_object(
+                self.weight_quantizer
+            )
+        if self.folded:
+            config["freeze_bn"] = self.freeze_bn
         return config
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
-class Conv2DBnAct(_FusedBnAct):
+class Conv2DBnAct(FusionLayer):
     """2D convolution, optional BatchNormalization, optional activation.
 
     A drop-in for `keras.layers.Conv2D` (followed by `BatchNormalization` when
     `has_bn=True`), and the unit that `convert_quant_network` quantizes. The
     convolution is a `keras.layers.Conv2D` sub-layer named `conv`, the
-    BatchNorm a `keras.layers.BatchNormalization` named `bn`.
+    BatchNorm a `keras.layers.BatchNormalization` named `bn`; the activation
+    comes last.
 
     Args:
-        filters: Number of output channels.
-        kernel_size: Integer or pair of integers, the window size.
-        strides: Integer or pair of integers.
-        padding: `"valid"` or `"same"`.
-        dilation_rate: Integer or pair of integers.
-        use_bias: Whether the convolution adds a bias.
-        kernel_initializer: Initializer of the kernel.
-        bias_initializer: Initializer of the bias.
-        kernel_regularizer: Optional regularizer of the kernel.
-        bias_regularizer: Optional regularizer of the bias.
-        has_bn: Whether a BatchNormalization follows the convolution.
-        momentum: BatchNorm moving-average momentum.
-        epsilon: BatchNorm epsilon.
-        gamma_initializer: BatchNorm initializers (also `beta_initializer`,
-            `moving_mean_initializer`, `moving_variance_initializer`).
-        synchronized: Whether BatchNorm batch statistics are computed over
-            the global batch under a `tf.distribute` strategy (Keras'
-            `BatchNormalization(synchronized=True)`).
+        filters, kernel_size, strides, padding, data_format, dilation_rate,
+            groups, use_bias, kernel_initializer, bias_initializer,
+            kernel_regularizer, bias_regularizer, kernel_constraint,
+            bias_constraint: As in `keras.layers.Conv2D`.
         activation: Activation applied last: a name (`"relu"`, `"relu6"`,
             `"sigmoid"`, `"leaky_relu"`, `"hard_sigmoid"`, `"hard_silu"` /
             `"hard_swish"`, ...), a callable, or `None`.
-        **kwargs: Base layer keyword arguments, such as `name`.
+        activity_regularizer: Regularizer of the layer's output (after the
+            BatchNorm and the activation).
+        has_bn: Whether a BatchNormalization follows the convolution.
+        **kwargs: BatchNormalization arguments (`momentum`, `epsilon`,
+            `synchronized`, ...; see `FusionLayer`) and base layer keyword
+            arguments, such as `name`.
 
     Input shape:
         4D tensor `(batch, height, width, channels)` (channels last).
@@ -179,79 +261,48 @@ class Conv2DBnAct(_FusedBnAct):
         self,
         filters,
         kernel_size,
-        strides=1,
+        strides=(1, 1),
         padding="valid",
-        dilation_rate=1,
+        data_format=None,
+        dilation_rate=(1, 1),
+        groups=1,
+        activation=None,
         use_bias=True,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         kernel_regularizer=None,
         bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
         has_bn=False,
-        momentum=0.99,
-        epsilon=1e-3,
-        gamma_initializer="ones",
-        beta_initializer="zeros",
-        moving_mean_initializer="zeros",
-        moving_variance_initializer="ones",
-        synchronized=False,
-        activation=None,
         **kwargs,
     ):
         super().__init__(
             has_bn=has_bn,
-            synchronized=synchronized,
-            momentum=momentum,
-            epsilon=epsilon,
-            gamma_initializer=gamma_initializer,
-            beta_initializer=beta_initializer,
-            moving_mean_initializer=moving_mean_initializer,
-            moving_variance_initializer=moving_variance_initializer,
             activation=activation,
+            activity_regularizer=activity_regularizer,
             **kwargs,
         )
         self.conv = keras.layers.Conv2D(
-            filters,
-            kernel_size,
-            strides=strides,
-            padding=padding,
-            dilation_rate=dilation_rate,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            name="conv",
-        )
+            filters, kernel_size, strides=strides, padding=padding,
+            data_format=data_format, dilation_rate=dilation_rate, groups=groups,
+            use_bias=use_bias, kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer, kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer, kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint, dtype=self.dtype_policy, name="conv",
+        )  # fmt: skip
 
     @property
     def linear_layer(self):
         return self.conv
 
-    def apply_kernel(self, inputs, kernel):
+    def kernel_op(self, inputs, kernel):
         return self.conv.convolution_op(inputs, kernel)
-
-    def get_config(self):
-        config = super().get_config()
-        conv_config = self.conv.get_config()
-        for key in (
-            "filters",
-            "kernel_size",
-            "strides",
-            "padding",
-            "dilation_rate",
-            "use_bias",
-            "kernel_initializer",
-            "bias_initializer",
-            "kernel_regularizer",
-            "bias_regularizer",
-        ):
-            config[key] = conv_config[key]
-        return config
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
-class DenseBnAct(_FusedBnAct):
+class DenseBnAct(FusionLayer):
     """Densely-connected layer, optional BatchNormalization and activation.
 
     A drop-in for `keras.layers.Dense` (followed by `BatchNormalization` when
@@ -260,21 +311,14 @@ class DenseBnAct(_FusedBnAct):
     `keras.layers.BatchNormalization` named `bn`.
 
     Args:
-        units: Number of output units.
-        use_bias: Whether the layer adds a bias.
-        kernel_initializer: Initializer of the kernel.
-        bias_initializer: Initializer of the bias.
-        kernel_regularizer: Optional regularizer of the kernel.
-        bias_regularizer: Optional regularizer of the bias.
-        has_bn: Whether a BatchNormalization follows the matmul.
-        momentum: BatchNorm moving-average momentum.
-        epsilon: BatchNorm epsilon.
-        gamma_initializer: BatchNorm initializers (also `beta_initializer`,
-            `moving_mean_initializer`, `moving_variance_initializer`).
-        synchronized: Whether BatchNorm batch statistics are computed over
-            the global batch under a `tf.distribute` strategy.
+        units, use_bias, kernel_initializer, bias_initializer,
+            kernel_regularizer, bias_regularizer, kernel_constraint,
+            bias_constraint: As in `keras.layers.Dense`.
         activation: Activation applied last (see `Conv2DBnAct`).
-        **kwargs: Base layer keyword arguments, such as `name`.
+        activity_regularizer: Regularizer of the layer's output.
+        has_bn: Whether a BatchNormalization follows the matmul.
+        **kwargs: BatchNormalization arguments and base layer keyword
+            arguments (see `Conv2DBnAct`).
 
     Input shape:
         N-D tensor `(batch, ..., input_dim)`.
@@ -295,70 +339,75 @@ class DenseBnAct(_FusedBnAct):
     def __init__(
         self,
         units,
+        activation=None,
         use_bias=True,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         kernel_regularizer=None,
         bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
         has_bn=False,
-        momentum=0.99,
-        epsilon=1e-3,
-        gamma_initializer="ones",
-        beta_initializer="zeros",
-        moving_mean_initializer="zeros",
-        moving_variance_initializer="ones",
-        synchronized=False,
-        activation=None,
         **kwargs,
     ):
         super().__init__(
             has_bn=has_bn,
-            synchronized=synchronized,
-            momentum=momentum,
-            epsilon=epsilon,
-            gamma_initializer=gamma_initializer,
-            beta_initializer=beta_initializer,
-            moving_mean_initializer=moving_mean_initializer,
-            moving_variance_initializer=moving_variance_initializer,
             activation=activation,
+            activity_regularizer=activity_regularizer,
             **kwargs,
         )
         self.dense = keras.layers.Dense(
-            units,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            name="dense",
-        )
+            units, use_bias=use_bias, kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer, kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer, kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint, dtype=self.dtype_policy, name="dense",
+        )  # fmt: skip
+        self._as_conv = False  # True while traced for export as a 1x1 conv
 
     @property
     def linear_layer(self):
         return self.dense
 
-    def apply_kernel(self, inputs, kernel):
+    def kernel(self):
+        kernel = self.dense.kernel
+        if self._as_conv:
+            return tf.reshape(kernel, [1, 1] + list(kernel.shape))
+        return kernel
+
+    def kernel_op(self, inputs, kernel):
         if kernel.shape.rank == 4:  # (1, 1, in, out): as a 1x1 convolution
             return tf.nn.conv2d(inputs, kernel, strides=1, padding="VALID")
         return keras.ops.matmul(inputs, kernel)
 
-    def get_config(self):
-        config = super().get_config()
-        dense_config = self.dense.get_config()
-        for key in (
-            "units",
-            "use_bias",
-            "kernel_initializer",
-            "bias_initializer",
-            "kernel_regularizer",
-            "bias_regularizer",
-        ):
-            config[key] = dense_config[key]
-        return config
+    def call(self, inputs, training=False, input_grid=None):
+        """As `FusionLayer.call`; traced for export with per-channel weights,
+        the whole unit runs as a 1x1 convolution on `(n, 1, 1, in)` inputs.
+
+        The TFLite converter turns a MatMul with per-channel fake-quantized
+        weights into a transpose whose quantized axis does not match, but
+        converts a 1x1 Conv2D with per-output-channel weights into an int8
+        CONV_2D. The kernel is reshaped to `(1, 1, in, out)` before it is
+        quantized, so its quantized axis is the last one throughout.
+        """
+        self._as_conv = (
+            self.quantized
+            and self.weight_quantizer.per_channel
+            and not training
+            and is_tracing_for_export()
+        )
+        if not self._as_conv:
+            return super().call(inputs, training=training, input_grid=input_grid)
+        in_units, units = self.dense.kernel.shape
+        flat = tf.reshape(inputs, [-1, 1, 1, in_units])
+        outputs = super().call(flat, training=training, input_grid=input_grid)
+        if inputs.shape.rank == 2:  # a static shape: no shape ops in the model
+            return tf.reshape(outputs, [-1, units])
+        return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [units]], 0))
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
-class DepthwiseConv2DBnAct(_FusedBnAct):
+class DepthwiseConv2DBnAct(FusionLayer):
     """Depthwise 2D convolution, optional BatchNormalization and activation.
 
     A drop-in for `keras.layers.DepthwiseConv2D` (followed by
@@ -366,27 +415,21 @@ class DepthwiseConv2DBnAct(_FusedBnAct):
     `keras.layers.DepthwiseConv2D` sub-layer named `depthwise`, the
     BatchNorm a `keras.layers.BatchNormalization` named `bn`. Output channel
     `c * depth_multiplier + m` is filter `m` of input channel `c`, as in
-    Keras and TFLite; quantized layers keep one weight range per output
-    channel (`in_channels * depth_multiplier` ranges).
+    Keras and TFLite. `kernel()` is the depthwise kernel seen as
+    `(kh, kw, 1, in_channels * depth_multiplier)`, TFLite's layout, so that
+    quantized layers keep one weight range per output channel (tfmot
+    quantized the wrong axis here, tensorflow#47858).
 
     Args:
-        kernel_size: Integer or pair of integers, the window size.
-        strides: Integer or pair of integers.
-        padding: `"valid"` or `"same"`.
-        depth_multiplier: Output channels per input channel.
-        dilation_rate: Integer or pair of integers.
-        use_bias: Whether the convolution adds a bias.
-        depthwise_initializer: Initializer of the depthwise kernel.
-        bias_initializer: Initializer of the bias.
-        depthwise_regularizer: Optional regularizer of the kernel.
-        bias_regularizer: Optional regularizer of the bias.
-        has_bn: Whether a BatchNormalization follows the convolution.
-        momentum, epsilon, gamma_initializer, ...: BatchNorm arguments, as
-            in `Conv2DBnAct`.
-        synchronized: Whether BatchNorm batch statistics are computed over
-            the global batch under a `tf.distribute` strategy.
+        kernel_size, strides, padding, depth_multiplier, data_format,
+            dilation_rate, use_bias, depthwise_initializer, bias_initializer,
+            depthwise_regularizer, bias_regularizer, depthwise_constraint,
+            bias_constraint: As in `keras.layers.DepthwiseConv2D`.
         activation: Activation applied last (see `Conv2DBnAct`).
-        **kwargs: Base layer keyword arguments, such as `name`.
+        activity_regularizer: Regularizer of the layer's output.
+        has_bn: Whether a BatchNormalization follows the convolution.
+        **kwargs: BatchNormalization arguments and base layer keyword
+            arguments (see `Conv2DBnAct`).
 
     Input shape:
         4D tensor `(batch, height, width, channels)` (channels last).
@@ -409,84 +452,57 @@ class DepthwiseConv2DBnAct(_FusedBnAct):
     def __init__(
         self,
         kernel_size,
-        strides=1,
+        strides=(1, 1),
         padding="valid",
         depth_multiplier=1,
-        dilation_rate=1,
+        data_format=None,
+        dilation_rate=(1, 1),
+        activation=None,
         use_bias=True,
         depthwise_initializer="glorot_uniform",
         bias_initializer="zeros",
         depthwise_regularizer=None,
         bias_regularizer=None,
+        activity_regularizer=None,
+        depthwise_constraint=None,
+        bias_constraint=None,
         has_bn=False,
-        momentum=0.99,
-        epsilon=1e-3,
-        gamma_initializer="ones",
-        beta_initializer="zeros",
-        moving_mean_initializer="zeros",
-        moving_variance_initializer="ones",
-        synchronized=False,
-        activation=None,
         **kwargs,
     ):
         super().__init__(
             has_bn=has_bn,
-            synchronized=synchronized,
-            momentum=momentum,
-            epsilon=epsilon,
-            gamma_initializer=gamma_initializer,
-            beta_initializer=beta_initializer,
-            moving_mean_initializer=moving_mean_initializer,
-            moving_variance_initializer=moving_variance_initializer,
             activation=activation,
+            activity_regularizer=activity_regularizer,
             **kwargs,
         )
         self.depthwise = keras.layers.DepthwiseConv2D(
-            kernel_size,
-            strides=strides,
-            padding=padding,
-            depth_multiplier=depth_multiplier,
-            dilation_rate=dilation_rate,
-            use_bias=use_bias,
+            kernel_size, strides=strides, padding=padding,
+            depth_multiplier=depth_multiplier, data_format=data_format,
+            dilation_rate=dilation_rate, use_bias=use_bias,
             depthwise_initializer=depthwise_initializer,
             bias_initializer=bias_initializer,
             depthwise_regularizer=depthwise_regularizer,
             bias_regularizer=bias_regularizer,
-            name="depthwise",
-        )
+            depthwise_constraint=depthwise_constraint,
+            bias_constraint=bias_constraint, dtype=self.dtype_policy, name="depthwise",
+        )  # fmt: skip
 
     @property
     def linear_layer(self):
         return self.depthwise
 
-    def apply_kernel(self, inputs, kernel):
-        """Depthwise conv with `kernel` of the sub-layer's shape, or of shape
-        `(kh, kw, 1, channels * depth_multiplier)` (output channels last)."""
-        kernel = tf.reshape(kernel, self.depthwise.kernel.shape)
+    def kernel(self):
+        kernel = self.depthwise.kernel
+        kh, kw, channels, multiplier = kernel.shape
+        return tf.reshape(kernel, [kh, kw, 1, channels * multiplier])
+
+    def kernel_op(self, inputs, kernel):
         depthwise = self.depthwise
         return keras.ops.depthwise_conv(
             inputs,
-            kernel,
+            tf.reshape(kernel, depthwise.kernel.shape),
             strides=depthwise.strides,
             padding=depthwise.padding,
             data_format=depthwise.data_format,
             dilation_rate=depthwise.dilation_rate,
         )
-
-    def get_config(self):
-        config = super().get_config()
-        depthwise_config = self.depthwise.get_config()
-        for key in (
-            "kernel_size",
-            "strides",
-            "padding",
-            "depth_multiplier",
-            "dilation_rate",
-            "use_bias",
-            "depthwise_initializer",
-            "bias_initializer",
-            "depthwise_regularizer",
-            "bias_regularizer",
-        ):
-            config[key] = depthwise_config[key]
-        return config

@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 import reference
-from keras_qat import ops
+from keras_qat import quantizers
 
 
 def assert_matches_reference(y, x, min_val, max_val, num_bits, narrow_range, symmetric):
@@ -58,7 +58,7 @@ def test_per_tensor_matches_numpy(num_bits, narrow_range, symmetric):
     rng = np.random.default_rng(num_bits)
     for min_val, max_val in [(-1.3, 2.1), (-0.01, 5.0), (-3.0, 0.2)]:
         x = random_inputs(rng, min_val, max_val)
-        y = ops.fake_quant(
+        y = quantizers.fake_quant(
             x, min_val, max_val, num_bits, symmetric=symmetric, narrow_range=narrow_range
         )
         assert y.dtype == tf.float32 and y.shape == x.shape
@@ -78,7 +78,7 @@ def test_per_tensor_matches_numpy(num_bits, narrow_range, symmetric):
 )
 def test_edge_ranges(min_val, max_val):
     x = np.linspace(-3, 3, 601).astype(np.float32)
-    y = ops.fake_quant(x, min_val, max_val).numpy()
+    y = quantizers.fake_quant(x, min_val, max_val).numpy()
     assert_matches_reference(y, x, min_val, max_val, 8, False, False)
     assert np.all(np.isfinite(y))
     if (min_val, max_val) == (0.5, 2.0):
@@ -92,14 +92,14 @@ def test_zero_is_exact_and_ties_round_up():
     # exact in float32, so .5 ties are exact and must round up.
     min_val, max_val = -8.0, 127 / 16
     ties = (np.arange(-128, 127) + 0.5).astype(np.float32) / 16
-    y = ops.fake_quant(ties, min_val, max_val).numpy()
+    y = quantizers.fake_quant(ties, min_val, max_val).numpy()
     np.testing.assert_array_equal(y, ties + np.float32(1 / 32))
-    assert ops.fake_quant(np.float32(0.0), -0.37, 1.91).numpy() == 0.0
+    assert quantizers.fake_quant(np.float32(0.0), -0.37, 1.91).numpy() == 0.0
 
 
 def test_symmetric_narrow_range_is_the_signed_grid():
     x = np.linspace(-2, 2, 1001).astype(np.float32)
-    y = ops.fake_quant(x, -0.5, 1.27, num_bits=8, symmetric=True, narrow_range=True).numpy()
+    y = quantizers.fake_quant(x, -0.5, 1.27, num_bits=8, symmetric=True, narrow_range=True).numpy()
     scale = np.float32(2 * 1.27 / 254)
     levels = y / scale
     np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
@@ -116,7 +116,7 @@ def test_per_channel_matches_per_tensor_reference(axis, rank):
     mins = -rng.uniform(0.1, 3, channels).astype(np.float32)
     maxs = rng.uniform(0.1, 3, channels).astype(np.float32)
     mins[0], maxs[0] = 0.0, 0.0  # one zero-range channel
-    y = ops.fake_quant(x, mins, maxs, num_bits=5, axis=axis).numpy()
+    y = quantizers.fake_quant(x, mins, maxs, num_bits=5, axis=axis).numpy()
     for c in range(channels):
         xc = np.take(x, c, axis=axis).ravel()
         yc = np.take(y, c, axis=axis).ravel()
@@ -137,7 +137,7 @@ def test_gradients_equal_tf_gradient_op_and_numpy(num_bits, narrow_range):
     min_val, max_val = tf.Variable(-1.1), tf.Variable(0.9)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = ops.fake_quant(x, min_val, max_val, num_bits, narrow_range=narrow_range)
+        y = quantizers.fake_quant(x, min_val, max_val, num_bits, narrow_range=narrow_range)
     dx, dmin, dmax = tape.gradient(y, [x, min_val, max_val], output_gradients=dy)
     tf_dx, tf_dmin, tf_dmax = tf.quantization.fake_quant_with_min_max_vars_gradient(
         dy, x, -1.1, 0.9, num_bits=num_bits, narrow_range=narrow_range
@@ -160,7 +160,7 @@ def test_per_channel_gradients_on_axis_0():
     maxs = tf.Variable([1.0, 0.7, 2.0])
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = ops.fake_quant(x, mins, maxs, axis=0)
+        y = quantizers.fake_quant(x, mins, maxs, axis=0)
     dx, dmin, dmax = tape.gradient(y, [x, mins, maxs], output_gradients=dy)
     tf_dx, tf_dmin, tf_dmax = (
         tf.quantization.fake_quant_with_min_max_vars_per_channel_gradient(
@@ -181,16 +181,16 @@ def test_per_channel_gradients_on_axis_0():
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_low_precision_inputs_compute_in_float32(dtype):
     x = tf.cast(tf.linspace(-2.0, 2.0, 101), dtype)
-    y = ops.fake_quant(x, -1.0, 1.5)
+    y = quantizers.fake_quant(x, -1.0, 1.5)
     assert y.dtype == tf.as_dtype(dtype)
-    expected = ops.fake_quant(tf.cast(x, tf.float32), -1.0, 1.5)
+    expected = quantizers.fake_quant(tf.cast(x, tf.float32), -1.0, 1.5)
     np.testing.assert_array_equal(y.numpy(), tf.cast(expected, dtype).numpy())
 
 
 def test_xla_compiles_and_matches_within_one_step():
     x = tf.constant(np.random.default_rng(2).uniform(-2, 2, 10_000).astype(np.float32))
-    eager = ops.fake_quant(x, -1.3, 1.7)
-    compiled = tf.function(lambda t: ops.fake_quant(t, -1.3, 1.7), jit_compile=True)(x)
+    eager = quantizers.fake_quant(x, -1.3, 1.7)
+    compiled = tf.function(lambda t: quantizers.fake_quant(t, -1.3, 1.7), jit_compile=True)(x)
     _, _, scale = reference.nudge(-1.3, 1.7, 8, False)
     assert np.max(np.abs(eager - compiled)) <= scale * 1.0001
 
@@ -206,13 +206,13 @@ def test_xla_compiles_and_matches_within_one_step():
 )
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        ops.fake_quant(tf.zeros((2, 3)), [-1.0] * 3, [1.0] * 3, **{"axis": -1, **kwargs})
+        quantizers.fake_quant(tf.zeros((2, 3)), [-1.0] * 3, [1.0] * 3, **{"axis": -1, **kwargs})
 
 
 def test_range_shape_must_match_channels():
     with pytest.raises(ValueError, match="one per channel"):
-        ops.fake_quant(tf.zeros((2, 3)), [-1.0, -1.0], [1.0, 1.0], axis=1)
+        quantizers.fake_quant(tf.zeros((2, 3)), [-1.0, -1.0], [1.0, 1.0], axis=1)
     with pytest.raises(ValueError, match="scalars"):
-        ops.fake_quant(tf.zeros((2, 3)), [-1.0] * 3, [1.0] * 3)
+        quantizers.fake_quant(tf.zeros((2, 3)), [-1.0] * 3, [1.0] * 3)
     with pytest.raises(ValueError, match="floating-point"):
-        ops.fake_quant(tf.zeros((2, 3), tf.int32), -1.0, 1.0)
+        quantizers.fake_quant(tf.zeros((2, 3), tf.int32), -1.0, 1.0)

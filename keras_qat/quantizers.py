@@ -21,8 +21,7 @@ gradient of the elements below / above the range.
 
 import tensorflow as tf
 
-MIN_BITS = 2
-MAX_BITS = 16
+from keras_qat.config import check_num_bits
 
 
 def quant_levels(num_bits, narrow_range=False):
@@ -43,19 +42,6 @@ def quant_levels(num_bits, narrow_range=False):
     """
     check_num_bits(num_bits)
     return (1 if narrow_range else 0), 2**num_bits - 1
-
-
-def check_num_bits(num_bits, name="num_bits"):
-    """Raises `ValueError` unless `num_bits` is an integer in `[2, 16]`."""
-    if (
-        isinstance(num_bits, bool)
-        or not isinstance(num_bits, int)
-        or not MIN_BITS <= num_bits <= MAX_BITS
-    ):
-        raise ValueError(
-            f"Received an invalid value for `{name}`, expected an integer "
-            f"in [{MIN_BITS}, {MAX_BITS}]. Received: {name}={num_bits!r}"
-        )
 
 
 def quant_range(min_val, max_val, symmetric=False):
@@ -136,6 +122,51 @@ def grid_scale(min_val, max_val, num_bits=8, symmetric=False, narrow_range=False
     return nudged_range(low, high, num_bits, narrow_range)[2]
 
 
+def round_half_away_from_zero(x, tie_tolerance=0.0):
+    """Rounds to the nearest integer, ties away from zero (`std::round`).
+
+    `tie_tolerance` moves values that lie that close below a tie onto it, for
+    values known to be ties up to float error (averages of grid values).
+    """
+    return tf.sign(x) * tf.floor(tf.abs(x) + 0.5 + tie_tolerance)
+
+
+def batch_range(x, reduce_axes=None):
+    """Returns `(min, max)` of the finite values of `x`, always containing 0.
+
+    Non-finite values (NaN, +-inf) are treated as 0, so they never reach a
+    range; 0 is inside every range anyway. Masking every element costs two
+    extra passes over each activation, so the plain min / max is taken first
+    and the masked one only when that is not finite.
+
+    Args:
+        x: Tensor; reduced in float32.
+        reduce_axes: Axes to reduce, `None` for all (a per-tensor range).
+
+    Returns:
+        Two float32 tensors.
+    """
+    x = tf.cast(x, tf.float32)
+
+    def reduce(values):
+        return (
+            tf.reduce_min(values, axis=reduce_axes),
+            tf.reduce_max(values, axis=reduce_axes),
+        )
+
+    batch_min, batch_max = reduce(x)
+    finite = tf.logical_and(
+        tf.reduce_all(tf.math.is_finite(batch_min)),
+        tf.reduce_all(tf.math.is_finite(batch_max)),
+    )
+    batch_min, batch_max = tf.cond(
+        finite,
+        lambda: (batch_min, batch_max),
+        lambda: reduce(tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))),
+    )
+    return tf.minimum(batch_min, 0.0), tf.maximum(batch_max, 0.0)
+
+
 def int32_bias(bias, scale):
     """Rounds `bias` to the int32 grid on which integer kernels add it.
 
@@ -162,9 +193,23 @@ def int32_bias(bias, scale):
     value = tf.cast(bias, tf.float32)
     scale = tf.cast(scale, tf.float32)
     levels = tf.math.divide_no_nan(value, scale)
-    rounded = tf.sign(levels) * tf.floor(tf.abs(levels) + 0.5) * scale
+    rounded = round_half_away_from_zero(levels) * scale
     rounded = tf.where(scale > 0, rounded, value)
     return bias + tf.stop_gradient(tf.cast(rounded, bias.dtype) - bias)
+
+
+def bias_on_grid(bias, input_grid, weight_scale):
+    """`bias` on the int32 grid on which the integer kernel adds it.
+
+    An integer conv or matmul accumulates `input * weight` in int32 at scale
+    `input_scale * weight_scale` and adds its bias there (Jacob et al. 2018,
+    section 2.4). `input_grid` is the input's scale (from the `FakeQuant`
+    before the layer, 0 while it does not quantize), or None when unknown:
+    the bias then stays float, as it does where a scale is 0.
+    """
+    if input_grid is None:
+        return bias
+    return int32_bias(bias, tf.cast(input_grid, tf.float32) * weight_scale)
 
 
 def _fake_quant_last_axis(x, min_val, max_val, num_bits, narrow_range):
@@ -260,21 +305,26 @@ def fake_quant(
             "`fake_quant` expects a floating-point tensor. "
             f"Received: x.dtype={x.dtype.name}"
         )
-    input_dtype = x.dtype
-    x = tf.cast(x, tf.float32)
-    min_val = tf.cast(min_val, tf.float32)
-    max_val = tf.cast(max_val, tf.float32)
-    min_val, max_val = quant_range(min_val, max_val, symmetric)
-
+    min_val, max_val = quant_range(
+        tf.cast(min_val, tf.float32), tf.cast(max_val, tf.float32), symmetric
+    )
+    values = tf.cast(x, tf.float32)
     if axis is None:
         if min_val.shape.rank != 0 or max_val.shape.rank != 0:
             raise ValueError(
                 "With `axis=None`, `min_val` and `max_val` must be scalars. "
                 f"Received shapes: {min_val.shape} and {max_val.shape}"
             )
-        y = _fake_quant_last_axis(x, min_val, max_val, num_bits, narrow_range)
-        return tf.cast(y, input_dtype)
+        y = _fake_quant_last_axis(values, min_val, max_val, num_bits, narrow_range)
+    else:
+        axis = _check_channel_axis(values, axis, min_val, max_val)
+        y = _fake_quant_along(values, axis, min_val, max_val, num_bits, narrow_range)
+    return tf.cast(y, x.dtype)
 
+
+def _check_channel_axis(x, axis, min_val, max_val):
+    """Returns `axis` in `[0, rank)`; raises unless the range has one value
+    per channel of `x` along it."""
     rank = x.shape.rank
     if rank is None or not -rank <= axis < rank:
         raise ValueError(
@@ -293,21 +343,24 @@ def fake_quant(
                 f"{channels} values, one per channel. "
                 f"Received: {name}.shape={value.shape}"
             )
+    return axis
 
-    # The TensorFlow op takes the channels last, for ranks 1, 2 and 4.
+
+def _fake_quant_along(x, axis, min_val, max_val, num_bits, narrow_range):
+    """Per-channel fake quant along `axis` (in `[0, rank)`) of float32 `x`.
+
+    The TensorFlow op takes the channels last, for ranks 1, 2 and 4: other
+    axes are moved last and other ranks flattened to 2D, then put back.
+    """
+    rank = x.shape.rank
     perm = [d for d in range(rank) if d != axis] + [axis]
     moved = x if axis == rank - 1 else tf.transpose(x, perm)
     if rank in (1, 2, 4):
-        y = _fake_quant_last_axis(
-            moved, min_val, max_val, num_bits, narrow_range
-        )
+        y = _fake_quant_last_axis(moved, min_val, max_val, num_bits, narrow_range)
     else:
         flat = tf.reshape(moved, [-1, tf.shape(moved)[-1]])
         y = _fake_quant_last_axis(flat, min_val, max_val, num_bits, narrow_range)
         y = tf.reshape(y, tf.shape(moved))
     if axis != rank - 1:
-        inverse = [0] * rank
-        for position, dim in enumerate(perm):
-            inverse[dim] = position
-        y = tf.transpose(y, inverse)
-    return tf.cast(y, input_dtype)
+        y = tf.transpose(y, [perm.index(d) for d in range(rank)])
+    return y

@@ -1,0 +1,1 @@
+"""Export to TFLite (`litert`) and inspection of TFLite models (`inspect`)."""

@@ -1,0 +1,228 @@
+"""TFLite export of a trained quantization network.
+
+`export_tflite` saves the quantization network as a SavedModel, traced so
+that every fake-quant op runs unconditionally, and hands it to the TFLite
+converter. The converter reads each activation's range from the FakeQuant
+ops and each weight's from the weight fake-quant ops, so no representative
+dataset is needed and the integer model uses exactly the trained grids.
+`check_exportable` lists, before conversion, everything that keeps a model
+from int8.
+"""
+
+import os
+import tempfile
+
+import tensorflow as tf
+
+from keras_qat import graph
+from keras_qat.export.inspect import float_ops
+from keras_qat.layers.fake_quant import FakeQuant, tracing_for_export
+from keras_qat.layers.fusion import FusionLayer
+
+
+def _fake_quant_problems(layer, name):
+    step = int(layer.step.numpy())
+    problems = []
+    if step == 0 and layer.fixed_range is None:
+        problems.append(f"{name} has never seen a training batch, so it has no range")
+    elif step < layer.quant_delay:
+        problems.append(f"{name} is still in its quant delay ({step} of {layer.quant_delay} steps)")
+    if layer.num_bits != 8:
+        problems.append(f"{name} quantizes activations to {layer.num_bits} bits; int8 TFLite needs 8")
+    if layer.per_channel:
+        problems.append(f"{name} is per channel; TFLite activations are per tensor")
+    return problems
+
+
+def _weight_problems(layer, name):
+    quantizer = layer.weight_quantizer
+    problems = []
+    if not (quantizer.symmetric and quantizer.narrow_range):
+        problems.append(
+            f"{name} has asymmetric weights; TFLite int8 weights have zero point 0 "
+            "(convert with symmetric=[True, ...], narrow_range=[True, ...])"
+        )
+    if quantizer.num_bits > 8:
+        problems.append(f"{name} has {quantizer.num_bits}-bit weights; int8 TFLite holds at most 8")
+    step = int(quantizer.step.numpy())
+    if step < quantizer.quant_delay:
+        problems.append(f"{name} is still in its quant delay ({step} of {quantizer.quant_delay} steps)")
+    if layer.has_bn and not quantizer.per_channel and not layer.folded:
+        problems.append(
+            f"{name} has per-tensor weights followed by a BatchNorm: folding the "
+            "BatchNorm's per-channel scale into them leaves them off their single "
+            "int8 grid (use bn_fold=True or per_channel=[True, ...] for weights)"
+        )
+    if _adds_int32_bias(layer) and any(
+        "input_grid" not in kwargs for _, kwargs in graph.node_arguments(layer)
+    ):
+        problems.append(
+            f"{name} adds its bias in float: it is called without the `input_grid` "
+            "of a FakeQuant before it, so its bias is not on the int32 grid TFLite "
+            "rounds it to (build the model with convert_quant_network)"
+        )
+    return problems
+
+
+def _adds_int32_bias(layer):
+    """Whether the integer kernel adds this quantized layer's bias in int32
+    from its own weights (an unfolded BatchNorm's bias is TFLite's fold)."""
+    return layer.folded or (layer.linear_layer.use_bias and layer.bn is None)
+
+
+def check_exportable(qmodel):
+    """Raises `ValueError` listing everything that keeps `qmodel` from int8.
+
+    An int8 TFLite model needs every range calibrated and past its quant
+    delay, 8-bit per-tensor activations, and weights of at most 8 bits that
+    are symmetric with zero point 0 (`symmetric=True, narrow_range=True` for
+    weights): TFLite's int8 kernels assume a zero weight zero point, so
+    asymmetric weights would run, silently wrong. The converter folds a
+    BatchNorm that follows fake-quantized weights into them; that is exact
+    for per-channel weights (each channel's scale changes, its levels do
+    not) but not for per-tensor weights. A quantized layer must know its
+    input's grid (`input_grid`) to add its bias as the integer kernel does.
+
+    Args:
+        qmodel: A quantization network.
+
+    Raises:
+        ValueError: listing every problem, one per line, each naming its
+            layer.
+    """
+    problems = []
+    for layer in graph.all_layers(qmodel):
+        name = f"'{layer.name}' ({layer.__class__.__name__})"
+        if isinstance(layer, FakeQuant):
+            problems += _fake_quant_problems(layer, name)
+        elif isinstance(layer, FusionLayer) and layer.quantized:
+            problems += _weight_problems(layer, name)
+    if problems:
+        raise ValueError(
+            "This quantization network cannot be exported as an int8 TFLite model:\n- "
+            + "\n- ".join(problems)
+        )
+
+
+def export_tflite(
+    qmodel,
+    path=None,
+    *,
+    input_type=tf.float32,
+    output_type=tf.float32,
+    allow_float_ops=False,
+    strip_names=False,
+):
+    """Converts a trained quantization network to an int8 TFLite model.
+
+    The model is exported as a SavedModel (traced so that every fake-quant
+    op runs) and converted by `tf.lite.TFLiteConverter.from_saved_model`.
+    Activation ranges come from the `FakeQuant` layers and weight ranges from
+    the weights, so no representative dataset is needed. Conv2D and
+    FullyConnected ops become int8 with int32 bias; per-channel weights stay
+    per channel (a per-channel Dense is exported as a 1x1 CONV_2D, which the
+    converter quantizes per channel).
+
+    Args:
+        qmodel: A trained model from `convert_quant_network`.
+        path: Optional file to write the flatbuffer to.
+        input_type: `tf.float32` (a QUANTIZE op at the input), `tf.int8` or
+            `tf.uint8` (integer input, quantized with the input range).
+        output_type: `tf.float32`, `tf.int8` or `tf.uint8`.
+        allow_float_ops: Whether a model in which the converter left float
+            compute ops is returned instead of raising.
+        strip_names: Whether to remove tensor names and signature
+            definitions, the strings a deployed model does not need (see
+            `strip_tflite_names`).
+
+    Returns:
+        The flatbuffer, as bytes.
+
+    Raises:
+        ValueError: if a range is not calibrated or still delayed, if weights
+            are asymmetric or wider than 8 bits, if activations are not 8-bit
+            (all listed at once), for an unsupported `input_type` /
+            `output_type`, or, unless `allow_float_ops`, if float compute ops
+            are left (they are named).
+
+    Example:
+
+    >>> tflite_bytes = export_tflite(qat_model, "model_int8.tflite")
+    >>> report = compare_tflite(qat_model, tflite_bytes, x_test)
+    >>> report["top1_agreement"]
+    1.0
+    """
+    for name, value in (("input_type", input_type), ("output_type", output_type)):
+        if tf.as_dtype(value) not in (tf.float32, tf.int8, tf.uint8):
+            raise ValueError(
+                f"Received an invalid value for `{name}`, expected tf.float32, "
+                f"tf.int8 or tf.uint8. Received: {name}={value!r}"
+            )
+    check_exportable(qmodel)
+    with tempfile.TemporaryDirectory() as directory:
+        saved_model = os.path.join(directory, "saved_model")
+        with tracing_for_export():
+            qmodel.export(saved_model, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.inference_input_type = tf.as_dtype(input_type)
+        converter.inference_output_type = tf.as_dtype(output_type)
+        tflite_bytes = converter.convert()
+    left = float_ops(tflite_bytes)
+    if left and not allow_float_ops:
+        raise ValueError(
+            "The TFLite converter left float compute ops in the model: "
+            f"{', '.join(left)}. Pass allow_float_ops=True to accept a "
+            "partly float model."
+        )
+    return _finish(tflite_bytes, path, strip_names)
+
+
+def _finish(tflite_bytes, path, strip_names):
+    if strip_names:
+        tflite_bytes = strip_tflite_names(tflite_bytes)
+    if path is not None:
+        with open(path, "wb") as f:
+            f.write(tflite_bytes)
+    return tflite_bytes
+
+
+def strip_tflite_names(tflite_bytes):
+    """Returns the flatbuffer without tensor names and signature definitions.
+
+    The interpreter runs such a model by tensor index (`get_input_details`,
+    as `run_tflite` does); signature runners are gone. The strings are about
+    2 KB of the int8 LeNet's 74 KB.
+
+    Args:
+        tflite_bytes: A TFLite flatbuffer, as bytes.
+
+    Returns:
+        The smaller flatbuffer, as bytes.
+    """
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite_bytes))
+    flatbuffer_utils.strip_strings(model)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def export_float_tflite(model, path=None, strip_names=False):
+    """Converts a float Keras model to a float32 TFLite model, as a baseline.
+
+    Args:
+        model: Any Keras model (for example the float fusion network).
+        path: Optional file to write the flatbuffer to.
+        strip_names: Whether to remove tensor names and signature
+            definitions (see `strip_tflite_names`).
+
+    Returns:
+        The flatbuffer, as bytes.
+    """
+    with tempfile.TemporaryDirectory() as directory:
+        saved_model = os.path.join(directory, "saved_model")
+        model.export(saved_model, verbose=False)
+        tflite_bytes = tf.lite.TFLiteConverter.from_saved_model(saved_model).convert()
+    return _finish(tflite_bytes, path, strip_names)
+
+

@@ -1,0 +1,188 @@
+"""The graph of a Keras model: the one module that uses Keras internals.
+
+Keras 3 has no public API for walking a model's graph (which layer feeds
+which) or for rebuilding it with other layers, so this module reads Keras'
+private node lists (`_inbound_nodes`, `_keras_history`, `_nodes_by_depth`),
+runs graphs with `Function._run_through_graph`, and imports the classes of
+Keras' tensor operations (`x + y` on symbolic tensors) from `keras.src`.
+Nothing else in keras_qat does; when a Keras release changes these
+internals, this is the file to change.
+
+The rest of the package sees:
+
+- `functional_graph(model)`: the Functional graph of a Sequential or
+  Functional model (a clear error for subclassed models);
+- `Graph(model)`: producers, consumers and inputs of every operation, in
+  topological order, restricted to that model;
+- `rebuild(model, call)`: a new Functional model, built by calling
+  `call(operation, *args, **kwargs)` for every node of the old graph;
+- small helpers: `node_arguments`, `all_layers`, `is_operation_class`.
+"""
+
+import keras
+from keras.src.ops import numpy as _numpy_ops
+
+# Keras operations that `+`, `-` and `*` on symbolic tensors create (for
+# example `x + 3.0` in a Functional model): graph nodes that are not layers.
+ADD_OPERATION = _numpy_ops.Add
+SUBTRACT_OPERATION = _numpy_ops.Subtract
+MULTIPLY_OPERATION = _numpy_ops.Multiply
+
+
+def is_functional(model):
+    """Whether `model` is a Functional model (not Sequential, not subclassed)."""
+    return isinstance(model, keras.Model) and hasattr(model, "_run_through_graph")
+
+
+def functional_graph(model):
+    """The Functional graph of a Functional or built Sequential model.
+
+    Raises:
+        ValueError: for a subclassed model (it has no graph of layers), or a
+            Sequential model without an input shape.
+    """
+    if isinstance(model, keras.Sequential):
+        graph = getattr(model, "_functional", None)
+        if graph is None:
+            raise ValueError(
+                f"Model '{model.name}' has no input shape yet. Start it with "
+                "keras.Input(shape) or call it on data first."
+            )
+        return graph
+    if is_functional(model):
+        return model
+    raise ValueError(
+        f"Model '{model.name}' of class {model.__class__.__name__} is a "
+        "subclassed model, which has no graph of layers that keras_qat could "
+        "rewrite. Rebuild it as a Functional model (keras.Model(inputs, "
+        "outputs)) from the same layers."
+    )
+
+
+def producer(tensor):
+    """The operation that produced a symbolic `KerasTensor`, or None."""
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else history.operation
+
+
+def node_arguments(layer):
+    """`(args, kwargs)` of each call of `layer` in the graphs it is part of."""
+    return [(node.arguments.args, node.arguments.kwargs) for node in layer._inbound_nodes]
+
+
+def all_layers(model):
+    """Every layer of `model`, recursively: nested models' layers and
+    sub-layers (such as the `FakeQuant` of a `QuantConcatenate`) included."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def is_operation_class(operation, classes):
+    """Whether a graph node's operation is an instance of `classes`."""
+    return isinstance(operation, classes)
+
+
+class Graph:
+    """Who feeds whom in one model, in topological order.
+
+    Only the nodes of this model count: a layer also used in another model
+    has its consumers there too, which do not show here.
+
+    Args:
+        model: A Sequential or Functional model.
+    """
+
+    def __init__(self, model):
+        self.model = functional_graph(model)
+        by_depth = self.model._nodes_by_depth
+        self.nodes = [
+            node
+            for depth in sorted(by_depth, reverse=True)
+            for node in by_depth[depth]
+            if node.operation is not None and not node.is_input
+        ]
+        self._consumers = {}
+        self._inputs = {}
+        for node in self.nodes:
+            self._inputs.setdefault(id(node.operation), list(node.input_tensors))
+            for tensor in node.input_tensors:
+                self._consumers.setdefault(id(producer(tensor)), []).append(
+                    node.operation
+                )
+        self.output_operations = {id(producer(t)) for t in self.model.outputs}
+
+    @property
+    def input_layers(self):
+        """The model's `InputLayer`s, in input order."""
+        return [producer(tensor) for tensor in self.model.inputs]
+
+    @property
+    def operations(self):
+        """Every operation (layers and Keras operations), inputs excluded,
+        in topological order, each once."""
+        seen, operations = set(), []
+        for node in self.nodes:
+            if id(node.operation) not in seen:
+                seen.add(id(node.operation))
+                operations.append(node.operation)
+        return operations
+
+    def input_tensors(self, operation):
+        """The symbolic inputs of `operation`'s first call in this model."""
+        return self._inputs.get(id(operation), [])
+
+    def producers(self, operation):
+        """The operations whose outputs `operation` consumes (first call)."""
+        return [producer(tensor) for tensor in self.input_tensors(operation)]
+
+    def consumers(self, operation):
+        """The operations that consume `operation`'s outputs, one entry per
+        consuming call."""
+        return self._consumers.get(id(operation), [])
+
+    def is_output(self, operation):
+        """Whether `operation` produces one of the model's outputs."""
+        return id(operation) in self.output_operations
+
+    def call_count(self, operation):
+        """How many times `operation` is called in this model."""
+        return sum(node.operation is operation for node in self.nodes)
+
+
+def rebuild(model, call):
+    """Runs a model's graph on new inputs with `call` at every node.
+
+    Args:
+        model: A Sequential or Functional model.
+        call: `call(operation, *args, **kwargs)` for each node in
+            topological order, with the node's arguments mapped to the new
+            tensors; returns the outputs that replace the node's outputs (the
+            same structure).
+
+    Returns:
+        A new Functional model with inputs like `model`'s (shapes, dtypes,
+        names and structure) and the outputs `call` produced.
+    """
+    graph = functional_graph(model)
+    inputs = keras.tree.map_structure(
+        lambda x: keras.Input(
+            batch_shape=x.shape,
+            dtype=x.dtype,
+            sparse=x.sparse,
+            name=producer(x).name,
+        ),
+        graph._inputs_struct,
+    )
+    outputs = graph._run_through_graph(
+        keras.tree.flatten(inputs), operation_fn=lambda op: op, call_fn=call
+    )
+    return keras.Model(inputs, outputs, name=model.name)
+
+
+def run_graph(model, inputs, call):
+    """Runs `model`'s graph on `inputs` (a flat list of tensors) with
+    `call(operation, *args, **kwargs)` at every node; returns its outputs.
+    Used to inline a nested model into the graph being built."""
+    graph = functional_graph(model)
+    return graph._run_through_graph(
+        keras.tree.flatten(inputs), operation_fn=lambda op: op, call_fn=call
+    )

@@ -1,0 +1,127 @@
+"""What TFLite's integer kernels do: where they round, and to which grid.
+
+One vocabulary throughout: every int8 tensor lies on a *grid* (a scale and
+zero point). A `FakeQuant` in the Keras model stands for a grid, and sits
+where the integer model rounds a result onto one. For each kind of
+operation, the integer kernel either
+
+- *rounds its output* onto a grid of its own: convolutions, matmuls,
+  element-wise arithmetic, activations, global average pooling
+  (`ROUNDING_LAYERS`, `ROUNDING_OPERATIONS`); a `FakeQuant` follows it;
+- *keeps its input's grid*: it moves or selects values without computing
+  new ones (`GRID_KEEPING_LAYERS`: max pooling, reshaping, padding, ...);
+  nothing follows it;
+- *shares one grid between its inputs and its output*: concatenation (all
+  operands of CONCATENATION have one scale) and average pooling (int8
+  AVERAGE_POOL_2D keeps its input's scale) (`SHARED_GRID_LAYERS`);
+- or *rounds its producer's result onto its own grid*: a ReLU / ReLU6 is
+  fused into the op before it, and the inputs of a concatenation or average
+  pooling are written on the shared grid. The producer then rounds once, to
+  its consumer's grid, and needs no `FakeQuant` of its own
+  (`rounds_for_producer`).
+
+Some outputs have a fixed grid whatever the data (`FIXED_OUTPUT_RANGES`),
+and two activations are computed as two int8 ops with a rounding in between
+(`TWO_OP_ACTIVATIONS`).
+"""
+
+import keras
+
+from keras_qat import graph
+
+L = keras.layers
+
+# Activations that integer kernels fuse into the op before them.
+FUSED_ACTIVATIONS = ("relu", "relu6")
+
+# Activations that TFLite computes as two int8 ops, with a fixed grid in
+# between: hard_sigmoid as ADD (fused ReLU6, grid [0, 6]) then MUL; swish as
+# LOGISTIC (grid [0, 255/256]) then MUL.
+TWO_OP_ACTIVATIONS = ("hard_sigmoid", "silu")
+
+# Outputs whose grid TFLite's int8 kernels fix: sigmoid and softmax have
+# scale 1/256 and zero point -128, tanh scale 1/128 and zero point 0; hard
+# sigmoid's is [0, 1] by construction (relu6(x + 3) * (1 / 6)).
+FIXED_OUTPUT_RANGES = {
+    "hard_sigmoid": (0.0, 1.0),
+    "sigmoid": (0.0, 255 / 256),
+    "softmax": (0.0, 255 / 256),
+    "tanh": (-1.0, 127 / 128),
+}
+
+# Layers whose integer kernel rounds its output onto a grid of its own
+# (besides the quantized fusion layers).
+ROUNDING_LAYERS = (
+    L.Add,
+    L.Subtract,
+    L.Multiply,
+    L.ReLU,
+    L.LeakyReLU,
+    L.Activation,
+    L.Softmax,
+    L.GlobalAveragePooling2D,
+)
+
+# Keras operations (`x + y`, `x * 3.0`) whose integer kernel rounds.
+ROUNDING_OPERATIONS = (
+    graph.ADD_OPERATION,
+    graph.SUBTRACT_OPERATION,
+    graph.MULTIPLY_OPERATION,
+)
+
+# Layers whose output lies on their input's grid: they move or select values
+# (or, like Dropout, are the identity in inference).
+GRID_KEEPING_LAYERS = (
+    L.MaxPooling2D,
+    L.GlobalMaxPooling2D,
+    L.Flatten,
+    L.Reshape,
+    L.Dropout,
+    L.SpatialDropout2D,
+    L.ZeroPadding2D,
+    L.Cropping2D,
+    L.Identity,
+)
+
+# Layers whose inputs and output share one grid.
+SHARED_GRID_LAYERS = (L.Concatenate, L.AveragePooling2D)
+
+
+def activation_name(activation):
+    """The registered name of an activation function, or the class name of
+    an activation object; "linear" for None."""
+    if activation is None:
+        return "linear"
+    name = keras.activations.serialize(activation)
+    name = name if isinstance(name, str) else type(activation).__name__
+    return {"swish": "silu", "hard_swish": "hard_silu"}.get(name, name)
+
+
+def is_fused_activation(layer):
+    """Whether `layer` is a ReLU / ReLU6 that integer kernels fuse into the
+    op before it."""
+    if isinstance(layer, L.ReLU):
+        config = layer.get_config()
+        return (
+            config["negative_slope"] == 0
+            and config["threshold"] == 0
+            and config["max_value"] in (None, 6)
+        )
+    if isinstance(layer, L.Activation):
+        return activation_name(layer.activation) in FUSED_ACTIVATIONS
+    return False
+
+
+def rounds_for_producer(consumer):
+    """Whether `consumer` writes its producer's integer result onto its own
+    grid, so that the producer needs no grid of its own."""
+    return is_fused_activation(consumer) or isinstance(consumer, SHARED_GRID_LAYERS)
+
+
+def fixed_output_range(layer):
+    """The fixed output range of an activation layer's int8 kernel, or None."""
+    if isinstance(layer, L.Softmax):
+        return FIXED_OUTPUT_RANGES["softmax"]
+    if isinstance(layer, L.Activation):
+        return FIXED_OUTPUT_RANGES.get(activation_name(layer.activation))
+    return None

@@ -1,0 +1,176 @@
+"""Layers whose inputs and output share one quantization range.
+
+TFLite requires one scale for all operands of a CONCATENATION, and its int8
+AVERAGE_POOL_2D writes its output on its input's grid. These layers keep
+that one range in a `FakeQuant` sub-layer named `quantizer`, and quantize
+with it where the integer model does. Like a `FakeQuant`, called with
+`return_grid=True` they also return their output's grid, for the int32 bias
+of a quantized layer that consumes it.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_qat import quantizers
+from keras_qat.layers.fake_quant import FakeQuant
+
+
+def _grid_spec(outputs, return_grid):
+    if return_grid:
+        return outputs, keras.KerasTensor((), "float32")
+    return outputs
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantConcatenate(keras.layers.Concatenate):
+    """`Concatenate` whose inputs and output share one quantization range.
+
+    An integer concatenation writes every input on the output's grid. This
+    layer learns that range from the concatenated values, and quantizes with
+    it the inputs listed in `quantize_inputs` (by default all) and the
+    output.
+
+    `convert_quant_network` lists the inputs that have no `FakeQuant` of
+    their own: an integer op writes those directly on the concatenation's
+    grid. An input that is already fake-quantized (because other layers use
+    it too) is left as it is and is requantized by the output's
+    quantization, as the integer model requantizes it; quantizing it here
+    as well would put two fake-quant ops in a row, which the TFLite
+    converter does not translate faithfully.
+
+    Args:
+        axis: Concatenation axis.
+        quantize_inputs: `None` (all inputs) or one boolean per input.
+        quantizer: The shared range: a `FakeQuant`, a dict of its options,
+            or None for the defaults.
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Example:
+
+    >>> layer = QuantConcatenate(axis=-1)
+    >>> y = layer([np.ones((2, 3)), -np.ones((2, 2))], training=True)
+    >>> float(layer.quantizer.min.numpy()), float(layer.quantizer.max.numpy())
+    (-1.0, 1.0)
+    """
+
+    def __init__(self, axis=-1, quantize_inputs=None, quantizer=None, **kwargs):
+        super().__init__(axis=axis, **kwargs)
+        if quantize_inputs is not None:
+            quantize_inputs = [bool(flag) for flag in quantize_inputs]
+        self.quantize_inputs = quantize_inputs
+        self.quantizer = FakeQuant.get(quantizer, "quantizer")
+
+    def build(self, input_shape):
+        if self.quantize_inputs is not None and len(self.quantize_inputs) != len(input_shape):
+            raise ValueError(
+                f"`quantize_inputs` has {len(self.quantize_inputs)} entries for "
+                f"{len(input_shape)} inputs. Received: "
+                f"quantize_inputs={self.quantize_inputs}"
+            )
+        super().build(input_shape)
+        if not self.quantizer.built:  # built when loaded
+            self.quantizer.build(self.compute_output_shape(input_shape))
+
+    def call(self, inputs, training=False, return_grid=False):
+        quantizer = self.quantizer
+        flags = self.quantize_inputs or [True] * len(inputs)
+        min_val, max_val, active = quantizer.observe(super().call(inputs), training)
+        inputs = [
+            quantizer.quantize_with(x, min_val, max_val, active) if flag else x
+            for x, flag in zip(inputs, flags)
+        ]
+        outputs = super().call(inputs)
+        if not all(flags):  # else already on the shared grid
+            outputs = quantizer.quantize_with(outputs, min_val, max_val, active)
+        if return_grid:
+            return outputs, quantizer.grid(min_val, max_val, active)
+        return outputs
+
+    def compute_output_spec(self, inputs, training=False, return_grid=False):
+        return _grid_spec(super().compute_output_spec(inputs), return_grid)
+
+    def get_config(self):
+        config = super().get_config()
+        config["quantize_inputs"] = self.quantize_inputs
+        config["quantizer"] = keras.saving.serialize_keras_object(self.quantizer)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantAveragePooling2D(keras.layers.AveragePooling2D):
+    """`AveragePooling2D` whose input and output share one range.
+
+    TFLite's int8 AVERAGE_POOL_2D writes its output on its input's grid
+    (same scale and zero point), so the average is rounded to that grid.
+    This layer learns the range from its input, quantizes the input with it
+    (its producer then needs no `FakeQuant` of its own) and rounds the
+    average to the same grid as the int8 kernel does: half away from zero in
+    signed integers (XNNPACK, TFLite's default CPU path; rounding half up,
+    as a FakeQuant does, differs on the ties that 2x2 windows produce a
+    quarter of the time). `convert_quant_network` uses it where the pooled
+    tensor has no other consumer.
+
+    Args:
+        pool_size, strides, padding, data_format: As in `AveragePooling2D`.
+        quantizer: The shared range: a `FakeQuant`, a dict of its options,
+            or None for the defaults.
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Example:
+
+    >>> layer = QuantAveragePooling2D(2)
+    >>> y = layer(np.ones((1, 4, 4, 2), "float32"), training=True)
+    >>> y.shape
+    TensorShape([1, 2, 2, 2])
+    """
+
+    def __init__(
+        self, pool_size, strides=None, padding="valid", data_format=None,
+        quantizer=None, **kwargs,
+    ):  # fmt: skip
+        super().__init__(
+            pool_size, strides=strides, padding=padding, data_format=data_format, **kwargs
+        )
+        self.quantizer = FakeQuant.get(quantizer, "quantizer")
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if not self.quantizer.built:  # built when loaded
+            self.quantizer.build(input_shape)
+
+    def call(self, inputs, training=False, return_grid=False):
+        quantizer = self.quantizer
+        min_val, max_val, active = quantizer.observe(inputs, training)
+        pooled = super().call(quantizer.quantize_with(inputs, min_val, max_val, active))
+        if active is True:  # traced for export: the converter reads the range
+            outputs = quantizer.quantize_with(pooled, min_val, max_val, active)
+        else:
+            rounded = self.round_average(pooled, min_val, max_val)
+            outputs = tf.where(active, rounded, pooled)
+        if return_grid:
+            return outputs, quantizer.grid(min_val, max_val, active)
+        return outputs
+
+    def round_average(self, pooled, min_val, max_val):
+        """`pooled` (averages of on-grid values) rounded to the grid half
+        away from zero in signed integers; straight-through gradient."""
+        quantizer = self.quantizer
+        low, high = quantizers.quant_range(min_val, max_val, quantizer.symmetric)
+        nudged_min, _, scale = quantizers.nudged_range(
+            low, high, quantizer.num_bits, quantizer.narrow_range
+        )
+        offset = 2.0 ** (quantizer.num_bits - 1)  # level -> signed integer
+        signed = (tf.cast(pooled, tf.float32) - nudged_min) / scale - offset
+        # Averages are multiples of 1 / window size: only ties lie within
+        # 1e-3 of a half, and float error must not move them below it.
+        rounded = quantizers.round_half_away_from_zero(signed, tie_tolerance=1e-3)
+        on_grid = tf.cast((rounded + offset) * scale + nudged_min, pooled.dtype)
+        return pooled + tf.stop_gradient(on_grid - pooled)
+
+    def compute_output_spec(self, inputs, training=False, return_grid=False):
+        return _grid_spec(super().compute_output_spec(inputs), return_grid)
+
+    def get_config(self):
+        config = super().get_config()
+        config["quantizer"] = keras.saving.serialize_keras_object(self.quantizer)
+        return config

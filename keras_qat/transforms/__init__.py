@@ -1,0 +1,1 @@
+"""Model transforms: inline nested models, fuse, place quantizers."""

@@ -1,0 +1,313 @@
+"""fuse: a plain Keras model to a fusion network, weights carried over.
+
+Each unit of a future integer op becomes one fusion layer with the same
+weights, so the fused network computes what the original computes:
+
+- a `Conv2D`, `DepthwiseConv2D` or `Dense`, with the `BatchNormalization`
+  and the activation after it (its own `activation=` argument, or a `ReLU`,
+  `ReLU(max_value=6)`, `LeakyReLU` or `Activation` layer), becomes a
+  `Conv2DBnAct` / `DepthwiseConv2DBnAct` / `DenseBnAct`;
+- a `SeparableConv2D` becomes a `DepthwiseConv2DBnAct` (its depthwise step,
+  no bias) followed by a 1x1 `Conv2DBnAct` (its pointwise step, bias,
+  BatchNorm and activation), as TFLite computes it;
+- a per-channel affine layer on 4D inputs (a `BatchNormalization` that no
+  conv absorbed, a `Rescaling`, a `Normalization` over the last axis), with
+  the activation after it, becomes a 1x1 `DepthwiseConv2DBnAct`: one int8
+  DEPTHWISE_CONV_2D with per-channel weights in the integer model. A
+  standalone BatchNorm keeps training (kernel of ones, then the BatchNorm);
+  `Rescaling` and `Normalization` become fixed weights (`trainable=False`).
+
+A link of a chain is absorbed only when the tensor between them is used by
+nothing else and is not a model output. `FUSION_RULES` maps each layer class
+to the function that builds its fusion layers.
+"""
+
+import keras
+import numpy as np
+
+from keras_qat import graph, int8_rules
+from keras_qat.layers.activations import LeakyReLUActivation
+from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
+from keras_qat.transforms.common import Clones, selected_layer_names
+from keras_qat.transforms.inline import inline_nested_models
+
+L = keras.layers
+# Config entries of a Keras layer that its fusion layer does not take.
+_NOT_TAKEN = ("activation", "quantization_config", "lora_rank", "lora_alpha")
+
+
+def _activation_of(layer):
+    """The activation an activation layer applies, or None if it is not one."""
+    if isinstance(layer, L.Activation):
+        return keras.activations.serialize(layer.activation)
+    if isinstance(layer, L.ReLU):
+        config = layer.get_config()
+        if config["negative_slope"] == 0 and config["threshold"] == 0:
+            if config["max_value"] is None:
+                return "relu"
+            if config["max_value"] == 6:
+                return "relu6"
+    if isinstance(layer, L.LeakyReLU):
+        return LeakyReLUActivation(layer.get_config()["negative_slope"])
+    return None
+
+
+def _is_linear(layer):
+    """A Conv2D / DepthwiseConv2D / SeparableConv2D / Dense that fuses."""
+    if type(layer) not in (L.Conv2D, L.Dense, L.DepthwiseConv2D, L.SeparableConv2D):
+        return False
+    config = layer.get_config()
+    if config.get("groups", 1) != 1 or config.get("data_format") == "channels_first":
+        return False
+    if config.get("quantization_config") or config.get("lora_rank"):
+        return False
+    # A constraint would have to act on the fusion layer's kernel; keep the layer.
+    return not any(value for key, value in config.items() if key.endswith("_constraint"))
+
+
+def _bn_is_fusable(bn):
+    config = bn.get_config()
+    return config["axis"] in (-1, [-1], 3, [3]) and config["center"] and config["scale"]
+
+
+def _is_affine(layer, graph_view):
+    """A per-channel affine layer on 4D channels-last inputs."""
+    if not isinstance(layer, (L.BatchNormalization, L.Rescaling, L.Normalization)):
+        return False
+    shape = graph_view.input_tensors(layer)[0].shape
+    if len(shape) != 4 or shape[-1] is None:
+        return False
+    if isinstance(layer, L.BatchNormalization):
+        return _bn_is_fusable(layer)
+    if isinstance(layer, L.Normalization):
+        return tuple(layer.axis) in ((-1,), (3,))
+    return True
+
+
+def has_fusable_layers(model):
+    """Whether `model` has layers that `fuse` replaces."""
+    graph_view = graph.Graph(model)
+    return any(_is_linear(op) or _is_affine(op, graph_view) for op in graph_view.operations)
+
+
+def _plan(graph_view, skipped):
+    """Maps id(layer) -> (bn or None, activation layer or None) for every
+    layer that becomes fusion layers, and returns the ids of the absorbed
+    BatchNorm and activation layers."""
+    plan, absorbed = {}, set()
+
+    def only_consumer(layer):
+        consumers = graph_view.consumers(layer)
+        if graph_view.is_output(layer) or len(consumers) != 1:
+            return None
+        return None if consumers[0].name in skipped else consumers[0]
+
+    for layer in graph_view.operations:  # in topological order: a conv before its BN
+        if id(layer) in absorbed or layer.name in skipped:
+            continue
+        if not (_is_linear(layer) or _is_affine(layer, graph_view)):
+            continue
+        bn = activation_layer = None
+        last = layer
+        if int8_rules.activation_name(getattr(layer, "activation", None)) == "linear":
+            nxt = only_consumer(last)
+            if _is_linear(layer) and isinstance(nxt, L.BatchNormalization) and _bn_is_fusable(nxt):
+                bn = last = nxt
+            nxt = only_consumer(last)
+            if nxt is not None and _activation_of(nxt) is not None:
+                activation_layer = nxt
+        plan[id(layer)] = (bn, activation_layer)
+        absorbed.update(id(part) for part in (bn, activation_layer) if part is not None)
+    return plan, absorbed
+
+
+def _bn_args(bn):
+    if bn is None:
+        return {}
+    config = bn.get_config()
+    return dict(has_bn=True, momentum=config["momentum"], epsilon=config["epsilon"],
+                synchronized=config.get("synchronized", False))  # fmt: skip
+
+
+def _linear_args(layer, keys):
+    config = layer.get_config()
+    return {key: config[key] for key in keys if key in config}
+
+
+_CONV_ARGS = ("filters", "kernel_size", "strides", "padding", "dilation_rate", "use_bias",
+              "kernel_initializer", "bias_initializer", "kernel_regularizer",
+              "bias_regularizer")  # fmt: skip
+_DENSE_ARGS = ("units", "use_bias", "kernel_initializer", "bias_initializer",
+               "kernel_regularizer", "bias_regularizer")  # fmt: skip
+_DEPTHWISE_ARGS = ("kernel_size", "strides", "padding", "depth_multiplier", "dilation_rate",
+                   "use_bias", "depthwise_initializer", "bias_initializer",
+                   "depthwise_regularizer", "bias_regularizer")  # fmt: skip
+
+_SEPARABLE_ARGS = ("kernel_size", "strides", "padding", "depth_multiplier", "dilation_rate",
+                   "depthwise_initializer", "depthwise_regularizer")  # fmt: skip
+
+
+def _fuse_linear(fusion_class, keys):
+    """A rule for a Conv2D / Dense / DepthwiseConv2D: one fusion layer."""
+
+    def rule(layer, bn, activation, channels):
+        fused = fusion_class(activation=activation, name=layer.name,
+                             **_linear_args(layer, keys), **_bn_args(bn))  # fmt: skip
+
+        def copy_weights():
+            fused.linear_layer.set_weights(layer.get_weights())
+            if bn is not None:
+                fused.bn.set_weights(bn.get_weights())
+
+        return [fused], copy_weights
+
+    return rule
+
+
+def _fuse_separable(layer, bn, activation, channels):
+    config = layer.get_config()
+    depthwise = DepthwiseConv2DBnAct(
+        use_bias=False, name=f"{layer.name}_depthwise",
+        **_linear_args(layer, _SEPARABLE_ARGS),
+    )  # fmt: skip
+    pointwise = Conv2DBnAct(
+        config["filters"], 1, use_bias=config["use_bias"], activation=activation,
+        kernel_initializer=config["pointwise_initializer"],
+        kernel_regularizer=config["pointwise_regularizer"],
+        bias_initializer=config["bias_initializer"],
+        bias_regularizer=config["bias_regularizer"],
+        name=layer.name, **_bn_args(bn),
+    )  # fmt: skip
+
+    def copy_weights():
+        weights = layer.get_weights()
+        depthwise.depthwise.set_weights(weights[:1])
+        pointwise.conv.set_weights(weights[1:])
+        if bn is not None:
+            pointwise.bn.set_weights(bn.get_weights())
+
+    return [depthwise, pointwise], copy_weights
+
+
+def _fuse_batchnorm(layer, bn, activation, channels):
+    """A standalone BatchNorm: a 1x1 depthwise of ones, then the BatchNorm."""
+    fused = DepthwiseConv2DBnAct(
+        1, use_bias=False, depthwise_initializer="ones", activation=activation,
+        name=layer.name, **_bn_args(layer),
+    )  # fmt: skip
+
+    def copy_weights():
+        fused.depthwise.set_weights([np.ones((1, 1, channels, 1), np.float32)])
+        fused.bn.set_weights(layer.get_weights())
+
+    return [fused], copy_weights
+
+
+def _affine_weights(layer, channels):
+    """`(scale, offset)` per channel of a Rescaling or Normalization."""
+    if isinstance(layer, L.Rescaling):
+        scale, offset = layer.scale, layer.offset
+    else:
+        mean = np.asarray(layer.mean, np.float32).reshape(-1)
+        std = np.maximum(np.sqrt(np.asarray(layer.variance, np.float32).reshape(-1)),
+                         keras.config.epsilon())  # fmt: skip
+        scale, offset = (std, mean) if layer.invert else (1.0 / std, -mean / std)
+    return (np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (channels,)),
+            np.broadcast_to(np.asarray(offset, np.float32).reshape(-1), (channels,)))  # fmt: skip
+
+
+def _fuse_fixed_affine(layer, bn, activation, channels):
+    """A Rescaling or Normalization: a fixed 1x1 depthwise with bias."""
+    fused = DepthwiseConv2DBnAct(1, activation=activation, trainable=False, name=layer.name)
+
+    def copy_weights():
+        scale, offset = _affine_weights(layer, channels)
+        fused.depthwise.set_weights([scale.reshape(1, 1, channels, 1), offset])
+
+    return [fused], copy_weights
+
+
+# Layer class -> rule(layer, bn, activation, input channels) returning
+# (fusion layers applied in order, a function copying the weights).
+FUSION_RULES = {
+    L.Conv2D: _fuse_linear(Conv2DBnAct, _CONV_ARGS),
+    L.Dense: _fuse_linear(DenseBnAct, _DENSE_ARGS),
+    L.DepthwiseConv2D: _fuse_linear(DepthwiseConv2DBnAct, _DEPTHWISE_ARGS),
+    L.SeparableConv2D: _fuse_separable,
+    L.BatchNormalization: _fuse_batchnorm,
+    L.Rescaling: _fuse_fixed_affine,
+    L.Normalization: _fuse_fixed_affine,
+}
+
+
+def _fused_activation(layer, activation_layer):
+    if activation_layer is None:
+        return getattr(layer, "activation", None)
+    return _activation_of(activation_layer)
+
+
+def fuse(model, skip_layers=None):
+    """Returns the fusion network of a plain Keras model.
+
+    Conv2D (channels last, `groups=1`), DepthwiseConv2D, SeparableConv2D
+    and Dense layers without weight constraints, with the
+    `BatchNormalization` (last axis, with center and scale) and activation
+    layer that follow them, become fusion layers with the same weights; so
+    do per-channel affine layers on images (a BatchNormalization after no
+    conv, `Rescaling`, `Normalization` over the last axis), as 1x1
+    `DepthwiseConv2DBnAct` layers (see the module docstring). Other layers
+    are kept as they are (their weights too). The result computes what
+    `model` computes, to float rounding. Nested models are inlined first
+    (see `keras_qat.transforms.inline`).
+
+    Args:
+        model: A Sequential or Functional Keras model.
+        skip_layers: Layers to keep as they are, neither fused nor absorbed
+            into another: names, classes or a predicate `layer -> bool`.
+
+    Returns:
+        A new Functional model.
+
+    Raises:
+        ValueError: for a model that is neither Sequential nor Functional,
+            or an invalid `skip_layers`.
+
+    Example:
+
+    >>> plain = keras.Sequential([keras.Input((8, 8, 3)),
+    ...     keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization(),
+    ...     keras.layers.ReLU(), keras.layers.Flatten(), keras.layers.Dense(2)])
+    >>> [type(layer).__name__ for layer in fuse(plain).layers]
+    ['InputLayer', 'Conv2DBnAct', 'Flatten', 'DenseBnAct']
+    """
+    graph.functional_graph(model)  # a clear error for other models
+    model = inline_nested_models(model)
+    graph_view = graph.Graph(model)
+    plan, absorbed = _plan(graph_view, selected_layer_names(model, skip_layers))
+    clones, copy_functions, replacements = Clones(), [], {}
+
+    def call(operation, *args, **kwargs):
+        if id(operation) in absorbed:
+            return args[0]
+        if id(operation) in plan:
+            if id(operation) not in replacements:
+                replacements[id(operation)] = _replace(operation)
+            outputs = args[0]
+            for fused in replacements[id(operation)]:
+                outputs = fused(outputs, training=kwargs.get("training"))
+            return outputs
+        return clones.of(operation)(*args, **kwargs)
+
+    def _replace(layer):
+        bn, activation_layer = plan[id(layer)]
+        channels = graph_view.input_tensors(layer)[0].shape[-1]
+        rule = FUSION_RULES[type(layer)]
+        layers, copy_weights = rule(layer, bn, _fused_activation(layer, activation_layer), channels)
+        copy_functions.append(copy_weights)
+        return layers
+
+    fused_model = graph.rebuild(model, call)
+    clones.copy_weights()
+    for copy_weights in copy_functions:
+        copy_weights()
+    return fused_model

@@ -1,0 +1,458 @@
+"""convert_quant_network: a float network to a quantization network.
+
+The converter decides where things go, following `keras_qat.int8_rules`:
+fusion layers become their quantized counterparts (weights copied), a
+`FakeQuant` goes wherever the integer model rounds a result onto a grid of
+its own, and other layers are cloned as they are. `PLACEMENT_RULES` is the
+table: for each kind of operation, the small function that places it.
+
+A `FakeQuant` whose output reaches a quantized layer (directly or through
+layers that keep its grid) is called with `return_grid=True`, and the
+quantized layer with `input_grid=` that grid: the input scale of its int32
+bias is an edge of the Keras graph, saved and loaded with it.
+"""
+
+import keras
+
+from keras_qat import graph, int8_rules
+from keras_qat.config import DEFAULT_FREEZE_BN, QuantOptions
+from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
+from keras_qat.layers.fake_quant import FakeQuant
+from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct, FusionLayer
+from keras_qat.layers.quantized import (
+    QuantConv2DBnAct,
+    QuantConv2DBnFoldAct,
+    QuantDenseBnAct,
+    QuantDenseBnFoldAct,
+    QuantDepthwiseConv2DBnAct,
+    QuantDepthwiseConv2DBnFoldAct,
+)
+from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
+from keras_qat.transforms.common import Clones, clone, selected_layer_names
+from keras_qat.transforms.fuse import fuse, has_fusable_layers
+from keras_qat.transforms.inline import inline_nested_models
+
+# Float fusion layer -> (quantized layer, quantized layer with BatchNorm folded).
+QUANTIZED_LAYERS = {
+    Conv2DBnAct: (QuantConv2DBnAct, QuantConv2DBnFoldAct),
+    DenseBnAct: (QuantDenseBnAct, QuantDenseBnFoldAct),
+    DepthwiseConv2DBnAct: (QuantDepthwiseConv2DBnAct, QuantDepthwiseConv2DBnFoldAct),
+}
+
+# Layers through which a grid reaches a consumer: an average pooling that
+# stays as it is (its input has other consumers) keeps its input's grid too.
+_GRID_PASSING_LAYERS = int8_rules.GRID_KEEPING_LAYERS + (keras.layers.AveragePooling2D,)
+
+# Activations that TFLite computes as two int8 ops (int8_rules.TWO_OP_ACTIVATIONS).
+TWO_OP_ACTIVATION_LAYERS = {"hard_sigmoid": QuantHardSigmoid, "silu": QuantSwish}
+
+
+def convert_quant_network(
+    model,
+    bn_fold=True,
+    freeze_bn=DEFAULT_FREEZE_BN,
+    quant_delay=0,
+    num_bits=(8, 8),
+    per_channel=(False, False),
+    symmetric=(False, False),
+    narrow_range=(False, False),
+    skip_layers=None,
+):
+    """Converts a float network into a quantization network.
+
+    The model is cloned layer by layer. `Conv2DBnAct`,
+    `DepthwiseConv2DBnAct` and `DenseBnAct` become their `Quant...`
+    counterparts with the original's weights (so a trained float model
+    converts without retraining). A `FakeQuant` layer follows wherever an
+    integer kernel rounds its result:
+
+    - the model input, and each quantized layer's output (after its
+      activation when that is None, ReLU or ReLU6, which integer kernels
+      fuse; any other activation becomes an `Activation` layer between two
+      `FakeQuant`s, so that the activation's input is quantized too);
+    - each `Add`, `Subtract`, `Multiply`, `GlobalAveragePooling2D`, and each
+      Keras operation `+`, `-`, `*` on tensors (as in `x + 3.0`);
+    - a `Concatenate` becomes a `QuantConcatenate`, which quantizes all its
+      inputs with one shared range (TFLite requires one scale for all
+      operands of a concatenation);
+    - an `AveragePooling2D` whose input has no other consumer becomes a
+      `QuantAveragePooling2D`: input and output share one range and the
+      average is rounded as TFLite's int8 kernel rounds it;
+    - each standalone `ReLU`, `LeakyReLU`, `Activation` and `Softmax`.
+      Sigmoid, softmax and tanh outputs get the fixed ranges of TFLite's
+      int8 kernels; a hard sigmoid becomes a `QuantHardSigmoid` and a
+      swish / silu a `QuantSwish` (two int8 ops each in TFLite, with a
+      rounding in between that these layers simulate).
+
+    A layer whose every consumer is a ReLU / ReLU6 layer, a `Concatenate`
+    or such an average pooling gets no `FakeQuant` of its own (unless it is
+    a model output): the integer op rounds once, to its consumer's grid.
+
+    Max pooling, flatten, reshape, dropout, padding and cropping layers are
+    kept as they are. Layer names are kept; a `FakeQuant` is named after the
+    layer it follows, plus `_quant`. With `bn_fold=True`, fusion layers with
+    `has_bn=True` become the `Quant...BnFoldAct` layers instead.
+
+    Every quantization option is a `(weights, activations)` pair, as in
+    MindSpore's `convert_quant_network`; a single value applies to both.
+
+    Nested models (a Functional or Sequential model used as a layer) are
+    inlined first (`keras_qat.transforms.inline`), so the result is one flat
+    Functional model. Then a plain model is fused (`keras_qat.fuse`): each
+    `Conv2D` / `DepthwiseConv2D` / `SeparableConv2D` / `Dense` with the
+    `BatchNormalization` and activation after it, and each per-channel
+    affine layer on images (BatchNorm after no conv, `Rescaling`,
+    `Normalization`), becomes fusion layers with the same weights.
+
+    Args:
+        model: A Sequential or Functional Keras model built from fusion
+            layers or the plain layers above (fused first), possibly with
+            nested models. It must be built (have an input shape).
+        bn_fold: Whether a fusion layer's BatchNorm is folded into its
+            weights (`QuantConv2DBnFoldAct`, ...): the fake-quantized weights
+            are then exactly the deployed ones. With `False`, the raw weights
+            are fake-quantized and an ordinary BatchNorm follows (what TFLite
+            folds later, exactly only for per-channel weights). Default
+            `True`, as in MindSpore.
+        freeze_bn: Training step from which folded BatchNorm statistics are
+            frozen (with `bn_fold=True`).
+        quant_delay: Number of training steps before quantization starts;
+            an integer >= 0 or a (weights, activations) pair.
+        num_bits: Bit widths, integers in `[2, 16]`.
+        per_channel: Per-channel ranges. Only weights may be per channel:
+            `per_channel=[True, False]`.
+        symmetric: Symmetric ranges.
+        narrow_range: Grids `[1, 2**b - 1]` instead of `[0, 2**b - 1]`.
+        skip_layers: Layers to leave in float, neither fused nor quantized:
+            layer names, layer classes, or a predicate `layer -> bool` (or
+            a list of them), matched after nested models are inlined. A
+            `FakeQuant` follows a skipped layer whose result a quantized
+            layer uses. `export_tflite` then needs `allow_float_ops=True`.
+
+    Returns:
+        A new, uncompiled Functional model. `model` is left unchanged.
+
+    Raises:
+        ValueError: for an invalid option (the message names it), for a
+            model that is not Sequential or Functional (such as a subclassed
+            model), for an unbuilt model, for a `skip_layers` entry naming
+            no layer, or for layers that cannot be quantized (all of them
+            are listed, with their classes).
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((28, 28, 1)),
+    ...     Conv2DBnAct(6, 5, activation="relu"),
+    ...     keras.layers.Flatten(),
+    ...     DenseBnAct(10),
+    ... ])
+    >>> qmodel = convert_quant_network(
+    ...     model, quant_delay=900, per_channel=[True, False])
+    >>> [layer.__class__.__name__ for layer in qmodel.layers]
+    ['InputLayer', 'FakeQuant', 'QuantConv2DBnAct', 'FakeQuant', 'Flatten',
+     'QuantDenseBnAct', 'FakeQuant']
+    """
+    options = QuantOptions.from_args(
+        num_bits=num_bits, per_channel=per_channel, symmetric=symmetric,
+        narrow_range=narrow_range, quant_delay=quant_delay, bn_fold=bn_fold,
+        freeze_bn=freeze_bn,
+    )  # fmt: skip
+    graph.functional_graph(model)  # a clear error for subclassed and unbuilt models
+    if not model.built or not model.inputs:
+        raise ValueError(
+            f"Model '{model.name}' has no input shape yet. Start it with "
+            "keras.Input(shape) or call it on data before converting it."
+        )
+    model = inline_nested_models(model)
+    skipped = selected_layer_names(model, skip_layers)
+    if has_fusable_layers(model):
+        # Plain Conv2D / Dense (+ BN, activation), affine layers -> fusion layers.
+        model = fuse(model, skip_layers=sorted(skipped))
+    _check_supported(model, skipped)
+    return _Placement(options, model, skipped).convert()
+
+
+def _is_supported(operation):
+    if not isinstance(operation, keras.layers.Layer):
+        return isinstance(operation, int8_rules.ROUNDING_OPERATIONS)
+    return type(operation) in QUANTIZED_LAYERS or isinstance(
+        operation,
+        int8_rules.ROUNDING_LAYERS
+        + int8_rules.GRID_KEEPING_LAYERS
+        + int8_rules.SHARED_GRID_LAYERS
+        + (keras.layers.InputLayer,),
+    )
+
+
+def _check_supported(model, skipped):
+    """Raises one `ValueError` listing every layer that cannot be converted."""
+    unsupported = [
+        f"'{op.name}' ({op.__class__.__name__})"
+        if isinstance(op, keras.layers.Layer)
+        else f"'{op.name}' (Keras operation {op.__class__.__name__})"
+        for op in graph.Graph(model).operations
+        if op.name not in skipped and not _is_supported(op)
+    ]
+    if unsupported:
+        raise ValueError(
+            "`convert_quant_network` cannot quantize these layers of model "
+            f"'{model.name}': {', '.join(unsupported)}. Supported: Conv2D / "
+            "DepthwiseConv2D / SeparableConv2D / Dense with the "
+            "BatchNormalization and activation after them, BatchNormalization, "
+            "Rescaling and Normalization (last axis) on 4D inputs, the fusion "
+            "layers, merge layers (Add, Subtract, Multiply, Concatenate), "
+            "GlobalAveragePooling2D, activation layers (ReLU, LeakyReLU, "
+            "Activation, Softmax), the Keras operations +, - and * between "
+            "tensors or with constants, and layers that keep their input's "
+            "grid (" + ", ".join(c.__name__ for c in int8_rules.GRID_KEEPING_LAYERS)
+            + ", AveragePooling2D). To keep layers in float, pass them to "
+            "`skip_layers` (names, classes or a predicate)."
+        )
+
+
+class _Placement:
+    """Builds the quantization network of one fusion network.
+
+    `convert()` rebuilds the graph, calling `place(operation, ...)` at each
+    node; `place` picks the rule of `PLACEMENT_RULES` that applies.
+    """
+
+    def __init__(self, options, model, skipped):
+        self.options = options
+        self.graph = graph.Graph(model)
+        self.model = model
+        self.skipped = set(skipped)
+        self.names = {layer.name for layer in model.layers}
+        self.clones = Clones()
+        self.grids = {}  # id(new tensor) -> the scale of its grid (a tensor)
+        self.quantized_inputs = {}  # id(new model input) -> its FakeQuant output
+        self.input_layers = {  # the rebuilt model's inputs keep these names
+            layer.name: layer for layer in self.graph.input_layers
+        }
+
+    def convert(self):
+        qmodel = graph.rebuild(self.model, self.place)
+        self.clones.copy_weights()
+        return qmodel
+
+    def place(self, operation, *args, **kwargs):
+        args, kwargs = keras.tree.map_structure(self.quantize_model_input, (args, kwargs))
+        for applies, rule in PLACEMENT_RULES:
+            if applies(self, operation):
+                return rule(self, operation, args, kwargs)
+        raise AssertionError(f"no placement rule for {operation!r}")  # unreachable
+
+    # Where the integer model rounds.
+
+    def is_skipped(self, operation):
+        return operation.name in self.skipped
+
+    def rounds_output(self, operation):
+        """Whether `operation`'s integer result is rounded onto a new grid."""
+        return (
+            type(operation) in QUANTIZED_LAYERS
+            or isinstance(operation, int8_rules.ROUNDING_LAYERS + int8_rules.ROUNDING_OPERATIONS)
+            or self.is_skipped(operation)  # a float result
+        )
+
+    def rounded_by_consumers(self, operation):
+        """Whether every consumer of `operation` rounds its result onto the
+        consumer's own grid (int8_rules.rounds_for_producer)."""
+        consumers = self.graph.consumers(operation)
+        return (
+            bool(consumers)
+            and not self.graph.is_output(operation)
+            and all(
+                not self.is_skipped(c) and int8_rules.rounds_for_producer(c)
+                for c in consumers
+            )
+        )
+
+    def unrounded(self, operation):
+        """Whether `operation`'s result leaves it without a grid of its own,
+        for its consumers to round."""
+        return self.rounds_output(operation) and self.rounded_by_consumers(operation)
+
+    def needs_grid(self, operation):
+        """Whether a quantized layer consumes `operation`'s output, directly
+        or through layers that keep its grid."""
+        for consumer in self.graph.consumers(operation):
+            if isinstance(consumer, _GRID_PASSING_LAYERS):
+                if self.needs_grid(consumer):
+                    return True
+            elif type(consumer) in QUANTIZED_LAYERS and not self.is_skipped(consumer):
+                return True
+        return False
+
+    # Quantizers.
+
+    def fake_quant(self, name, fixed_range=None):
+        """A new `FakeQuant` named `<name>_quant` (made unique)."""
+        base = candidate = f"{name}_quant"
+        suffix = 1
+        while candidate in self.names:  # Keras operations may share a name with a layer
+            suffix += 1
+            candidate = f"{base}_{suffix}"
+        self.names.add(candidate)
+        return FakeQuant(
+            name=candidate, fixed_range=fixed_range, **self.options.activation_options()
+        )
+
+    def apply_quantizer(self, quantizer, tensor, with_grid):
+        """`quantizer(tensor)`; with `with_grid`, the grid is kept for the
+        quantized layers that consume the result."""
+        if not with_grid:
+            return quantizer(tensor)
+        outputs, grid = quantizer(tensor, return_grid=True)
+        self.grids[id(outputs)] = grid
+        return outputs
+
+    def quantize_output(self, operation, outputs, fixed_range=None, name=None):
+        """A `FakeQuant` on `operation`'s result, unless its consumers round
+        it (a fixed range is always kept: the kernel's output has it)."""
+        if fixed_range is None and self.rounded_by_consumers(operation):
+            return outputs
+        quantizer = self.fake_quant(name or operation.name, fixed_range)
+        return self.apply_quantizer(quantizer, outputs, self.needs_grid(operation))
+
+    def quantize_model_input(self, tensor):
+        """The `FakeQuant` output of a model input; other values unchanged."""
+        layer = graph.producer(tensor) if isinstance(tensor, keras.KerasTensor) else None
+        if not isinstance(layer, keras.layers.InputLayer):
+            return tensor
+        if id(tensor) not in self.quantized_inputs:
+            original = self.input_layers[layer.name]
+            self.quantized_inputs[id(tensor)] = self.apply_quantizer(
+                self.fake_quant(layer.name), tensor, self.needs_grid(original)
+            )
+        return self.quantized_inputs[id(tensor)]
+
+    def grid_of(self, tensor):
+        """`{"input_grid": grid}` for a quantized layer's call, or `{}`."""
+        grid = self.grids.get(id(tensor))
+        return {} if grid is None else {"input_grid": grid}
+
+
+# Placement rules: (applies(placement, operation), place(placement,
+# operation, args, kwargs) -> outputs), tried in order.
+
+
+def _place_skipped(self, layer, args, kwargs):
+    """A float copy; a FakeQuant after it when a quantized layer uses it."""
+    outputs = self.clones.of(layer)(*args, **kwargs)
+    if any(not self.is_skipped(c) for c in self.graph.consumers(layer)):
+        outputs = self.quantize_output(layer, outputs)
+    return outputs
+
+
+def _place_rounding_operation(self, operation, args, kwargs):
+    """`x + 3.0`, `x * y`: the operation (its constant is in the node), then
+    a FakeQuant."""
+    return self.quantize_output(operation, clone(operation)(*args, **kwargs))
+
+
+def _place_concatenation(self, layer, args, kwargs):
+    """A QuantConcatenate, which quantizes the inputs that have no grid yet."""
+    new = self.clones.of(
+        layer,
+        lambda: QuantConcatenate(
+            **layer.get_config(),
+            quantize_inputs=[self.unrounded(p) for p in self.graph.producers(layer)],
+            quantizer=self.options.activation_options(),
+        ),
+    )
+    return self.apply_quantizer(new, args[0], self.needs_grid(layer))
+
+
+def _is_shared_grid_pooling(self, operation):
+    return isinstance(operation, keras.layers.AveragePooling2D) and self.unrounded(
+        self.graph.producers(operation)[0]
+    )
+
+
+def _place_shared_grid_pooling(self, layer, args, kwargs):
+    """A QuantAveragePooling2D: input and output on one grid."""
+    new = self.clones.of(
+        layer,
+        lambda: QuantAveragePooling2D(
+            **layer.get_config(), quantizer=self.options.activation_options()
+        ),
+    )
+    return self.apply_quantizer(new, args[0], self.needs_grid(layer))
+
+
+def _fuses_activation(layer):
+    """Whether the integer kernel fuses `layer`'s activation (or it has none)."""
+    name = int8_rules.activation_name(layer.activation)
+    return name in ("linear",) + int8_rules.FUSED_ACTIVATIONS
+
+
+def _quantized_clone(self, layer):
+    plain, folded = QUANTIZED_LAYERS[type(layer)]
+    config = layer.get_config()
+    config["weight_quantizer"] = self.options.weight_options()
+    if self.options.bn_fold and layer.has_bn:
+        plain, config["freeze_bn"] = folded, self.options.freeze_bn
+    if not _fuses_activation(layer):
+        config["activation"] = None  # applied after, between two FakeQuants
+    return plain(**config)
+
+
+def _place_fusion(self, layer, args, kwargs):
+    """The quantized layer, its FakeQuant and any activation it cannot fuse."""
+    new = self.clones.of(layer, lambda: _quantized_clone(self, layer))
+    outputs = new(args[0], **self.grid_of(args[0]))
+    if _fuses_activation(layer):
+        return self.quantize_output(layer, outputs)
+    outputs = self.fake_quant(layer.name)(outputs)
+    name = f"{layer.name}_activation"
+    outputs = _activation_layer(self, layer.activation, name)(outputs)
+    fixed_range = int8_rules.FIXED_OUTPUT_RANGES.get(
+        int8_rules.activation_name(layer.activation)
+    )
+    return self.quantize_output(layer, outputs, fixed_range, name=name)
+
+
+def _activation_layer(self, activation, name):
+    """An `Activation` layer, or the layer of an activation that TFLite
+    computes as two int8 ops."""
+    two_op = TWO_OP_ACTIVATION_LAYERS.get(int8_rules.activation_name(activation))
+    if two_op is None:
+        return keras.layers.Activation(activation, name=name)
+    return two_op(
+        num_bits=self.options.num_bits[1], quant_delay=self.options.quant_delay[1], name=name
+    )
+
+
+def _place_rounding_layer(self, layer, args, kwargs):
+    """An activation, merge or global pooling layer, then its FakeQuant."""
+    is_two_op = isinstance(layer, keras.layers.Activation) and (
+        int8_rules.activation_name(layer.activation) in TWO_OP_ACTIVATION_LAYERS
+    )
+    new = self.clones.of(
+        layer,
+        (lambda: _activation_layer(self, layer.activation, layer.name)) if is_two_op else None,
+    )
+    outputs = new(*args, **kwargs)
+    return self.quantize_output(layer, outputs, int8_rules.fixed_output_range(layer))
+
+
+def _place_grid_keeping(self, layer, args, kwargs):
+    """Kept as it is; its output lies on its input's grid."""
+    outputs = self.clones.of(layer)(*args, **kwargs)
+    grid = self.grids.get(id(args[0]))
+    if grid is not None:
+        self.grids[id(outputs)] = grid
+    return outputs
+
+
+PLACEMENT_RULES = (
+    (lambda self, op: self.is_skipped(op), _place_skipped),
+    (lambda self, op: not isinstance(op, keras.layers.Layer), _place_rounding_operation),
+    (lambda self, op: isinstance(op, keras.layers.Concatenate), _place_concatenation),
+    (_is_shared_grid_pooling, _place_shared_grid_pooling),
+    (lambda self, op: isinstance(op, FusionLayer), _place_fusion),
+    (lambda self, op: isinstance(op, int8_rules.ROUNDING_LAYERS), _place_rounding_layer),
+    (lambda self, op: True, _place_grid_keeping),
+)

@@ -1,0 +1,141 @@
+"""Every exported layer follows Keras' conventions: its config round-trips,
+it saves and loads in a `.keras` model, it runs on symbolic inputs and under
+XLA; fusion layers take the arguments of the Keras layer they stand for."""
+
+import inspect
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_qat as kq
+
+RNG = np.random.default_rng(0)
+IMAGES = RNG.uniform(-1, 1, (4, 8, 8, 3)).astype("float32")
+VECTORS = RNG.uniform(-1, 1, (4, 5)).astype("float32")
+
+# name -> (make the layer, a batch it takes)
+LAYERS = {
+    "FakeQuant": (lambda: kq.FakeQuant(num_bits=6), VECTORS),
+    "Conv2DBnAct": (lambda: kq.Conv2DBnAct(4, 3, has_bn=True, activation="relu"), IMAGES),
+    "DenseBnAct": (lambda: kq.DenseBnAct(3, has_bn=True, activation="relu6"), VECTORS),
+    "DepthwiseConv2DBnAct": (lambda: kq.DepthwiseConv2DBnAct(3, depth_multiplier=2, has_bn=True), IMAGES),
+    "QuantConv2DBnAct": (lambda: kq.QuantConv2DBnAct(4, 3, weight_quantizer=dict(num_bits=4)), IMAGES),
+    "QuantDenseBnAct": (lambda: kq.QuantDenseBnAct(3, has_bn=True, weight_quantizer=dict(per_channel=True)), VECTORS),
+    "QuantDepthwiseConv2DBnAct": (lambda: kq.QuantDepthwiseConv2DBnAct(3, weight_quantizer=dict(symmetric=True)), IMAGES),
+    "QuantConv2DBnFoldAct": (lambda: kq.QuantConv2DBnFoldAct(4, 3, has_bn=True, freeze_bn=5), IMAGES),
+    "QuantDenseBnFoldAct": (lambda: kq.QuantDenseBnFoldAct(3, has_bn=True, activation="relu"), VECTORS),
+    "QuantDepthwiseConv2DBnFoldAct": (lambda: kq.QuantDepthwiseConv2DBnFoldAct(3, has_bn=True), IMAGES),
+    "QuantAveragePooling2D": (lambda: kq.QuantAveragePooling2D(2, quantizer=dict(ema=False)), IMAGES),
+    "QuantHardSigmoid": (lambda: kq.QuantHardSigmoid(), VECTORS),
+    "QuantSwish": (lambda: kq.QuantSwish(quant_delay=1), VECTORS),
+}
+
+
+def test_every_exported_layer_is_covered():
+    exported = {name for name in kq.__all__ if isinstance(getattr(kq, name), type)
+                and issubclass(getattr(kq, name), keras.layers.Layer)}
+    assert exported - set(LAYERS) == {"QuantConcatenate", "WeightQuantizer"}  # tested below
+
+
+def model_of(name):
+    make, x = LAYERS[name]
+    inputs = keras.Input(x.shape[1:])
+    model = keras.Model(inputs, make()(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    model.train_on_batch(x, np.zeros(model.outputs[0].shape[1:], "float32")[None].repeat(len(x), 0))
+    return model, x
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_config_round_trip(name):
+    layer = LAYERS[name][0]()
+    config = layer.get_config()
+    clone = layer.__class__.from_config(config)
+    assert clone.get_config() == config
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(restored) is type(layer) and restored.get_config() == config
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_keras_file_round_trip_after_training(name, tmp_path):
+    model, x = model_of(name)
+    path = str(tmp_path / f"{name}.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    for saved, restored in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(saved.numpy(), restored.numpy())
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_symbolic_call_matches_the_computed_shape(name):
+    make, x = LAYERS[name]
+    layer = make()
+    symbolic = layer(keras.Input(x.shape[1:]))
+    eager = layer(x)
+    assert tuple(symbolic.shape[1:]) == tuple(eager.shape[1:])
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_xla_matches_graph_within_one_step(name):
+    model, x = model_of(name)
+    graph_out = model.predict(x, verbose=0)
+    xla_out = tf.function(lambda t: model(t, training=False), jit_compile=True)(x).numpy()
+    # XLA's fake-quant kernel may round float near-ties the other way.
+    np.testing.assert_allclose(xla_out, graph_out, atol=0.05, rtol=0)
+    assert np.mean(np.isclose(xla_out, graph_out, atol=1e-5)) > 0.9
+
+
+def test_quant_concatenate_contract(tmp_path):
+    a, b = keras.Input((5,)), keras.Input((5,))
+    layer = kq.QuantConcatenate(quantize_inputs=[True, False], quantizer=dict(num_bits=6))
+    model = keras.Model([a, b], layer([a, b]))
+    assert kq.QuantConcatenate.from_config(layer.get_config()).get_config() == layer.get_config()
+    model.compile(optimizer="sgd", loss="mse")
+    model.train_on_batch([VECTORS, -VECTORS], np.zeros((4, 10), "float32"))
+    path = str(tmp_path / "concat.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(loaded.predict([VECTORS, VECTORS], verbose=0),
+                                  model.predict([VECTORS, VECTORS], verbose=0))
+
+
+def test_weight_quantizer_contract():
+    quantizer = kq.WeightQuantizer(num_bits=4, per_channel=True, symmetric=True, narrow_range=True, quant_delay=2)
+    config = quantizer.get_config()
+    assert kq.WeightQuantizer.from_config(config).get_config() == config
+    assert kq.WeightQuantizer.get(dict(num_bits=4)).num_bits == 4
+    with pytest.raises(ValueError, match="weight_quantizer"):
+        kq.QuantDenseBnAct(3, weight_quantizer="int4")
+
+
+def signature(cls):
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if name not in ("self", "kwargs")}
+
+
+# Arguments of the Keras layers that fusion layers do not take: LoRA and
+# Keras' own post-training quantization (conversion refuses them).
+NOT_TAKEN = {"lora_rank", "lora_alpha", "quantization_config"}
+
+
+@pytest.mark.parametrize("fusion, keras_layer", [
+    (kq.Conv2DBnAct, keras.layers.Conv2D),
+    (kq.DenseBnAct, keras.layers.Dense),
+    (kq.DepthwiseConv2DBnAct, keras.layers.DepthwiseConv2D),
+])
+def test_fusion_layers_take_the_arguments_and_defaults_of_their_keras_layer(fusion, keras_layer):
+    ours, theirs = signature(fusion), signature(keras_layer)
+    for name, default in theirs.items():
+        if name in NOT_TAKEN:
+            continue
+        assert name in ours, name
+        assert ours[name] == default, name
+    bn = signature(keras.layers.BatchNormalization)
+    base = signature(kq.layers.fusion.FusionLayer)
+    for name in ("momentum", "epsilon", "center", "scale", "beta_initializer", "gamma_initializer",
+                 "moving_mean_initializer", "moving_variance_initializer", "beta_regularizer",
+                 "gamma_regularizer", "beta_constraint", "gamma_constraint", "synchronized"):
+        assert base[name] == bn[name], name
