@@ -16,4 +16,3 @@ import keras_qat  # noqa: E402
 @pytest.fixture(autouse=True)
 def _doctest_names(doctest_namespace):
     doctest_namespace.update(np=np, tf=tf, keras=keras, kq=keras_qat)
-    keras.utils.set_random_seed(1234)

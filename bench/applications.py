@@ -31,13 +31,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import idx_data  # noqa: E402
+
 import keras_qat as kq  # noqa: E402
 from keras_qat.export import float_ops  # noqa: E402
 
@@ -53,9 +54,15 @@ NETWORKS = {
 }
 
 flags.DEFINE_list("networks", list(NETWORKS), "keras.applications networks to run.")
-flags.DEFINE_string("output", None, "JSON output path (default: bench/results/applications[_trained].json).")
-flags.DEFINE_integer("train_images", 0, "Train on this many Fashion-MNIST images (0: untrained, random data).")
-flags.DEFINE_string("data_dir", None, "Fashion-MNIST IDX directory (default: the Debian package's).")
+flags.DEFINE_string(
+    "output", None, "JSON output path (default: bench/results/applications[_trained].json)."
+)
+flags.DEFINE_integer(
+    "train_images", 0, "Train on this many Fashion-MNIST images (0: untrained, random data)."
+)
+flags.DEFINE_string(
+    "data_dir", None, "Fashion-MNIST IDX directory (default: the Debian package's)."
+)
 flags.DEFINE_integer("float_epochs", 3, "Float epochs with --train_images.")
 flags.DEFINE_integer("qat_epochs", 1, "QAT epochs with --train_images.")
 flags.DEFINE_integer("batch_size", 64, "Batch size with --train_images.")
@@ -75,10 +82,14 @@ def run(name):
         model, per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False]
     )
     convert_s = time.perf_counter() - start
-    qmodel.compile(optimizer=keras.optimizers.SGD(1e-4),
-                   loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    qmodel.compile(
+        optimizer=keras.optimizers.SGD(1e-4),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+    )
     start = time.perf_counter()
-    qmodel.fit(x[:16], keras.utils.to_categorical(rng.integers(0, 10, 16), 10), batch_size=8, verbose=0)
+    qmodel.fit(
+        x[:16], keras.utils.to_categorical(rng.integers(0, 10, 16), 10), batch_size=8, verbose=0
+    )
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
     int8 = kq.export_tflite(qmodel, allow_float_ops=True)
@@ -102,7 +113,9 @@ def run(name):
 
 def set_batchnorm_statistics(model, x):
     """Sets every BatchNorm's moving statistics to those of `x`."""
-    batchnorms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    batchnorms = [
+        layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     momenta = [layer.momentum for layer in batchnorms]
     for layer in batchnorms:
         layer.momentum = 0.0
@@ -185,14 +198,18 @@ def run_trained(name, data):
 
 
 def print_trained(results):
-    print(f"{'network':<18}{'float':>8}{'QAT':>8}{'TFLite':>8}{'TFLite vs Keras: top-1':>24}"
-          f"{'<=1 step':>9}{'max':>6}{'XLA vs Keras: top-1':>21}{'<=1 step':>9}{'max':>6}")
+    print(
+        f"{'network':<18}{'float':>8}{'QAT':>8}{'TFLite':>8}{'TFLite vs Keras: top-1':>24}"
+        f"{'<=1 step':>9}{'max':>6}{'XLA vs Keras: top-1':>21}{'<=1 step':>9}{'max':>6}"
+    )
     for r in results:
-        print(f"{r['network']:<18}{100 * r['float_accuracy']:>7.2f}%{100 * r['qat_accuracy']:>7.2f}%"
-              f"{100 * r['tflite_accuracy']:>7.2f}%{100 * r['top1_agreement']:>23.2f}%"
-              f"{100 * r['within_one_step']:>8.1f}%{r['max_diff_steps']:>6.0f}"
-              f"{100 * r['xla_top1_agreement']:>20.2f}%{100 * r['xla_within_one_step']:>8.1f}%"
-              f"{r['xla_max_diff_steps']:>6.0f}")
+        print(
+            f"{r['network']:<18}{100 * r['float_accuracy']:>7.2f}%{100 * r['qat_accuracy']:>7.2f}%"
+            f"{100 * r['tflite_accuracy']:>7.2f}%{100 * r['top1_agreement']:>23.2f}%"
+            f"{100 * r['within_one_step']:>8.1f}%{r['max_diff_steps']:>6.0f}"
+            f"{100 * r['xla_top1_agreement']:>20.2f}%{100 * r['xla_within_one_step']:>8.1f}%"
+            f"{r['xla_max_diff_steps']:>6.0f}"
+        )
 
 
 def main(argv):
@@ -200,7 +217,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     keras.utils.set_random_seed(0)
     output = FLAGS.output or (
-        "bench/results/applications_trained.json" if FLAGS.train_images
+        "bench/results/applications_trained.json"
+        if FLAGS.train_images
         else "bench/results/applications.json"
     )
     if FLAGS.train_images:
@@ -212,23 +230,37 @@ def main(argv):
         write(output, results)
         return
     results = [run(name) for name in FLAGS.networks]
-    header = (f"{'network':<18}{'size':>5}{'convert s':>10}{'fit s':>7}{'export s':>9}"
-              f"{'float ops':>10}{'int8/float':>11}{'TFLite vs Keras: top-1':>24}{'mean steps':>11}"
-              f"{'XLA vs Keras: top-1':>21}{'mean steps':>11}")
+    header = (
+        f"{'network':<18}{'size':>5}{'convert s':>10}{'fit s':>7}{'export s':>9}"
+        f"{'float ops':>10}{'int8/float':>11}{'TFLite vs Keras: top-1':>24}{'mean steps':>11}"
+        f"{'XLA vs Keras: top-1':>21}{'mean steps':>11}"
+    )
     print(header)
     for r in results:
-        print(f"{r['network']:<18}{r['input_size']:>5}{r['convert_s']:>10.1f}{r['fit_2_steps_s']:>7.1f}"
-              f"{r['export_s']:>9.1f}{len(r['float_ops']):>10}{r['int8_bytes'] / r['float_bytes']:>11.3f}"
-              f"{100 * r['top1_agreement']:>23.1f}%{r['mean_abs_diff'] / r['output_scale']:>11.2f}"
-              f"{100 * r['xla_top1_agreement']:>20.1f}%{r['xla_mean_diff_steps']:>11.2f}")
+        print(
+            f"{r['network']:<18}{r['input_size']:>5}{r['convert_s']:>10.1f}{r['fit_2_steps_s']:>7.1f}"
+            f"{r['export_s']:>9.1f}{len(r['float_ops']):>10}"
+            f"{r['int8_bytes'] / r['float_bytes']:>11.3f}"
+            f"{100 * r['top1_agreement']:>23.1f}%{r['mean_abs_diff'] / r['output_scale']:>11.2f}"
+            f"{100 * r['xla_top1_agreement']:>20.1f}%{r['xla_mean_diff_steps']:>11.2f}"
+        )
     write(output, results)
 
 
 def write(output, results):
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
-        json.dump({"tensorflow": tf.__version__, "keras": keras.__version__,
-                   "machine": platform.machine(), "cpus": os.cpu_count(), "results": results}, f, indent=2)
+        json.dump(
+            {
+                "tensorflow": tf.__version__,
+                "keras": keras.__version__,
+                "machine": platform.machine(),
+                "cpus": os.cpu_count(),
+                "results": results,
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {output}")
 
 

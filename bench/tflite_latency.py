@@ -20,13 +20,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import models  # noqa: E402
+
 import keras_qat as kq  # noqa: E402
 
 flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
@@ -36,6 +37,7 @@ flags.DEFINE_list("threads", ["1", "2"], "Interpreter thread counts.")
 flags.DEFINE_string("output", "bench/results/tflite_latency.json", "JSON output path.")
 FLAGS = flags.FLAGS
 
+
 def tflite_models(name):
     build, shape = models.NETWORKS[name]
     float_model = build()
@@ -44,8 +46,10 @@ def tflite_models(name):
     )
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (64,) + shape).astype("float32")
-    qat_model.compile(optimizer=keras.optimizers.SGD(1e-4),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat_model.compile(
+        optimizer=keras.optimizers.SGD(1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     for _ in range(3):  # calibrate the ranges
         qat_model.train_on_batch(x, rng.integers(0, 10, 64))
     return kq.export_float_tflite(float_model), kq.export_tflite(qat_model), x[:1]
@@ -77,37 +81,54 @@ def measure(name):
             float_times.append(time_invokes(float_interpreter, FLAGS.invokes))
             int8_times.append(time_invokes(int8_interpreter, FLAGS.invokes))
         speedups = np.array(float_times) / np.array(int8_times)
-        rows.append({
-            "network": name,
-            "threads": threads,
-            "float_us_median": 1e6 * float(np.median(float_times)),
-            "int8_us_median": 1e6 * float(np.median(int8_times)),
-            "speedup_median": float(np.median(speedups)),
-            "speedup_min": float(speedups.min()),
-            "speedup_max": float(speedups.max()),
-            "float_bytes": len(float_bytes),
-            "int8_bytes": len(int8_bytes),
-        })
+        rows.append(
+            {
+                "network": name,
+                "threads": threads,
+                "float_us_median": 1e6 * float(np.median(float_times)),
+                "int8_us_median": 1e6 * float(np.median(int8_times)),
+                "speedup_median": float(np.median(speedups)),
+                "speedup_min": float(speedups.min()),
+                "speedup_max": float(speedups.max()),
+                "float_bytes": len(float_bytes),
+                "int8_bytes": len(int8_bytes),
+            }
+        )
     return rows
 
 
 def main(argv):
     del argv
     rows = [row for name in FLAGS.networks for row in measure(name)]
-    print(f"\nbatch 1, {FLAGS.rounds} rounds x {FLAGS.invokes} invokes, TF {tf.__version__}, "
-          f"{os.cpu_count()} CPUs, interpreter: default delegates")
-    print(f"{'network':<10}{'threads':>8}{'float us':>10}{'int8 us':>9}{'speed-up':>10}"
-          f"{'spread':>14}{'float KB':>10}{'int8 KB':>9}{'size':>7}")
+    print(
+        f"\nbatch 1, {FLAGS.rounds} rounds x {FLAGS.invokes} invokes, TF {tf.__version__}, "
+        f"{os.cpu_count()} CPUs, interpreter: default delegates"
+    )
+    print(
+        f"{'network':<10}{'threads':>8}{'float us':>10}{'int8 us':>9}{'speed-up':>10}"
+        f"{'spread':>14}{'float KB':>10}{'int8 KB':>9}{'size':>7}"
+    )
     for r in rows:
-        print(f"{r['network']:<10}{r['threads']:>8}{r['float_us_median']:>10.1f}{r['int8_us_median']:>9.1f}"
-              f"{r['speedup_median']:>9.2f}x{r['speedup_min']:>8.2f}..{r['speedup_max']:.2f}"
-              f"{r['float_bytes'] / 1024:>10.1f}{r['int8_bytes'] / 1024:>9.1f}"
-              f"{r['int8_bytes'] / r['float_bytes']:>6.3f}x")
+        print(
+            f"{r['network']:<10}{r['threads']:>8}{r['float_us_median']:>10.1f}{r['int8_us_median']:>9.1f}"
+            f"{r['speedup_median']:>9.2f}x{r['speedup_min']:>8.2f}..{r['speedup_max']:.2f}"
+            f"{r['float_bytes'] / 1024:>10.1f}{r['int8_bytes'] / 1024:>9.1f}"
+            f"{r['int8_bytes'] / r['float_bytes']:>6.3f}x"
+        )
     os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
     with open(FLAGS.output, "w") as f:
-        json.dump({"tensorflow": tf.__version__, "machine": platform.machine(),
-                   "cpus": os.cpu_count(), "rounds": FLAGS.rounds, "invokes": FLAGS.invokes,
-                   "results": rows}, f, indent=2)
+        json.dump(
+            {
+                "tensorflow": tf.__version__,
+                "machine": platform.machine(),
+                "cpus": os.cpu_count(),
+                "rounds": FLAGS.rounds,
+                "invokes": FLAGS.invokes,
+                "results": rows,
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {FLAGS.output}")
 
 

@@ -36,22 +36,23 @@ def read_idx(path):
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file.")
     ndim = data[3]
-    shape = tuple(
-        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
-    )
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     array = np.frombuffer(data, np.uint8, offset=offset)
     if array.size != int(np.prod(shape)):
         raise ValueError(
-            f"{path}: header says shape {shape} but the file holds "
-            f"{array.size} values."
+            f"{path}: header says shape {shape} but the file holds {array.size} values."
         )
     return array.reshape(shape)
 
 
 def _find(data_dir, stem):
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
-                 stem.replace("-idx", ".idx") + ".gz"):
+    for name in (
+        stem,
+        stem + ".gz",
+        stem.replace("-idx", ".idx"),
+        stem.replace("-idx", ".idx") + ".gz",
+    ):
         path = os.path.join(data_dir, name)
         if os.path.exists(path):
             return path

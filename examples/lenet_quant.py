@@ -33,17 +33,20 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import idx_data  # noqa: E402
 import strategies  # noqa: E402
 from models import lenet5  # noqa: E402
+
 import keras_qat as kq  # noqa: E402
 
-flags.DEFINE_string("data_dir", None, "Directory with the MNIST IDX files (raw or .gz); default: data/mnist.")
+flags.DEFINE_string(
+    "data_dir", None, "Directory with the MNIST IDX files (raw or .gz); default: data/mnist."
+)
 flags.DEFINE_string("output_dir", "runs/lenet", "Where models and results are written.")
 flags.DEFINE_integer("float_epochs", 10, "Float training epochs.")
 flags.DEFINE_integer("qat_epochs", 3, "Quantization-aware training epochs.")
@@ -51,18 +54,30 @@ flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_float("float_lr", 1e-3, "Adam learning rate of float training.")
 flags.DEFINE_float("qat_lr", 1e-4, "Adam learning rate of QAT.")
 flags.DEFINE_integer("quant_delay", 900, "Training steps before fake quantization starts.")
-flags.DEFINE_integer("limit_train", 0, "Use only this many training images (0: all); for smoke runs.")
+flags.DEFINE_integer(
+    "limit_train", 0, "Use only this many training images (0: all); for smoke runs."
+)
 flags.DEFINE_integer("seed", 1, "Random seed.")
 flags.DEFINE_bool("export_tflite", False, "Export, evaluate and compare an int8 TFLite model.")
-flags.DEFINE_bool("per_channel_weights", None, "Per-channel weight ranges (default: per channel unless --export_tflite).")
+flags.DEFINE_bool(
+    "per_channel_weights",
+    None,
+    "Per-channel weight ranges (default: per channel unless --export_tflite).",
+)
 FLAGS = flags.FLAGS
 
 
 def train(model, data, epochs, learning_rate, strategy):
     (x_train, y_train), (x_test, y_test) = data
     times = strategies.fit(
-        model, x_train, y_train, epochs=epochs, batch_size=FLAGS.batch_size,
-        optimizer=keras.optimizers.Adam(learning_rate), strategy=strategy, seed=FLAGS.seed,
+        model,
+        x_train,
+        y_train,
+        epochs=epochs,
+        batch_size=FLAGS.batch_size,
+        optimizer=keras.optimizers.Adam(learning_rate),
+        strategy=strategy,
+        seed=FLAGS.seed,
     )
     # Median, so that the first epoch's tracing does not dominate.
     return strategies.accuracy(model, x_test, y_test), float(np.median(times))
@@ -128,8 +143,11 @@ def train_both(data, strategy, float_path, qat_path):
     if per_channel is None:
         per_channel = not FLAGS.export_tflite
     qat_network = kq.convert_quant_network(
-        network, quant_delay=FLAGS.quant_delay, bn_fold=False,
-        per_channel=[per_channel, False], symmetric=[symmetric_weights, False],
+        network,
+        quant_delay=FLAGS.quant_delay,
+        bn_fold=False,
+        per_channel=[per_channel, False],
+        symmetric=[symmetric_weights, False],
         narrow_range=[symmetric_weights, False],
     )
     qat_accuracy, qat_epoch = train(qat_network, data, FLAGS.qat_epochs, FLAGS.qat_lr, strategy)
@@ -151,16 +169,29 @@ def train_both(data, strategy, float_path, qat_path):
 def print_table(results, float_path, qat_path):
     print()
     print(f"{'model':<22}{'test accuracy':>15}{'s / epoch':>12}")
-    print(f"{'float':<22}{100 * results['float_accuracy']:>14.2f}%{results['float_epoch_seconds']:>12.1f}")
-    print(f"{'QAT (int8 simulated)':<22}{100 * results['qat_accuracy']:>14.2f}%{results['qat_epoch_seconds']:>12.1f}")
+    print(
+        f"{'float':<22}{100 * results['float_accuracy']:>14.2f}%"
+        f"{results['float_epoch_seconds']:>12.1f}"
+    )
+    print(
+        f"{'QAT (int8 simulated)':<22}{100 * results['qat_accuracy']:>14.2f}%"
+        f"{results['qat_epoch_seconds']:>12.1f}"
+    )
     if FLAGS.export_tflite:
         print(f"{'int8 TFLite':<22}{100 * results['tflite_accuracy']:>14.2f}%")
-        print(f"TFLite vs Keras QAT: top-1 agreement {100 * results['top1_agreement']:.2f} %, "
-              f"{100 * results['within_one_step']:.2f} % of outputs within one output step "
-              f"(max {results['max_diff_steps']:.1f} steps)")
-        print(f"model size: float TFLite {results['float_tflite_bytes']} B, int8 TFLite "
-              f"{results['int8_tflite_bytes']} B ({results['size_ratio']:.3f}x)")
-    print(f"saved: {float_path}, {qat_path} ({results['replicas']} replica(s), --strategy={results['strategy']})")
+        print(
+            f"TFLite vs Keras QAT: top-1 agreement {100 * results['top1_agreement']:.2f} %, "
+            f"{100 * results['within_one_step']:.2f} % of outputs within one output step "
+            f"(max {results['max_diff_steps']:.1f} steps)"
+        )
+        print(
+            f"model size: float TFLite {results['float_tflite_bytes']} B, int8 TFLite "
+            f"{results['int8_tflite_bytes']} B ({results['size_ratio']:.3f}x)"
+        )
+    print(
+        f"saved: {float_path}, {qat_path} ({results['replicas']} replica(s), "
+        f"--strategy={results['strategy']})"
+    )
 
 
 if __name__ == "__main__":

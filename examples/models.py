@@ -5,21 +5,22 @@ import keras
 import keras_qat as kq
 
 
-def lenet5(num_classes=10):
-    """LeNet-5 as a fusion network (the first conv pads 28x28 like 32x32)."""
+def lenet5(num_classes=10, has_bn=False):
+    """LeNet-5 as a fusion network (the first conv pads 28x28 like 32x32);
+    with `has_bn=True` a BatchNorm follows each convolution."""
     return keras.Sequential(
         [
             keras.Input((28, 28, 1), name="image"),
-            kq.Conv2DBnAct(6, 5, padding="same", activation="relu", name="conv1"),
+            kq.Conv2DBnAct(6, 5, padding="same", has_bn=has_bn, activation="relu", name="conv1"),
             keras.layers.MaxPooling2D(2, name="pool1"),
-            kq.Conv2DBnAct(16, 5, activation="relu", name="conv2"),
+            kq.Conv2DBnAct(16, 5, has_bn=has_bn, activation="relu", name="conv2"),
             keras.layers.MaxPooling2D(2, name="pool2"),
             keras.layers.Flatten(name="flatten"),
             kq.DenseBnAct(120, activation="relu", name="fc1"),
             kq.DenseBnAct(84, activation="relu", name="fc2"),
             kq.DenseBnAct(num_classes, name="fc3"),
         ],
-        name="lenet5",
+        name="lenet5_bn" if has_bn else "lenet5",
     )
 
 
@@ -35,14 +36,23 @@ def resnet20(input_shape=(32, 32, 3), num_classes=10, depth=20, width=16):
         raise ValueError(f"`depth` must be 6n + 2. Received: depth={depth}")
     blocks = (depth - 2) // 6
     inputs = keras.Input(input_shape, name="image")
-    x = kq.Conv2DBnAct(width, 3, padding="same", has_bn=True, activation="relu", name="stem")(inputs)
+    x = kq.Conv2DBnAct(width, 3, padding="same", has_bn=True, activation="relu", name="stem")(
+        inputs
+    )
     for stage in range(3):
         filters = width * 2**stage
         for block in range(blocks):
             strides = 2 if stage > 0 and block == 0 else 1
             name = f"s{stage}b{block}"
-            y = kq.Conv2DBnAct(filters, 3, strides=strides, padding="same", has_bn=True,
-                               activation="relu", name=f"{name}_conv1")(x)
+            y = kq.Conv2DBnAct(
+                filters,
+                3,
+                strides=strides,
+                padding="same",
+                has_bn=True,
+                activation="relu",
+                name=f"{name}_conv1",
+            )(x)
             y = kq.Conv2DBnAct(filters, 3, padding="same", has_bn=True, name=f"{name}_conv2")(y)
             if strides != 1 or x.shape[-1] != filters:
                 x = kq.Conv2DBnAct(filters, 1, strides=strides, has_bn=True, name=f"{name}_proj")(x)
@@ -56,5 +66,6 @@ def resnet20(input_shape=(32, 32, 3), num_classes=10, depth=20, width=16):
 # name -> (builder, input shape), for the benchmarks.
 NETWORKS = {
     "lenet5": (lenet5, (28, 28, 1)),
+    "lenet5_bn": (lambda num_classes=10: lenet5(num_classes, has_bn=True), (28, 28, 1)),
     "resnet20": (resnet20, (32, 32, 3)),
 }

@@ -24,27 +24,35 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import idx_data  # noqa: E402
 import strategies  # noqa: E402
 from models import resnet20  # noqa: E402
+
 import keras_qat as kq  # noqa: E402
 
-flags.DEFINE_string("data_dir", None, "Directory with the Fashion-MNIST IDX files; default: the Debian package's.")
+flags.DEFINE_string(
+    "data_dir", None, "Directory with the Fashion-MNIST IDX files; default: the Debian package's."
+)
 flags.DEFINE_string("output_dir", "runs/resnet", "Where models and results are written.")
 flags.DEFINE_integer("float_epochs", 6, "Float training epochs.")
 flags.DEFINE_integer("qat_epochs", 1, "QAT epochs, for each of bn_fold=True and bn_fold=False.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_float("float_lr", 2e-3, "Adam learning rate of float training (cosine decay).")
 flags.DEFINE_float("qat_lr", 1e-4, "Adam learning rate of QAT (cosine decay over the QAT steps).")
-flags.DEFINE_string("float_model", None, "A trained float .keras network to start from (skips float training).")
+flags.DEFINE_string(
+    "float_model", None, "A trained float .keras network to start from (skips float training)."
+)
 flags.DEFINE_integer("quant_delay", 100, "Training steps before fake quantization starts.")
-flags.DEFINE_integer("freeze_bn", 300, "Training step from which folded BatchNorm statistics freeze.")
-flags.DEFINE_integer("limit_train", 0, "Use only this many training images (0: all); for smoke runs.")
+flags.DEFINE_integer(
+    "freeze_bn", 300, "Training step from which folded BatchNorm statistics freeze."
+)
+flags.DEFINE_integer(
+    "limit_train", 0, "Use only this many training images (0: all); for smoke runs."
+)
 flags.DEFINE_integer("seed", 1, "Random seed.")
 FLAGS = flags.FLAGS
 
@@ -52,8 +60,14 @@ FLAGS = flags.FLAGS
 def train(model, data, epochs, learning_rate, strategy):
     (x_train, y_train), (x_test, y_test) = data
     times = strategies.fit(
-        model, x_train, y_train, epochs=epochs, batch_size=FLAGS.batch_size,
-        optimizer=keras.optimizers.Adam(learning_rate), strategy=strategy, seed=FLAGS.seed,
+        model,
+        x_train,
+        y_train,
+        epochs=epochs,
+        batch_size=FLAGS.batch_size,
+        optimizer=keras.optimizers.Adam(learning_rate),
+        strategy=strategy,
+        seed=FLAGS.seed,
     )
     return strategies.accuracy(model, x_test, y_test), float(sum(times))
 
@@ -74,12 +88,19 @@ def main(argv):
         json.dump(results, f, indent=2)
     print()
     print(f"{'model':<28}{'test accuracy':>15}{'train s':>10}")
-    print(f"{'float':<28}{100 * results['float_accuracy']:>14.2f}%{results['float_seconds']:>10.0f}")
+    print(
+        f"{'float':<28}{100 * results['float_accuracy']:>14.2f}%{results['float_seconds']:>10.0f}"
+    )
     for bn_fold in (False, True):
-        print(f"{f'QAT int8, bn_fold={bn_fold}':<28}{100 * results[f'bn_fold_{bn_fold}_accuracy']:>14.2f}%"
-              f"{results[f'bn_fold_{bn_fold}_seconds']:>10.0f}")
-    print(f"QAT: {results['qat_steps']} steps each; float: {FLAGS.float_epochs} epochs; "
-          f"{results['replicas']} replica(s), --strategy={FLAGS.strategy}")
+        print(
+            f"{f'QAT int8, bn_fold={bn_fold}':<28}"
+            f"{100 * results[f'bn_fold_{bn_fold}_accuracy']:>14.2f}%"
+            f"{results[f'bn_fold_{bn_fold}_seconds']:>10.0f}"
+        )
+    print(
+        f"QAT: {results['qat_steps']} steps each; float: {FLAGS.float_epochs} epochs; "
+        f"{results['replicas']} replica(s), --strategy={FLAGS.strategy}"
+    )
 
 
 def train_all(data, strategy, out_dir):
@@ -101,9 +122,13 @@ def train_all(data, strategy, out_dir):
     for bn_fold in (False, True):
         keras.utils.set_random_seed(FLAGS.seed)  # same data order for both
         qat = kq.convert_quant_network(
-            keras.saving.load_model(float_path), bn_fold=bn_fold, freeze_bn=FLAGS.freeze_bn,
-            quant_delay=FLAGS.quant_delay, per_channel=[True, False],
-            symmetric=[True, False], narrow_range=[True, False],
+            keras.saving.load_model(float_path),
+            bn_fold=bn_fold,
+            freeze_bn=FLAGS.freeze_bn,
+            quant_delay=FLAGS.quant_delay,
+            per_channel=[True, False],
+            symmetric=[True, False],
+            narrow_range=[True, False],
         )
         # Like the float run, end at learning rate 0: a converged network is
         # fine-tuned, not thrown off by a constant rate.
@@ -114,9 +139,13 @@ def train_all(data, strategy, out_dir):
         qat.save(os.path.join(out_dir, f"resnet20_qat_bn_fold_{bn_fold}.keras"))
         results[f"bn_fold_{bn_fold}_accuracy"] = accuracy
         results[f"bn_fold_{bn_fold}_seconds"] = seconds
-    results.update(float_epochs=FLAGS.float_epochs, qat_epochs=FLAGS.qat_epochs,
-                   qat_steps=FLAGS.qat_epochs * steps_per_epoch, train_images=int(len(data[0][0])),
-                   replicas=strategy.num_replicas_in_sync)
+    results.update(
+        float_epochs=FLAGS.float_epochs,
+        qat_epochs=FLAGS.qat_epochs,
+        qat_steps=FLAGS.qat_epochs * steps_per_epoch,
+        train_images=int(len(data[0][0])),
+        replicas=strategy.num_replicas_in_sync,
+    )
     return results
 
 

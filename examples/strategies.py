@@ -15,14 +15,20 @@ been run here (no TPU on the development or CI machines).
 
 import time
 
-from absl import flags
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import flags
 
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
-                  "tf.distribute strategy to train under.")
-flags.DEFINE_string("tpu", None, "TPU address for --strategy=tpu (for example grpc://10.0.0.2:8470).")
+flags.DEFINE_enum(
+    "strategy",
+    "default",
+    ["default", "mirrored", "multi_worker", "tpu"],
+    "tf.distribute strategy to train under.",
+)
+flags.DEFINE_string(
+    "tpu", None, "TPU address for --strategy=tpu (for example grpc://10.0.0.2:8470)."
+)
 
 
 def make_strategy(name, tpu=None):
@@ -48,7 +54,9 @@ def is_chief(strategy):
     if not is_multi_worker(strategy):
         return True
     resolver = strategy.cluster_resolver
-    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0)
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+    )
 
 
 def fit(model, x, y, *, epochs, batch_size, optimizer, strategy, seed=1):
@@ -66,8 +74,12 @@ def fit(model, x, y, *, epochs, batch_size, optimizer, strategy, seed=1):
     per_example = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    data = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
-            .batch(batch_size).with_options(options))
+    data = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(x), seed=seed)
+        .batch(batch_size)
+        .with_options(options)
+    )
     optimizer.build(model.trainable_variables)
 
     def replica_step(x, y):
@@ -92,7 +104,9 @@ def fit(model, x, y, *, epochs, batch_size, optimizer, strategy, seed=1):
 def accuracy(model, x, y, batch_size=1000):
     """Top-1 accuracy of the logits of `model` on `x` (inference mode)."""
     predict = tf.function(lambda batch: model(batch, training=False))
-    logits = np.concatenate([predict(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)])
+    logits = np.concatenate(
+        [predict(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
+    )
     return float(np.mean(logits.argmax(-1) == y))
 
 

@@ -23,8 +23,7 @@ DEFAULT_FREEZE_BN = 10_000_000
 
 def _invalid(name, expected, value):
     return ValueError(
-        f"Received an invalid value for `{name}`, expected {expected}. "
-        f"Received: {name}={value!r}"
+        f"Received an invalid value for `{name}`, expected {expected}. Received: {name}={value!r}"
     )
 
 
@@ -43,9 +42,7 @@ def check_int(name, value, minimum=0):
         or not isinstance(value, numbers.Integral)
         or value < minimum
     ):
-        expected = (
-            "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
-        )
+        expected = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
         raise _invalid(name, expected, value)
     return int(value)
 
@@ -79,9 +76,7 @@ def as_pair(name, value):
     applies to both."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
-            raise _invalid(
-                name, "a single value or a (weights, activations) pair", value
-            )
+            raise _invalid(name, "a single value or a (weights, activations) pair", value)
         return tuple(value)
     return (value, value)
 
@@ -113,8 +108,9 @@ class QuantOptions:
     freeze_bn: int = DEFAULT_FREEZE_BN
 
     @classmethod
-    def from_args(cls, num_bits, per_channel, symmetric, narrow_range,
-                  quant_delay, bn_fold, freeze_bn):
+    def from_args(
+        cls, num_bits, per_channel, symmetric, narrow_range, quant_delay, bn_fold, freeze_bn
+    ):
         """Validates user arguments and returns the options.
 
         Raises:

@@ -20,6 +20,7 @@ The rest of the package sees:
 """
 
 import keras
+from keras.src.ops import core as _core_ops
 from keras.src.ops import numpy as _numpy_ops
 
 # Keras operations that `+`, `-` and `*` on symbolic tensors create (for
@@ -27,6 +28,8 @@ from keras.src.ops import numpy as _numpy_ops
 ADD_OPERATION = _numpy_ops.Add
 SUBTRACT_OPERATION = _numpy_ops.Subtract
 MULTIPLY_OPERATION = _numpy_ops.Multiply
+# The cast some Keras releases put after a model input under mixed precision.
+CAST_OPERATION = _core_ops.Cast
 
 
 def is_functional(model):
@@ -105,9 +108,7 @@ class Graph:
         for node in self.nodes:
             self._inputs.setdefault(id(node.operation), list(node.input_tensors))
             for tensor in node.input_tensors:
-                self._consumers.setdefault(id(producer(tensor)), []).append(
-                    node.operation
-                )
+                self._consumers.setdefault(id(producer(tensor)), []).append(node.operation)
         self.output_operations = {id(producer(t)) for t in self.model.outputs}
 
     @property

@@ -69,6 +69,10 @@ ROUNDING_OPERATIONS = (
     graph.MULTIPLY_OPERATION,
 )
 
+# Keras operations whose output lies on their input's grid: a cast between
+# float types (mixed precision) keeps the values.
+GRID_KEEPING_OPERATIONS = (graph.CAST_OPERATION,)
+
 # Layers whose output lies on their input's grid: they move or select values
 # (or, like Dropout, are the identity in inference).
 GRID_KEEPING_LAYERS = (

@@ -116,9 +116,7 @@ def grid_scale(min_val, max_val, num_bits=8, symmetric=False, narrow_range=False
     Returns:
         A float32 tensor of the shape of `min_val`.
     """
-    low, high = quant_range(
-        tf.cast(min_val, tf.float32), tf.cast(max_val, tf.float32), symmetric
-    )
+    low, high = quant_range(tf.cast(min_val, tf.float32), tf.cast(max_val, tf.float32), symmetric)
     return nudged_range(low, high, num_bits, narrow_range)[2]
 
 
@@ -217,9 +215,7 @@ def _fake_quant_last_axis(x, min_val, max_val, num_bits, narrow_range):
     per_channel = min_val.shape.rank == 1
     if per_channel:
         forward = tf.quantization.fake_quant_with_min_max_vars_per_channel
-        backward = (
-            tf.quantization.fake_quant_with_min_max_vars_per_channel_gradient
-        )
+        backward = tf.quantization.fake_quant_with_min_max_vars_per_channel_gradient
     else:
         forward = tf.quantization.fake_quant_with_min_max_vars
         backward = tf.quantization.fake_quant_with_min_max_vars_gradient
@@ -236,9 +232,7 @@ def _fake_quant_last_axis(x, min_val, max_val, num_bits, narrow_range):
                 narrow_range=narrow_range,
             )
 
-        y = forward(
-            x, min_val, max_val, num_bits=num_bits, narrow_range=narrow_range
-        )
+        y = forward(x, min_val, max_val, num_bits=num_bits, narrow_range=narrow_range)
         return y, grad
 
     return quantize(x, min_val, max_val)
@@ -296,14 +290,13 @@ def fake_quant(
 
     >>> y = fake_quant(tf.constant([-1.0, 0.1, 0.5]), -1.0, 1.0, num_bits=2)
     >>> y.numpy()  # grid: -2/3, 0, 2/3 after nudging
-    array([-0.6666666,  0.       ,  0.6666666], dtype=float32)
+    array([-0.6666667,  0.       ,  0.6666667], dtype=float32)
     """
     check_num_bits(num_bits)
     x = tf.convert_to_tensor(x)
     if not x.dtype.is_floating:
         raise ValueError(
-            "`fake_quant` expects a floating-point tensor. "
-            f"Received: x.dtype={x.dtype.name}"
+            f"`fake_quant` expects a floating-point tensor. Received: x.dtype={x.dtype.name}"
         )
     min_val, max_val = quant_range(
         tf.cast(min_val, tf.float32), tf.cast(max_val, tf.float32), symmetric

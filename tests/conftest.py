@@ -21,6 +21,7 @@ def _seed():
     yield
     keras.config.set_dtype_policy("float32")
 
+
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -29,7 +29,9 @@ def build():
 
 def dataset(steps):
     rng = np.random.default_rng(3)
-    x = np.concatenate([rng.standard_normal((GLOBAL_BATCH, 6, 6, 2)) * (s + 1) for s in range(steps)])
+    x = np.concatenate(
+        [rng.standard_normal((GLOBAL_BATCH, 6, 6, 2)) * (s + 1) for s in range(steps)]
+    )
     y = rng.standard_normal((GLOBAL_BATCH * steps, 2))
     data = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y.astype("float32")))
     options = tf.data.Options()

@@ -11,7 +11,9 @@ import tensorflow as tf
 import keras_qat as kq
 from keras_qat.quantizers import nudged_range, quant_range
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+)
 import models  # noqa: E402
 
 
@@ -27,11 +29,16 @@ def test_xla_training_and_inference_match_the_graph_within_one_step(name):
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (16,) + shape).astype("float32")
     y = rng.integers(0, 10, 16)
-    qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), jit_compile=True,
-                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qmodel.compile(
+        optimizer=keras.optimizers.SGD(1e-3),
+        jit_compile=True,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     losses = [float(qmodel.train_on_batch(x, y)) for _ in range(3)]
     assert np.all(np.isfinite(losses))
-    assert all(layer.step.numpy() == 3 for layer in qmodel.layers if isinstance(layer, kq.FakeQuant))
+    assert all(
+        layer.step.numpy() == 3 for layer in qmodel.layers if isinstance(layer, kq.FakeQuant)
+    )
     graph = tf.function(lambda t: qmodel(t, training=False))(x).numpy()
     xla = tf.function(lambda t: qmodel(t, training=False), jit_compile=True)(x).numpy()
     # XLA's fake-quant kernel rounds some near-ties the other way (float32
@@ -54,8 +61,11 @@ def train_ranges(policy, weights, data):
     qmodel.compile(optimizer=keras.optimizers.SGD(1e-2), loss="mse")
     losses = [float(qmodel.train_on_batch(x, y)) for x, y in data]
     output = qmodel(data[0][0], training=False)
-    ranges = [(layer.min.numpy(), layer.max.numpy(), layer.min.dtype)
-              for layer in qmodel.layers if isinstance(layer, kq.FakeQuant)]
+    ranges = [
+        (layer.min.numpy(), layer.max.numpy(), layer.min.dtype)
+        for layer in qmodel.layers
+        if isinstance(layer, kq.FakeQuant)
+    ]
     keras.config.set_dtype_policy("float32")
     return losses, output, ranges
 
@@ -64,8 +74,13 @@ def train_ranges(policy, weights, data):
 def test_mixed_precision_trains_with_float32_ranges(policy, tolerance):
     weights = kq.convert_quant_network(small_model()).get_weights()
     rng = np.random.default_rng(1)
-    data = [(rng.standard_normal((16, 8, 8, 3)).astype("float32"),
-             rng.standard_normal((16, 4)).astype("float32")) for _ in range(4)]
+    data = [
+        (
+            rng.standard_normal((16, 8, 8, 3)).astype("float32"),
+            rng.standard_normal((16, 4)).astype("float32"),
+        )
+        for _ in range(4)
+    ]
     ref_losses, _, ref_ranges = train_ranges("float32", weights, data)
     losses, output, ranges = train_ranges(policy, weights, data)
     assert np.all(np.isfinite(losses))
@@ -84,9 +99,13 @@ def test_xla_trains_the_real_world_layers():
     qmodel = kq.convert_quant_network(image_patterns(), per_channel=[True, False])
     rng = np.random.default_rng(2)
     x = rng.uniform(0, 255, (16, 16, 16, 3)).astype("float32")
-    qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), jit_compile=True, loss="categorical_crossentropy")
-    losses = [float(qmodel.train_on_batch(x, keras.utils.to_categorical(rng.integers(0, 5, 16), 5)))
-              for _ in range(3)]
+    qmodel.compile(
+        optimizer=keras.optimizers.SGD(1e-3), jit_compile=True, loss="categorical_crossentropy"
+    )
+    losses = [
+        float(qmodel.train_on_batch(x, keras.utils.to_categorical(rng.integers(0, 5, 16), 5)))
+        for _ in range(3)
+    ]
     assert np.all(np.isfinite(losses))
     pooling = qmodel.get_layer("average_pooling")
     assert isinstance(pooling, kq.QuantAveragePooling2D) and pooling.quantizer.step.numpy() == 3

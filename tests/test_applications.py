@@ -20,9 +20,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_export import assert_integer_model
 
 import keras_qat as kq
-from test_export import assert_integer_model
 
 EXPORTABLE = dict(per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False])
 
@@ -42,7 +42,9 @@ KERNEL_ERROR_SLACK = {"MobileNetV3Small": 2.0}
 
 def set_batchnorm_statistics(model, x):
     """Sets every BatchNorm's moving statistics to those of `x`."""
-    batchnorms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    batchnorms = [
+        layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     momenta = [layer.momentum for layer in batchnorms]
     for layer in batchnorms:
         layer.momentum = 0.0
@@ -73,16 +75,22 @@ def test_application_converts_trains_saves_and_exports(name, tmp_path):
         x *= 255  # it rescales its own input
     set_batchnorm_statistics(model, x[:64])
     qmodel = kq.convert_quant_network(model, **EXPORTABLE)
-    qmodel.compile(optimizer=keras.optimizers.SGD(1e-4),
-                   loss=keras.losses.CategoricalCrossentropy(from_logits=True))
-    qmodel.fit(x[:16], keras.utils.to_categorical(rng.integers(0, 10, 16), 10), batch_size=8, verbose=0)
+    qmodel.compile(
+        optimizer=keras.optimizers.SGD(1e-4),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+    )
+    qmodel.fit(
+        x[:16], keras.utils.to_categorical(rng.integers(0, 10, 16), 10), batch_size=8, verbose=0
+    )
     path = str(tmp_path / f"{name}.keras")
     qmodel.save(path)
     loaded = keras.saving.load_model(path)
     keras_out = loaded.predict(x, verbose=0)
     np.testing.assert_array_equal(keras_out, qmodel.predict(x, verbose=0))
     tflite_bytes = kq.export_tflite(loaded)  # raises if a float compute op is left
-    assert_integer_model(tflite_bytes, ["CONV_2D"], per_channel_ops=("CONV_2D", "DEPTHWISE_CONV_2D"))
+    assert_integer_model(
+        tflite_bytes, ["CONV_2D"], per_channel_ops=("CONV_2D", "DEPTHWISE_CONV_2D")
+    )
     report = kq.compare_tflite(loaded, tflite_bytes, x)
     # The logits vary between inputs by several output steps, and top-1
     # picks different classes: agreement is not decided by constant logits.

@@ -1,12 +1,12 @@
 import keras
 import numpy as np
 import pytest
+import reference
 import tensorflow as tf
 
 import keras_qat as kq
-import reference
-from keras_qat.export.inspect import float_ops
 from keras_qat import Conv2DBnAct, DenseBnAct, QuantConv2DBnFoldAct, QuantDenseBnFoldAct
+from keras_qat.export.inspect import float_ops
 from keras_qat.layers import bn_folding
 
 EPS = 1e-3
@@ -40,7 +40,9 @@ def numpy_folded(layer):
 
 def numpy_fake_quant_kernel(kernel, per_channel, num_bits=8, symmetric=False, narrow_range=False):
     if not per_channel:
-        return reference.fake_quant(kernel, kernel.min(), kernel.max(), num_bits, narrow_range, symmetric)
+        return reference.fake_quant(
+            kernel, kernel.min(), kernel.max(), num_bits, narrow_range, symmetric
+        )
     out = np.empty_like(kernel)
     for c in range(kernel.shape[-1]):
         k = kernel[..., c]
@@ -57,8 +59,14 @@ def conv(x, kernel):
 def test_inference_is_the_deployed_arithmetic(per_channel, use_bias):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 7, 7, 3)).astype("float32")
-    layer = QuantConv2DBnFoldAct(5, 3, has_bn=True, use_bias=use_bias, activation="relu6",
-                                 weight_quantizer=dict(per_channel=per_channel, symmetric=True, narrow_range=True))
+    layer = QuantConv2DBnFoldAct(
+        5,
+        3,
+        has_bn=True,
+        use_bias=use_bias,
+        activation="relu6",
+        weight_quantizer=dict(per_channel=per_channel, symmetric=True, narrow_range=True),
+    )
     layer.build(x.shape)
     randomize(layer, rng, 5)
     w_fold, b_fold = numpy_folded(layer)
@@ -79,10 +87,13 @@ def test_dense_inference_is_the_deployed_arithmetic():
     np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cls, float_cls, args, shape", [
-    (QuantConv2DBnFoldAct, Conv2DBnAct, (4, 3), (2, 8, 8, 3)),
-    (QuantDenseBnFoldAct, DenseBnAct, (4,), (5, 6)),
-])
+@pytest.mark.parametrize(
+    "cls, float_cls, args, shape",
+    [
+        (QuantConv2DBnFoldAct, Conv2DBnAct, (4, 3), (2, 8, 8, 3)),
+        (QuantDenseBnFoldAct, DenseBnAct, (4,), (5, 6)),
+    ],
+)
 def test_delayed_inference_equals_the_float_layer(cls, float_cls, args, shape):
     rng = np.random.default_rng(2)
     x = rng.standard_normal(shape).astype("float32")
@@ -107,19 +118,31 @@ def numpy_training_step(layer_state, x, per_channel, momentum, frozen):
     mean_b, var_b = raw.mean(axis=(0, 1, 2)), raw.var(axis=(0, 1, 2))
     sigma_b = np.sqrt(var_b + EPS)
     out = y * sigma_r / sigma_b + beta - gamma * (mean_b - bias) / sigma_b
-    return out, momentum * mean_r + (1 - momentum) * mean_b, momentum * var_r + (1 - momentum) * var_b
+    return (
+        out,
+        momentum * mean_r + (1 - momentum) * mean_b,
+        momentum * var_r + (1 - momentum) * var_b,
+    )
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_training_output_and_statistics_before_and_after_freeze(per_channel):
     rng = np.random.default_rng(3)
-    layer = QuantConv2DBnFoldAct(4, 3, has_bn=True, weight_quantizer=dict(per_channel=per_channel), momentum=0.9, freeze_bn=2)
+    layer = QuantConv2DBnFoldAct(
+        4, 3, has_bn=True, weight_quantizer=dict(per_channel=per_channel), momentum=0.9, freeze_bn=2
+    )
     layer.build((None, 6, 6, 2))
     randomize(layer, rng, 4)
     for step in range(4):
         x = (rng.standard_normal((3, 6, 6, 2)) * (step + 1)).astype("float32")
-        state = (layer.conv.kernel.numpy(), layer.conv.bias.numpy(), layer.bn.gamma.numpy(),
-                 layer.bn.beta.numpy(), layer.bn.moving_mean.numpy(), layer.bn.moving_variance.numpy())
+        state = (
+            layer.conv.kernel.numpy(),
+            layer.conv.bias.numpy(),
+            layer.bn.gamma.numpy(),
+            layer.bn.beta.numpy(),
+            layer.bn.moving_mean.numpy(),
+            layer.bn.moving_variance.numpy(),
+        )
         expected, mean, var = numpy_training_step(state, x, per_channel, 0.9, frozen=step >= 2)
         np.testing.assert_allclose(layer(x, training=True), expected, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(layer.bn.moving_mean, mean, rtol=1e-5, atol=1e-6)
@@ -129,7 +152,9 @@ def test_training_output_and_statistics_before_and_after_freeze(per_channel):
 
 def test_gamma_zero_and_zero_variance_stay_finite():
     rng = np.random.default_rng(4)
-    layer = QuantConv2DBnFoldAct(4, 3, has_bn=True, weight_quantizer=dict(per_channel=True), freeze_bn=1)
+    layer = QuantConv2DBnFoldAct(
+        4, 3, has_bn=True, weight_quantizer=dict(per_channel=True), freeze_bn=1
+    )
     layer.build((None, 6, 6, 2))
     randomize(layer, rng, 4, zero_gamma=True, tiny_variance=True)
     x = rng.standard_normal((3, 6, 6, 2)).astype("float32")
@@ -151,8 +176,12 @@ def test_gradients_reach_kernel_gamma_and_beta():
     layer.build(x.shape)
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(layer(x, training=True) ** 2)
-    grads = dict(zip([w.path.split("/", 1)[1] for w in layer.trainable_weights],
-                     tape.gradient(loss, layer.trainable_weights)))
+    grads = dict(
+        zip(
+            [w.path.split("/", 1)[1] for w in layer.trainable_weights],
+            tape.gradient(loss, layer.trainable_weights),
+        )
+    )
     for name in ("dense/kernel", "bn/gamma", "bn/beta"):
         assert np.any(grads[name].numpy() != 0), name
 
@@ -202,8 +231,13 @@ def test_convert_folds_by_default_and_freezing_survives_save_load(tmp_path):
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_folded_model_exports_to_int8(per_channel):
     model = folded_model()
-    qmodel = kq.convert_quant_network(model, per_channel=[per_channel, False],
-                                      symmetric=[True, False], narrow_range=[True, False], freeze_bn=3)
+    qmodel = kq.convert_quant_network(
+        model,
+        per_channel=[per_channel, False],
+        symmetric=[True, False],
+        narrow_range=[True, False],
+        freeze_bn=3,
+    )
     rng = np.random.default_rng(7)
     x = rng.standard_normal((128, 10, 10, 3)).astype("float32")
     qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
@@ -212,4 +246,6 @@ def test_folded_model_exports_to_int8(per_channel):
     tflite_bytes = kq.export_tflite(qmodel)  # per-tensor weights too: the BN is already folded
     assert float_ops(tflite_bytes) == []
     report = kq.compare_tflite(qmodel, tflite_bytes, x)
-    assert report["within_one_step"] >= 0.99 and report["top1_agreement_unambiguous"] >= 0.999, report
+    assert report["within_one_step"] >= 0.99 and report["top1_agreement_unambiguous"] >= 0.999, (
+        report
+    )

@@ -37,10 +37,15 @@ def test_no_function_is_longer_than_40_lines_of_code():
     for path in PACKAGE.rglob("*.py"):
         source = path.read_text()
         for node in ast.walk(ast.parse(source)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "__init__":
+            if (
+                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.name != "__init__"
+            ):
                 count = code_lines(node, source.splitlines())
                 if count > MAX_CODE_LINES:
-                    too_long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({count})")
+                    too_long.append(
+                        f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({count})"
+                    )
     assert not too_long, too_long
 
 

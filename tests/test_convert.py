@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 
 from keras_qat import (
-    QuantConcatenate,
     Conv2DBnAct,
     DenseBnAct,
     FakeQuant,
+    QuantConcatenate,
     QuantConv2DBnAct,
     QuantDenseBnAct,
     convert_quant_network,
@@ -49,8 +49,17 @@ def test_sequential_layout():
     qmodel = convert_quant_network(lenet(), per_channel=[True, False])
     assert not isinstance(qmodel, keras.Sequential) and not qmodel.compiled  # one Functional path
     assert [type(layer).__name__ for layer in qmodel.layers] == [
-        "InputLayer", "FakeQuant", "QuantConv2DBnFoldAct", "FakeQuant", "MaxPooling2D", "Flatten",
-        "Dropout", "QuantDenseBnAct", "FakeQuant", "QuantDenseBnAct", "FakeQuant",
+        "InputLayer",
+        "FakeQuant",
+        "QuantConv2DBnFoldAct",
+        "FakeQuant",
+        "MaxPooling2D",
+        "Flatten",
+        "Dropout",
+        "QuantDenseBnAct",
+        "FakeQuant",
+        "QuantDenseBnAct",
+        "FakeQuant",
     ]
     assert qmodel.layers[1].name == "image_quant"
     assert qmodel.layers[2].weight_quantizer.per_channel and not qmodel.layers[3].per_channel
@@ -73,8 +82,15 @@ def test_functional_layout_puts_fake_quant_after_merges():
     assert not qmodel.compiled
     follows = consumers(qmodel)
     for layer in qmodel.layers:
-        if isinstance(layer, (QuantConv2DBnAct, QuantDenseBnAct,
-                              keras.layers.GlobalAveragePooling2D, keras.layers.InputLayer)):
+        if isinstance(
+            layer,
+            (
+                QuantConv2DBnAct,
+                QuantDenseBnAct,
+                keras.layers.GlobalAveragePooling2D,
+                keras.layers.InputLayer,
+            ),
+        ):
             assert follows.get(layer.name) == [FakeQuant], layer.name
     # The Add feeds only a ReLU (fused by integer kernels) and the ReLU only a
     # Concatenate (whose inputs are written on its grid): each rounds once, later.
@@ -93,9 +109,13 @@ def test_functional_layout_puts_fake_quant_after_merges():
 
 @pytest.mark.parametrize(
     "activation, fused",
-    [(keras.layers.ReLU(), True), (keras.layers.ReLU(max_value=6.0), True),
-     (keras.layers.Activation("relu6"), True), (keras.layers.ReLU(negative_slope=0.1), False),
-     (keras.layers.Activation("sigmoid"), False)],
+    [
+        (keras.layers.ReLU(), True),
+        (keras.layers.ReLU(max_value=6.0), True),
+        (keras.layers.Activation("relu6"), True),
+        (keras.layers.ReLU(negative_slope=0.1), False),
+        (keras.layers.Activation("sigmoid"), False),
+    ],
 )
 def test_only_relu_and_relu6_fuse_into_a_merge(activation, fused):
     inputs = keras.Input((6,))
@@ -112,37 +132,58 @@ def test_delayed_quantization_gives_the_float_outputs(build, bn_fold):
     model = build()
     shape = (16,) + tuple(model.inputs[0].shape[1:])
     x = np.random.default_rng(0).standard_normal(shape).astype("float32")
-    y = np.random.default_rng(1).standard_normal((16,) + tuple(model.outputs[0].shape[1:])).astype("float32")
+    y = (
+        np.random.default_rng(1)
+        .standard_normal((16,) + tuple(model.outputs[0].shape[1:]))
+        .astype("float32")
+    )
     float_model = keras.models.clone_model(model)
     float_model.set_weights(model.get_weights())
     qmodel = convert_quant_network(model, quant_delay=100, bn_fold=bn_fold)
     if bn_fold:  # folding rearranges the float arithmetic: equal to float tolerance
-        np.testing.assert_allclose(qmodel.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            qmodel.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5
+        )
     else:  # exactly the float model's computation
         np.testing.assert_array_equal(qmodel.predict(x, verbose=0), model.predict(x, verbose=0))
     train(float_model, x, y, 3)
     train(qmodel, x, y, 3)
-    np.testing.assert_allclose(qmodel.predict(x, verbose=0), float_model.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        qmodel.predict(x, verbose=0), float_model.predict(x, verbose=0), rtol=1e-4, atol=1e-5
+    )
 
 
 def on_grid(values, layer):
     lo, hi = quant_range(layer.min.numpy(), layer.max.numpy(), layer.symmetric)
-    nudged_min, _, scale = (t.numpy() for t in nudged_range(lo, hi, layer.num_bits, layer.narrow_range))
+    nudged_min, _, scale = (
+        t.numpy() for t in nudged_range(lo, hi, layer.num_bits, layer.narrow_range)
+    )
     levels = (values - nudged_min) / scale
-    return np.allclose(levels, np.round(levels), atol=1e-3) and levels.min() > -1e-3 and levels.max() < 2**layer.num_bits - 1 + 1e-3
+    return (
+        np.allclose(levels, np.round(levels), atol=1e-3)
+        and levels.min() > -1e-3
+        and levels.max() < 2**layer.num_bits - 1 + 1e-3
+    )
 
 
 @pytest.mark.parametrize("build", [lenet, branchy])
 def test_outputs_lie_on_the_grid_after_the_delay(build):
     model = build()
-    x = np.random.default_rng(0).standard_normal((16,) + tuple(model.inputs[0].shape[1:])).astype("float32")
+    x = (
+        np.random.default_rng(0)
+        .standard_normal((16,) + tuple(model.inputs[0].shape[1:]))
+        .astype("float32")
+    )
     y = np.zeros((16,) + tuple(model.outputs[0].shape[1:]), "float32")
     qmodel = convert_quant_network(model, quant_delay=2, num_bits=(4, 4))
     train(qmodel, x, y, 3)
     fake_quants = [layer for layer in qmodel.layers if isinstance(layer, FakeQuant)]
     assert all(layer.step.numpy() == 3 for layer in fake_quants)
     # A FakeQuant that feeds a quantized layer also outputs its grid.
-    outputs = [layer.output[0] if isinstance(layer.output, (list, tuple)) else layer.output for layer in fake_quants]
+    outputs = [
+        layer.output[0] if isinstance(layer.output, (list, tuple)) else layer.output
+        for layer in fake_quants
+    ]
     probe = keras.Model(qmodel.inputs, outputs)
     for layer, values in zip(fake_quants, probe.predict(x, verbose=0)):
         assert on_grid(values, layer), layer.name
@@ -172,8 +213,12 @@ def test_unsupported_layers_are_listed_together():
     with pytest.raises(ValueError) as error:
         convert_quant_network(keras.Model(inputs, outputs))
     message = str(error.value)
-    for part in ["'unit_norm' (UnitNormalization)", "'flat_bn' (BatchNormalization)",
-                 "'layer_norm' (LayerNormalization)", "skip_layers"]:
+    for part in [
+        "'unit_norm' (UnitNormalization)",
+        "'flat_bn' (BatchNormalization)",
+        "'layer_norm' (LayerNormalization)",
+        "skip_layers",
+    ]:
         assert part in message
 
 
@@ -221,10 +266,19 @@ def test_invalid_options_name_the_argument(kwargs, name):
 
 def test_pairs_reach_weights_and_activations():
     qmodel = convert_quant_network(
-        lenet(), num_bits=(4, 6), symmetric=(True, False), narrow_range=(True, False), quant_delay=(3, 5)
+        lenet(),
+        num_bits=(4, 6),
+        symmetric=(True, False),
+        narrow_range=(True, False),
+        quant_delay=(3, 5),
     )
     conv, act = qmodel.layers[2].weight_quantizer, qmodel.layers[3]
-    assert (conv.num_bits, conv.symmetric, conv.narrow_range, conv.quant_delay) == (4, True, True, 3)
+    assert (conv.num_bits, conv.symmetric, conv.narrow_range, conv.quant_delay) == (
+        4,
+        True,
+        True,
+        3,
+    )
     assert (act.num_bits, act.symmetric, act.narrow_range, act.quant_delay) == (6, False, False, 5)
 
 
@@ -237,8 +291,14 @@ def test_average_pooling_shares_its_input_range_unless_the_input_is_used_elsewhe
     c = keras.layers.Add()([keras.layers.MaxPooling2D(2)(b), pooled_b, a])
     qmodel = convert_quant_network(keras.Model(inputs, c))
     names = {layer.name for layer in qmodel.layers}
-    assert type(qmodel.get_layer("pool_a")).__name__ == "QuantAveragePooling2D" and "only_pooled_quant" not in names
-    assert type(qmodel.get_layer("pool_b")) is keras.layers.AveragePooling2D and "also_added_quant" in names
+    assert (
+        type(qmodel.get_layer("pool_a")).__name__ == "QuantAveragePooling2D"
+        and "only_pooled_quant" not in names
+    )
+    assert (
+        type(qmodel.get_layer("pool_b")) is keras.layers.AveragePooling2D
+        and "also_added_quant" in names
+    )
 
 
 def test_softmax_and_sigmoid_layers_get_the_fixed_int8_ranges():

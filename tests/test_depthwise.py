@@ -5,10 +5,10 @@ output channel."""
 import keras
 import numpy as np
 import pytest
+import reference
 import tensorflow as tf
 
 import keras_qat as kq
-import reference
 from keras_qat import DepthwiseConv2DBnAct, QuantDepthwiseConv2DBnAct, QuantDepthwiseConv2DBnFoldAct
 
 CHANNELS, MULTIPLIER = 3, 2
@@ -19,7 +19,9 @@ def randomized(layer, rng):
     layer.build((None, 7, 7, CHANNELS))
     n = CHANNELS * MULTIPLIER
     kernel = rng.standard_normal((3, 3, CHANNELS, MULTIPLIER)).astype("float32")
-    kernel *= rng.uniform(0.1, 3.0, (1, 1, CHANNELS, MULTIPLIER)).astype("float32")  # ranges differ per channel
+    kernel *= rng.uniform(0.1, 3.0, (1, 1, CHANNELS, MULTIPLIER)).astype(
+        "float32"
+    )  # ranges differ per channel
     layer.depthwise.kernel.assign(kernel)
     layer.depthwise.bias.assign(rng.uniform(-0.2, 0.2, n))
     if layer.has_bn:
@@ -50,9 +52,17 @@ def depthwise(x, kernel):
 def test_fusion_layer_equals_keras_layers_and_round_trips():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 7, 7, CHANNELS)).astype("float32")
-    fused = randomized(DepthwiseConv2DBnAct(3, depth_multiplier=MULTIPLIER, has_bn=True, activation="relu6"), rng)
-    plain = keras.Sequential([keras.Input((7, 7, CHANNELS)), keras.layers.DepthwiseConv2D(3, depth_multiplier=MULTIPLIER),
-                              keras.layers.BatchNormalization(), keras.layers.ReLU(6.0)])
+    fused = randomized(
+        DepthwiseConv2DBnAct(3, depth_multiplier=MULTIPLIER, has_bn=True, activation="relu6"), rng
+    )
+    plain = keras.Sequential(
+        [
+            keras.Input((7, 7, CHANNELS)),
+            keras.layers.DepthwiseConv2D(3, depth_multiplier=MULTIPLIER),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(6.0),
+        ]
+    )
     plain.layers[0].set_weights(fused.depthwise.get_weights())
     plain.layers[1].set_weights(fused.bn.get_weights())
     np.testing.assert_allclose(fused(x), plain(x), rtol=1e-5, atol=1e-6)
@@ -64,7 +74,12 @@ def test_fusion_layer_equals_keras_layers_and_round_trips():
 def test_quantized_kernel_has_one_range_per_output_channel():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 7, 7, CHANNELS)).astype("float32")
-    layer = randomized(QuantDepthwiseConv2DBnAct(3, depth_multiplier=MULTIPLIER, weight_quantizer=EXPORTABLE_WEIGHTS), rng)
+    layer = randomized(
+        QuantDepthwiseConv2DBnAct(
+            3, depth_multiplier=MULTIPLIER, weight_quantizer=EXPORTABLE_WEIGHTS
+        ),
+        rng,
+    )
     kernel = layer.depthwise.kernel.numpy()
     expected = depthwise(x, per_output_channel_fake_quant(kernel)) + layer.depthwise.bias.numpy()
     np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
@@ -76,8 +91,12 @@ def test_quantized_kernel_has_one_range_per_output_channel():
 def test_folded_kernel_scales_and_quantizes_each_output_channel():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 7, 7, CHANNELS)).astype("float32")
-    layer = randomized(QuantDepthwiseConv2DBnFoldAct(3, depth_multiplier=MULTIPLIER, has_bn=True,
-                                                     weight_quantizer=EXPORTABLE_WEIGHTS), rng)
+    layer = randomized(
+        QuantDepthwiseConv2DBnFoldAct(
+            3, depth_multiplier=MULTIPLIER, has_bn=True, weight_quantizer=EXPORTABLE_WEIGHTS
+        ),
+        rng,
+    )
     bn = layer.bn
     sigma = np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
     scale = bn.gamma.numpy() / sigma
@@ -86,7 +105,9 @@ def test_folded_kernel_scales_and_quantizes_each_output_channel():
     np.testing.assert_allclose(layer(x), depthwise(x, q) + bias, rtol=1e-5, atol=1e-5)
     # Delayed, the folded layer computes the float layer.
     float_layer = randomized(DepthwiseConv2DBnAct(3, depth_multiplier=MULTIPLIER, has_bn=True), rng)
-    delayed = QuantDepthwiseConv2DBnFoldAct(3, depth_multiplier=MULTIPLIER, has_bn=True, weight_quantizer=dict(quant_delay=5))
+    delayed = QuantDepthwiseConv2DBnFoldAct(
+        3, depth_multiplier=MULTIPLIER, has_bn=True, weight_quantizer=dict(quant_delay=5)
+    )
     delayed.build(x.shape)
     delayed.copy_weights_from(float_layer)
     np.testing.assert_allclose(delayed(x), float_layer(x), rtol=1e-5, atol=1e-5)
@@ -95,21 +116,30 @@ def test_folded_kernel_scales_and_quantizes_each_output_channel():
 @pytest.mark.parametrize("bn_fold", [True, False])
 def test_plain_depthwise_model_converts_trains_and_exports(bn_fold, tmp_path):
     inputs = keras.Input((10, 10, CHANNELS))
-    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=MULTIPLIER, use_bias=False)(inputs)
+    x = keras.layers.DepthwiseConv2D(
+        3, padding="same", depth_multiplier=MULTIPLIER, use_bias=False
+    )(inputs)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.ReLU(6.0)(x)
     x = keras.layers.Conv2D(4, 1)(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(5)(x)
     model = keras.Model(inputs, outputs)
-    qmodel = kq.convert_quant_network(model, bn_fold=bn_fold, per_channel=[True, False],
-                                      symmetric=[True, False], narrow_range=[True, False])
+    qmodel = kq.convert_quant_network(
+        model,
+        bn_fold=bn_fold,
+        per_channel=[True, False],
+        symmetric=[True, False],
+        narrow_range=[True, False],
+    )
     expected = QuantDepthwiseConv2DBnFoldAct if bn_fold else QuantDepthwiseConv2DBnAct
     assert sum(type(layer) is expected for layer in qmodel.layers) == 1
     rng = np.random.default_rng(3)
     x = rng.uniform(-1, 1, (128, 10, 10, CHANNELS)).astype("float32")
     qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
-    qmodel.fit(x, rng.standard_normal((128, 5)).astype("float32"), batch_size=32, epochs=1, verbose=0)
+    qmodel.fit(
+        x, rng.standard_normal((128, 5)).astype("float32"), batch_size=32, epochs=1, verbose=0
+    )
     path = str(tmp_path / "depthwise.keras")
     qmodel.save(path)
     loaded = keras.saving.load_model(path)
@@ -119,7 +149,12 @@ def test_plain_depthwise_model_converts_trains_and_exports(bn_fold, tmp_path):
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     (op,) = [op for op in interpreter._get_ops_details() if op["op_name"] == "DEPTHWISE_CONV_2D"]
     weights = tensors[op["inputs"][1]]
-    assert weights["dtype"] == np.int8 and list(weights["shape"]) == [1, 3, 3, CHANNELS * MULTIPLIER]
+    assert weights["dtype"] == np.int8 and list(weights["shape"]) == [
+        1,
+        3,
+        3,
+        CHANNELS * MULTIPLIER,
+    ]
     assert len(weights["quantization_parameters"]["scales"]) == CHANNELS * MULTIPLIER
     assert weights["quantization_parameters"]["quantized_dimension"] == 3
     report = kq.compare_tflite(loaded, tflite_bytes, x)
@@ -132,8 +167,17 @@ def test_folded_training_step_follows_the_formulas_and_stays_finite():
     NaN with gamma = 0 and a zero variance."""
     rng = np.random.default_rng(4)
     n = CHANNELS * MULTIPLIER
-    layer = randomized(QuantDepthwiseConv2DBnFoldAct(3, depth_multiplier=MULTIPLIER, has_bn=True, momentum=0.9,
-                                                     freeze_bn=2, weight_quantizer=EXPORTABLE_WEIGHTS), rng)
+    layer = randomized(
+        QuantDepthwiseConv2DBnFoldAct(
+            3,
+            depth_multiplier=MULTIPLIER,
+            has_bn=True,
+            momentum=0.9,
+            freeze_bn=2,
+            weight_quantizer=EXPORTABLE_WEIGHTS,
+        ),
+        rng,
+    )
     gamma = layer.bn.gamma.numpy()
     gamma[0] = 0.0
     layer.bn.gamma.assign(gamma)
@@ -144,7 +188,11 @@ def test_folded_training_step_follows_the_formulas_and_stays_finite():
     for step in range(4):
         x = (rng.standard_normal((3, 7, 7, CHANNELS)) * (step + 1)).astype("float32")
         kernel, bias = layer.depthwise.kernel.numpy(), layer.depthwise.bias.numpy()
-        beta, mean_r, var_r = layer.bn.beta.numpy(), layer.bn.moving_mean.numpy(), layer.bn.moving_variance.numpy()
+        beta, mean_r, var_r = (
+            layer.bn.beta.numpy(),
+            layer.bn.moving_mean.numpy(),
+            layer.bn.moving_variance.numpy(),
+        )
         sigma_r = np.sqrt(var_r + eps)
         y = depthwise(x, per_output_channel_fake_quant(kernel, gamma / sigma_r))
         if step >= 2:  # frozen

@@ -37,8 +37,13 @@ def build_qat_model():
 
 def batches(n, size=16, seed=0):
     rng = np.random.default_rng(seed)
-    return [(rng.standard_normal((size, 8, 8, 3)).astype("float32") * (i + 1),
-             rng.standard_normal((size, 3)).astype("float32")) for i in range(n)]
+    return [
+        (
+            rng.standard_normal((size, 8, 8, 3)).astype("float32") * (i + 1),
+            rng.standard_normal((size, 3)).astype("float32"),
+        )
+        for i in range(n)
+    ]
 
 
 def trained(strategy, initial_weights, data):
@@ -113,12 +118,22 @@ def test_multi_worker_mirrored_equals_single_device(tmp_path):
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     workers = []
     for index in range(2):
-        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-                   TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=HERE)
+        env = dict(
+            os.environ,
+            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+            TF_CPP_MIN_LOG_LEVEL="3",
+            PYTHONPATH=HERE,
+        )
         out = tmp_path / f"worker{index}.npz"
-        workers.append(subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "multi_worker_train.py"), str(out)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "multi_worker_train.py"), str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     try:
         logs = [worker.communicate(timeout=240)[0] for worker in workers]
     finally:

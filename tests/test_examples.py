@@ -64,10 +64,19 @@ def test_lenet_example_end_to_end(tmp_path):
     data_dir.mkdir()
     write_dataset(str(data_dir), 640, 200, compress=True)
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "lenet_quant.py"),
-         f"--data_dir={data_dir}", f"--output_dir={out_dir}", "--float_epochs=3",
-         "--qat_epochs=2", "--quant_delay=5", "--batch_size=32"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "lenet_quant.py"),
+            f"--data_dir={data_dir}",
+            f"--output_dir={out_dir}",
+            "--float_epochs=3",
+            "--qat_epochs=2",
+            "--quant_delay=5",
+            "--batch_size=32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "QAT (int8 simulated)" in result.stdout
@@ -93,12 +102,27 @@ def test_lenet_example_with_two_workers(tmp_path):
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     workers = [
         subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "examples", "lenet_quant.py"), "--strategy=multi_worker",
-             f"--data_dir={data_dir}", f"--output_dir={out_dir}", "--float_epochs=1", "--qat_epochs=1",
-             "--quant_delay=2", "--batch_size=32", "--export_tflite"],
-            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-                     TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                os.path.join(ROOT, "examples", "lenet_quant.py"),
+                "--strategy=multi_worker",
+                f"--data_dir={data_dir}",
+                f"--output_dir={out_dir}",
+                "--float_epochs=1",
+                "--qat_epochs=1",
+                "--quant_delay=2",
+                "--batch_size=32",
+                "--export_tflite",
+            ],
+            env=dict(
+                os.environ,
+                TF_CPP_MIN_LOG_LEVEL="3",
+                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     try:

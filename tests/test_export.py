@@ -41,13 +41,20 @@ def assert_integer_model(tflite_bytes, compute_ops, per_channel_ops=()):
                 assert tensors[op["inputs"][2]]["dtype"] == np.int32
             n_scales = len(weights["quantization_parameters"]["scales"])
             if op["op_name"] in per_channel_ops:
-                assert n_scales == weights["shape"][-1 if op["op_name"] == "DEPTHWISE_CONV_2D" else 0] > 1
+                assert (
+                    n_scales
+                    == weights["shape"][-1 if op["op_name"] == "DEPTHWISE_CONV_2D" else 0]
+                    > 1
+                )
             else:
                 assert n_scales == 1
         elif op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "SHAPE", "STRIDED_SLICE", "PACK"):
             for index in list(op["inputs"]) + list(op["outputs"]):
                 if index >= 0:
-                    assert tensors[index]["dtype"] in (np.int8, np.int32), (op["op_name"], tensors[index]["name"])
+                    assert tensors[index]["dtype"] in (np.int8, np.int32), (
+                        op["op_name"],
+                        tensors[index]["name"],
+                    )
     return names
 
 
@@ -75,7 +82,9 @@ def conv_model(per_channel, has_bn=True, bn_fold=True):
     x = keras.layers.Flatten()(x)
     outputs = kq.DenseBnAct(10)(x)
     model = keras.Model(inputs, outputs)
-    return kq.convert_quant_network(model, per_channel=[per_channel, False], bn_fold=bn_fold, **EXPORTABLE)
+    return kq.convert_quant_network(
+        model, per_channel=[per_channel, False], bn_fold=bn_fold, **EXPORTABLE
+    )
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
@@ -118,7 +127,9 @@ def merge_model(shared_input):
     merged = keras.layers.Concatenate()([added, other])
     pooled = keras.layers.GlobalAveragePooling2D()(merged)
     outputs = kq.DenseBnAct(10)(pooled)
-    return kq.convert_quant_network(keras.Model(inputs, outputs), per_channel=[True, False], **EXPORTABLE)
+    return kq.convert_quant_network(
+        keras.Model(inputs, outputs), per_channel=[True, False], **EXPORTABLE
+    )
 
 
 def test_merges_with_different_ranges():
@@ -126,7 +137,9 @@ def test_merges_with_different_ranges():
     x = np.random.default_rng(2).standard_normal((256, 8, 8, 4)).astype("float32")
     calibrate(qmodel, x)
     tflite_bytes = kq.export_tflite(qmodel)
-    names = assert_integer_model(tflite_bytes, ["ADD", "CONCATENATION", "CONV_2D", "MEAN"], ("CONV_2D",))
+    names = assert_integer_model(
+        tflite_bytes, ["ADD", "CONCATENATION", "CONV_2D", "MEAN"], ("CONV_2D",)
+    )
     assert "QUANTIZE" not in names[1:]  # every operand is written on the shared grid
     assert_parity(qmodel, tflite_bytes, x)
 
@@ -185,8 +198,11 @@ def test_four_bit_weights_stay_on_their_grid():
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite_bytes))
-    types = [t.type for t in model.subgraphs[0].tensors if len(t.shape) >= 2 and t.buffer
-             and model.buffers[t.buffer].data is not None]
+    types = [
+        t.type
+        for t in model.subgraphs[0].tensors
+        if len(t.shape) >= 2 and t.buffer and model.buffers[t.buffer].data is not None
+    ]
     assert types.count(schema.TensorType.INT4) == 2, types
     assert_parity(qmodel, tflite_bytes, x)
 
@@ -220,7 +236,9 @@ def test_export_refuses_what_int8_cannot_run():
     with pytest.raises(ValueError, match="16 bits"):
         kq.export_tflite(wide)
     with pytest.raises(ValueError, match="per-tensor weights followed by a BatchNorm"):
-        kq.export_tflite(calibrate(conv_model(False, bn_fold=False), np.ones((4, 12, 12, 3), "float32")))
+        kq.export_tflite(
+            calibrate(conv_model(False, bn_fold=False), np.ones((4, 12, 12, 3), "float32"))
+        )
     good = calibrate(kq.convert_quant_network(model, **EXPORTABLE), x)
     with pytest.raises(ValueError, match="input_type"):
         kq.export_tflite(good, input_type=tf.int16)
@@ -249,8 +267,9 @@ def test_strip_names_keeps_the_model_and_drops_its_strings(tmp_path):
     assert tflite_interpreter(stripped).get_signature_list() == {}
     np.testing.assert_array_equal(kq.run_tflite(stripped, x)[0], kq.run_tflite(named, x)[0])
     assert kq.strip_tflite_names(named) == stripped
-    float_model = kq.export_float_tflite(kq.fuse(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])),
-                                         strip_names=True)
+    float_model = kq.export_float_tflite(
+        kq.fuse(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])), strip_names=True
+    )
     assert tflite_interpreter(float_model).get_signature_list() == {}
 
 
@@ -269,9 +288,11 @@ def test_real_world_patterns_export_to_int8(activation, tmp_path):
     loaded = keras.saving.load_model(path)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
     tflite_bytes = kq.export_tflite(qmodel)
-    names = assert_integer_model(tflite_bytes, ["CONV_2D", "DEPTHWISE_CONV_2D", "MUL", "ADD", "SUB",
-                                                "AVERAGE_POOL_2D", "SOFTMAX", "PAD"],
-                                 per_channel_ops=("CONV_2D", "DEPTHWISE_CONV_2D"))
+    names = assert_integer_model(
+        tflite_bytes,
+        ["CONV_2D", "DEPTHWISE_CONV_2D", "MUL", "ADD", "SUB", "AVERAGE_POOL_2D", "SOFTMAX", "PAD"],
+        per_channel_ops=("CONV_2D", "DEPTHWISE_CONV_2D"),
+    )
     assert names.count("HARD_SWISH") == 1 + (activation == "hard_swish")
     assert ("LOGISTIC" in names) == (activation == "swish")
     # Up to the logits, within one step of every FakeQuant; the softmax
@@ -289,12 +310,16 @@ def test_hard_sigmoid_exports_as_two_int8_ops():
     x = kq.Conv2DBnAct(6, 1)(x)
     x = keras.layers.Activation("hard_sigmoid")(x)
     outputs = kq.DenseBnAct(4)(keras.layers.Flatten()(x))
-    qmodel = kq.convert_quant_network(keras.Model(inputs, outputs), per_channel=[True, False], **EXPORTABLE)
+    qmodel = kq.convert_quant_network(
+        keras.Model(inputs, outputs), per_channel=[True, False], **EXPORTABLE
+    )
     assert sum(isinstance(layer, kq.QuantHardSigmoid) for layer in qmodel.layers) == 2
     x = np.random.default_rng(7).uniform(-4, 4, (256, 8, 8, 3)).astype("float32")
     calibrate(qmodel, x)
     tflite_bytes = kq.export_tflite(qmodel)  # raises if the ADD / MUL stayed float
-    names = assert_integer_model(tflite_bytes, ["CONV_2D", "ADD", "MUL"], per_channel_ops=("CONV_2D",))
+    names = assert_integer_model(
+        tflite_bytes, ["CONV_2D", "ADD", "MUL"], per_channel_ops=("CONV_2D",)
+    )
     assert names.count("ADD") == 2 and names.count("MUL") == 2
     assert_parity(qmodel, tflite_bytes, x)
     # Keras' hard_sigmoid, with relu6(x + 3) on the fixed [0, 6] grid.
@@ -313,19 +338,25 @@ def test_swish_exports_as_logistic_and_mul_with_the_sigmoid_rounded():
     x = kq.Conv2DBnAct(6, 1)(x)
     x = keras.layers.Activation("silu")(x)
     outputs = kq.DenseBnAct(4)(keras.layers.Flatten()(x))
-    qmodel = kq.convert_quant_network(keras.Model(inputs, outputs), per_channel=[True, False], **EXPORTABLE)
+    qmodel = kq.convert_quant_network(
+        keras.Model(inputs, outputs), per_channel=[True, False], **EXPORTABLE
+    )
     assert sum(isinstance(layer, kq.QuantSwish) for layer in qmodel.layers) == 2
     x = np.random.default_rng(8).uniform(-4, 4, (256, 8, 8, 3)).astype("float32")
     calibrate(qmodel, x)
     tflite_bytes = kq.export_tflite(qmodel)
-    names = assert_integer_model(tflite_bytes, ["CONV_2D", "LOGISTIC", "MUL"], per_channel_ops=("CONV_2D",))
+    names = assert_integer_model(
+        tflite_bytes, ["CONV_2D", "LOGISTIC", "MUL"], per_channel_ops=("CONV_2D",)
+    )
     assert names.count("LOGISTIC") == 2 and names.count("MUL") == 2
     assert_parity(qmodel, tflite_bytes, x)
 
     # A lone swish: TFLite's LOGISTIC writes the sigmoid on its int8 grid
     # before the MUL. With the sigmoid in float, 14 % of outputs differed.
     inputs = keras.Input((64,))
-    lone = kq.convert_quant_network(keras.Model(inputs, keras.layers.Activation("swish")(inputs)), **EXPORTABLE)
+    lone = kq.convert_quant_network(
+        keras.Model(inputs, keras.layers.Activation("swish")(inputs)), **EXPORTABLE
+    )
     x = np.random.default_rng(9).uniform(-6, 6, (1024, 64)).astype("float32")
     calibrate(lone, x, steps=1)
     tflite_out, scale = kq.run_tflite(kq.export_tflite(lone), x)
@@ -346,11 +377,16 @@ def test_lone_hard_swish_is_within_one_step_of_tflites_kernel():
     """TFLite's int8 HARD_SWISH (XNNPACK, 16-bit fixed point) rounds 0.4 %
     of its outputs one step away from the exact value; never more."""
     inputs = keras.Input((64,))
-    lone = kq.convert_quant_network(keras.Model(inputs, keras.layers.Activation("hard_swish")(inputs)), **EXPORTABLE)
+    lone = kq.convert_quant_network(
+        keras.Model(inputs, keras.layers.Activation("hard_swish")(inputs)), **EXPORTABLE
+    )
     x = np.random.default_rng(10).uniform(-6, 6, (1024, 64)).astype("float32")
     calibrate(lone, x, steps=1)
     tflite_bytes = kq.export_tflite(lone)
     assert "HARD_SWISH" in assert_integer_model(tflite_bytes, ["HARD_SWISH"])
     tflite_out, scale = kq.run_tflite(tflite_bytes, x)
     steps = np.abs(lone.predict(x, verbose=0) - tflite_out) / scale
-    assert np.mean(steps < 0.5) >= 0.99 and steps.max() <= 1.001, (np.mean(steps < 0.5), steps.max())
+    assert np.mean(steps < 0.5) >= 0.99 and steps.max() <= 1.001, (
+        np.mean(steps < 0.5),
+        steps.max(),
+    )

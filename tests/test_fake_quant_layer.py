@@ -1,9 +1,9 @@
 import keras
 import numpy as np
 import pytest
+import reference
 import tensorflow as tf
 
-import reference
 from keras_qat import FakeQuant
 
 
@@ -106,7 +106,9 @@ def test_mixed_precision_input_keeps_float32_range():
 
 
 def test_config_round_trip():
-    layer = FakeQuant(num_bits=4, symmetric=True, narrow_range=True, ema=False, quant_delay=7, name="fq")
+    layer = FakeQuant(
+        num_bits=4, symmetric=True, narrow_range=True, ema=False, quant_delay=7, name="fq"
+    )
     clone = FakeQuant.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))

@@ -14,22 +14,37 @@ def randomize_bns(model, rng):
     for layer in model._flatten_layers():
         if isinstance(layer, L.BatchNormalization):
             n = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.uniform(-0.5, 0.5, n),
-                               rng.uniform(-0.3, 0.3, n), rng.uniform(0.5, 2.0, n)])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, n),
+                    rng.uniform(-0.5, 0.5, n),
+                    rng.uniform(-0.3, 0.3, n),
+                    rng.uniform(0.5, 2.0, n),
+                ]
+            )
     return model
 
 
 def plain_sequential():
-    return keras.Sequential([
-        keras.Input((10, 10, 3)),
-        L.Conv2D(6, 3, use_bias=False), L.BatchNormalization(), L.ReLU(),
-        L.Conv2D(6, 3, padding="same", activation="relu6"),
-        L.Conv2D(4, 1), L.BatchNormalization(), L.ReLU(max_value=6.0),
-        L.MaxPooling2D(), L.Flatten(),
-        L.Dense(8), L.LeakyReLU(negative_slope=0.2),
-        L.Dense(5), L.Activation("sigmoid"),
-        L.Dense(3),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((10, 10, 3)),
+            L.Conv2D(6, 3, use_bias=False),
+            L.BatchNormalization(),
+            L.ReLU(),
+            L.Conv2D(6, 3, padding="same", activation="relu6"),
+            L.Conv2D(4, 1),
+            L.BatchNormalization(),
+            L.ReLU(max_value=6.0),
+            L.MaxPooling2D(),
+            L.Flatten(),
+            L.Dense(8),
+            L.LeakyReLU(negative_slope=0.2),
+            L.Dense(5),
+            L.Activation("sigmoid"),
+            L.Dense(3),
+        ]
+    )
 
 
 def plain_functional():
@@ -41,18 +56,33 @@ def plain_functional():
     b_bn = L.BatchNormalization()(b)
     merged = L.Add()([a, b_bn])
     merged = L.ReLU()(merged)
-    side = L.Conv2D(4, 1)(merged)            # its output is used twice: nothing to absorb
+    side = L.Conv2D(4, 1)(merged)  # its output is used twice: nothing to absorb
     x = L.Concatenate()([side, L.ReLU()(side)])
     x = L.GlobalAveragePooling2D()(x)
     outputs = L.Dense(3, activation="softmax")(x)
     return keras.Model(inputs, outputs)
 
 
-@pytest.mark.parametrize("build, expected", [
-    (plain_sequential, ["InputLayer", "Conv2DBnAct", "Conv2DBnAct", "Conv2DBnAct", "MaxPooling2D", "Flatten",
-                        "DenseBnAct", "DenseBnAct", "DenseBnAct"]),
-    (plain_functional, None),
-])
+@pytest.mark.parametrize(
+    "build, expected",
+    [
+        (
+            plain_sequential,
+            [
+                "InputLayer",
+                "Conv2DBnAct",
+                "Conv2DBnAct",
+                "Conv2DBnAct",
+                "MaxPooling2D",
+                "Flatten",
+                "DenseBnAct",
+                "DenseBnAct",
+                "DenseBnAct",
+            ],
+        ),
+        (plain_functional, None),
+    ],
+)
 def test_fused_network_equals_the_original(build, expected):
     rng = np.random.default_rng(0)
     model = randomize_bns(build(), rng)
@@ -60,28 +90,43 @@ def test_fused_network_equals_the_original(build, expected):
     fused = kq.fuse(model)
     if expected is not None:
         assert [type(layer).__name__ for layer in fused.layers] == expected
-    np.testing.assert_allclose(fused.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        fused.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5
+    )
     assert not isinstance(fused, keras.Sequential)  # one Functional path
 
 
 def test_what_is_and_is_not_absorbed():
     fused = kq.fuse(plain_functional())
     kinds = {layer.name: layer for layer in fused.layers}
-    conv_bn_act = [l for l in kinds.values() if isinstance(l, Conv2DBnAct) and l.has_bn]
+    conv_bn_act = [
+        layer for layer in kinds.values() if isinstance(layer, Conv2DBnAct) and layer.has_bn
+    ]
     assert len(conv_bn_act) == 2  # both conv + BN; only the first also has its ReLU
-    assert sorted(keras.activations.serialize(l.activation) for l in conv_bn_act) == ["linear", "relu"]
+    assert sorted(keras.activations.serialize(layer.activation) for layer in conv_bn_act) == [
+        "linear",
+        "relu",
+    ]
     # The Add's ReLU stays (not after a conv); the conv feeding two layers keeps them.
-    assert sum(isinstance(l, L.ReLU) for l in fused.layers) == 2
-    assert sum(isinstance(l, L.BatchNormalization) for l in fused.layers) == 0
-    dense = [l for l in fused.layers if isinstance(l, DenseBnAct)][0]
+    assert sum(isinstance(layer, L.ReLU) for layer in fused.layers) == 2
+    assert sum(isinstance(layer, L.BatchNormalization) for layer in fused.layers) == 0
+    dense = [layer for layer in fused.layers if isinstance(layer, DenseBnAct)][0]
     assert keras.activations.serialize(dense.activation) == "softmax"
 
 
 def test_bn_after_an_activated_conv_becomes_its_own_affine_layer():
-    model = randomize_bns(keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(3, 3, activation="relu"),
-                                            L.BatchNormalization()]), np.random.default_rng(3))
+    model = randomize_bns(
+        keras.Sequential(
+            [keras.Input((6, 6, 2)), L.Conv2D(3, 3, activation="relu"), L.BatchNormalization()]
+        ),
+        np.random.default_rng(3),
+    )
     fused = kq.fuse(model)
-    assert [type(l).__name__ for l in fused.layers] == ["InputLayer", "Conv2DBnAct", "DepthwiseConv2DBnAct"]
+    assert [type(layer).__name__ for layer in fused.layers] == [
+        "InputLayer",
+        "Conv2DBnAct",
+        "DepthwiseConv2DBnAct",
+    ]
     assert fused.layers[2].has_bn and fused.layers[2].trainable
     x = np.random.default_rng(1).standard_normal((2, 6, 6, 2)).astype("float32")
     np.testing.assert_allclose(fused(x), model(x), rtol=1e-6, atol=1e-6)
@@ -92,7 +137,7 @@ def test_plain_models_convert_train_save_and_load(tmp_path):
     model = randomize_bns(plain_sequential(), rng)
     qmodel = kq.convert_quant_network(model, quant_delay=100, bn_fold=True)
     # Leaky ReLU and sigmoid are not fused by integer kernels: quantized before and after.
-    activations = [l for l in qmodel.layers if isinstance(l, L.Activation)]
+    activations = [layer for layer in qmodel.layers if isinstance(layer, L.Activation)]
     assert len(activations) == 2
     for layer in activations:
         index = qmodel.layers.index(layer)
@@ -100,13 +145,17 @@ def test_plain_models_convert_train_save_and_load(tmp_path):
         assert isinstance(qmodel.layers[index + 1], kq.FakeQuant)
     x = rng.standard_normal((8, 10, 10, 3)).astype("float32")
     # Still delayed: the folded quantization network computes the original.
-    np.testing.assert_allclose(qmodel.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        qmodel.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-5
+    )
     qmodel.compile(optimizer="sgd", loss="mse")
     qmodel.train_on_batch(x, rng.standard_normal((8, 3)).astype("float32"))
     path = str(tmp_path / "plain.keras")
     qmodel.save(path)
     loaded = keras.saving.load_model(path)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_unsupported_layers_are_still_listed():
@@ -159,27 +208,35 @@ def test_image_patterns_fuse_exactly():
     fused = kq.fuse(model)
     kinds = [type(layer).__name__ for layer in fused.layers]
     assert "BatchNormalization" not in kinds and "SeparableConv2D" not in kinds
-    assert kinds.count("DepthwiseConv2DBnAct") == 5  # rescaling, normalization, depthwise, separable, BN
+    assert (
+        kinds.count("DepthwiseConv2DBnAct") == 5
+    )  # rescaling, normalization, depthwise, separable, BN
     layers = {layer.name: layer for layer in fused.layers}
     assert not layers["rescale"].trainable and not layers["norm"].trainable
     assert layers["pre_bn"].has_bn and layers["pre_bn"].trainable
     assert keras.activations.serialize(layers["pre_bn"].activation) == "relu"
     assert layers["sep_depthwise"].depthwise.kernel.shape == (3, 3, 8, 1)
     assert layers["sep"].conv.kernel.shape == (1, 1, 8, 8)
-    np.testing.assert_allclose(fused.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        fused.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_inverted_normalization_and_per_channel_rescaling_fuse_exactly():
     rng = np.random.default_rng(5)
-    model = keras.Sequential([
-        keras.Input((4, 4, 3)),
-        L.Normalization(mean=[1.0, -2.0, 0.5], variance=[4.0, 0.25, 1.0], invert=True),
-        L.Rescaling([0.5, 2.0, -1.0], offset=[0.0, 1.0, 3.0]),
-        L.BatchNormalization(),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((4, 4, 3)),
+            L.Normalization(mean=[1.0, -2.0, 0.5], variance=[4.0, 0.25, 1.0], invert=True),
+            L.Rescaling([0.5, 2.0, -1.0], offset=[0.0, 1.0, 3.0]),
+            L.BatchNormalization(),
+        ]
+    )
     randomize_bns(model, rng)
     fused = kq.fuse(model)
-    assert [type(layer).__name__ for layer in fused.layers] == ["InputLayer"] + ["DepthwiseConv2DBnAct"] * 3
+    assert [type(layer).__name__ for layer in fused.layers] == ["InputLayer"] + [
+        "DepthwiseConv2DBnAct"
+    ] * 3
     x = rng.standard_normal((3, 4, 4, 3)).astype("float32")
     np.testing.assert_allclose(fused(x), model(x), rtol=1e-5, atol=1e-5)
 

@@ -4,11 +4,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from reference import f32, fake_quant, nudge
 
 import keras_qat as kq
 from keras_qat import quantizers
 from keras_qat.export.inspect import tflite_interpreter
-from reference import f32, fake_quant, nudge
 
 EXPORTABLE = dict(per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False])
 
@@ -32,15 +32,21 @@ def test_int32_bias_op_against_numpy():
     bias = rng.uniform(-2, 2, 64).astype(f32)
     scale = rng.uniform(1e-4, 1e-1, 64).astype(f32)
     scale[:3] = 0.0  # all-zero weight channels: bias kept
-    expected = np.where(scale > 0, round_half_away(bias / np.where(scale > 0, scale, 1)) * scale, bias)
+    expected = np.where(
+        scale > 0, round_half_away(bias / np.where(scale > 0, scale, 1)) * scale, bias
+    )
     bias_t = tf.constant(bias)
     with tf.GradientTape() as tape:
         tape.watch(bias_t)
         rounded = quantizers.int32_bias(bias_t, scale)
     np.testing.assert_allclose(rounded.numpy(), expected, rtol=1e-6, atol=0)
     assert np.any(np.abs(rounded.numpy() - bias) > 1e-3)  # it did round
-    np.testing.assert_array_equal(tape.gradient(rounded, bias_t).numpy(), np.ones(64, f32))  # straight through
-    np.testing.assert_array_equal(quantizers.int32_bias(tf.constant([0.25, -0.25, 0.26]), 0.5).numpy(), [0.5, -0.5, 0.5])
+    np.testing.assert_array_equal(
+        tape.gradient(rounded, bias_t).numpy(), np.ones(64, f32)
+    )  # straight through
+    np.testing.assert_array_equal(
+        quantizers.int32_bias(tf.constant([0.25, -0.25, 0.26]), 0.5).numpy(), [0.5, -0.5, 0.5]
+    )
 
 
 def dense_model(units=16, inputs=4, has_bn=False):
@@ -80,7 +86,9 @@ def reference_dense(qmodel, x, kernel, bias, round_bias=True):
     weight_scale = np.empty(kernel.shape[-1], f32)
     for c in range(kernel.shape[-1]):
         column = kernel[:, c]
-        w_q[:, c] = fake_quant(column, column.min(), column.max(), narrow_range=True, symmetric=True)
+        w_q[:, c] = fake_quant(
+            column, column.min(), column.max(), narrow_range=True, symmetric=True
+        )
         weight_scale[c] = nudge(column.min(), column.max(), 8, True, symmetric=True)[2]
     if round_bias:
         step = f32(input_scale * weight_scale)
@@ -114,7 +122,9 @@ def test_folded_batchnorm_bias_is_rounded():
     sigma = np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
     gain = bn.gamma.numpy() / sigma
     kernel = (layer.dense.kernel.numpy() * gain).astype(f32)
-    bias = (bn.beta.numpy() + gain * (layer.dense.bias.numpy() - bn.moving_mean.numpy())).astype(f32)
+    bias = (bn.beta.numpy() + gain * (layer.dense.bias.numpy() - bn.moving_mean.numpy())).astype(
+        f32
+    )
     expected, _ = reference_dense(qmodel, x, kernel, bias)
     got = keras.Model(qmodel.inputs, layer.output).predict(x, verbose=0)
     np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
@@ -124,13 +134,24 @@ def test_folded_batchnorm_bias_is_rounded():
 
 def test_bias_stays_float_while_the_input_is_not_quantized():
     x = np.random.default_rng(4).uniform(-1, 1, (64, 4)).astype(f32)
-    qmodel = kq.convert_quant_network(dense_model(), bn_fold=False, quant_delay=(0, 5), **EXPORTABLE)
+    qmodel = kq.convert_quant_network(
+        dense_model(), bn_fold=False, quant_delay=(0, 5), **EXPORTABLE
+    )
     calibrate(qmodel, x, steps=2)  # activations still delayed
     layer = qmodel.get_layer("dense")
     got = keras.Model(qmodel.inputs, layer.output).predict(x, verbose=0)
     kernel = layer.dense.kernel.numpy()
     w_q = np.stack(
-        [fake_quant(kernel[:, c], kernel[:, c].min(), kernel[:, c].max(), narrow_range=True, symmetric=True) for c in range(kernel.shape[1])],
+        [
+            fake_quant(
+                kernel[:, c],
+                kernel[:, c].min(),
+                kernel[:, c].max(),
+                narrow_range=True,
+                symmetric=True,
+            )
+            for c in range(kernel.shape[1])
+        ],
         axis=1,
     )
     np.testing.assert_allclose(got, x @ w_q + layer.dense.bias.numpy(), atol=1e-6, rtol=0)
@@ -152,19 +173,24 @@ def test_grid_source_walks_through_layers_that_keep_the_grid():
     assert input_grid_sources(qmodel.get_layer("dense")) == [qmodel.get_layer("conv_quant")]
     # The conv's input comes straight from the model input's FakeQuant.
     input_quant = qmodel.layers[1]
-    assert isinstance(input_quant, kq.FakeQuant) and input_grid_sources(qmodel.get_layer("conv")) == [input_quant]
+    assert isinstance(input_quant, kq.FakeQuant) and input_grid_sources(
+        qmodel.get_layer("conv")
+    ) == [input_quant]
 
 
 def test_layer_without_a_known_input_grid_keeps_its_float_bias():
     x = np.random.default_rng(5).uniform(-1, 1, (16, 4)).astype(f32)
-    layer = kq.QuantDenseBnAct(3, weight_quantizer=dict(per_channel=True, symmetric=True, narrow_range=True),
-                               name="dense")
+    layer = kq.QuantDenseBnAct(
+        3, weight_quantizer=dict(per_channel=True, symmetric=True, narrow_range=True), name="dense"
+    )
     inp = keras.Input((4,))
     model = keras.Model(inp, layer(inp))  # fed by a float model input
     layer.dense.bias.assign([0.1234567, -0.2345678, 0.3456789])
     assert input_grid_sources(layer) == [None]
     w_q = layer.weight_quantizer.quantize_weights(layer.dense.kernel).values.numpy()
-    np.testing.assert_allclose(model.predict(x, verbose=0), x @ w_q + layer.dense.bias.numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), x @ w_q + layer.dense.bias.numpy(), atol=1e-6
+    )
     with pytest.raises(ValueError, match=r"'dense' \(QuantDenseBnAct\) adds its bias in float"):
         kq.check_exportable(model)
 
@@ -173,7 +199,9 @@ def test_shared_layer_called_without_input_grids_keeps_its_float_bias():
     a, b = keras.Input((4,)), keras.Input((4,))
     qa = kq.FakeQuant(name="qa")(a)
     qb = kq.FakeQuant(name="qb")(b)
-    layer = kq.QuantDenseBnAct(3, weight_quantizer=dict(per_channel=True, symmetric=True, narrow_range=True))
+    layer = kq.QuantDenseBnAct(
+        3, weight_quantizer=dict(per_channel=True, symmetric=True, narrow_range=True)
+    )
     model = keras.Model([a, b], [layer(qa), layer(qb)])
     assert input_grid_sources(layer) == [None, None]
     calibrate(model, [np.ones((4, 4), f32), -np.ones((4, 4), f32)])
@@ -203,7 +231,11 @@ def test_tflite_bias_is_the_rounded_keras_bias():
     calibrate(qmodel, x)
     tflite_bytes = kq.export_tflite(qmodel)
     interpreter = tflite_interpreter(tflite_bytes, default_delegates=False)
-    (op,) = [op for op in interpreter._get_ops_details() if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED")]
+    (op,) = [
+        op
+        for op in interpreter._get_ops_details()
+        if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED")
+    ]
     tflite_bias = interpreter.get_tensor(op["inputs"][2])
     layer = qmodel.get_layer("dense")
     bias = layer.dense.bias.numpy()

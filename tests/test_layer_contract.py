@@ -20,22 +20,49 @@ LAYERS = {
     "FakeQuant": (lambda: kq.FakeQuant(num_bits=6), VECTORS),
     "Conv2DBnAct": (lambda: kq.Conv2DBnAct(4, 3, has_bn=True, activation="relu"), IMAGES),
     "DenseBnAct": (lambda: kq.DenseBnAct(3, has_bn=True, activation="relu6"), VECTORS),
-    "DepthwiseConv2DBnAct": (lambda: kq.DepthwiseConv2DBnAct(3, depth_multiplier=2, has_bn=True), IMAGES),
-    "QuantConv2DBnAct": (lambda: kq.QuantConv2DBnAct(4, 3, weight_quantizer=dict(num_bits=4)), IMAGES),
-    "QuantDenseBnAct": (lambda: kq.QuantDenseBnAct(3, has_bn=True, weight_quantizer=dict(per_channel=True)), VECTORS),
-    "QuantDepthwiseConv2DBnAct": (lambda: kq.QuantDepthwiseConv2DBnAct(3, weight_quantizer=dict(symmetric=True)), IMAGES),
-    "QuantConv2DBnFoldAct": (lambda: kq.QuantConv2DBnFoldAct(4, 3, has_bn=True, freeze_bn=5), IMAGES),
-    "QuantDenseBnFoldAct": (lambda: kq.QuantDenseBnFoldAct(3, has_bn=True, activation="relu"), VECTORS),
-    "QuantDepthwiseConv2DBnFoldAct": (lambda: kq.QuantDepthwiseConv2DBnFoldAct(3, has_bn=True), IMAGES),
-    "QuantAveragePooling2D": (lambda: kq.QuantAveragePooling2D(2, quantizer=dict(ema=False)), IMAGES),
+    "DepthwiseConv2DBnAct": (
+        lambda: kq.DepthwiseConv2DBnAct(3, depth_multiplier=2, has_bn=True),
+        IMAGES,
+    ),
+    "QuantConv2DBnAct": (
+        lambda: kq.QuantConv2DBnAct(4, 3, weight_quantizer=dict(num_bits=4)),
+        IMAGES,
+    ),
+    "QuantDenseBnAct": (
+        lambda: kq.QuantDenseBnAct(3, has_bn=True, weight_quantizer=dict(per_channel=True)),
+        VECTORS,
+    ),
+    "QuantDepthwiseConv2DBnAct": (
+        lambda: kq.QuantDepthwiseConv2DBnAct(3, weight_quantizer=dict(symmetric=True)),
+        IMAGES,
+    ),
+    "QuantConv2DBnFoldAct": (
+        lambda: kq.QuantConv2DBnFoldAct(4, 3, has_bn=True, freeze_bn=5),
+        IMAGES,
+    ),
+    "QuantDenseBnFoldAct": (
+        lambda: kq.QuantDenseBnFoldAct(3, has_bn=True, activation="relu"),
+        VECTORS,
+    ),
+    "QuantDepthwiseConv2DBnFoldAct": (
+        lambda: kq.QuantDepthwiseConv2DBnFoldAct(3, has_bn=True),
+        IMAGES,
+    ),
+    "QuantAveragePooling2D": (
+        lambda: kq.QuantAveragePooling2D(2, quantizer=dict(ema=False)),
+        IMAGES,
+    ),
     "QuantHardSigmoid": (lambda: kq.QuantHardSigmoid(), VECTORS),
     "QuantSwish": (lambda: kq.QuantSwish(quant_delay=1), VECTORS),
 }
 
 
 def test_every_exported_layer_is_covered():
-    exported = {name for name in kq.__all__ if isinstance(getattr(kq, name), type)
-                and issubclass(getattr(kq, name), keras.layers.Layer)}
+    exported = {
+        name
+        for name in kq.__all__
+        if isinstance(getattr(kq, name), type) and issubclass(getattr(kq, name), keras.layers.Layer)
+    }
     assert exported - set(LAYERS) == {"QuantConcatenate", "WeightQuantizer"}  # tested below
 
 
@@ -98,12 +125,15 @@ def test_quant_concatenate_contract(tmp_path):
     path = str(tmp_path / "concat.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(loaded.predict([VECTORS, VECTORS], verbose=0),
-                                  model.predict([VECTORS, VECTORS], verbose=0))
+    np.testing.assert_array_equal(
+        loaded.predict([VECTORS, VECTORS], verbose=0), model.predict([VECTORS, VECTORS], verbose=0)
+    )
 
 
 def test_weight_quantizer_contract():
-    quantizer = kq.WeightQuantizer(num_bits=4, per_channel=True, symmetric=True, narrow_range=True, quant_delay=2)
+    quantizer = kq.WeightQuantizer(
+        num_bits=4, per_channel=True, symmetric=True, narrow_range=True, quant_delay=2
+    )
     config = quantizer.get_config()
     assert kq.WeightQuantizer.from_config(config).get_config() == config
     assert kq.WeightQuantizer.get(dict(num_bits=4)).num_bits == 4
@@ -112,8 +142,11 @@ def test_weight_quantizer_contract():
 
 
 def signature(cls):
-    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-            if name not in ("self", "kwargs")}
+    return {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name not in ("self", "kwargs")
+    }
 
 
 # Arguments of the Keras layers that fusion layers do not take: LoRA and
@@ -121,11 +154,14 @@ def signature(cls):
 NOT_TAKEN = {"lora_rank", "lora_alpha", "quantization_config"}
 
 
-@pytest.mark.parametrize("fusion, keras_layer", [
-    (kq.Conv2DBnAct, keras.layers.Conv2D),
-    (kq.DenseBnAct, keras.layers.Dense),
-    (kq.DepthwiseConv2DBnAct, keras.layers.DepthwiseConv2D),
-])
+@pytest.mark.parametrize(
+    "fusion, keras_layer",
+    [
+        (kq.Conv2DBnAct, keras.layers.Conv2D),
+        (kq.DenseBnAct, keras.layers.Dense),
+        (kq.DepthwiseConv2DBnAct, keras.layers.DepthwiseConv2D),
+    ],
+)
 def test_fusion_layers_take_the_arguments_and_defaults_of_their_keras_layer(fusion, keras_layer):
     ours, theirs = signature(fusion), signature(keras_layer)
     for name, default in theirs.items():
@@ -135,7 +171,19 @@ def test_fusion_layers_take_the_arguments_and_defaults_of_their_keras_layer(fusi
         assert ours[name] == default, name
     bn = signature(keras.layers.BatchNormalization)
     base = signature(kq.layers.fusion.FusionLayer)
-    for name in ("momentum", "epsilon", "center", "scale", "beta_initializer", "gamma_initializer",
-                 "moving_mean_initializer", "moving_variance_initializer", "beta_regularizer",
-                 "gamma_regularizer", "beta_constraint", "gamma_constraint", "synchronized"):
+    for name in (
+        "momentum",
+        "epsilon",
+        "center",
+        "scale",
+        "beta_initializer",
+        "gamma_initializer",
+        "moving_mean_initializer",
+        "moving_variance_initializer",
+        "beta_regularizer",
+        "gamma_regularizer",
+        "beta_constraint",
+        "gamma_constraint",
+        "synchronized",
+    ):
         assert base[name] == bn[name], name

@@ -1,12 +1,21 @@
 import keras
 import numpy as np
 import pytest
+import reference
 import tensorflow as tf
 
-import reference
 from keras_qat import Conv2DBnAct, DenseBnAct, QuantConv2DBnAct, QuantDenseBnAct
 
-ACTIVATIONS = ["relu", "relu6", "sigmoid", "leaky_relu", "hard_sigmoid", "hard_silu", "hard_swish", None]
+ACTIVATIONS = [
+    "relu",
+    "relu6",
+    "sigmoid",
+    "leaky_relu",
+    "hard_sigmoid",
+    "hard_silu",
+    "hard_swish",
+    None,
+]
 
 
 def randomize_bn(layer, rng):
@@ -54,7 +63,15 @@ def test_dense_bn_act_equals_keras_layers():
     np.testing.assert_allclose(fused(x), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cls, args", [(Conv2DBnAct, (4, 3)), (DenseBnAct, (4,)), (QuantConv2DBnAct, (4, 3)), (QuantDenseBnAct, (4,))])
+@pytest.mark.parametrize(
+    "cls, args",
+    [
+        (Conv2DBnAct, (4, 3)),
+        (DenseBnAct, (4,)),
+        (QuantConv2DBnAct, (4, 3)),
+        (QuantDenseBnAct, (4,)),
+    ],
+)
 def test_config_round_trip(cls, args):
     layer = cls(*args, has_bn=True, activation="relu6", use_bias=False, momentum=0.9, name="unit")
     config = layer.get_config()
@@ -76,13 +93,19 @@ def test_invalid_arguments_are_reported():
 
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("symmetric, narrow_range", [(False, False), (True, True)])
-def test_quant_conv_inference_is_conv_of_fake_quantized_kernel(per_channel, symmetric, narrow_range):
+def test_quant_conv_inference_is_conv_of_fake_quantized_kernel(
+    per_channel, symmetric, narrow_range
+):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 8, 8, 3)).astype("float32")
     layer = QuantConv2DBnAct(
-        5, 3, has_bn=True, activation="relu",
-        weight_quantizer=dict(num_bits=4, per_channel=per_channel, symmetric=symmetric,
-                              narrow_range=narrow_range),
+        5,
+        3,
+        has_bn=True,
+        activation="relu",
+        weight_quantizer=dict(
+            num_bits=4, per_channel=per_channel, symmetric=symmetric, narrow_range=narrow_range
+        ),
     )
     layer.build(x.shape)
     randomize_bn(layer, rng)
@@ -94,7 +117,9 @@ def test_quant_conv_inference_is_conv_of_fake_quantized_kernel(per_channel, symm
             k = kernel[..., c]
             q_kernel[..., c] = reference.fake_quant(k, k.min(), k.max(), 4, narrow_range, symmetric)
     else:
-        q_kernel = reference.fake_quant(kernel, kernel.min(), kernel.max(), 4, narrow_range, symmetric)
+        q_kernel = reference.fake_quant(
+            kernel, kernel.min(), kernel.max(), 4, narrow_range, symmetric
+        )
     y = tf.nn.conv2d(x, q_kernel, 1, "VALID") + layer.conv.bias.numpy()
     bn = layer.bn
     y = (y - bn.moving_mean.numpy()) / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)

@@ -4,10 +4,10 @@ Keras operations on tensors are quantized or reported."""
 import keras
 import numpy as np
 import pytest
+from test_fuse import randomize_bns
 
 import keras_qat as kq
 from keras_qat.transforms.inline import inline_nested_models
-from test_fuse import randomize_bns
 
 L = keras.layers
 EXPORTABLE = dict(per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False])
@@ -18,8 +18,14 @@ def backbone():
     x = L.Conv2D(6, 3, padding="same", use_bias=False, name="stem")(inputs)
     x = L.BatchNormalization(name="stem_bn")(x)
     x = L.ReLU(name="stem_relu")(x)
-    block = keras.Sequential([keras.Input((8, 8, 6)), L.Conv2D(6, 3, padding="same", name="head"),
-                              L.BatchNormalization()], name="block")
+    block = keras.Sequential(
+        [
+            keras.Input((8, 8, 6)),
+            L.Conv2D(6, 3, padding="same", name="head"),
+            L.BatchNormalization(),
+        ],
+        name="block",
+    )
     x = L.ReLU()(L.Add()([x, block(x)]))
     return keras.Model(inputs, x, name="backbone")
 
@@ -41,7 +47,9 @@ def test_nested_models_are_inlined_with_their_weights():
     assert "head" in names and "block_head" in names  # the inner one is renamed
     assert len(names) == len(set(names))
     x = rng.standard_normal((4, 8, 8, 3)).astype("float32")
-    np.testing.assert_allclose(flat.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        flat.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6
+    )
     assert inline_nested_models(flat) is flat
 
 
@@ -82,7 +90,9 @@ def small_model():
     return keras.Model(inputs, L.Dense(3, name="logits")(x))
 
 
-@pytest.mark.parametrize("skip", ["norm", [L.LayerNormalization], lambda layer: layer.name == "norm"])
+@pytest.mark.parametrize(
+    "skip", ["norm", [L.LayerNormalization], lambda layer: layer.name == "norm"]
+)
 def test_skipped_layer_stays_float_between_fake_quants(skip):
     model = small_model()
     qmodel = kq.convert_quant_network(model, skip_layers=skip, **EXPORTABLE)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+import reference
 import tensorflow as tf
 
-import reference
 from keras_qat import quantizers
 
 
@@ -62,9 +62,7 @@ def test_per_tensor_matches_numpy(num_bits, narrow_range, symmetric):
             x, min_val, max_val, num_bits, symmetric=symmetric, narrow_range=narrow_range
         )
         assert y.dtype == tf.float32 and y.shape == x.shape
-        assert_matches_reference(
-            y.numpy(), x, min_val, max_val, num_bits, narrow_range, symmetric
-        )
+        assert_matches_reference(y.numpy(), x, min_val, max_val, num_bits, narrow_range, symmetric)
 
 
 @pytest.mark.parametrize(
@@ -162,10 +160,8 @@ def test_per_channel_gradients_on_axis_0():
         tape.watch(x)
         y = quantizers.fake_quant(x, mins, maxs, axis=0)
     dx, dmin, dmax = tape.gradient(y, [x, mins, maxs], output_gradients=dy)
-    tf_dx, tf_dmin, tf_dmax = (
-        tf.quantization.fake_quant_with_min_max_vars_per_channel_gradient(
-            tf.transpose(dy), tf.transpose(x), mins, maxs
-        )
+    tf_dx, tf_dmin, tf_dmax = tf.quantization.fake_quant_with_min_max_vars_per_channel_gradient(
+        tf.transpose(dy), tf.transpose(x), mins, maxs
     )
     np.testing.assert_array_equal(dx, tf.transpose(tf_dx))
     np.testing.assert_allclose(dmin, tf_dmin, rtol=1e-6)

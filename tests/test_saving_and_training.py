@@ -25,7 +25,10 @@ def small_qat_model(quant_delay=1):
 def batches(n):
     rng = np.random.default_rng(7)
     return [
-        (rng.standard_normal((8, 10, 10, 2)).astype("float32"), rng.standard_normal((8, 3)).astype("float32"))
+        (
+            rng.standard_normal((8, 10, 10, 2)).astype("float32"),
+            rng.standard_normal((8, 3)).astype("float32"),
+        )
         for _ in range(n)
     ]
 
@@ -53,7 +56,9 @@ def test_keras_round_trip_and_resumed_training_is_uninterrupted(tmp_path):
     resumed.save(path)
     loaded = keras.saving.load_model(path)
     x_test = data[0][0]
-    np.testing.assert_array_equal(loaded.predict(x_test, verbose=0), resumed.predict(x_test, verbose=0))
+    np.testing.assert_array_equal(
+        loaded.predict(x_test, verbose=0), resumed.predict(x_test, verbose=0)
+    )
     loaded_state, resumed_state = state(loaded), state(resumed)
     assert loaded_state.keys() == resumed_state.keys()
     for key in resumed_state:
@@ -79,7 +84,11 @@ def test_saved_model_export_round_trip(tmp_path):
     for layer in model.layers:
         if isinstance(layer, FakeQuant):
             for variable in (layer.min, layer.max, layer.step):
-                matches = [k for k in saved if k.endswith(variable.name) and np.array_equal(saved[k], variable.numpy())]
+                matches = [
+                    k
+                    for k in saved
+                    if k.endswith(variable.name) and np.array_equal(saved[k], variable.numpy())
+                ]
                 assert matches, variable.path
 
 

@@ -48,12 +48,9 @@ def tflite_interpreter(model_content, num_threads=None, default_delegates=True):
     kwargs = {}
     if not default_delegates:
         resolver = (
-            litert.OpResolverType if litert is not None
-            else tf.lite.experimental.OpResolverType
+            litert.OpResolverType if litert is not None else tf.lite.experimental.OpResolverType
         )
-        kwargs["experimental_op_resolver_type"] = (
-            resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        )
+        kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecated.*")
         interpreter = module.Interpreter(
@@ -61,8 +58,6 @@ def tflite_interpreter(model_content, num_threads=None, default_delegates=True):
         )
     interpreter.allocate_tensors()
     return interpreter
-
-
 
 
 def float_ops(tflite_bytes):
@@ -88,8 +83,6 @@ def float_ops(tflite_bytes):
                 found.append(f"{op['op_name']} ({tensors[index]['name']})")
                 break
     return found
-
-
 
 
 def _io_quantization(interpreter, detail):
@@ -119,7 +112,8 @@ def run_tflite(tflite_bytes, x, batch_size=256, num_threads=None):
     """
     interpreter = tflite_interpreter(tflite_bytes, num_threads)
     (input_detail,), (output_detail,) = (
-        interpreter.get_input_details(), interpreter.get_output_details()
+        interpreter.get_input_details(),
+        interpreter.get_output_details(),
     )
     in_scale, in_zero = _io_quantization(interpreter, input_detail)
     out_scale, out_zero = _io_quantization(interpreter, output_detail)
@@ -177,5 +171,7 @@ def compare_tflite(qmodel, tflite_bytes, x, batch_size=256):
         "max_diff_steps": float(steps.max()),
         "within_one_step": float(np.mean(steps <= 1.001)),  # float32 outputs: allow 1e-3 step
         "ambiguous_rows": float(np.mean(ambiguous)),
-        "top1_agreement_unambiguous": float(np.mean(agree[~ambiguous])) if np.any(~ambiguous) else 1.0,
+        "top1_agreement_unambiguous": float(np.mean(agree[~ambiguous]))
+        if np.any(~ambiguous)
+        else 1.0,
     }

@@ -9,6 +9,7 @@ dataset is needed and the integer model uses exactly the trained grids.
 from int8.
 """
 
+import inspect
 import os
 import tempfile
 
@@ -20,6 +21,14 @@ from keras_qat.layers.fake_quant import FakeQuant, tracing_for_export
 from keras_qat.layers.fusion import FusionLayer
 
 
+def _save_for_conversion(model, path):
+    """`model.export(path)`, the SavedModel the TFLite converter reads;
+    quietly where Keras can be asked to (its `verbose` argument is newer
+    than some supported releases)."""
+    quiet = {"verbose": False} if "verbose" in inspect.signature(model.export).parameters else {}
+    model.export(path, **quiet)
+
+
 def _fake_quant_problems(layer, name):
     step = int(layer.step.numpy())
     problems = []
@@ -28,7 +37,9 @@ def _fake_quant_problems(layer, name):
     elif step < layer.quant_delay:
         problems.append(f"{name} is still in its quant delay ({step} of {layer.quant_delay} steps)")
     if layer.num_bits != 8:
-        problems.append(f"{name} quantizes activations to {layer.num_bits} bits; int8 TFLite needs 8")
+        problems.append(
+            f"{name} quantizes activations to {layer.num_bits} bits; int8 TFLite needs 8"
+        )
     if layer.per_channel:
         problems.append(f"{name} is per channel; TFLite activations are per tensor")
     return problems
@@ -46,7 +57,9 @@ def _weight_problems(layer, name):
         problems.append(f"{name} has {quantizer.num_bits}-bit weights; int8 TFLite holds at most 8")
     step = int(quantizer.step.numpy())
     if step < quantizer.quant_delay:
-        problems.append(f"{name} is still in its quant delay ({step} of {quantizer.quant_delay} steps)")
+        problems.append(
+            f"{name} is still in its quant delay ({step} of {quantizer.quant_delay} steps)"
+        )
     if layer.has_bn and not quantizer.per_channel and not layer.folded:
         problems.append(
             f"{name} has per-tensor weights followed by a BatchNorm: folding the "
@@ -147,9 +160,16 @@ def export_tflite(
 
     Example:
 
-    >>> tflite_bytes = export_tflite(qat_model, "model_int8.tflite")
-    >>> report = compare_tflite(qat_model, tflite_bytes, x_test)
-    >>> report["top1_agreement"]
+    >>> inputs = keras.Input((4,))
+    >>> model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    >>> qat = kq.convert_quant_network(model, per_channel=[True, False],
+    ...     symmetric=[True, False], narrow_range=[True, False])
+    >>> x = np.random.default_rng(0).uniform(-1, 1, (64, 4)).astype("float32")
+    >>> qat.compile(optimizer="sgd", loss="mse")
+    >>> qat.fit(x, np.zeros((64, 3)), verbose=0).history["loss"] != []
+    True
+    >>> tflite_bytes = export_tflite(qat)
+    >>> kq.compare_tflite(qat, tflite_bytes, x)["within_one_step"]
     1.0
     """
     for name, value in (("input_type", input_type), ("output_type", output_type)):
@@ -162,7 +182,7 @@ def export_tflite(
     with tempfile.TemporaryDirectory() as directory:
         saved_model = os.path.join(directory, "saved_model")
         with tracing_for_export():
-            qmodel.export(saved_model, verbose=False)
+            _save_for_conversion(qmodel, saved_model)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.inference_input_type = tf.as_dtype(input_type)
@@ -221,8 +241,6 @@ def export_float_tflite(model, path=None, strip_names=False):
     """
     with tempfile.TemporaryDirectory() as directory:
         saved_model = os.path.join(directory, "saved_model")
-        model.export(saved_model, verbose=False)
+        _save_for_conversion(model, saved_model)
         tflite_bytes = tf.lite.TFLiteConverter.from_saved_model(saved_model).convert()
     return _finish(tflite_bytes, path, strip_names)
-
-

@@ -68,9 +68,7 @@ def folded_call(layer, inputs, training, input_grid):
     """A folded layer's output before its activation (see module docstring)."""
     step = tf.identity(layer.weight_quantizer.step)  # before this call's count
     weights = layer.weight_quantizer.quantize_weights(folded_kernel(layer), training)
-    outputs = tf.cast(
-        layer.kernel_op(inputs, tf.cast(weights.values, inputs.dtype)), tf.float32
-    )
+    outputs = tf.cast(layer.kernel_op(inputs, tf.cast(weights.values, inputs.dtype)), tf.float32)
     frozen = outputs + bias_on_grid(folded_bias(layer), input_grid, weights.scale)
     if training:
         # Both are computed and one selected: no control flow, which
@@ -86,16 +84,13 @@ def _batch_corrected(layer, inputs, outputs, update):
     `update` (before `freeze_bn`), kept otherwise."""
     bn = layer.bn
     bias = _bias(layer)
-    raw = tf.cast(
-        layer.kernel_op(inputs, tf.cast(layer.kernel(), inputs.dtype)), tf.float32
-    ) + bias
+    raw = tf.cast(layer.kernel_op(inputs, tf.cast(layer.kernel(), inputs.dtype)), tf.float32) + bias
     axes = list(range(raw.shape.rank - 1))
     mean, variance = keras.ops.moments(raw, axes, synchronized=bn.synchronized)
     _, sigma = fold_factor(bn)
     sigma_batch = tf.sqrt(variance + bn.epsilon)
     corrected = outputs * (sigma / sigma_batch) + (
-        tf.cast(bn.beta, tf.float32)
-        - tf.cast(bn.gamma, tf.float32) * (mean - bias) / sigma_batch
+        tf.cast(bn.beta, tf.float32) - tf.cast(bn.gamma, tf.float32) * (mean - bias) / sigma_batch
     )
     momentum = bn.momentum
     for statistic, batch_value in (

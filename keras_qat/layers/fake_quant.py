@@ -296,9 +296,7 @@ class FakeQuant(Quantizer):
         """Updates the range from batch `x`; returns the new `(min, max)`."""
         if self.fixed_range is not None:
             return self.min, self.max
-        batch_min, batch_max = across_replicas(
-            *quantizers.batch_range(x, self._reduce_axes)
-        )
+        batch_min, batch_max = across_replicas(*quantizers.batch_range(x, self._reduce_axes))
         decay = self.ema_decay if self.ema else 0.0
         first = tf.equal(self.step, 0)
         new_min = tf.where(first, batch_min, decay * self.min + (1.0 - decay) * batch_min)

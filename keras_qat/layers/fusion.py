@@ -30,8 +30,16 @@ ACTIVATIONS_HINT = (
 # Config entries of the linear sub-layer that are not the fusion layer's
 # arguments: its own, or options that fusion layers do not take (LoRA, and
 # Keras' own post-training quantization).
-_NOT_FORWARDED = ("name", "trainable", "dtype", "activation", "activity_regularizer",
-                  "quantization_config", "lora_rank", "lora_alpha")  # fmt: skip
+_NOT_FORWARDED = (
+    "name",
+    "trainable",
+    "dtype",
+    "activation",
+    "activity_regularizer",
+    "quantization_config",
+    "lora_rank",
+    "lora_alpha",
+)
 
 
 def get_activation(activation):
@@ -96,19 +104,26 @@ class FusionLayer(keras.layers.Layer):
         self.has_bn = check_bool("has_bn", has_bn)
         self.activation = get_activation(activation)
         bn = keras.layers.BatchNormalization(
-            momentum=momentum, epsilon=epsilon, center=center, scale=scale,
-            beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
+            momentum=momentum,
+            epsilon=epsilon,
+            center=center,
+            scale=scale,
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
             moving_mean_initializer=moving_mean_initializer,
             moving_variance_initializer=moving_variance_initializer,
-            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
-            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint,
-            synchronized=synchronized, dtype=self.dtype_policy, name="bn",
-        )  # fmt: skip
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+            synchronized=synchronized,
+            dtype=self.dtype_policy,
+            name="bn",
+        )
         self._bn_config = {
             key: value
             for key, value in bn.get_config().items()
-            if key not in ("name", "trainable", "dtype", "axis")
-            and not key.startswith("renorm")
+            if key not in ("name", "trainable", "dtype", "axis") and not key.startswith("renorm")
         }
         self.bn = bn if self.has_bn else None
         self._init_modes(weight_quantizer, freeze_bn)
@@ -203,13 +218,9 @@ class FusionLayer(keras.layers.Layer):
         linear = self.linear_layer.get_config()
         config.update({k: v for k, v in linear.items() if k not in _NOT_FORWARDED})
         config.update(self._bn_config)
-        config.update(
-            has_bn=self.has_bn, activation=keras.activations.serialize(self.activation)
-        )
+        config.update(has_bn=self.has_bn, activation=keras.activations.serialize(self.activation))
         if self.quantized:
-            config["weight_quantizer"] = keras.saving.serialize_keras_object(
-                self.weight_quantizer
-            )
+            config["weight_quantizer"] = keras.saving.serialize_keras_object(self.weight_quantizer)
         if self.folded:
             config["freeze_bn"] = self.freeze_bn
         return config
@@ -285,13 +296,23 @@ class Conv2DBnAct(FusionLayer):
             **kwargs,
         )
         self.conv = keras.layers.Conv2D(
-            filters, kernel_size, strides=strides, padding=padding,
-            data_format=data_format, dilation_rate=dilation_rate, groups=groups,
-            use_bias=use_bias, kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer, kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer, kernel_constraint=kernel_constraint,
-            bias_constraint=bias_constraint, dtype=self.dtype_policy, name="conv",
-        )  # fmt: skip
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            data_format=data_format,
+            dilation_rate=dilation_rate,
+            groups=groups,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            dtype=self.dtype_policy,
+            name="conv",
+        )
 
     @property
     def linear_layer(self):
@@ -358,11 +379,17 @@ class DenseBnAct(FusionLayer):
             **kwargs,
         )
         self.dense = keras.layers.Dense(
-            units, use_bias=use_bias, kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer, kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer, kernel_constraint=kernel_constraint,
-            bias_constraint=bias_constraint, dtype=self.dtype_policy, name="dense",
-        )  # fmt: skip
+            units,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            dtype=self.dtype_policy,
+            name="dense",
+        )
         self._as_conv = False  # True while traced for export as a 1x1 conv
 
     @property
@@ -476,16 +503,22 @@ class DepthwiseConv2DBnAct(FusionLayer):
             **kwargs,
         )
         self.depthwise = keras.layers.DepthwiseConv2D(
-            kernel_size, strides=strides, padding=padding,
-            depth_multiplier=depth_multiplier, data_format=data_format,
-            dilation_rate=dilation_rate, use_bias=use_bias,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            depth_multiplier=depth_multiplier,
+            data_format=data_format,
+            dilation_rate=dilation_rate,
+            use_bias=use_bias,
             depthwise_initializer=depthwise_initializer,
             bias_initializer=bias_initializer,
             depthwise_regularizer=depthwise_regularizer,
             bias_regularizer=bias_regularizer,
             depthwise_constraint=depthwise_constraint,
-            bias_constraint=bias_constraint, dtype=self.dtype_policy, name="depthwise",
-        )  # fmt: skip
+            bias_constraint=bias_constraint,
+            dtype=self.dtype_policy,
+            name="depthwise",
+        )
 
     @property
     def linear_layer(self):

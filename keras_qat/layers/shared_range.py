@@ -125,13 +125,19 @@ class QuantAveragePooling2D(keras.layers.AveragePooling2D):
     """
 
     def __init__(
-        self, pool_size, strides=None, padding="valid", data_format=None,
-        quantizer=None, **kwargs,
-    ):  # fmt: skip
+        self,
+        pool_size,
+        strides=None,
+        padding="valid",
+        data_format=None,
+        quantizer=None,
+        **kwargs,
+    ):
         super().__init__(
             pool_size, strides=strides, padding=padding, data_format=data_format, **kwargs
         )
         self.quantizer = FakeQuant.get(quantizer, "quantizer")
+        self.built = False  # some Keras releases build stateless pooling layers at once
 
     def build(self, input_shape):
         super().build(input_shape)

@@ -125,8 +125,12 @@ def _bn_args(bn):
     if bn is None:
         return {}
     config = bn.get_config()
-    return dict(has_bn=True, momentum=config["momentum"], epsilon=config["epsilon"],
-                synchronized=config.get("synchronized", False))  # fmt: skip
+    return dict(
+        has_bn=True,
+        momentum=config["momentum"],
+        epsilon=config["epsilon"],
+        synchronized=config.get("synchronized", False),
+    )
 
 
 def _linear_args(layer, keys):
@@ -134,25 +138,57 @@ def _linear_args(layer, keys):
     return {key: config[key] for key in keys if key in config}
 
 
-_CONV_ARGS = ("filters", "kernel_size", "strides", "padding", "dilation_rate", "use_bias",
-              "kernel_initializer", "bias_initializer", "kernel_regularizer",
-              "bias_regularizer")  # fmt: skip
-_DENSE_ARGS = ("units", "use_bias", "kernel_initializer", "bias_initializer",
-               "kernel_regularizer", "bias_regularizer")  # fmt: skip
-_DEPTHWISE_ARGS = ("kernel_size", "strides", "padding", "depth_multiplier", "dilation_rate",
-                   "use_bias", "depthwise_initializer", "bias_initializer",
-                   "depthwise_regularizer", "bias_regularizer")  # fmt: skip
+_CONV_ARGS = (
+    "filters",
+    "kernel_size",
+    "strides",
+    "padding",
+    "dilation_rate",
+    "use_bias",
+    "kernel_initializer",
+    "bias_initializer",
+    "kernel_regularizer",
+    "bias_regularizer",
+)
+_DENSE_ARGS = (
+    "units",
+    "use_bias",
+    "kernel_initializer",
+    "bias_initializer",
+    "kernel_regularizer",
+    "bias_regularizer",
+)
+_DEPTHWISE_ARGS = (
+    "kernel_size",
+    "strides",
+    "padding",
+    "depth_multiplier",
+    "dilation_rate",
+    "use_bias",
+    "depthwise_initializer",
+    "bias_initializer",
+    "depthwise_regularizer",
+    "bias_regularizer",
+)
 
-_SEPARABLE_ARGS = ("kernel_size", "strides", "padding", "depth_multiplier", "dilation_rate",
-                   "depthwise_initializer", "depthwise_regularizer")  # fmt: skip
+_SEPARABLE_ARGS = (
+    "kernel_size",
+    "strides",
+    "padding",
+    "depth_multiplier",
+    "dilation_rate",
+    "depthwise_initializer",
+    "depthwise_regularizer",
+)
 
 
 def _fuse_linear(fusion_class, keys):
     """A rule for a Conv2D / Dense / DepthwiseConv2D: one fusion layer."""
 
     def rule(layer, bn, activation, channels):
-        fused = fusion_class(activation=activation, name=layer.name,
-                             **_linear_args(layer, keys), **_bn_args(bn))  # fmt: skip
+        fused = fusion_class(
+            activation=activation, name=layer.name, **_linear_args(layer, keys), **_bn_args(bn)
+        )
 
         def copy_weights():
             fused.linear_layer.set_weights(layer.get_weights())
@@ -167,17 +203,22 @@ def _fuse_linear(fusion_class, keys):
 def _fuse_separable(layer, bn, activation, channels):
     config = layer.get_config()
     depthwise = DepthwiseConv2DBnAct(
-        use_bias=False, name=f"{layer.name}_depthwise",
+        use_bias=False,
+        name=f"{layer.name}_depthwise",
         **_linear_args(layer, _SEPARABLE_ARGS),
-    )  # fmt: skip
+    )
     pointwise = Conv2DBnAct(
-        config["filters"], 1, use_bias=config["use_bias"], activation=activation,
+        config["filters"],
+        1,
+        use_bias=config["use_bias"],
+        activation=activation,
         kernel_initializer=config["pointwise_initializer"],
         kernel_regularizer=config["pointwise_regularizer"],
         bias_initializer=config["bias_initializer"],
         bias_regularizer=config["bias_regularizer"],
-        name=layer.name, **_bn_args(bn),
-    )  # fmt: skip
+        name=layer.name,
+        **_bn_args(bn),
+    )
 
     def copy_weights():
         weights = layer.get_weights()
@@ -192,9 +233,13 @@ def _fuse_separable(layer, bn, activation, channels):
 def _fuse_batchnorm(layer, bn, activation, channels):
     """A standalone BatchNorm: a 1x1 depthwise of ones, then the BatchNorm."""
     fused = DepthwiseConv2DBnAct(
-        1, use_bias=False, depthwise_initializer="ones", activation=activation,
-        name=layer.name, **_bn_args(layer),
-    )  # fmt: skip
+        1,
+        use_bias=False,
+        depthwise_initializer="ones",
+        activation=activation,
+        name=layer.name,
+        **_bn_args(layer),
+    )
 
     def copy_weights():
         fused.depthwise.set_weights([np.ones((1, 1, channels, 1), np.float32)])
@@ -209,11 +254,14 @@ def _affine_weights(layer, channels):
         scale, offset = layer.scale, layer.offset
     else:
         mean = np.asarray(layer.mean, np.float32).reshape(-1)
-        std = np.maximum(np.sqrt(np.asarray(layer.variance, np.float32).reshape(-1)),
-                         keras.config.epsilon())  # fmt: skip
+        std = np.maximum(
+            np.sqrt(np.asarray(layer.variance, np.float32).reshape(-1)), keras.config.epsilon()
+        )
         scale, offset = (std, mean) if layer.invert else (1.0 / std, -mean / std)
-    return (np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (channels,)),
-            np.broadcast_to(np.asarray(offset, np.float32).reshape(-1), (channels,)))  # fmt: skip
+    return (
+        np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (channels,)),
+        np.broadcast_to(np.asarray(offset, np.float32).reshape(-1), (channels,)),
+    )
 
 
 def _fuse_fixed_affine(layer, bn, activation, channels):

@@ -25,9 +25,7 @@ class _UniqueNames:
 
     def __init__(self, model):
         self._owners = {
-            layer.name: id(layer)
-            for layer in model.layers
-            if not isinstance(layer, keras.Model)
+            layer.name: id(layer) for layer in model.layers if not isinstance(layer, keras.Model)
         }
 
     def name_for(self, layer, prefix):

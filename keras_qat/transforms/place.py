@@ -41,7 +41,11 @@ QUANTIZED_LAYERS = {
 
 # Layers through which a grid reaches a consumer: an average pooling that
 # stays as it is (its input has other consumers) keeps its input's grid too.
-_GRID_PASSING_LAYERS = int8_rules.GRID_KEEPING_LAYERS + (keras.layers.AveragePooling2D,)
+_GRID_PASSING_LAYERS = (
+    int8_rules.GRID_KEEPING_LAYERS
+    + int8_rules.GRID_KEEPING_OPERATIONS
+    + (keras.layers.AveragePooling2D,)
+)
 
 # Activations that TFLite computes as two int8 ops (int8_rules.TWO_OP_ACTIVATIONS).
 TWO_OP_ACTIVATION_LAYERS = {"hard_sigmoid": QuantHardSigmoid, "silu": QuantSwish}
@@ -154,10 +158,14 @@ def convert_quant_network(
      'QuantDenseBnAct', 'FakeQuant']
     """
     options = QuantOptions.from_args(
-        num_bits=num_bits, per_channel=per_channel, symmetric=symmetric,
-        narrow_range=narrow_range, quant_delay=quant_delay, bn_fold=bn_fold,
+        num_bits=num_bits,
+        per_channel=per_channel,
+        symmetric=symmetric,
+        narrow_range=narrow_range,
+        quant_delay=quant_delay,
+        bn_fold=bn_fold,
         freeze_bn=freeze_bn,
-    )  # fmt: skip
+    )
     graph.functional_graph(model)  # a clear error for subclassed and unbuilt models
     if not model.built or not model.inputs:
         raise ValueError(
@@ -175,7 +183,9 @@ def convert_quant_network(
 
 def _is_supported(operation):
     if not isinstance(operation, keras.layers.Layer):
-        return isinstance(operation, int8_rules.ROUNDING_OPERATIONS)
+        return isinstance(
+            operation, int8_rules.ROUNDING_OPERATIONS + int8_rules.GRID_KEEPING_OPERATIONS
+        )
     return type(operation) in QUANTIZED_LAYERS or isinstance(
         operation,
         int8_rules.ROUNDING_LAYERS
@@ -205,7 +215,8 @@ def _check_supported(model, skipped):
             "GlobalAveragePooling2D, activation layers (ReLU, LeakyReLU, "
             "Activation, Softmax), the Keras operations +, - and * between "
             "tensors or with constants, and layers that keep their input's "
-            "grid (" + ", ".join(c.__name__ for c in int8_rules.GRID_KEEPING_LAYERS)
+            "grid ("
+            + ", ".join(c.__name__ for c in int8_rules.GRID_KEEPING_LAYERS)
             + ", AveragePooling2D). To keep layers in float, pass them to "
             "`skip_layers` (names, classes or a predicate)."
         )
@@ -263,10 +274,7 @@ class _Placement:
         return (
             bool(consumers)
             and not self.graph.is_output(operation)
-            and all(
-                not self.is_skipped(c) and int8_rules.rounds_for_producer(c)
-                for c in consumers
-            )
+            and all(not self.is_skipped(c) and int8_rules.rounds_for_producer(c) for c in consumers)
         )
 
     def unrounded(self, operation):
@@ -408,9 +416,7 @@ def _place_fusion(self, layer, args, kwargs):
     outputs = self.fake_quant(layer.name)(outputs)
     name = f"{layer.name}_activation"
     outputs = _activation_layer(self, layer.activation, name)(outputs)
-    fixed_range = int8_rules.FIXED_OUTPUT_RANGES.get(
-        int8_rules.activation_name(layer.activation)
-    )
+    fixed_range = int8_rules.FIXED_OUTPUT_RANGES.get(int8_rules.activation_name(layer.activation))
     return self.quantize_output(layer, outputs, fixed_range, name=name)
 
 
@@ -449,7 +455,7 @@ def _place_grid_keeping(self, layer, args, kwargs):
 
 PLACEMENT_RULES = (
     (lambda self, op: self.is_skipped(op), _place_skipped),
-    (lambda self, op: not isinstance(op, keras.layers.Layer), _place_rounding_operation),
+    (lambda self, op: isinstance(op, int8_rules.ROUNDING_OPERATIONS), _place_rounding_operation),
     (lambda self, op: isinstance(op, keras.layers.Concatenate), _place_concatenation),
     (_is_shared_grid_pooling, _place_shared_grid_pooling),
     (lambda self, op: isinstance(op, FusionLayer), _place_fusion),
