@@ -1,23 +1,31 @@
 """Training-step cost of a quantization network relative to its float model.
 
-Networks with BatchNorm are timed with bn_fold=True (folded layers compute
-the float conv a second time for batch statistics) and bn_fold=False.
+For each network (LeNet-5 without and with BatchNorm, ResNet-20), XLA mode
+and `bn_fold` value, the float model and its quantization network (quant
+delay passed, so every fake-quant op runs) are compiled the same way and
+trained on the same batch. After warm-up, rounds alternate between them in
+one process: each round times `--steps` steps of the float model, then of
+the QAT model. The table shows the ratio of the *minimum* step times over
+the rounds (the machines are shared and noisy: the minimum is the least
+disturbed), and the median ratio of the rounds for context.
 
-For each network, the float model and its quantization network (quant delay
-passed, so every fake-quant op runs) are compiled the same way and trained
-on the same batch. After warm-up, rounds alternate between them in one
-process: each round times `--steps` steps of the float model, then of the
-QAT model, and yields one ratio. The table shows the median ratio and its
-spread (min..max over rounds); absolute times are shown only for context,
-since the machines are shared and noisy.
+Peak memory of a training step is measured in separate processes, one per
+model: TensorFlow's CPU allocator peak over a few steps after warm-up
+(`tf.config.experimental.get_memory_info`), and the process's peak RSS.
+
+With `--impl tfmot` (or `both`) the same networks are timed with TensorFlow
+Model Optimization on Keras 2, by `bench/tfmot_train_step.py` in its own
+virtual environment (`bash bench/setup_tfmot.sh` creates `.venv-tfmot`).
 
 Usage:
-    python bench/train_step.py [--rounds 7] [--steps 20] [--jit_compile both]
+    python bench/train_step.py [--jit_compile both] [--impl both] [--rounds 7]
 """
 
 import json
 import os
 import platform
+import resource
+import subprocess
 import sys
 import time
 
@@ -28,21 +36,43 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 import models  # noqa: E402
 
 import keras_qat as kq  # noqa: E402
 
+BATCH_SIZES = {"lenet5": 128, "lenet5_bn": 128, "resnet20": 64}
+
 flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
 flags.DEFINE_integer("steps", 20, "Training steps per model per round.")
-flags.DEFINE_integer("batch_size", 64, "Batch size.")
-flags.DEFINE_enum("jit_compile", "off", ["off", "on", "both"], "XLA compilation of the train step.")
-flags.DEFINE_list("networks", ["lenet5", "resnet20"], "Networks to time.")
-flags.DEFINE_list(
-    "bn_fold", ["true", "false"], "bn_fold values to time (networks with BatchNorm only)."
-)
+flags.DEFINE_enum("jit_compile", "both", ["off", "on", "both"], "XLA compilation of the step.")
+flags.DEFINE_list("networks", ["lenet5", "lenet5_bn", "resnet20"], "Networks to time.")
+flags.DEFINE_list("bn_fold", ["true", "false"], "bn_fold values (networks with BatchNorm only).")
+flags.DEFINE_enum("impl", "keras_qat", ["keras_qat", "tfmot", "both"], "Which tools to time.")
+flags.DEFINE_bool("memory", True, "Also measure peak memory in separate processes.")
+flags.DEFINE_string("tfmot_python", ".venv-tfmot/bin/python", "Python of the tfmot venv.")
+flags.DEFINE_string("probe", None, "Internal: measure one model's memory (network:kind:jit).")
 flags.DEFINE_string("output", "bench/results/train_step.json", "JSON output path.")
 FLAGS = flags.FLAGS
+
+
+def batch(name):
+    _, shape = models.NETWORKS[name]
+    rng = np.random.default_rng(0)
+    size = BATCH_SIZES[name]
+    x = rng.uniform(0, 1, (size,) + shape).astype("float32")
+    return x, rng.integers(0, 10, size).astype("int32")
+
+
+def build(name, kind):
+    """`kind`: "float", "qat_fold" or "qat_nofold"."""
+    model = models.NETWORKS[name][0]()
+    if kind == "float":
+        return model
+    return kq.convert_quant_network(
+        model, quant_delay=0, bn_fold=kind == "qat_fold", per_channel=[True, False]
+    )
 
 
 def compiled(model, jit_compile):
@@ -54,67 +84,149 @@ def compiled(model, jit_compile):
     return model
 
 
-def time_steps(model, x, y, steps):
+def step_time(model, x, y, steps):
     start = time.perf_counter()
     for _ in range(steps):
         model.train_on_batch(x, y)
     return (time.perf_counter() - start) / steps
 
 
-def measure(name, jit_compile, bn_fold):
-    build, shape = models.NETWORKS[name]
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 1, (FLAGS.batch_size,) + shape).astype("float32")
-    y = rng.integers(0, 10, FLAGS.batch_size).astype("int32")
-    float_model = build()
-    qat_model = kq.convert_quant_network(
-        float_model, quant_delay=0, bn_fold=bn_fold, per_channel=[True, False]
-    )
-    float_model, qat_model = compiled(float_model, jit_compile), compiled(qat_model, jit_compile)
+def measure(name, jit_compile, kind):
+    x, y = batch(name)
+    float_model = compiled(build(name, "float"), jit_compile)
+    qat_model = compiled(build(name, kind), jit_compile)
     for model in (float_model, qat_model):  # trace, compile, warm up
-        time_steps(model, x, y, 5)
+        step_time(model, x, y, 5)
     float_times, qat_times = [], []
     for _ in range(FLAGS.rounds):
-        float_times.append(time_steps(float_model, x, y, FLAGS.steps))
-        qat_times.append(time_steps(qat_model, x, y, FLAGS.steps))
+        float_times.append(step_time(float_model, x, y, FLAGS.steps))
+        qat_times.append(step_time(qat_model, x, y, FLAGS.steps))
     ratios = np.array(qat_times) / np.array(float_times)
     return {
+        "impl": "keras_qat",
         "network": name,
+        "batch_size": len(x),
         "jit_compile": jit_compile,
-        "bn_fold": bn_fold,
+        "bn_fold": None if kind == "float" else kind == "qat_fold",
+        "float_ms_min": 1e3 * min(float_times),
+        "qat_ms_min": 1e3 * min(qat_times),
+        "ratio_of_min": min(qat_times) / min(float_times),
         "float_ms_median": 1e3 * float(np.median(float_times)),
         "qat_ms_median": 1e3 * float(np.median(qat_times)),
         "ratio_median": float(np.median(ratios)),
-        "ratio_min": float(ratios.min()),
-        "ratio_max": float(ratios.max()),
         "ratios": ratios.tolist(),
     }
 
 
-def main(argv):
-    del argv
+def probe_memory(spec):
+    """In a fresh process: peak allocator bytes and RSS of training steps."""
+    name, kind, jit = spec.split(":")
+    x, y = batch(name)
+    model = compiled(build(name, kind), jit == "on")
+    step_time(model, x, y, 3)
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    step_time(model, x, y, 3)
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"allocator_peak_bytes": peak, "peak_rss_bytes": rss_kb * 1024}))
+
+
+def memory(name, kind, jit_compile):
+    spec = f"{name}:{kind}:{'on' if jit_compile else 'off'}"
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), f"--probe={spec}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def add_memory(row):
+    kind = "qat_fold" if row["bn_fold"] in (None, True) else "qat_nofold"
+    float_memory = memory(row["network"], "float", row["jit_compile"])
+    qat_memory = memory(row["network"], kind, row["jit_compile"])
+    for key in ("allocator_peak_bytes", "peak_rss_bytes"):
+        row[f"float_{key}"], row[f"qat_{key}"] = float_memory[key], qat_memory[key]
+    row["allocator_peak_ratio"] = qat_memory["allocator_peak_bytes"] / max(
+        float_memory["allocator_peak_bytes"], 1
+    )
+    row["peak_rss_ratio"] = qat_memory["peak_rss_bytes"] / float_memory["peak_rss_bytes"]
+    return row
+
+
+def tfmot_rows():
+    python = os.path.abspath(FLAGS.tfmot_python)
+    if not os.path.exists(python):
+        raise SystemExit(
+            f"--impl tfmot needs {FLAGS.tfmot_python}: run `bash bench/setup_tfmot.sh` first."
+        )
+    output = os.path.join(os.path.dirname(FLAGS.output) or ".", "train_step_tfmot.json")
+    subprocess.run(
+        [
+            python,
+            os.path.join(HERE, "tfmot_train_step.py"),
+            f"--networks={','.join(FLAGS.networks)}",
+            f"--rounds={FLAGS.rounds}",
+            f"--steps={FLAGS.steps}",
+            f"--output={output}",
+        ],
+        check=True,
+    )
+    with open(output) as f:
+        rows = json.load(f)["results"]
+    for row in rows:
+        row["ratio_median"] = float(np.median(row["ratios"]))
+    return rows
+
+
+def keras_qat_rows():
     modes = {"off": [False], "on": [True], "both": [False, True]}[FLAGS.jit_compile]
     folds = [value.lower() == "true" for value in FLAGS.bn_fold]
     rows = []
     for name in FLAGS.networks:
-        has_bn = any(getattr(layer, "has_bn", False) for layer in models.NETWORKS[name][0]().layers)
-        for bn_fold in folds if has_bn else folds[:1]:
-            rows += [measure(name, jit, bn_fold) for jit in modes]
-    print(
-        f"\nbatch {FLAGS.batch_size}, {FLAGS.rounds} rounds x {FLAGS.steps} steps, "
-        f"TF {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs"
-    )
-    print(
-        f"{'network':<10}{'bn_fold':>8}{'XLA':>5}{'float ms':>10}{'QAT ms':>9}"
-        f"{'QAT/float':>11}{'spread':>15}"
-    )
+        has_bn = any(getattr(layer, "has_bn", False) for layer in build(name, "float").layers)
+        for bn_fold in folds if has_bn else [True]:
+            kind = "qat_fold" if bn_fold else "qat_nofold"
+            for jit in modes:
+                row = measure(name, jit, kind)
+                row["bn_fold"] = bn_fold if has_bn else None
+                rows.append(add_memory(row) if FLAGS.memory else row)
+                print_rows(rows[-1:])
+    return rows
+
+
+def print_rows(rows):
     for r in rows:
+        fold = "-" if r["bn_fold"] is None else str(r["bn_fold"])
+        memory_ratio = r.get("allocator_peak_ratio")
+        memory_text = "" if memory_ratio is None else f"{memory_ratio:>9.2f}x"
         print(
-            f"{r['network']:<10}{str(r['bn_fold']):>8}{'on' if r['jit_compile'] else 'off':>5}"
-            f"{r['float_ms_median']:>10.1f}"
-            f"{r['qat_ms_median']:>9.1f}{r['ratio_median']:>10.2f}x"
-            f"{r['ratio_min']:>8.2f}..{r['ratio_max']:.2f}"
+            f"{r['impl']:<10}{r['network']:<10}{r['batch_size']:>6}{fold:>8}"
+            f"{'on' if r['jit_compile'] else 'off':>5}{r['float_ms_min']:>10.1f}"
+            f"{r['qat_ms_min']:>9.1f}{r['ratio_of_min']:>10.2f}x{r['ratio_median']:>10.2f}x"
+            f"{memory_text}",
+            flush=True,
         )
+
+
+def main(argv):
+    del argv
+    if FLAGS.probe:
+        return probe_memory(FLAGS.probe)
+    print(
+        f"{FLAGS.rounds} rounds x {FLAGS.steps} steps, TF {tf.__version__}, "
+        f"Keras {keras.__version__}, {os.cpu_count()} CPUs\n"
+        f"{'impl':<10}{'network':<10}{'batch':>6}{'bn_fold':>8}{'XLA':>5}{'float ms':>10}"
+        f"{'QAT ms':>9}{'QAT/float':>11}{'(median)':>11}{'memory':>10}"
+    )
+    rows = []
+    if FLAGS.impl in ("keras_qat", "both"):
+        rows += keras_qat_rows()
+    if FLAGS.impl in ("tfmot", "both"):
+        tfmot = tfmot_rows()
+        print_rows(tfmot)
+        rows += tfmot
     os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
     with open(FLAGS.output, "w") as f:
         json.dump(
@@ -123,7 +235,6 @@ def main(argv):
                 "keras": keras.__version__,
                 "machine": platform.machine(),
                 "cpus": os.cpu_count(),
-                "batch_size": FLAGS.batch_size,
                 "rounds": FLAGS.rounds,
                 "steps": FLAGS.steps,
                 "results": rows,

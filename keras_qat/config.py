@@ -136,21 +136,20 @@ class QuantOptions:
             freeze_bn=check_int("freeze_bn", freeze_bn),
         )
 
-    def weight_options(self):
+    def weight_options(self, calls_per_step=1):
         """Keyword arguments of a layer's `WeightQuantizer`."""
-        return dict(
-            num_bits=self.num_bits[0],
-            per_channel=self.per_channel[0],
-            symmetric=self.symmetric[0],
-            narrow_range=self.narrow_range[0],
-            quant_delay=self.quant_delay[0],
-        )
+        return self._options(0, calls_per_step, per_channel=self.per_channel[0])
 
-    def activation_options(self):
+    def activation_options(self, calls_per_step=1):
         """Keyword arguments of a `FakeQuant` on activations."""
+        return self._options(1, calls_per_step)
+
+    def _options(self, index, calls_per_step, **extra):
         return dict(
-            num_bits=self.num_bits[1],
-            symmetric=self.symmetric[1],
-            narrow_range=self.narrow_range[1],
-            quant_delay=self.quant_delay[1],
+            num_bits=self.num_bits[index],
+            symmetric=self.symmetric[index],
+            narrow_range=self.narrow_range[index],
+            quant_delay=self.quant_delay[index],
+            calls_per_step=calls_per_step,
+            **extra,
         )

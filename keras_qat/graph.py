@@ -16,7 +16,7 @@ The rest of the package sees:
   topological order, restricted to that model;
 - `rebuild(model, call)`: a new Functional model, built by calling
   `call(operation, *args, **kwargs)` for every node of the old graph;
-- small helpers: `node_arguments`, `all_layers`, `is_operation_class`.
+- small helpers: `node_arguments`, `all_layers`, `pack_inputs`, `clone_lambda`.
 """
 
 import keras
@@ -79,9 +79,25 @@ def all_layers(model):
     return list(model._flatten_layers(include_self=False, recursive=True))
 
 
-def is_operation_class(operation, classes):
-    """Whether a graph node's operation is an instance of `classes`."""
-    return isinstance(operation, classes)
+def pack_inputs(model, inputs):
+    """A flat list of input values in `model.inputs` order, in the structure
+    the model was built with (a dict, a list or a single tensor)."""
+    return keras.tree.pack_sequence_as(functional_graph(model)._inputs_struct, list(inputs))
+
+
+def clone_lambda(layer, **overrides):
+    """A new `Lambda` layer with `layer`'s function, output shape, mask and
+    arguments (its output shape is kept in a private attribute)."""
+    config = dict(
+        output_shape=layer._output_shape,
+        mask=layer.mask,
+        arguments=layer.arguments,
+        name=layer.name,
+        trainable=layer.trainable,
+        dtype=layer.dtype_policy,
+    )
+    config.update(overrides)
+    return keras.layers.Lambda(layer.function, **config)
 
 
 class Graph:

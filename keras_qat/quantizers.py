@@ -19,6 +19,7 @@ The gradient is the straight-through estimator with clipping: `dx = dy` where
 gradient of the elements below / above the range.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from keras_qat.config import check_num_bits
@@ -130,12 +131,11 @@ def round_half_away_from_zero(x, tie_tolerance=0.0):
 
 
 def batch_range(x, reduce_axes=None):
-    """Returns `(min, max)` of the finite values of `x`, always containing 0.
+    """Returns `(min, max)` of `x`, made to contain 0, in float32.
 
-    Non-finite values (NaN, +-inf) are treated as 0, so they never reach a
-    range; 0 is inside every range anyway. Masking every element costs two
-    extra passes over each activation, so the plain min / max is taken first
-    and the masked one only when that is not finite.
+    Non-finite values make the result non-finite (NaN propagates through
+    TensorFlow's reductions); callers skip such batches. An empty `x` gives
+    `(0, 0)`.
 
     Args:
         x: Tensor; reduced in float32.
@@ -145,23 +145,8 @@ def batch_range(x, reduce_axes=None):
         Two float32 tensors.
     """
     x = tf.cast(x, tf.float32)
-
-    def reduce(values):
-        return (
-            tf.reduce_min(values, axis=reduce_axes),
-            tf.reduce_max(values, axis=reduce_axes),
-        )
-
-    batch_min, batch_max = reduce(x)
-    finite = tf.logical_and(
-        tf.reduce_all(tf.math.is_finite(batch_min)),
-        tf.reduce_all(tf.math.is_finite(batch_max)),
-    )
-    batch_min, batch_max = tf.cond(
-        finite,
-        lambda: (batch_min, batch_max),
-        lambda: reduce(tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))),
-    )
+    batch_min = tf.reduce_min(x, axis=reduce_axes)
+    batch_max = tf.reduce_max(x, axis=reduce_axes)
     return tf.minimum(batch_min, 0.0), tf.maximum(batch_max, 0.0)
 
 
@@ -223,14 +208,7 @@ def _fake_quant_last_axis(x, min_val, max_val, num_bits, narrow_range):
     @tf.custom_gradient
     def quantize(x, min_val, max_val):
         def grad(dy):
-            return backward(
-                dy,
-                x,
-                min_val,
-                max_val,
-                num_bits=num_bits,
-                narrow_range=narrow_range,
-            )
+            return backward(dy, x, min_val, max_val, num_bits=num_bits, narrow_range=narrow_range)
 
         y = forward(x, min_val, max_val, num_bits=num_bits, narrow_range=narrow_range)
         return y, grad
@@ -293,6 +271,7 @@ def fake_quant(
     array([-0.6666667,  0.       ,  0.6666667], dtype=float32)
     """
     check_num_bits(num_bits)
+    _check_constant_range(min_val, max_val)
     x = tf.convert_to_tensor(x)
     if not x.dtype.is_floating:
         raise ValueError(
@@ -313,6 +292,22 @@ def fake_quant(
         axis = _check_channel_axis(values, axis, min_val, max_val)
         y = _fake_quant_along(values, axis, min_val, max_val, num_bits, narrow_range)
     return tf.cast(y, x.dtype)
+
+
+def _check_constant_range(min_val, max_val):
+    """Raises `ValueError` for a range given as numbers (not tensors) that is
+    not finite or has min > max; a tensor range is checked by the caller."""
+    if tf.is_tensor(min_val) or tf.is_tensor(max_val):
+        return
+    try:
+        low, high = np.asarray(min_val, np.float64), np.asarray(max_val, np.float64)
+    except (TypeError, ValueError):
+        return  # not numbers: the TensorFlow conversion reports it
+    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))) or np.any(low > high):
+        raise ValueError(
+            "Received an invalid range, expected finite bounds with min_val <= max_val. "
+            f"Received: min_val={min_val!r}, max_val={max_val!r}"
+        )
 
 
 def _check_channel_axis(x, axis, min_val, max_val):

@@ -114,10 +114,12 @@ def numpy_training_step(layer_state, x, per_channel, momentum, frozen):
     y = conv(x, numpy_fake_quant_kernel(w_fold, per_channel))
     if frozen:
         return y + beta - gamma * (mean_r - bias) / sigma_r, mean_r, var_r
-    raw = conv(x, kernel) + bias
-    mean_b, var_b = raw.mean(axis=(0, 1, 2)), raw.var(axis=(0, 1, 2))
-    sigma_b = np.sqrt(var_b + EPS)
-    out = y * sigma_r / sigma_b + beta - gamma * (mean_b - bias) / sigma_b
+    # The quantized convolution with the fold factor divided back out, then
+    # batch-normalized with its own statistics (one convolution a step).
+    inverse = np.divide(sigma_r, gamma, out=np.zeros_like(gamma), where=gamma != 0)
+    unfolded = y * inverse + bias
+    mean_b, var_b = unfolded.mean(axis=(0, 1, 2)), unfolded.var(axis=(0, 1, 2))
+    out = gamma * (unfolded - mean_b) / np.sqrt(var_b + EPS) + beta
     return (
         out,
         momentum * mean_r + (1 - momentum) * mean_b,

@@ -197,11 +197,11 @@ def test_folded_training_step_follows_the_formulas_and_stays_finite():
         y = depthwise(x, per_output_channel_fake_quant(kernel, gamma / sigma_r))
         if step >= 2:  # frozen
             expected, mean, var = y + beta - gamma * (mean_r - bias) / sigma_r, mean_r, var_r
-        else:
-            raw = depthwise(x, kernel) + bias
-            mean_b, var_b = raw.mean(axis=(0, 1, 2)), raw.var(axis=(0, 1, 2))
-            sigma_b = np.sqrt(var_b + eps)
-            expected = y * sigma_r / sigma_b + beta - gamma * (mean_b - bias) / sigma_b
+        else:  # the quantized convolution unfolded, normalized with its own statistics
+            inverse = np.divide(sigma_r, gamma, out=np.zeros_like(gamma), where=gamma != 0)
+            unfolded = y * inverse + bias
+            mean_b, var_b = unfolded.mean(axis=(0, 1, 2)), unfolded.var(axis=(0, 1, 2))
+            expected = gamma * (unfolded - mean_b) / np.sqrt(var_b + eps) + beta
             mean, var = 0.9 * mean_r + 0.1 * mean_b, 0.9 * var_r + 0.1 * var_b
         with tf.GradientTape() as tape:
             out = layer(x, training=True)

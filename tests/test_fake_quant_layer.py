@@ -78,16 +78,38 @@ def test_untrained_layer_passes_through_in_inference():
     np.testing.assert_array_equal(FakeQuant()(x), x)
 
 
-def test_non_finite_batches_leave_the_range_finite():
+def test_a_batch_with_non_finite_values_leaves_the_range_as_it_is():
     layer = FakeQuant(ema_decay=0.5)
     layer(np.array([[-1.0, 2.0]], "float32"), training=True)
-    bad = np.array([[np.nan, np.inf, -np.inf, 0.5]], "float32")
-    layer(bad, training=True)
-    np.testing.assert_allclose(layer.min.numpy(), -0.5)
-    np.testing.assert_allclose(layer.max.numpy(), 1.25)
-    first = FakeQuant()
-    first(np.array([[np.nan, np.inf]], "float32"), training=True)
-    assert first.min.numpy() == 0.0 and first.max.numpy() == 0.0
+    for bad in ([[np.nan, 0.5]], [[np.inf, 0.5]], [[-np.inf, 0.5]]):
+        layer(np.array(bad, "float32"), training=True)
+        assert (layer.min.numpy(), layer.max.numpy()) == (-1.0, 2.0)
+    layer(np.array([[-3.0, 4.0]], "float32"), training=True)  # finite again: moving average
+    assert (layer.min.numpy(), layer.max.numpy()) == (-2.0, 3.0)
+
+
+def test_per_channel_ranges_skip_only_their_non_finite_channels():
+    layer = FakeQuant(per_channel=True, ema_decay=0.5)
+    layer(np.array([[-1.0, 2.0], [1.0, 1.0]], "float32"), training=True)
+    layer(np.array([[np.nan, 4.0], [1.0, -2.0]], "float32"), training=True)
+    np.testing.assert_array_equal(layer.min.numpy(), [-1.0, -1.0])  # channel 0 kept
+    np.testing.assert_array_equal(layer.max.numpy(), [1.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    "bad_first_batch",
+    [np.full((2, 3), np.nan), np.zeros((0, 3)), np.zeros((2, 3)), np.array([[np.inf] * 3] * 2)],
+    ids=["all_nan", "empty", "all_zero", "all_inf"],
+)
+def test_the_range_starts_from_the_first_batch_with_a_finite_range(bad_first_batch):
+    layer = FakeQuant()
+    layer(bad_first_batch.astype("float32"), training=True)
+    assert not layer.has_range() and (layer.min.numpy(), layer.max.numpy()) == (0.0, 0.0)
+    x = np.array([[0.3, -2.0, 1.7]], "float32")
+    np.testing.assert_array_equal(layer(x), x)  # no range yet: inference passes through
+    layer(np.array([[-1.0, 3.0, 0.5]], "float32"), training=True)
+    # Set by that batch, not averaged with the empty range.
+    assert (layer.min.numpy(), layer.max.numpy()) == (-1.0, 3.0)
 
 
 def test_inference_uses_stored_range_and_does_not_update():

@@ -10,8 +10,11 @@ way to read it; `tflite_ops` is the one place that calls it.
 
 import warnings
 
+import keras
 import numpy as np
 import tensorflow as tf
+
+from keras_qat import graph
 
 # Ops that only convert between float and integer at the model's edges.
 _EDGE_OPS = {"QUANTIZE", "DEQUANTIZE"}
@@ -24,8 +27,8 @@ def tflite_ops(interpreter):
     return interpreter._get_ops_details()
 
 
-def tflite_interpreter(model_content, num_threads=None, default_delegates=True):
-    """Returns an allocated TFLite interpreter for a flatbuffer.
+def tflite_interpreter(model_content, num_threads=None, default_delegates=True, allocate=True):
+    """Returns a TFLite interpreter for a flatbuffer, allocated by default.
 
     Uses LiteRT (`ai_edge_litert`, the optional `litert` extra) when it is
     installed, else `tf.lite.Interpreter` (deprecated in recent TensorFlow
@@ -36,9 +39,12 @@ def tflite_interpreter(model_content, num_threads=None, default_delegates=True):
         num_threads: Number of CPU threads, `None` for the default.
         default_delegates: Whether to apply the default delegates (XNNPACK).
             Inspection of the op list needs them off.
+        allocate: Whether to allocate the tensors (at the model's input
+            shapes; an unknown dimension counts as 1, which some models
+            cannot run with: resize the inputs first).
 
     Returns:
-        An interpreter with its tensors allocated.
+        An interpreter.
     """
     try:
         from ai_edge_litert import interpreter as litert
@@ -53,10 +59,12 @@ def tflite_interpreter(model_content, num_threads=None, default_delegates=True):
         kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecated.*")
+        warnings.filterwarnings("ignore", message=".*LiteRT interpreter.*")
         interpreter = module.Interpreter(
             model_content=model_content, num_threads=num_threads, **kwargs
         )
-    interpreter.allocate_tensors()
+    if allocate:
+        interpreter.allocate_tensors()
     return interpreter
 
 
@@ -72,7 +80,8 @@ def float_ops(tflite_bytes):
         A list of `"OP_NAME (tensor name)"` strings, empty for an integer
         model.
     """
-    interpreter = tflite_interpreter(tflite_bytes, default_delegates=False)
+    # Not allocated: a model with unknown input dimensions may not run at 1.
+    interpreter = tflite_interpreter(tflite_bytes, default_delegates=False, allocate=False)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     found = []
     for op in tflite_ops(interpreter):
@@ -100,39 +109,155 @@ def _io_quantization(interpreter, detail):
     return 0.0, 0
 
 
+class _Runner:
+    """Runs a TFLite model by input name when it has a signature (what
+    `export_tflite` writes), else by position (a stripped model: one input
+    and one output, or inputs and outputs in the interpreter's order)."""
+
+    @staticmethod
+    def has_signature(tflite_bytes):
+        return bool(tflite_interpreter(tflite_bytes, allocate=False).get_signature_list())
+
+    def __init__(self, tflite_bytes, num_threads):
+        self.interpreter = tflite_interpreter(tflite_bytes, num_threads, allocate=False)
+        signatures = self.interpreter.get_signature_list()
+        self.signature = next(iter(signatures)) if signatures else None
+        if self.signature is None:
+            self.inputs = self.interpreter.get_input_details()
+            self.outputs = self.interpreter.get_output_details()
+            self.input_names = [f"input_{i}" for i in range(len(self.inputs))]
+        else:
+            runner = self.interpreter.get_signature_runner(self.signature)
+            self.runner = runner
+            self.input_names = signatures[self.signature]["inputs"]
+            inputs, outputs = runner.get_input_details(), runner.get_output_details()
+            self.inputs = [inputs[name] for name in self.input_names]
+            names = sorted(outputs, key=lambda name: int(name.rsplit("_", 1)[-1]))
+            self.outputs = [outputs[name] for name in names]
+            self._output_names = names
+        self.scales = [_io_quantization(self.interpreter, d) for d in self.outputs]
+
+    def run(self, batches):
+        """Float outputs (a list) for one batch of float inputs (a list)."""
+        quantized = [_to_input_type(b, d, self.interpreter) for b, d in zip(batches, self.inputs)]
+        if self.signature is not None:
+            results = self.runner(**dict(zip(self.input_names, quantized)))
+            results = [results[name] for name in self._output_names]
+        else:
+            for detail, batch in zip(self.inputs, quantized):
+                self.interpreter.resize_tensor_input(detail["index"], batch.shape)
+            self.interpreter.allocate_tensors()
+            for detail, batch in zip(self.inputs, quantized):
+                self.interpreter.set_tensor(detail["index"], batch)
+            self.interpreter.invoke()
+            results = [self.interpreter.get_tensor(d["index"]) for d in self.outputs]
+        return [_from_output_type(r, d, s) for r, d, s in zip(results, self.outputs, self.scales)]
+
+
+def _to_input_type(batch, detail, interpreter):
+    batch = np.asarray(batch, np.float32)
+    if detail["dtype"] == np.float32:
+        return batch
+    scale, zero_point = _io_quantization(interpreter, detail)
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(batch / scale) + zero_point, info.min, info.max).astype(detail["dtype"])
+
+
+def _from_output_type(result, detail, quantization):
+    if detail["dtype"] == np.float32:
+        return result.astype(np.float32)
+    scale, zero_point = quantization
+    return ((result.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
+def _as_input_list(x, names):
+    """`x` (an array, a list in `names` order, or a dict by name) as a list
+    of arrays in `names` order; raises for empty or mismatched inputs."""
+    if isinstance(x, dict):
+        missing = sorted(set(names) - set(x))
+        if missing:
+            raise ValueError(
+                f"Received inputs without {missing}; the model's inputs are {list(names)}. "
+                f"Received: x with keys {sorted(x)}"
+            )
+        x = [x[name] for name in names]
+    elif not isinstance(x, (list, tuple)):
+        x = [x]
+    x = [np.asarray(v) for v in x]
+    if len(x) != len(names):
+        raise ValueError(f"Expected {len(names)} inputs ({list(names)}). Received: {len(x)} inputs")
+    if any(len(v) == 0 for v in x) or len({len(v) for v in x}) != 1:
+        raise ValueError(
+            "Expected non-empty inputs with one batch size. Received batch sizes: "
+            f"{[len(v) for v in x]}"
+        )
+    return x
+
+
 def run_tflite(tflite_bytes, x, batch_size=256, num_threads=None):
-    """Runs a single-input, single-output TFLite model on float inputs `x`.
+    """Runs a TFLite model on float inputs `x`, in batches.
 
     Integer inputs are quantized and integer outputs dequantized with the
     model's own scales, so the result is comparable with the Keras model's.
+    A model written by `export_tflite` is run through its signature, by
+    input name; a stripped model (`strip_names=True`) by position.
+
+    Args:
+        tflite_bytes: The flatbuffer.
+        x: Float inputs with the batch first: an array (one input), a list
+            of arrays (in the order of the model's signature inputs), or a
+            dict by input name.
+        batch_size: Rows per interpreter call.
+        num_threads: Interpreter threads, `None` for the default.
 
     Returns:
-        A tuple `(outputs, output_scale)`: float32 outputs, and the
-        quantization step of the output tensor.
+        `(outputs, output_scale)`: float32 outputs and the quantization step
+        of the output (0 for a float output); for a model with several
+        outputs, two lists in the Keras model's output order.
+
+    Raises:
+        ValueError: for empty inputs or inputs that do not match the model's.
     """
-    interpreter = tflite_interpreter(tflite_bytes, num_threads)
-    (input_detail,), (output_detail,) = (
-        interpreter.get_input_details(),
-        interpreter.get_output_details(),
+    runner = _Runner(tflite_bytes, num_threads)
+    inputs = _as_input_list(x, runner.input_names)
+    batches = [
+        runner.run([v[start : start + batch_size] for v in inputs])
+        for start in range(0, len(inputs[0]), batch_size)
+    ]
+    outputs = [np.concatenate(parts) for parts in zip(*batches)]
+    scales = [float(scale) for scale, _ in runner.scales]
+    if len(outputs) == 1:
+        return outputs[0], scales[0]
+    return outputs, scales
+
+
+def _agreement(keras_out, tflite_out, scale):
+    """The comparison of one output (see `compare_tflite`)."""
+    diff = np.abs(keras_out.astype(np.float64) - tflite_out.astype(np.float64))
+    report = {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "output_scale": scale or None,
+        "max_diff_steps": float((diff / scale).max()) if scale else None,
+        # float32 outputs: allow 1e-3 step
+        "within_one_step": float(np.mean(diff / scale <= 1.001)) if scale else None,
+    }
+    if keras_out.shape[-1] < 2:  # one unit: no top-1
+        return dict(
+            report, top1_agreement=None, ambiguous_rows=None, top1_agreement_unambiguous=None
+        )
+    agree = keras_out.argmax(-1) == tflite_out.argmax(-1)
+    top2 = np.sort(keras_out, axis=-1)[..., -2:]
+    # Two outputs one step off each, in opposite directions, move the margin
+    # between them by up to two steps.
+    ambiguous = (top2[..., 1] - top2[..., 0]) <= 2.001 * scale
+    clear = agree[~ambiguous]
+    return dict(
+        report,
+        top1_agreement=float(np.mean(agree)),
+        ambiguous_rows=float(np.mean(ambiguous)),
+        top1_agreement_unambiguous=float(np.mean(clear)) if clear.size else 1.0,
     )
-    in_scale, in_zero = _io_quantization(interpreter, input_detail)
-    out_scale, out_zero = _io_quantization(interpreter, output_detail)
-    outputs = []
-    for start in range(0, len(x), batch_size):
-        batch = np.asarray(x[start : start + batch_size], np.float32)
-        if input_detail["dtype"] != np.float32:
-            info = np.iinfo(input_detail["dtype"])
-            batch = np.clip(np.round(batch / in_scale) + in_zero, info.min, info.max)
-            batch = batch.astype(input_detail["dtype"])
-        interpreter.resize_tensor_input(input_detail["index"], batch.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(input_detail["index"], batch)
-        interpreter.invoke()
-        result = interpreter.get_tensor(output_detail["index"])
-        if output_detail["dtype"] != np.float32:
-            result = (result.astype(np.float32) - out_zero) * out_scale
-        outputs.append(result.astype(np.float32))
-    return np.concatenate(outputs), float(out_scale)
 
 
 def compare_tflite(qmodel, tflite_bytes, x, batch_size=256):
@@ -141,37 +266,33 @@ def compare_tflite(qmodel, tflite_bytes, x, batch_size=256):
     Args:
         qmodel: The quantization network.
         tflite_bytes: Its TFLite flatbuffer (from `export_tflite`).
-        x: Float inputs, a numpy array with the batch first.
+        x: Float inputs with the batch first: an array, a list of arrays in
+            the Keras model's input order, or a dict by input name.
         batch_size: Batch size of both runs.
 
     Returns:
-        A dict: `top1_agreement` (fraction of rows whose argmax agrees),
-        `max_abs_diff`, `mean_abs_diff`, `output_scale` (the quantization
-        step of the output), `max_diff_steps` (the largest difference in
-        output steps), `within_one_step` (fraction of output values at most
-        one step apart), `ambiguous_rows` (fraction of rows whose two largest
-        Keras outputs are at most one step apart, where a one-step
-        difference can decide the argmax) and `top1_agreement_unambiguous`
-        (top-1 agreement on the other rows).
+        For a single-output model a dict: `max_abs_diff`, `mean_abs_diff`,
+        `output_scale` (the quantization step of the output; None for a
+        float output), `max_diff_steps` (the largest difference in output
+        steps), `within_one_step` (fraction of output values at most one
+        step apart; both None for a float output), `top1_agreement`
+        (fraction of rows whose argmax agrees), `ambiguous_rows` (fraction of
+        rows whose two largest Keras outputs are at most two steps apart,
+        where one-step differences can decide the argmax) and
+        `top1_agreement_unambiguous` (top-1 agreement on the other rows); the
+        three top-1 entries are None for an output of one unit. For a model
+        with several outputs, a list of such dicts in output order.
+
+    Raises:
+        ValueError: for empty inputs or inputs that do not match the model's.
     """
-    keras_out = np.asarray(qmodel.predict(x, batch_size=batch_size, verbose=0))
-    tflite_out, scale = run_tflite(tflite_bytes, x, batch_size)
-    diff = np.abs(keras_out.astype(np.float64) - tflite_out.astype(np.float64))
-    steps = diff / scale if scale else np.where(diff > 0, np.inf, 0.0)
-    agree = keras_out.argmax(-1) == tflite_out.argmax(-1)
-    top2 = np.sort(keras_out, axis=-1)[..., -2:]
-    # Two outputs one step off each, in opposite directions, move the margin
-    # between them by up to two steps.
-    ambiguous = (top2[..., 1] - top2[..., 0]) <= 2.001 * scale
-    return {
-        "top1_agreement": float(np.mean(agree)),
-        "max_abs_diff": float(diff.max()),
-        "mean_abs_diff": float(diff.mean()),
-        "output_scale": scale,
-        "max_diff_steps": float(steps.max()),
-        "within_one_step": float(np.mean(steps <= 1.001)),  # float32 outputs: allow 1e-3 step
-        "ambiguous_rows": float(np.mean(ambiguous)),
-        "top1_agreement_unambiguous": float(np.mean(agree[~ambiguous]))
-        if np.any(~ambiguous)
-        else 1.0,
-    }
+    names = [graph.producer(tensor).name for tensor in qmodel.inputs]
+    inputs = _as_input_list(x, names)
+    keras_out = qmodel.predict(graph.pack_inputs(qmodel, inputs), batch_size=batch_size, verbose=0)
+    # By name through the signature; a stripped model has none (by position).
+    tflite_inputs = dict(zip(names, inputs)) if _Runner.has_signature(tflite_bytes) else inputs
+    tflite_out, scales = run_tflite(tflite_bytes, tflite_inputs, batch_size)
+    if len(qmodel.outputs) == 1:
+        return _agreement(np.asarray(keras_out), tflite_out, scales)
+    keras_out = keras.tree.flatten(keras_out)
+    return [_agreement(np.asarray(k), t, s) for k, t, s in zip(keras_out, tflite_out, scales)]

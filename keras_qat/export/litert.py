@@ -13,12 +13,15 @@ import inspect
 import os
 import tempfile
 
+import keras
 import tensorflow as tf
 
 from keras_qat import graph
 from keras_qat.export.inspect import float_ops
+from keras_qat.layers import bn_folding
 from keras_qat.layers.fake_quant import FakeQuant, tracing_for_export
 from keras_qat.layers.fusion import FusionLayer
+from keras_qat.transforms.common import Clones, clone
 
 
 def _save_for_conversion(model, path):
@@ -30,10 +33,14 @@ def _save_for_conversion(model, path):
 
 
 def _fake_quant_problems(layer, name):
-    step = int(layer.step.numpy())
+    step = int(layer.steps())
     problems = []
-    if step == 0 and layer.fixed_range is None:
-        problems.append(f"{name} has never seen a training batch, so it has no range")
+    if layer.fixed_range is None and not bool(layer.has_range()):
+        problems.append(
+            f"{name} has no range: it has never seen a training batch with finite, "
+            "non-zero values (a layer whose outputs are all zero, such as a dead ReLU, "
+            "has none; train it, or remove the layer)"
+        )
     elif step < layer.quant_delay:
         problems.append(f"{name} is still in its quant delay ({step} of {layer.quant_delay} steps)")
     if layer.num_bits != 8:
@@ -55,7 +62,7 @@ def _weight_problems(layer, name):
         )
     if quantizer.num_bits > 8:
         problems.append(f"{name} has {quantizer.num_bits}-bit weights; int8 TFLite holds at most 8")
-    step = int(quantizer.step.numpy())
+    step = int(quantizer.steps())
     if step < quantizer.quant_delay:
         problems.append(
             f"{name} is still in its quant delay ({step} of {quantizer.quant_delay} steps)"
@@ -74,7 +81,31 @@ def _weight_problems(layer, name):
             "of a FakeQuant before it, so its bias is not on the int32 grid TFLite "
             "rounds it to (build the model with convert_quant_network)"
         )
+    if _adds_int32_bias(layer) and _largest_int32_bias(layer) > 2**31 - 1:
+        problems.append(
+            f"{name} has a bias that overflows TFLite's int32 bias grid (input scale x "
+            "weight scale): its input's range is too narrow for its bias"
+        )
     return problems
+
+
+def _largest_int32_bias(layer):
+    """The largest |bias| in units of its int32 grid over the layer's calls
+    (0 without a known input grid): above 2**31 - 1 TFLite's bias overflows."""
+    if layer.folded:
+        kernel, bias = bn_folding.folded_kernel(layer), bn_folding.folded_bias(layer)
+    else:
+        kernel, bias = layer.kernel(), layer.linear_layer.bias
+    weight_scale = layer.weight_quantizer.grid_scale(*layer.weight_quantizer.range(kernel))
+    largest = 0.0
+    for _, kwargs in graph.node_arguments(layer):
+        source = graph.producer(kwargs.get("input_grid"))
+        quantizer = getattr(source, "quantizer", source)
+        if isinstance(quantizer, FakeQuant):
+            step = quantizer.grid_scale(quantizer.min, quantizer.max) * weight_scale
+            levels = tf.math.divide_no_nan(tf.abs(tf.cast(bias, tf.float32)), step)
+            largest = max(largest, float(tf.reduce_max(levels)))
+    return largest
 
 
 def _adds_int32_bias(layer):
@@ -124,6 +155,7 @@ def export_tflite(
     input_type=tf.float32,
     output_type=tf.float32,
     allow_float_ops=False,
+    select_tf_ops=False,
     strip_names=False,
 ):
     """Converts a trained quantization network to an int8 TFLite model.
@@ -134,16 +166,26 @@ def export_tflite(
     the weights, so no representative dataset is needed. Conv2D and
     FullyConnected ops become int8 with int32 bias; per-channel weights stay
     per channel (a per-channel Dense is exported as a 1x1 CONV_2D, which the
-    converter quantizes per channel).
+    converter quantizes per channel). Weights of 2 to 8 bits are stored with
+    their trained integer levels (INT4 up to 4 bits). A model trained with
+    mixed precision is exported in float32, from the same float32 weights
+    and ranges. Unknown input dimensions stay unknown: resize the
+    interpreter's inputs before running it.
 
     Args:
         qmodel: A trained model from `convert_quant_network`.
-        path: Optional file to write the flatbuffer to.
+        path: Optional file to write the flatbuffer to, a `str` or
+            `os.PathLike` in an existing directory.
         input_type: `tf.float32` (a QUANTIZE op at the input), `tf.int8` or
             `tf.uint8` (integer input, quantized with the input range).
         output_type: `tf.float32`, `tf.int8` or `tf.uint8`.
         allow_float_ops: Whether a model in which the converter left float
             compute ops is returned instead of raising.
+        select_tf_ops: Whether TensorFlow ops that TFLite has no kernel for
+            (a skipped LSTM's tensor lists, for example) may stay as Select
+            TF ops; the model then runs only where the Flex delegate is
+            linked (TFLite's select-TF-ops builds; the Python interpreter of
+            the `tensorflow` package does not have it).
         strip_names: Whether to remove tensor names and signature
             definitions, the strings a deployed model does not need (see
             `strip_tflite_names`).
@@ -152,11 +194,12 @@ def export_tflite(
         The flatbuffer, as bytes.
 
     Raises:
-        ValueError: if a range is not calibrated or still delayed, if weights
-            are asymmetric or wider than 8 bits, if activations are not 8-bit
-            (all listed at once), for an unsupported `input_type` /
-            `output_type`, or, unless `allow_float_ops`, if float compute ops
-            are left (they are named).
+        ValueError: if a range is not calibrated, degenerate or still
+            delayed, if weights are asymmetric or wider than 8 bits, if
+            activations are not 8-bit (all listed at once), for an invalid
+            `path`, `input_type` or `output_type`, if the converter needs
+            Select TF ops and `select_tf_ops` is False, or, unless
+            `allow_float_ops`, if float compute ops are left (they are named).
 
     Example:
 
@@ -178,16 +221,14 @@ def export_tflite(
                 f"Received an invalid value for `{name}`, expected tf.float32, "
                 f"tf.int8 or tf.uint8. Received: {name}={value!r}"
             )
+    _check_path(path)
     check_exportable(qmodel)
-    with tempfile.TemporaryDirectory() as directory:
-        saved_model = os.path.join(directory, "saved_model")
-        with tracing_for_export():
-            _save_for_conversion(qmodel, saved_model)
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.inference_input_type = tf.as_dtype(input_type)
-        converter.inference_output_type = tf.as_dtype(output_type)
-        tflite_bytes = converter.convert()
+    tflite_bytes = _convert(
+        qmodel,
+        input_type=tf.as_dtype(input_type),
+        output_type=tf.as_dtype(output_type),
+        select_tf_ops=select_tf_ops,
+    )
     left = float_ops(tflite_bytes)
     if left and not allow_float_ops:
         raise ValueError(
@@ -196,6 +237,71 @@ def export_tflite(
             "partly float model."
         )
     return _finish(tflite_bytes, path, strip_names)
+
+
+def _convert(qmodel, input_type, output_type, select_tf_ops):
+    """The SavedModel of `qmodel`, traced for export, through the converter."""
+    with tempfile.TemporaryDirectory() as directory:
+        saved_model = os.path.join(directory, "saved_model")
+        with tracing_for_export():
+            _save_for_conversion(float32_model(qmodel), saved_model)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.inference_input_type = input_type
+        converter.inference_output_type = output_type
+        if select_tf_ops:
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.TFLITE_BUILTINS,
+                tf.lite.OpsSet.SELECT_TF_OPS,
+            ]
+            converter._experimental_lower_tensor_list_ops = False  # TF's documented advice
+        try:
+            return converter.convert()
+        except Exception as error:  # the converter raises its own ConverterError
+            if "Select TF ops" in str(error) and not select_tf_ops:
+                raise ValueError(
+                    "The TFLite converter has no builtin kernel for some TensorFlow ops of "
+                    "this model (a skipped LSTM or GRU layer's tensor lists, for example). "
+                    "Pass select_tf_ops=True (and allow_float_ops=True) to keep them as "
+                    "Select TF ops, which run with the Flex delegate, or replace those "
+                    "layers (an LSTM with unroll=True and a fixed sequence length "
+                    "converts to builtin ops)."
+                ) from error
+            raise
+
+
+def float32_model(model):
+    """`model`, or, when a layer computes in another dtype (mixed precision),
+    a float32 copy of it with the same (float32) weights and ranges."""
+    if all(layer.compute_dtype == "float32" for layer in graph.all_layers(model)):
+        return model
+    clones = Clones()
+
+    def call(operation, *args, **kwargs):
+        if isinstance(operation, keras.layers.Layer):
+            layer = clones.of(operation, lambda: clone(operation, dtype="float32"))
+            return layer(*args, **kwargs)
+        return clone(operation)(*args, **kwargs)
+
+    copy = graph.rebuild(model, call)
+    clones.copy_weights()
+    return copy
+
+
+def _check_path(path):
+    if path is None:
+        return
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(
+            "Received an invalid value for `path`, expected None, a str or an "
+            f"os.PathLike. Received: path={path!r}"
+        )
+    directory = os.path.dirname(os.fspath(path)) or "."
+    if not os.path.isdir(directory):
+        raise ValueError(
+            f"Received an invalid value for `path`: directory '{directory}' does not "
+            f"exist. Received: path={path!r}"
+        )
 
 
 def _finish(tflite_bytes, path, strip_names):
@@ -232,13 +338,15 @@ def export_float_tflite(model, path=None, strip_names=False):
 
     Args:
         model: Any Keras model (for example the float fusion network).
-        path: Optional file to write the flatbuffer to.
+        path: Optional file to write the flatbuffer to (`str` or
+            `os.PathLike`, in an existing directory).
         strip_names: Whether to remove tensor names and signature
             definitions (see `strip_tflite_names`).
 
     Returns:
         The flatbuffer, as bytes.
     """
+    _check_path(path)
     with tempfile.TemporaryDirectory() as directory:
         saved_model = os.path.join(directory, "saved_model")
         _save_for_conversion(model, saved_model)

@@ -6,28 +6,31 @@ An integer model has no BatchNorm: it is folded into the weights and bias,
 layer fake-quantizes exactly `W_fold` computed from the *moving* statistics,
 so the quantized weights are the deployed ones and do not jitter with batch
 statistics (Jacob et al. 2018, section 3.2; Krishnamoorthi 2018, section
-2.4, "batch norm folding with correction"):
+2.4, "batch norm folding with correction"). One convolution per call,
+`y = conv(x, fake_quant(W_fold))`:
 
-- training, before `freeze_bn` steps: the output is corrected to batch
-  statistics, `y * sigma / sigma_B + beta - gamma * (mu_B - b) / sigma_B`
-  with `y = conv(x, fake_quant(W_fold))`, where `mu_B`, `sigma_B` are the
-  statistics of the float `conv(x, W) + b`; the moving statistics update
-  with the BatchNorm's momentum;
+- training, before `freeze_bn` steps: the per-channel factor is divided
+  back out, `z = y * sigma / gamma + b` (the convolution with the quantized
+  weights, unfolded), and `z` is batch-normalized with its own batch
+  statistics `mu_B`, `sigma_B`: `gamma * (z - mu_B) / sigma_B + beta`, which
+  is `y * sigma / sigma_B + beta - gamma * (mu_B - b) / sigma_B`. The moving
+  statistics follow `mu_B` and `sigma_B**2` with the BatchNorm's momentum.
+  (PyTorch's `ConvBn2d` does the same; the previous scheme here computed a
+  second, float convolution for the statistics, which doubled the cost.)
 - from `freeze_bn` steps on, and in inference: `y + b_fold`, with `b_fold`
-  on the int32 grid of the integer kernel (`quantizers.bias_on_grid`), and the
-  moving statistics no longer change.
+  on the int32 grid of the integer kernel (`quantizers.bias_on_grid`); the
+  moving statistics no longer change, and the batch statistics are not
+  computed at all (unless `synchronized=True`, below).
 
 With `synchronized=True` the batch statistics are those of the global batch
 under a `tf.distribute` strategy (Keras' `BatchNormalization(synchronized=
-True)` semantics); otherwise each replica uses its own shard.
+True)` semantics); otherwise each replica uses its own shard. A
+cross-replica reduction cannot run inside a conditional, so a synchronized
+layer computes its batch statistics in every training step and selects.
 
-Training computes the batch statistics (one extra float conv or matmul) in
-every step, also after `freeze_bn`, and selects the result: a conditional
-would stop `tf.distribute` from updating the statistics.
-
-Only multiplications by `sigma / sigma_B` and `gamma / sigma` appear, never a
-division by `gamma`, so a channel with `gamma = 0` stays finite (PyTorch hit
-that division in its folded layers).
+A channel with `gamma = 0` has a zero folded kernel: the division back out
+is `divide_no_nan`, the channel's output is `beta`, its batch statistics
+are those of `b`, and everything stays finite.
 """
 
 import keras
@@ -36,67 +39,99 @@ import tensorflow as tf
 from keras_qat.quantizers import bias_on_grid
 
 
+def _gamma(bn):
+    """The BatchNorm's scale, float32 (ones with `scale=False`)."""
+    if bn.gamma is None:
+        return tf.ones_like(tf.cast(bn.moving_variance, tf.float32))
+    return tf.cast(bn.gamma, tf.float32)
+
+
+def _beta(bn):
+    """The BatchNorm's offset, float32 (zeros with `center=False`)."""
+    if bn.beta is None:
+        return tf.zeros_like(tf.cast(bn.moving_mean, tf.float32))
+    return tf.cast(bn.beta, tf.float32)
+
+
 def fold_factor(bn):
-    """Returns `(gamma / sigma, sigma)` of the moving statistics, float32."""
+    """`gamma / sigma` of the moving statistics, per channel, float32."""
     sigma = tf.sqrt(tf.cast(bn.moving_variance, tf.float32) + bn.epsilon)
-    return tf.cast(bn.gamma, tf.float32) / sigma, sigma
+    return _gamma(bn) / sigma
 
 
 def folded_kernel(layer):
     """`W * gamma / sigma` (moving statistics), per output channel."""
-    factor, _ = fold_factor(layer.bn)
-    return tf.cast(layer.kernel(), tf.float32) * factor
-
-
-def folded_bias(layer):
-    """`beta + gamma * (b - moving_mean) / sigma`, float32."""
-    bn = layer.bn
-    factor, _ = fold_factor(bn)
-    return tf.cast(bn.beta, tf.float32) + factor * (
-        _bias(layer) - tf.cast(bn.moving_mean, tf.float32)
-    )
+    return tf.cast(layer.kernel(), tf.float32) * fold_factor(layer.bn)
 
 
 def _bias(layer):
     linear = layer.linear_layer
     if linear.use_bias:
         return tf.cast(linear.bias, tf.float32)
-    return tf.zeros_like(tf.cast(layer.bn.beta, tf.float32))
+    return tf.zeros_like(tf.cast(layer.bn.moving_mean, tf.float32))
+
+
+def folded_bias(layer):
+    """`beta + gamma * (b - moving_mean) / sigma`, float32."""
+    bn = layer.bn
+    return _beta(bn) + fold_factor(bn) * (_bias(layer) - tf.cast(bn.moving_mean, tf.float32))
 
 
 def folded_call(layer, inputs, training, input_grid):
     """A folded layer's output before its activation (see module docstring)."""
-    step = tf.identity(layer.weight_quantizer.step)  # before this call's count
-    weights = layer.weight_quantizer.quantize_weights(folded_kernel(layer), training)
-    outputs = tf.cast(layer.kernel_op(inputs, tf.cast(weights.values, inputs.dtype)), tf.float32)
-    frozen = outputs + bias_on_grid(folded_bias(layer), input_grid, weights.scale)
-    if training:
-        # Both are computed and one selected: no control flow, which
-        # tf.distribute cannot cross with the statistics' updates.
-        before_freeze = step < layer.freeze_bn
-        corrected = _batch_corrected(layer, inputs, outputs, before_freeze)
-        frozen = tf.where(before_freeze, corrected, frozen)
-    return tf.cast(frozen, inputs.dtype)
-
-
-def _batch_corrected(layer, inputs, outputs, update):
-    """Output rescaled to batch statistics; moving statistics updated where
-    `update` (before `freeze_bn`), kept otherwise."""
-    bn = layer.bn
-    bias = _bias(layer)
-    raw = tf.cast(layer.kernel_op(inputs, tf.cast(layer.kernel(), inputs.dtype)), tf.float32) + bias
-    axes = list(range(raw.shape.rank - 1))
-    mean, variance = keras.ops.moments(raw, axes, synchronized=bn.synchronized)
-    _, sigma = fold_factor(bn)
-    sigma_batch = tf.sqrt(variance + bn.epsilon)
-    corrected = outputs * (sigma / sigma_batch) + (
-        tf.cast(bn.beta, tf.float32) - tf.cast(bn.gamma, tf.float32) * (mean - bias) / sigma_batch
+    quantizer = layer.weight_quantizer
+    step = quantizer.steps(tf.identity(quantizer.step))  # before this call's count
+    factor = fold_factor(layer.bn)
+    weights = layer.weight_quantizer.quantize_weights(
+        tf.cast(layer.kernel(), tf.float32) * factor, training
     )
-    momentum = bn.momentum
-    for statistic, batch_value in (
-        (bn.moving_mean, mean),
-        (bn.moving_variance, variance),
-    ):
-        moved = statistic * momentum + tf.stop_gradient(batch_value) * (1.0 - momentum)
+    outputs = tf.cast(layer.kernel_op(inputs, tf.cast(weights.values, inputs.dtype)), tf.float32)
+
+    def frozen():
+        return outputs + bias_on_grid(folded_bias(layer), input_grid, weights.scale)
+
+    if not (training and layer.bn.trainable):  # a frozen BatchNorm uses its moving statistics
+        return tf.cast(frozen(), inputs.dtype)
+    before_freeze = step < layer.freeze_bn
+    if layer.bn.synchronized:  # no conditional around a cross-replica reduction
+        corrected, mean, variance = _batch_normalized(layer, outputs, factor)
+        result = tf.where(before_freeze, corrected, frozen())
+    else:
+        bn = layer.bn
+        result, mean, variance = tf.cond(
+            before_freeze,
+            lambda: _batch_normalized(layer, outputs, factor),
+            lambda: (frozen(), tf.identity(bn.moving_mean), tf.identity(bn.moving_variance)),
+        )
+    _update_moving_statistics(layer.bn, mean, variance, before_freeze)
+    return tf.cast(result, inputs.dtype)
+
+
+def _batch_normalized(layer, outputs, factor):
+    """`(output, batch mean, batch variance)` of the quantized convolution
+    unfolded, `z = y / factor + b`, normalized with its batch statistics.
+
+    `z` is not formed: its statistics follow from `y`'s (`mean_z = mean_y /
+    factor + b`, `var_z = var_y / factor**2`), and the output is
+    `(y - mean_y) * gamma / (factor * sigma_B) + beta`, one pass like a
+    BatchNorm's.
+    """
+    bn = layer.bn
+    axes = list(range(outputs.shape.rank - 1))
+    mean, variance = keras.ops.moments(outputs, axes, synchronized=bn.synchronized)
+    inverse = tf.math.divide_no_nan(1.0, factor)  # 0 where gamma = 0
+    bias = _bias(layer)
+    batch_mean, batch_variance = mean * inverse + bias, variance * tf.square(inverse)
+    normalizer = _gamma(bn) * tf.math.rsqrt(batch_variance + bn.epsilon)
+    # `bias` cancels out, as it does before any BatchNorm; written so that
+    # it still gets its (zero) gradient, not None.
+    shift = _beta(bn) - (batch_mean - bias) * normalizer
+    return outputs * (inverse * normalizer) + shift, batch_mean, batch_variance
+
+
+def _update_moving_statistics(bn, mean, variance, update):
+    """Moving averages of the batch statistics where `update` (before
+    `freeze_bn`); unchanged, to the bit, otherwise."""
+    for statistic, batch_value in ((bn.moving_mean, mean), (bn.moving_variance, variance)):
+        moved = statistic * bn.momentum + tf.stop_gradient(batch_value) * (1.0 - bn.momentum)
         statistic.assign(tf.where(update, moved, statistic))
-    return corrected

@@ -75,6 +75,10 @@ class Quantizer(keras.layers.Layer):
         narrow_range: Whether the grid is `[1, 2**num_bits - 1]`.
         per_channel: Whether to keep one range per channel.
         quant_delay: Number of training steps before quantization starts.
+        calls_per_step: How many times the quantizer is called in one
+            training step: a layer shared by `n` calls of a model counts `n`
+            calls a step, and its delays count steps, not calls
+            (`convert_quant_network` sets it from the model's graph).
         **kwargs: Base layer keyword arguments, such as `name`.
     """
 
@@ -85,6 +89,7 @@ class Quantizer(keras.layers.Layer):
         narrow_range=False,
         per_channel=False,
         quant_delay=0,
+        calls_per_step=1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -93,6 +98,12 @@ class Quantizer(keras.layers.Layer):
         self.narrow_range = check_bool("narrow_range", narrow_range)
         self.per_channel = check_bool("per_channel", per_channel)
         self.quant_delay = check_int("quant_delay", quant_delay)
+        self.calls_per_step = check_int("calls_per_step", calls_per_step, minimum=1)
+
+    def steps(self, calls=None):
+        """Training steps so far (or in `calls` training calls)."""
+        calls = self.step if calls is None else calls
+        return calls if self.calls_per_step == 1 else calls // self.calls_per_step
 
     def add_step_counter(self):
         """Creates `step`, the number of training calls so far."""
@@ -108,17 +119,18 @@ class Quantizer(keras.layers.Layer):
     def advance(self, training):
         """Counts a training call; returns whether this call quantizes.
 
-        The result is Python `True` while the model is traced for export,
-        else a boolean tensor: the delay has passed (counted before this
-        call).
+        The result is Python `True` while the model is traced for export
+        and in training calls without a quant delay (no run-time choice, so
+        no control flow), else a boolean tensor: the delay has passed
+        (counted before this call).
         """
         if training:
             before = tf.identity(self.step)
             self.step.assign_add(1)
-            return before >= self.quant_delay
+            return True if self.quant_delay == 0 else self.steps(before) >= self.quant_delay
         if is_tracing_for_export():
             return True
-        return self.step >= self.quant_delay
+        return self.steps() >= self.quant_delay
 
     def fake_quant(self, x, min_val, max_val, axis=-1):
         """`quantizers.fake_quant` with this quantizer's grid options."""
@@ -165,6 +177,7 @@ class Quantizer(keras.layers.Layer):
             narrow_range=self.narrow_range,
             per_channel=self.per_channel,
             quant_delay=self.quant_delay,
+            calls_per_step=self.calls_per_step,
         )
         return config
 
@@ -292,33 +305,48 @@ class FakeQuant(Quantizer):
         )
         self.add_step_counter()
 
+    def has_range(self):
+        """Whether a range has been learned: not still `[0, 0]` (the initial
+        value, also what an all-zero or empty batch gives)."""
+        return tf.reduce_any(tf.not_equal(self.min, self.max))
+
     def update_range(self, x):
-        """Updates the range from batch `x`; returns the new `(min, max)`."""
+        """Updates the range from batch `x`; returns the new `(min, max)`.
+
+        The first batch with a non-empty range sets it, later ones update it
+        by moving average. A batch (or, per channel, a channel) with a
+        non-finite value leaves it as it is.
+        """
         if self.fixed_range is not None:
             return self.min, self.max
-        batch_min, batch_max = across_replicas(*quantizers.batch_range(x, self._reduce_axes))
+        # A statistic of the batch, not a function to differentiate: without
+        # stop_gradient the fake quant's range gradient would flow back
+        # through the min / max into x, at the cost of two more passes.
+        batch_range = quantizers.batch_range(x, self._reduce_axes)
+        batch_min, batch_max = across_replicas(*(tf.stop_gradient(v) for v in batch_range))
+        finite = tf.logical_and(tf.math.is_finite(batch_min), tf.math.is_finite(batch_max))
+        first = tf.logical_and(tf.equal(self.min, 0.0), tf.equal(self.max, 0.0))
         decay = self.ema_decay if self.ema else 0.0
-        first = tf.equal(self.step, 0)
-        new_min = tf.where(first, batch_min, decay * self.min + (1.0 - decay) * batch_min)
-        new_max = tf.where(first, batch_max, decay * self.max + (1.0 - decay) * batch_max)
-        self.min.assign(new_min)
-        self.max.assign(new_max)
-        return new_min, new_max
+        for variable, value in ((self.min, batch_min), (self.max, batch_max)):
+            moved = tf.where(first, value, decay * variable + (1.0 - decay) * value)
+            variable.assign(tf.where(finite, moved, variable))
+        return tf.identity(self.min), tf.identity(self.max)
 
     def observe(self, inputs, training=False):
         """Returns `(min, max, active)` for quantizing this call's inputs.
 
         A training call first updates the range from `inputs` and counts a
         step. `active` is a boolean tensor (quantize, or pass through during
-        the quant delay), or Python `True` while the model is traced for
-        export.
+        the quant delay, or in inference while there is no range), or Python
+        `True` while the model is traced for export and in training calls
+        without a quant delay.
         """
         if training:
             min_val, max_val = self.update_range(inputs)
             return min_val, max_val, self.advance(training)
         active = self.advance(training)
         if active is not True and self.fixed_range is None:
-            active = tf.logical_and(active, self.step > 0)  # a range needs a batch
+            active = tf.logical_and(active, self.has_range())
         return self.min, self.max, active
 
     def quantize_with(self, x, min_val, max_val, active):
@@ -434,12 +462,21 @@ class WeightQuantizer(Quantizer):
         self.add_step_counter()
 
     def range(self, kernel):
-        """The `(min, max)` of `kernel`, per output channel or not."""
+        """The `(min, max)` of `kernel`, per output channel or not.
+
+        An all-zero channel (or kernel) has no range of its own: it gets the
+        widest channel's (or `[-1, 1]`). Its weights are 0 on any grid, and
+        its bias then has an int32 grid like the other channels' (with a
+        zero scale TFLite's bias would overflow and the integer model
+        compute garbage).
+        """
         kernel = tf.cast(kernel, tf.float32)
-        if self.per_channel:
-            axes = list(range(kernel.shape.rank - 1))
-            return tf.reduce_min(kernel, axes), tf.reduce_max(kernel, axes)
-        return tf.reduce_min(kernel), tf.reduce_max(kernel)
+        axes = list(range(kernel.shape.rank - 1)) if self.per_channel else None
+        low, high = tf.reduce_min(kernel, axes), tf.reduce_max(kernel, axes)
+        empty = tf.logical_and(tf.equal(low, 0.0), tf.equal(high, 0.0))
+        fallback_low = tf.minimum(tf.reduce_min(low), -tf.reduce_max(high))
+        fallback_low = tf.where(tf.equal(fallback_low, 0.0), -1.0, fallback_low)
+        return tf.where(empty, fallback_low, low), tf.where(empty, -fallback_low, high)
 
     def quantize_weights(self, kernel, training=False):
         """Fake-quantizes `kernel` (float32) once the quant delay has passed.
@@ -455,8 +492,35 @@ class WeightQuantizer(Quantizer):
         min_val, max_val = self.range(kernel)
         quantized = self.fake_quant(kernel, min_val, max_val)
         scale = self.grid_scale(min_val, max_val)
+        if is_tracing_for_export() and not training:
+            return QuantizedWeights(self._on_export_grid(quantized, scale), scale, True)
         if active is True:
             return QuantizedWeights(quantized, scale, True)
         return QuantizedWeights(
             tf.where(active, quantized, kernel), tf.where(active, scale, 0.0), active
+        )
+
+    def _on_export_grid(self, quantized, scale):
+        """Quantized weights as the TFLite converter must see them.
+
+        The converter stores fake-quantized weights of 4 bits as INT4 and of
+        8 bits as int8, and re-grids other widths (3-bit levels came out as
+        other int8 levels). A symmetric k-bit grid is a subset of the 4- or
+        8-bit grid of the same scale, so k-bit weights are traced as a 4-bit
+        (k < 4) or 8-bit (4 < k < 8) fake quant whose range gives that scale:
+        the stored levels are the trained ones, exactly.
+        """
+        bits = self.num_bits
+        if bits in (4, 8) or bits > 8 or not (self.symmetric and self.narrow_range):
+            return quantized
+        carrier = 4 if bits < 4 else 8
+        bound = (2 ** (carrier - 1) - 1) * scale
+        return quantizers.fake_quant(
+            quantized,
+            -bound,
+            bound,
+            num_bits=carrier,
+            symmetric=True,
+            narrow_range=True,
+            axis=-1 if self.per_channel else None,
         )

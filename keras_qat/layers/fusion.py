@@ -68,6 +68,9 @@ class FusionLayer(keras.layers.Layer):
             moving_variance_initializer, beta_regularizer, gamma_regularizer,
             beta_constraint, gamma_constraint, synchronized: The arguments of
             the `keras.layers.BatchNormalization` (with `has_bn=True`).
+        linear_trainable: Whether the linear sub-layer trains; `False`
+            keeps its weights fixed while the BatchNorm trains (a standalone
+            BatchNorm fused as a 1x1 depthwise convolution of ones).
         weight_quantizer: Quantized layers only: a `WeightQuantizer`, a dict
             of its options, or None for the defaults.
         freeze_bn: Folded layers only: the training step from which the
@@ -98,6 +101,7 @@ class FusionLayer(keras.layers.Layer):
         synchronized=False,
         weight_quantizer=None,
         freeze_bn=DEFAULT_FREEZE_BN,
+        linear_trainable=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -126,6 +130,7 @@ class FusionLayer(keras.layers.Layer):
             if key not in ("name", "trainable", "dtype", "axis") and not key.startswith("renorm")
         }
         self.bn = bn if self.has_bn else None
+        self.linear_trainable = check_bool("linear_trainable", linear_trainable)
         self._init_modes(weight_quantizer, freeze_bn)
 
     def _init_modes(self, weight_quantizer, freeze_bn):
@@ -166,8 +171,13 @@ class FusionLayer(keras.layers.Layer):
             self.bn.build(self.linear_layer.compute_output_shape(input_shape))
         if self.quantized and not self.weight_quantizer.built:  # built when loaded
             self.weight_quantizer.build(self.kernel().shape)
-        if not self.trainable:  # a frozen layer's sub-layers are frozen too
-            self.trainable = False
+        # Keras freezes sub-layers when `trainable` changes, not when a layer
+        # is made frozen: a frozen layer freezes its own now.
+        for layer in (self.linear_layer, self.bn):
+            if layer is not None and not self.trainable:
+                layer.trainable = False
+        if not self.linear_trainable:
+            self.linear_layer.trainable = False
 
     def compute_output_shape(self, input_shape):
         return self.linear_layer.compute_output_shape(input_shape)
@@ -223,6 +233,8 @@ class FusionLayer(keras.layers.Layer):
             config["weight_quantizer"] = keras.saving.serialize_keras_object(self.weight_quantizer)
         if self.folded:
             config["freeze_bn"] = self.freeze_bn
+        if not self.linear_trainable:
+            config["linear_trainable"] = False
         return config
 
 

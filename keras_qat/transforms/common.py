@@ -3,10 +3,19 @@ choosing layers by name, class or predicate."""
 
 import keras
 
+from keras_qat import graph
+
 
 def clone(operation, **overrides):
     """A new operation (layer, or Keras operation such as `x + 3.0`) from
-    `operation`'s config, with `overrides` applied; weights are not copied."""
+    `operation`'s config, with `overrides` applied; weights are not copied.
+
+    A `Lambda` layer is rebuilt around the same Python function: its config
+    holds the function's bytecode, which Keras deserializes only outside
+    safe mode.
+    """
+    if isinstance(operation, keras.layers.Lambda):
+        return graph.clone_lambda(operation, **overrides)
     config = operation.get_config()
     config.update(overrides)
     return operation.__class__.from_config(config)
@@ -66,9 +75,20 @@ def selected_layer_names(model, selectors, argument="skip_layers"):
         return set()
     if isinstance(selectors, (str, type)) or callable(selectors):
         selectors = [selectors]
+    if not isinstance(selectors, (list, tuple, set)):
+        raise ValueError(
+            f"Received an invalid value for `{argument}`, expected layer names, layer "
+            f"classes or a predicate `layer -> bool`, or a list of them. "
+            f"Received: {argument}={selectors!r}"
+        )
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     names = set()
     for selector in selectors:
+        if isinstance(selector, keras.layers.Layer):
+            raise ValueError(
+                f"Received a layer object in `{argument}`; pass its name "
+                f"('{selector.name}') or its class instead. Received: {argument}={selectors!r}"
+            )
         if isinstance(selector, str):
             if selector not in {layer.name for layer in layers}:
                 raise ValueError(

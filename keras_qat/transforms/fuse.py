@@ -32,8 +32,11 @@ from keras_qat.transforms.common import Clones, selected_layer_names
 from keras_qat.transforms.inline import inline_nested_models
 
 L = keras.layers
-# Config entries of a Keras layer that its fusion layer does not take.
-_NOT_TAKEN = ("activation", "quantization_config", "lora_rank", "lora_alpha")
+_LINEAR = (L.Conv2D, L.Dense, L.DepthwiseConv2D, L.SeparableConv2D)
+_AFFINE = (L.BatchNormalization, L.Rescaling, L.Normalization)
+# Config entries of a BatchNormalization that are not a fusion layer's
+# BatchNorm arguments (the fusion layer's own, or what never fuses).
+_NOT_BN_ARGS = ("name", "trainable", "dtype", "axis", "activity_regularizer")
 
 
 def _activation_of(layer):
@@ -52,31 +55,46 @@ def _activation_of(layer):
     return None
 
 
+def unfusable_reason(layer):
+    """Why a Conv2D / Dense / (Separable/Depthwise)Conv2D layer cannot become
+    a fusion layer (an attribute and what to do), or None when it can."""
+    config = layer.get_config()
+    if config.get("data_format") == "channels_first":
+        return (
+            "data_format='channels_first': TFLite's integer kernels are channels-last; "
+            "build the model with data_format='channels_last'"
+        )
+    if config.get("quantization_config") is not None or layer.dtype_policy.quantization_mode:
+        return "it is already quantized by Keras (quantization_config / Layer.quantize)"
+    if config.get("lora_rank"):
+        return f"lora_rank={config['lora_rank']}: LoRA weights are not quantized; merge them first"
+    return None
+
+
+def fusable_classes():
+    """The Keras layer classes that `fuse` turns into fusion layers."""
+    return _LINEAR + _AFFINE
+
+
 def _is_linear(layer):
     """A Conv2D / DepthwiseConv2D / SeparableConv2D / Dense that fuses."""
-    if type(layer) not in (L.Conv2D, L.Dense, L.DepthwiseConv2D, L.SeparableConv2D):
-        return False
-    config = layer.get_config()
-    if config.get("groups", 1) != 1 or config.get("data_format") == "channels_first":
-        return False
-    if config.get("quantization_config") or config.get("lora_rank"):
-        return False
-    # A constraint would have to act on the fusion layer's kernel; keep the layer.
-    return not any(value for key, value in config.items() if key.endswith("_constraint"))
+    return type(layer) in _LINEAR and unfusable_reason(layer) is None
 
 
 def _bn_is_fusable(bn):
     config = bn.get_config()
-    return config["axis"] in (-1, [-1], 3, [3]) and config["center"] and config["scale"]
+    return config["axis"] in (-1, [-1], 3, [3]) and not config.get("renorm", False)
 
 
 def _is_affine(layer, graph_view):
     """A per-channel affine layer on 4D channels-last inputs."""
-    if not isinstance(layer, (L.BatchNormalization, L.Rescaling, L.Normalization)):
+    if not isinstance(layer, _AFFINE):
         return False
     shape = graph_view.input_tensors(layer)[0].shape
     if len(shape) != 4 or shape[-1] is None:
         return False
+    if not graph_view.input_tensors(layer)[0].dtype.startswith("float"):
+        return False  # an integer model input: the layer casts it, and stays
     if isinstance(layer, L.BatchNormalization):
         return _bn_is_fusable(layer)
     if isinstance(layer, L.Normalization):
@@ -90,6 +108,19 @@ def has_fusable_layers(model):
     return any(_is_linear(op) or _is_affine(op, graph_view) for op in graph_view.operations)
 
 
+def _absorbs(layer, nxt):
+    """Whether `layer` can absorb `nxt` (its only consumer) without changing
+    what either does: same trainability and dtype policy, and no activity
+    regularizer on either (it would move to the fused output)."""
+    return (
+        isinstance(nxt, keras.layers.Layer)
+        and (nxt.trainable == layer.trainable or not nxt.weights)
+        and nxt.dtype_policy.name == layer.dtype_policy.name
+        and layer.activity_regularizer is None
+        and nxt.activity_regularizer is None
+    )
+
+
 def _plan(graph_view, skipped):
     """Maps id(layer) -> (bn or None, activation layer or None) for every
     layer that becomes fusion layers, and returns the ids of the absorbed
@@ -98,9 +129,9 @@ def _plan(graph_view, skipped):
 
     def only_consumer(layer):
         consumers = graph_view.consumers(layer)
-        if graph_view.is_output(layer) or len(consumers) != 1:
+        if graph_view.is_output(layer) or len(consumers) != 1 or consumers[0].name in skipped:
             return None
-        return None if consumers[0].name in skipped else consumers[0]
+        return consumers[0] if _absorbs(layer, consumers[0]) else None
 
     for layer in graph_view.operations:  # in topological order: a conv before its BN
         if id(layer) in absorbed or layer.name in skipped:
@@ -122,72 +153,29 @@ def _plan(graph_view, skipped):
 
 
 def _bn_args(bn):
+    """The fusion-layer arguments of a BatchNorm (all of its own)."""
     if bn is None:
         return {}
     config = bn.get_config()
-    return dict(
-        has_bn=True,
-        momentum=config["momentum"],
-        epsilon=config["epsilon"],
-        synchronized=config.get("synchronized", False),
-    )
+    args = {k: v for k, v in config.items() if k not in _NOT_BN_ARGS and not k.startswith("renorm")}
+    return dict(has_bn=True, **args)
 
 
-def _linear_args(layer, keys):
+def _linear_args(layer, drop=()):
+    """A Keras layer's config as fusion-layer arguments: everything it
+    carries (trainable, dtype policy, regularizers, constraints, ...) but
+    its activation and name, which the fusion rule sets."""
     config = layer.get_config()
-    return {key: config[key] for key in keys if key in config}
+    drop = ("name", "activation", "quantization_config", "lora_rank", "lora_alpha") + drop
+    return {key: value for key, value in config.items() if key not in drop}
 
 
-_CONV_ARGS = (
-    "filters",
-    "kernel_size",
-    "strides",
-    "padding",
-    "dilation_rate",
-    "use_bias",
-    "kernel_initializer",
-    "bias_initializer",
-    "kernel_regularizer",
-    "bias_regularizer",
-)
-_DENSE_ARGS = (
-    "units",
-    "use_bias",
-    "kernel_initializer",
-    "bias_initializer",
-    "kernel_regularizer",
-    "bias_regularizer",
-)
-_DEPTHWISE_ARGS = (
-    "kernel_size",
-    "strides",
-    "padding",
-    "depth_multiplier",
-    "dilation_rate",
-    "use_bias",
-    "depthwise_initializer",
-    "bias_initializer",
-    "depthwise_regularizer",
-    "bias_regularizer",
-)
-
-_SEPARABLE_ARGS = (
-    "kernel_size",
-    "strides",
-    "padding",
-    "depth_multiplier",
-    "dilation_rate",
-    "depthwise_initializer",
-    "depthwise_regularizer",
-)
-
-
-def _fuse_linear(fusion_class, keys):
+def _fuse_linear(fusion_class):
     """A rule for a Conv2D / Dense / DepthwiseConv2D: one fusion layer."""
 
     def rule(layer, bn, activation, channels):
         fused = fusion_class(
-            activation=activation, name=layer.name, **_linear_args(layer, keys), **_bn_args(bn)
+            activation=activation, name=layer.name, **_linear_args(layer), **_bn_args(bn)
         )
 
         def copy_weights():
@@ -201,11 +189,22 @@ def _fuse_linear(fusion_class, keys):
 
 
 def _fuse_separable(layer, bn, activation, channels):
+    """A SeparableConv2D: its depthwise step, then a 1x1 conv with the bias,
+    BatchNorm and activation (as TFLite computes it)."""
     config = layer.get_config()
+    common = dict(trainable=config["trainable"], dtype=config["dtype"])
     depthwise = DepthwiseConv2DBnAct(
+        config["kernel_size"],
+        strides=config["strides"],
+        padding=config["padding"],
+        depth_multiplier=config["depth_multiplier"],
+        dilation_rate=config["dilation_rate"],
         use_bias=False,
+        depthwise_initializer=config["depthwise_initializer"],
+        depthwise_regularizer=config["depthwise_regularizer"],
+        depthwise_constraint=config["depthwise_constraint"],
         name=f"{layer.name}_depthwise",
-        **_linear_args(layer, _SEPARABLE_ARGS),
+        **common,
     )
     pointwise = Conv2DBnAct(
         config["filters"],
@@ -214,9 +213,13 @@ def _fuse_separable(layer, bn, activation, channels):
         activation=activation,
         kernel_initializer=config["pointwise_initializer"],
         kernel_regularizer=config["pointwise_regularizer"],
+        kernel_constraint=config["pointwise_constraint"],
         bias_initializer=config["bias_initializer"],
         bias_regularizer=config["bias_regularizer"],
+        bias_constraint=config["bias_constraint"],
+        activity_regularizer=config["activity_regularizer"],
         name=layer.name,
+        **common,
         **_bn_args(bn),
     )
 
@@ -231,13 +234,18 @@ def _fuse_separable(layer, bn, activation, channels):
 
 
 def _fuse_batchnorm(layer, bn, activation, channels):
-    """A standalone BatchNorm: a 1x1 depthwise of ones, then the BatchNorm."""
+    """A standalone BatchNorm: a fixed 1x1 depthwise of ones, then the
+    BatchNorm (trainable or frozen as it was)."""
     fused = DepthwiseConv2DBnAct(
         1,
         use_bias=False,
         depthwise_initializer="ones",
+        linear_trainable=False,
         activation=activation,
         name=layer.name,
+        trainable=layer.trainable,
+        dtype=layer.dtype_policy,
+        activity_regularizer=layer.activity_regularizer,
         **_bn_args(layer),
     )
 
@@ -266,7 +274,14 @@ def _affine_weights(layer, channels):
 
 def _fuse_fixed_affine(layer, bn, activation, channels):
     """A Rescaling or Normalization: a fixed 1x1 depthwise with bias."""
-    fused = DepthwiseConv2DBnAct(1, activation=activation, trainable=False, name=layer.name)
+    fused = DepthwiseConv2DBnAct(
+        1,
+        activation=activation,
+        trainable=False,
+        dtype=layer.dtype_policy,
+        activity_regularizer=layer.activity_regularizer,
+        name=layer.name,
+    )
 
     def copy_weights():
         scale, offset = _affine_weights(layer, channels)
@@ -278,9 +293,9 @@ def _fuse_fixed_affine(layer, bn, activation, channels):
 # Layer class -> rule(layer, bn, activation, input channels) returning
 # (fusion layers applied in order, a function copying the weights).
 FUSION_RULES = {
-    L.Conv2D: _fuse_linear(Conv2DBnAct, _CONV_ARGS),
-    L.Dense: _fuse_linear(DenseBnAct, _DENSE_ARGS),
-    L.DepthwiseConv2D: _fuse_linear(DepthwiseConv2DBnAct, _DEPTHWISE_ARGS),
+    L.Conv2D: _fuse_linear(Conv2DBnAct),
+    L.Dense: _fuse_linear(DenseBnAct),
+    L.DepthwiseConv2D: _fuse_linear(DepthwiseConv2DBnAct),
     L.SeparableConv2D: _fuse_separable,
     L.BatchNormalization: _fuse_batchnorm,
     L.Rescaling: _fuse_fixed_affine,

@@ -29,7 +29,7 @@ from keras_qat.layers.quantized import (
 )
 from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
 from keras_qat.transforms.common import Clones, clone, selected_layer_names
-from keras_qat.transforms.fuse import fuse, has_fusable_layers
+from keras_qat.transforms.fuse import fusable_classes, fuse, has_fusable_layers, unfusable_reason
 from keras_qat.transforms.inline import inline_nested_models
 
 # Float fusion layer -> (quantized layer, quantized layer with BatchNorm folded).
@@ -166,12 +166,7 @@ def convert_quant_network(
         bn_fold=bn_fold,
         freeze_bn=freeze_bn,
     )
-    graph.functional_graph(model)  # a clear error for subclassed and unbuilt models
-    if not model.built or not model.inputs:
-        raise ValueError(
-            f"Model '{model.name}' has no input shape yet. Start it with "
-            "keras.Input(shape) or call it on data before converting it."
-        )
+    _check_model(model)
     model = inline_nested_models(model)
     skipped = selected_layer_names(model, skip_layers)
     if has_fusable_layers(model):
@@ -181,7 +176,32 @@ def convert_quant_network(
     return _Placement(options, model, skipped).convert()
 
 
-def _is_supported(operation):
+def _check_model(model):
+    """Raises `ValueError` for a model that cannot be converted at all."""
+    graph.functional_graph(model)  # a clear error for subclassed and unbuilt models
+    if not model.built or not model.inputs:
+        raise ValueError(
+            f"Model '{model.name}' has no input shape yet. Start it with "
+            "keras.Input(shape) or call it on data before converting it."
+        )
+    quantized = [layer.name for layer in graph.all_layers(model) if _is_quantized(layer)]
+    if quantized:
+        raise ValueError(
+            f"Model '{model.name}' is already a quantization network (it has quantized "
+            f"layers: {', '.join(quantized[:5])}{', ...' if len(quantized) > 5 else ''}). "
+            "Convert the float model instead, or train this one as it is."
+        )
+
+
+def _is_quantized(layer):
+    return isinstance(layer, (FakeQuant, QuantConcatenate, QuantAveragePooling2D)) or (
+        isinstance(layer, FusionLayer) and layer.quantized
+    )
+
+
+def _is_supported(operation, graph_view):
+    if _is_integer_cast(operation, graph_view):
+        return True
     if not isinstance(operation, keras.layers.Layer):
         return isinstance(
             operation, int8_rules.ROUNDING_OPERATIONS + int8_rules.GRID_KEEPING_OPERATIONS
@@ -197,12 +217,11 @@ def _is_supported(operation):
 
 def _check_supported(model, skipped):
     """Raises one `ValueError` listing every layer that cannot be converted."""
+    graph_view = graph.Graph(model)
     unsupported = [
-        f"'{op.name}' ({op.__class__.__name__})"
-        if isinstance(op, keras.layers.Layer)
-        else f"'{op.name}' (Keras operation {op.__class__.__name__})"
-        for op in graph.Graph(model).operations
-        if op.name not in skipped and not _is_supported(op)
+        _describe(op)
+        for op in graph_view.operations
+        if op.name not in skipped and not _is_supported(op, graph_view)
     ]
     if unsupported:
         raise ValueError(
@@ -220,6 +239,15 @@ def _check_supported(model, skipped):
             + ", AveragePooling2D). To keep layers in float, pass them to "
             "`skip_layers` (names, classes or a predicate)."
         )
+
+
+def _describe(operation):
+    """`'name' (Class)`, with the reason when a known attribute is the problem."""
+    if not isinstance(operation, keras.layers.Layer):
+        return f"'{operation.name}' (Keras operation {operation.__class__.__name__})"
+    reason = unfusable_reason(operation) if isinstance(operation, fusable_classes()) else None
+    reason = f": {reason}" if reason else ""
+    return f"'{operation.name}' ({operation.__class__.__name__}{reason})"
 
 
 class _Placement:
@@ -265,6 +293,7 @@ class _Placement:
             type(operation) in QUANTIZED_LAYERS
             or isinstance(operation, int8_rules.ROUNDING_LAYERS + int8_rules.ROUNDING_OPERATIONS)
             or self.is_skipped(operation)  # a float result
+            or _casts_integer_input(self, operation)
         )
 
     def rounded_by_consumers(self, operation):
@@ -325,9 +354,10 @@ class _Placement:
         return self.apply_quantizer(quantizer, outputs, self.needs_grid(operation))
 
     def quantize_model_input(self, tensor):
-        """The `FakeQuant` output of a model input; other values unchanged."""
+        """The `FakeQuant` output of a float model input; other values
+        (integer inputs among them: see `_place_integer_cast`) unchanged."""
         layer = graph.producer(tensor) if isinstance(tensor, keras.KerasTensor) else None
-        if not isinstance(layer, keras.layers.InputLayer):
+        if not isinstance(layer, keras.layers.InputLayer) or not _is_float(tensor):
             return tensor
         if id(tensor) not in self.quantized_inputs:
             original = self.input_layers[layer.name]
@@ -354,6 +384,32 @@ def _place_skipped(self, layer, args, kwargs):
     return outputs
 
 
+def _is_float(tensor):
+    return keras.backend.standardize_dtype(tensor.dtype).startswith(("float", "bfloat"))
+
+
+def _is_integer_cast(operation, graph_view):
+    """A Rescaling, Normalization or cast that turns an integer tensor (an
+    integer model input, such as uint8 images) into a float one."""
+    casts = (
+        keras.layers.Rescaling,
+        keras.layers.Normalization,
+    ) + int8_rules.GRID_KEEPING_OPERATIONS
+    inputs = graph_view.input_tensors(operation)
+    return isinstance(operation, casts) and bool(inputs) and not _is_float(inputs[0])
+
+
+def _casts_integer_input(self, operation):
+    return _is_integer_cast(operation, self.graph)
+
+
+def _place_integer_cast(self, operation, args, kwargs):
+    """The cast (and scaling) in float, then a FakeQuant: the quantization
+    network's first grid."""
+    outputs = self.clones.of(operation)(*args, **kwargs)
+    return self.quantize_output(operation, outputs)
+
+
 def _place_rounding_operation(self, operation, args, kwargs):
     """`x + 3.0`, `x * y`: the operation (its constant is in the node), then
     a FakeQuant."""
@@ -367,7 +423,7 @@ def _place_concatenation(self, layer, args, kwargs):
         lambda: QuantConcatenate(
             **layer.get_config(),
             quantize_inputs=[self.unrounded(p) for p in self.graph.producers(layer)],
-            quantizer=self.options.activation_options(),
+            quantizer=self.options.activation_options(self.graph.call_count(layer)),
         ),
     )
     return self.apply_quantizer(new, args[0], self.needs_grid(layer))
@@ -384,7 +440,8 @@ def _place_shared_grid_pooling(self, layer, args, kwargs):
     new = self.clones.of(
         layer,
         lambda: QuantAveragePooling2D(
-            **layer.get_config(), quantizer=self.options.activation_options()
+            **layer.get_config(),
+            quantizer=self.options.activation_options(self.graph.call_count(layer)),
         ),
     )
     return self.apply_quantizer(new, args[0], self.needs_grid(layer))
@@ -399,7 +456,7 @@ def _fuses_activation(layer):
 def _quantized_clone(self, layer):
     plain, folded = QUANTIZED_LAYERS[type(layer)]
     config = layer.get_config()
-    config["weight_quantizer"] = self.options.weight_options()
+    config["weight_quantizer"] = self.options.weight_options(self.graph.call_count(layer))
     if self.options.bn_fold and layer.has_bn:
         plain, config["freeze_bn"] = folded, self.options.freeze_bn
     if not _fuses_activation(layer):
@@ -455,6 +512,7 @@ def _place_grid_keeping(self, layer, args, kwargs):
 
 PLACEMENT_RULES = (
     (lambda self, op: self.is_skipped(op), _place_skipped),
+    (_casts_integer_input, _place_integer_cast),
     (lambda self, op: isinstance(op, int8_rules.ROUNDING_OPERATIONS), _place_rounding_operation),
     (lambda self, op: isinstance(op, keras.layers.Concatenate), _place_concatenation),
     (_is_shared_grid_pooling, _place_shared_grid_pooling),
