@@ -11,14 +11,15 @@ disturbed), and the median ratio of the rounds for context.
 
 Peak memory of a training step is measured in separate processes, one per
 model: TensorFlow's CPU allocator peak over a few steps after warm-up
-(`tf.config.experimental.get_memory_info`), and the process's peak RSS.
+(`tf.config.experimental.get_memory_info`, with TensorFlow's BFC allocator on
+the CPU), and the process's peak RSS (mostly TensorFlow itself).
 
 With `--impl tfmot` (or `both`) the same networks are timed with TensorFlow
 Model Optimization on Keras 2, by `bench/tfmot_train_step.py` in its own
 virtual environment (`bash bench/setup_tfmot.sh` creates `.venv-tfmot`).
 
 Usage:
-    python bench/train_step.py [--jit_compile both] [--impl both] [--rounds 7]
+    python bench/train_step.py [--jit_compile both] [--impl both] [--rounds 15]
 """
 
 import json
@@ -44,8 +45,8 @@ import keras_qat as kq  # noqa: E402
 
 BATCH_SIZES = {"lenet5": 128, "lenet5_bn": 128, "resnet20": 64}
 
-flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
-flags.DEFINE_integer("steps", 20, "Training steps per model per round.")
+flags.DEFINE_integer("rounds", 15, "Interleaved timing rounds.")
+flags.DEFINE_integer("steps", 5, "Training steps per model per round.")
 flags.DEFINE_enum("jit_compile", "both", ["off", "on", "both"], "XLA compilation of the step.")
 flags.DEFINE_list("networks", ["lenet5", "lenet5_bn", "resnet20"], "Networks to time.")
 flags.DEFINE_list("bn_fold", ["true", "false"], "bn_fold values (networks with BatchNorm only).")
@@ -133,11 +134,14 @@ def probe_memory(spec):
 
 def memory(name, kind, jit_compile):
     spec = f"{name}:{kind}:{'on' if jit_compile else 'off'}"
+    # TensorFlow keeps allocator statistics on the CPU only with its BFC allocator.
+    env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true")
     result = subprocess.run(
         [sys.executable, os.path.abspath(__file__), f"--probe={spec}"],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -125,9 +125,12 @@ class Quantizer(keras.layers.Layer):
         (counted before this call).
         """
         if training:
+            if self.quant_delay == 0:
+                self.step.assign_add(1)
+                return True
             before = tf.identity(self.step)
             self.step.assign_add(1)
-            return True if self.quant_delay == 0 else self.steps(before) >= self.quant_delay
+            return self.steps(before) >= self.quant_delay
         if is_tracing_for_export():
             return True
         return self.steps() >= self.quant_delay
@@ -327,10 +330,12 @@ class FakeQuant(Quantizer):
         finite = tf.logical_and(tf.math.is_finite(batch_min), tf.math.is_finite(batch_max))
         first = tf.logical_and(tf.equal(self.min, 0.0), tf.equal(self.max, 0.0))
         decay = self.ema_decay if self.ema else 0.0
+        updated = []
         for variable, value in ((self.min, batch_min), (self.max, batch_max)):
             moved = tf.where(first, value, decay * variable + (1.0 - decay) * value)
-            variable.assign(tf.where(finite, moved, variable))
-        return tf.identity(self.min), tf.identity(self.max)
+            updated.append(tf.where(finite, moved, variable))
+            variable.assign(updated[-1])
+        return tuple(updated)
 
     def observe(self, inputs, training=False):
         """Returns `(min, max, active)` for quantizing this call's inputs.
@@ -378,10 +383,7 @@ class FakeQuant(Quantizer):
         return outputs
 
     def compute_output_spec(self, inputs, training=False, return_grid=False):
-        outputs = keras.KerasTensor(inputs.shape, inputs.dtype)
-        if return_grid:
-            return outputs, keras.KerasTensor((), "float32")
-        return outputs
+        return with_grid_spec(keras.KerasTensor(inputs.shape, inputs.dtype), return_grid)
 
     def compute_mask(self, inputs, mask=None):
         return mask
@@ -395,6 +397,14 @@ class FakeQuant(Quantizer):
             fixed_range=self.fixed_range,
         )
         return config
+
+
+def with_grid_spec(outputs, return_grid):
+    """`outputs`, and with `return_grid` the spec of a scalar grid: the
+    output spec of a layer called with `return_grid`."""
+    if return_grid:
+        return outputs, keras.KerasTensor((), "float32")
+    return outputs
 
 
 def _check_fixed_range(fixed_range, per_channel):
@@ -470,7 +480,9 @@ class WeightQuantizer(Quantizer):
         zero scale TFLite's bias would overflow and the integer model
         compute garbage).
         """
-        kernel = tf.cast(kernel, tf.float32)
+        # A statistic of the kernel, not differentiated (straight through, as
+        # for activations): its gradient would cost more passes for nothing.
+        kernel = tf.stop_gradient(tf.cast(kernel, tf.float32))
         axes = list(range(kernel.shape.rank - 1)) if self.per_channel else None
         low, high = tf.reduce_min(kernel, axes), tf.reduce_max(kernel, axes)
         empty = tf.logical_and(tf.equal(low, 0.0), tf.equal(high, 0.0))

@@ -12,13 +12,7 @@ import keras
 import tensorflow as tf
 
 from keras_qat import quantizers
-from keras_qat.layers.fake_quant import FakeQuant
-
-
-def _grid_spec(outputs, return_grid):
-    if return_grid:
-        return outputs, keras.KerasTensor((), "float32")
-    return outputs
+from keras_qat.layers.fake_quant import FakeQuant, with_grid_spec
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -87,7 +81,7 @@ class QuantConcatenate(keras.layers.Concatenate):
         return outputs
 
     def compute_output_spec(self, inputs, training=False, return_grid=False):
-        return _grid_spec(super().compute_output_spec(inputs), return_grid)
+        return with_grid_spec(super().compute_output_spec(inputs), return_grid)
 
     def get_config(self):
         config = super().get_config()
@@ -174,7 +168,7 @@ class QuantAveragePooling2D(keras.layers.AveragePooling2D):
         return pooled + tf.stop_gradient(on_grid - pooled)
 
     def compute_output_spec(self, inputs, training=False, return_grid=False):
-        return _grid_spec(super().compute_output_spec(inputs), return_grid)
+        return with_grid_spec(super().compute_output_spec(inputs), return_grid)
 
     def get_config(self):
         config = super().get_config()
