@@ -18,7 +18,9 @@ operation, the integer kernel either
   fused into the op before it, and the inputs of a concatenation or average
   pooling are written on the shared grid. The producer then rounds once, to
   its consumer's grid, and needs no `FakeQuant` of its own
-  (`rounds_for_producer`).
+  (`rounds_for_producer`). A fused ReLU / ReLU6 is a clamp in that
+  rounding: in the Keras model it is the `activation` of the `FakeQuant`
+  that stands for the grid (`fused_activation`).
 
 Some outputs have a fixed grid whatever the data (`FIXED_OUTPUT_RANGES`),
 and two activations are computed as two int8 ops with a rounding in between
@@ -101,19 +103,24 @@ def activation_name(activation):
     return {"swish": "silu", "hard_swish": "hard_silu"}.get(name, name)
 
 
+def fused_activation(layer):
+    """`"relu"` or `"relu6"` when `layer` is a ReLU / ReLU6 layer that
+    integer kernels fuse into the op before it, else None."""
+    if isinstance(layer, L.ReLU):
+        config = layer.get_config()
+        if config["negative_slope"] == 0 and config["threshold"] == 0:
+            return {None: "relu", 6: "relu6"}.get(config["max_value"])
+        return None
+    if isinstance(layer, L.Activation):
+        name = activation_name(layer.activation)
+        return name if name in FUSED_ACTIVATIONS else None
+    return None
+
+
 def is_fused_activation(layer):
     """Whether `layer` is a ReLU / ReLU6 that integer kernels fuse into the
     op before it."""
-    if isinstance(layer, L.ReLU):
-        config = layer.get_config()
-        return (
-            config["negative_slope"] == 0
-            and config["threshold"] == 0
-            and config["max_value"] in (None, 6)
-        )
-    if isinstance(layer, L.Activation):
-        return activation_name(layer.activation) in FUSED_ACTIVATIONS
-    return False
+    return fused_activation(layer) is not None
 
 
 def rounds_for_producer(consumer):

@@ -294,6 +294,86 @@ def fake_quant(
     return tf.cast(y, x.dtype)
 
 
+# Activations that integer kernels fuse into the op before them, as the
+# clamp they are: name -> (function, upper bound of its output or None).
+FUSED_CLAMPS = {"relu": (tf.nn.relu, None), "relu6": (tf.nn.relu6, 6.0)}
+
+
+def fused_activation(x, activation):
+    """`x` through a fused activation (`None`, `"relu"` or `"relu6"`)."""
+    return x if activation is None else FUSED_CLAMPS[activation][0](x)
+
+
+def fake_quant_for_training(
+    x, min_val, max_val, num_bits=8, symmetric=False, narrow_range=False, activation=None
+):
+    """`fake_quant(activation(x))` per tensor, as one op for training.
+
+    The forward values are those of `fake_quant(fused_activation(x,
+    activation), min_val, max_val)`; the gradient with respect to `x` is the
+    product of the activation's and the fake quant's, exactly as the two ops
+    give it: `dy` where the activation passes it (`x > 0`, and `x < 6` for
+    relu6) and its output lies in the nudged range, else 0. The range gets
+    no gradient (it is a statistic here, not a trainable value).
+
+    What the backward pass keeps is a boolean mask, a quarter of a float32
+    tensor, instead of `x` and the activation's output: QAT's extra training
+    memory per quantized activation.
+
+    Args:
+        x: Floating-point tensor.
+        min_val: float32 scalar, the lower end of the range.
+        max_val: float32 scalar, the upper end (made to contain 0, and
+            symmetric with `symmetric=True`, as in `fake_quant`).
+        num_bits: Bit width, an integer in `[2, 16]`.
+        symmetric: Whether the range is made symmetric around zero.
+        narrow_range: Whether the grid is `[1, 2**num_bits - 1]`.
+        activation: `None`, `"relu"` or `"relu6"`.
+
+    Returns:
+        A tensor of the shape and dtype of `x`.
+
+    Example:
+
+    >>> x = tf.constant([-1.0, 0.3, 2.0])
+    >>> with tf.GradientTape() as tape:
+    ...     tape.watch(x)
+    ...     y = fake_quant_for_training(x, 0.0, 1.0, activation="relu")
+    >>> tape.gradient(y, x).numpy()  # ReLU blocks -1, the range blocks 2
+    array([0., 1., 0.], dtype=float32)
+    """
+    min_val, max_val = quant_range(
+        tf.cast(min_val, tf.float32), tf.cast(max_val, tf.float32), symmetric
+    )
+    nudged_min, nudged_max, _ = nudged_range(min_val, max_val, num_bits, narrow_range)
+
+    @tf.custom_gradient
+    def quantize(values):
+        clamped = fused_activation(values, activation)
+        y = tf.quantization.fake_quant_with_min_max_vars(
+            clamped, min_val, max_val, num_bits=num_bits, narrow_range=narrow_range
+        )
+        passes = _passes_gradient(values, nudged_min, nudged_max, activation)
+
+        def grad(dy):
+            return tf.where(passes, dy, tf.zeros_like(dy))
+
+        return y, grad
+
+    return tf.cast(quantize(tf.cast(x, tf.float32)), x.dtype)
+
+
+def _passes_gradient(x, nudged_min, nudged_max, activation):
+    """Where the straight-through gradient of `fake_quant(activation(x))`
+    is 1: the activation passes (ReluGrad: `x > 0`; Relu6Grad also `x < 6`)
+    and its output lies in `[nudged_min, nudged_max]`."""
+    if activation is None:
+        return tf.logical_and(x >= nudged_min, x <= nudged_max)
+    passes = tf.logical_and(x > 0.0, x <= nudged_max)  # nudged_min <= 0 < x
+    upper = FUSED_CLAMPS[activation][1]
+    return passes if upper is None else tf.logical_and(passes, x < upper)
+
+
 def _check_constant_range(min_val, max_val):
     """Raises `ValueError` for a range given as numbers (not tensors) that is
     not finite or has min > max; a tensor range is checked by the caller."""

@@ -155,3 +155,27 @@ def test_invalid_arguments(kwargs, name):
 def test_per_channel_needs_known_channels():
     with pytest.raises(ValueError, match="axis"):
         FakeQuant(per_channel=True, axis=3).build((None, 4))
+
+
+@pytest.mark.parametrize("activation, op", [("relu", tf.nn.relu), ("relu6", tf.nn.relu6)])
+def test_a_fused_activation_is_applied_before_quantizing_and_sets_the_range(activation, op):
+    x = np.array([[-3.0, 0.4, 2.5, 7.0, -0.1]], "float32")
+    layer = FakeQuant(activation=activation)
+    trained = layer(x, training=True)
+    clamped = op(x).numpy()
+    assert (layer.min.numpy(), layer.max.numpy()) == (0.0, clamped.max())
+    expected = tf.quantization.fake_quant_with_min_max_vars(clamped, 0.0, clamped.max())
+    np.testing.assert_array_equal(trained, expected)
+    np.testing.assert_array_equal(layer(x), expected)  # inference
+    assert FakeQuant.from_config(layer.get_config()).activation == activation
+
+
+def test_a_fused_activation_still_applies_during_the_quant_delay():
+    layer = FakeQuant(activation="relu", quant_delay=5)
+    x = np.array([[-1.0, 0.123]], "float32")
+    np.testing.assert_array_equal(layer(x, training=True), np.maximum(x, 0.0))
+
+
+def test_an_activation_that_kernels_do_not_fuse_is_refused():
+    with pytest.raises(ValueError, match="activation.*Received: activation='sigmoid'"):
+        FakeQuant(activation="sigmoid")

@@ -173,5 +173,7 @@ def test_quant_average_pooling_rounds_like_the_int8_kernel():
     rounded = np.sign(signed) * np.floor(np.abs(signed) + 0.5)  # half away from zero
     assert np.mean(signed % 1 == 0.5) > 0.05  # ties, where rounding half up would differ
     np.testing.assert_allclose(y, (rounded + 128) * scale + nudged_min, rtol=0, atol=1e-5)
+    # Training rounds the same way (without a quant delay too).
+    np.testing.assert_allclose(layer(x, training=True), y, rtol=0, atol=1e-6)
     config = layer.get_config()
     assert QuantAveragePooling2D.from_config(config).get_config() == config

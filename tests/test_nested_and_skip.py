@@ -139,12 +139,17 @@ def test_keras_operations_are_quantized_or_listed():
     model = keras.Model(inputs, L.Dense(2)(L.Multiply()([x, y])))
     qmodel = kq.convert_quant_network(model, **EXPORTABLE)
     consumers = {
-        type(op).__name__: type(op._outbound_nodes[0].operation).__name__
+        type(op).__name__: op._outbound_nodes[0].operation
         for op in qmodel.operations
         if not isinstance(op, L.Layer)
     }
-    # `x + 3.0` feeds only a ReLU6, which rounds it; `* (1 / 6)` is rounded itself.
-    assert consumers == {"Add": "ReLU", "Multiply": "FakeQuant"}
+    # `x + 3.0` feeds only a ReLU6, fused into its rounding (the FakeQuant
+    # after it applies it); `* (1 / 6)` is rounded itself.
+    assert {op: type(layer).__name__ for op, layer in consumers.items()} == {
+        "Add": "FakeQuant",
+        "Multiply": "FakeQuant",
+    }
+    assert (consumers["Add"].activation, consumers["Multiply"].activation) == ("relu6", None)
     x = np.random.default_rng(3).uniform(-6, 6, (256, 4)).astype("float32")
     qmodel.compile(optimizer="sgd", loss="mse")
     qmodel.train_on_batch(x, np.zeros((256, 2), "float32"))

@@ -212,3 +212,50 @@ def test_range_shape_must_match_channels():
         quantizers.fake_quant(tf.zeros((2, 3)), [-1.0] * 3, [1.0] * 3)
     with pytest.raises(ValueError, match="floating-point"):
         quantizers.fake_quant(tf.zeros((2, 3), tf.int32), -1.0, 1.0)
+
+
+def _boundary_inputs(min_val, max_val, num_bits, narrow_range):
+    """Random values plus the nudged bounds, 0, 6 and their float32 neighbours."""
+    nudged_min, nudged_max, _ = reference.nudge(min_val, max_val, num_bits, narrow_range)
+    edges = np.array([nudged_min, nudged_max, 0.0, 6.0], np.float32)
+    around = np.concatenate(
+        [edges, np.nextafter(edges, np.float32(np.inf)), np.nextafter(edges, np.float32(-np.inf))]
+    )
+    rng = np.random.default_rng(7)
+    return np.concatenate([around, rng.uniform(-9, 9, 500).astype(np.float32)])
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+@pytest.mark.parametrize(
+    "min_val, max_val, num_bits, narrow_range",
+    [(-2.0, 5.0, 8, False), (0.0, 6.0, 8, False), (0.0, 3.7, 4, True), (-1.3, 8.2, 7, False)],
+)
+def test_training_fake_quant_equals_the_two_tensorflow_ops(
+    activation, min_val, max_val, num_bits, narrow_range
+):
+    """Forward: fake_quant(activation(x)); gradient: TensorFlow's own
+    gradients of the activation op and the fake-quant op, chained."""
+    x = tf.constant(_boundary_inputs(min_val, max_val, num_bits, narrow_range))
+    ops = {None: tf.identity, "relu": tf.nn.relu, "relu6": tf.nn.relu6}
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        expected = tf.quantization.fake_quant_with_min_max_vars(
+            ops[activation](x), min_val, max_val, num_bits=num_bits, narrow_range=narrow_range
+        )
+        got = quantizers.fake_quant_for_training(
+            x, min_val, max_val, num_bits, narrow_range=narrow_range, activation=activation
+        )
+    np.testing.assert_array_equal(got, expected)
+    dy = tf.constant(np.random.default_rng(3).uniform(0.5, 1.5, x.shape), tf.float32)
+    np.testing.assert_array_equal(
+        tape.gradient(got, x, output_gradients=dy), tape.gradient(expected, x, output_gradients=dy)
+    )
+
+
+def test_training_fake_quant_keeps_half_precision_inputs():
+    x = tf.constant([-1.0, 0.25, 3.0], tf.float16)
+    y = quantizers.fake_quant_for_training(x, -1.0, 1.0, 8, symmetric=True)
+    assert y.dtype == tf.float16
+    np.testing.assert_allclose(
+        y.numpy(), reference.fake_quant([-1.0, 0.25, 3.0], -1, 1, symmetric=True), atol=1e-3
+    )

@@ -215,6 +215,14 @@ class FakeQuant(Quantizer):
     whose integer kernels fix their range, such as sigmoid (`[0, 255/256]`,
     TFLite's scale 1/256) and tanh (`[-1, 127/128]`, scale 1/128).
 
+    With `activation="relu"` or `"relu6"` the layer quantizes
+    `activation(inputs)`: the activation that an integer kernel fuses into
+    the op before it, as the clamp it is there. The range is learned from the
+    activation's output. In training the two are one op whose backward pass
+    keeps a boolean mask instead of two float tensors
+    (`quantizers.fake_quant_for_training`): `convert_quant_network` moves a
+    fused ReLU / ReLU6 into the `FakeQuant` after it for that.
+
     Called with `return_grid=True`, the layer also returns its *grid*: the
     step of the output's grid (a float32 scalar) when this call quantized,
     else 0. A quantized layer that consumes the output takes it as its
@@ -232,6 +240,8 @@ class FakeQuant(Quantizer):
         quant_delay: Number of training steps before quantization starts.
         fixed_range: `None` to learn the range, or a finite `(min, max)` pair
             with `min <= 0 <= max`, `min < max`, that is used as it is.
+        activation: `None`, `"relu"` or `"relu6"`: an activation applied
+            before quantizing, fused as integer kernels fuse it.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Input shape:
@@ -264,6 +274,7 @@ class FakeQuant(Quantizer):
         ema_decay=DEFAULT_EMA_DECAY,
         quant_delay=0,
         fixed_range=None,
+        activation=None,
         **kwargs,
     ):
         super().__init__(
@@ -278,6 +289,7 @@ class FakeQuant(Quantizer):
         self.ema = check_bool("ema", ema)
         self.ema_decay = check_fraction("ema_decay", ema_decay)
         self.fixed_range = _check_fixed_range(fixed_range, self.per_channel)
+        self.activation = _check_activation(activation)
         self.supports_masking = True
 
     def build(self, input_shape):
@@ -325,7 +337,7 @@ class FakeQuant(Quantizer):
         # A statistic of the batch, not a function to differentiate: without
         # stop_gradient the fake quant's range gradient would flow back
         # through the min / max into x, at the cost of two more passes.
-        batch_range = quantizers.batch_range(x, self._reduce_axes)
+        batch_range = self._batch_range(x)
         batch_min, batch_max = across_replicas(*(tf.stop_gradient(v) for v in batch_range))
         finite = tf.logical_and(tf.math.is_finite(batch_min), tf.math.is_finite(batch_max))
         first = tf.logical_and(tf.equal(self.min, 0.0), tf.equal(self.max, 0.0))
@@ -336,6 +348,16 @@ class FakeQuant(Quantizer):
             updated.append(tf.where(finite, moved, variable))
             variable.assign(updated[-1])
         return tuple(updated)
+
+    def _batch_range(self, x):
+        """`(min, max)` of the batch as this layer quantizes it: of
+        `activation(x)`, whose min is 0 (so only the max is reduced)."""
+        if self.activation is None:
+            return quantizers.batch_range(x, self._reduce_axes)
+        high = tf.maximum(tf.reduce_max(tf.cast(x, tf.float32), self._reduce_axes), 0.0)
+        upper = quantizers.FUSED_CLAMPS[self.activation][1]
+        high = high if upper is None else tf.minimum(high, upper)
+        return tf.zeros_like(high), high
 
     def observe(self, inputs, training=False):
         """Returns `(min, max, active)` for quantizing this call's inputs.
@@ -354,15 +376,35 @@ class FakeQuant(Quantizer):
             active = tf.logical_and(active, self.has_range())
         return self.min, self.max, active
 
-    def quantize_with(self, x, min_val, max_val, active):
-        """Fake-quantizes `x` with the range from `observe` when `active`."""
+    def quantize_with(self, x, min_val, max_val, active, training=False):
+        """Fake-quantizes `activation(x)` with the range from `observe` when
+        `active` (else returns `activation(x)`); in training, per tensor, as
+        one op with a light backward pass."""
+        if training and not self.per_channel:
+
+            def quantize():
+                return quantizers.fake_quant_for_training(
+                    x,
+                    min_val,
+                    max_val,
+                    self.num_bits,
+                    self.symmetric,
+                    self.narrow_range,
+                    self.activation,
+                )
+
+        else:
+
+            def quantize():
+                return self.fake_quant(self.activate(x), min_val, max_val, self.axis)
+
         if active is True:
-            return self.fake_quant(x, min_val, max_val, self.axis)
-        return tf.cond(
-            active,
-            lambda: self.fake_quant(x, min_val, max_val, self.axis),
-            lambda: tf.identity(x),
-        )
+            return quantize()
+        return tf.cond(active, quantize, lambda: tf.identity(self.activate(x)))
+
+    def activate(self, x):
+        """`x` through this layer's fused activation, if any."""
+        return quantizers.fused_activation(x, self.activation)
 
     def grid(self, min_val, max_val, active):
         """The step of the output grid when `active`, else 0 (float32)."""
@@ -377,7 +419,7 @@ class FakeQuant(Quantizer):
 
     def call(self, inputs, training=False, return_grid=False):
         min_val, max_val, active = self.observe(inputs, training)
-        outputs = self.quantize_with(inputs, min_val, max_val, active)
+        outputs = self.quantize_with(inputs, min_val, max_val, active, training)
         if return_grid:
             return outputs, self.grid(min_val, max_val, active)
         return outputs
@@ -395,6 +437,7 @@ class FakeQuant(Quantizer):
             ema=self.ema,
             ema_decay=self.ema_decay,
             fixed_range=self.fixed_range,
+            activation=self.activation,
         )
         return config
 
@@ -405,6 +448,17 @@ def with_grid_spec(outputs, return_grid):
     if return_grid:
         return outputs, keras.KerasTensor((), "float32")
     return outputs
+
+
+def _check_activation(activation):
+    """Returns `activation` if it is None or a fused activation's name."""
+    if activation is None or activation in quantizers.FUSED_CLAMPS:
+        return activation
+    raise ValueError(
+        "Received an invalid value for `activation`, expected None or one of "
+        f"{sorted(quantizers.FUSED_CLAMPS)} (the activations integer kernels fuse). "
+        f"Received: activation={activation!r}"
+    )
 
 
 def _check_fixed_range(fixed_range, per_channel):

@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from keras_qat import quantizers
-from keras_qat.layers.fake_quant import FakeQuant, with_grid_spec
+from keras_qat.layers.fake_quant import FakeQuant, is_tracing_for_export, with_grid_spec
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -70,12 +70,12 @@ class QuantConcatenate(keras.layers.Concatenate):
         flags = self.quantize_inputs or [True] * len(inputs)
         min_val, max_val, active = quantizer.observe(super().call(inputs), training)
         inputs = [
-            quantizer.quantize_with(x, min_val, max_val, active) if flag else x
+            quantizer.quantize_with(x, min_val, max_val, active, training) if flag else x
             for x, flag in zip(inputs, flags)
         ]
         outputs = super().call(inputs)
         if not all(flags):  # else already on the shared grid
-            outputs = quantizer.quantize_with(outputs, min_val, max_val, active)
+            outputs = quantizer.quantize_with(outputs, min_val, max_val, active, training)
         if return_grid:
             return outputs, quantizer.grid(min_val, max_val, active)
         return outputs
@@ -141,12 +141,13 @@ class QuantAveragePooling2D(keras.layers.AveragePooling2D):
     def call(self, inputs, training=False, return_grid=False):
         quantizer = self.quantizer
         min_val, max_val, active = quantizer.observe(inputs, training)
-        pooled = super().call(quantizer.quantize_with(inputs, min_val, max_val, active))
-        if active is True:  # traced for export: the converter reads the range
+        pooled = super().call(quantizer.quantize_with(inputs, min_val, max_val, active, training))
+        if is_tracing_for_export():  # the converter reads the range from a fake quant
             outputs = quantizer.quantize_with(pooled, min_val, max_val, active)
         else:
-            rounded = self.round_average(pooled, min_val, max_val)
-            outputs = tf.where(active, rounded, pooled)
+            outputs = self.round_average(pooled, min_val, max_val)
+            if active is not True:
+                outputs = tf.where(active, outputs, pooled)
         if return_grid:
             return outputs, quantizer.grid(min_val, max_val, active)
         return outputs

@@ -14,7 +14,7 @@ bias is an edge of the Keras graph, saved and loaded with it.
 
 import keras
 
-from keras_qat import graph, int8_rules
+from keras_qat import graph, int8_rules, quantizers
 from keras_qat.config import DEFAULT_FREEZE_BN, QuantOptions
 from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
 from keras_qat.layers.fake_quant import FakeQuant
@@ -324,8 +324,9 @@ class _Placement:
 
     # Quantizers.
 
-    def fake_quant(self, name, fixed_range=None):
-        """A new `FakeQuant` named `<name>_quant` (made unique)."""
+    def fake_quant(self, name, fixed_range=None, activation=None):
+        """A new `FakeQuant` named `<name>_quant` (made unique), applying a
+        fused `activation` (None, "relu", "relu6") before it quantizes."""
         base = candidate = f"{name}_quant"
         suffix = 1
         while candidate in self.names:  # Keras operations may share a name with a layer
@@ -333,7 +334,10 @@ class _Placement:
             candidate = f"{base}_{suffix}"
         self.names.add(candidate)
         return FakeQuant(
-            name=candidate, fixed_range=fixed_range, **self.options.activation_options()
+            name=candidate,
+            fixed_range=fixed_range,
+            activation=activation,
+            **self.options.activation_options(),
         )
 
     def apply_quantizer(self, quantizer, tensor, with_grid):
@@ -345,13 +349,23 @@ class _Placement:
         self.grids[id(outputs)] = grid
         return outputs
 
-    def quantize_output(self, operation, outputs, fixed_range=None, name=None):
+    def quantize_output(self, operation, outputs, fixed_range=None, name=None, activation=None):
         """A `FakeQuant` on `operation`'s result, unless its consumers round
-        it (a fixed range is always kept: the kernel's output has it)."""
+        it (a fixed range is always kept: the kernel's output has it); with
+        `activation`, the fused activation that the `FakeQuant` applies."""
         if fixed_range is None and self.rounded_by_consumers(operation):
-            return outputs
-        quantizer = self.fake_quant(name or operation.name, fixed_range)
+            return quantizers.fused_activation(outputs, activation)
+        quantizer = self.fake_quant(name or operation.name, fixed_range, activation)
         return self.apply_quantizer(quantizer, outputs, self.needs_grid(operation))
+
+    def moves_activation(self, layer):
+        """The fused activation ("relu", "relu6") of fusion layer `layer` that
+        moves into the `FakeQuant` after it, or None (no such activation, or
+        no `FakeQuant` after it: its consumers round its result)."""
+        name = int8_rules.activation_name(layer.activation)
+        if name not in int8_rules.FUSED_ACTIVATIONS or self.rounded_by_consumers(layer):
+            return None
+        return name
 
     def quantize_model_input(self, tensor):
         """The `FakeQuant` output of a float model input; other values
@@ -459,8 +473,9 @@ def _quantized_clone(self, layer):
     config["weight_quantizer"] = self.options.weight_options(self.graph.call_count(layer))
     if self.options.bn_fold and layer.has_bn:
         plain, config["freeze_bn"] = folded, self.options.freeze_bn
-    if not _fuses_activation(layer):
-        config["activation"] = None  # applied after, between two FakeQuants
+    if not _fuses_activation(layer) or self.moves_activation(layer):
+        # Applied after: between two FakeQuants, or by the FakeQuant after it.
+        config["activation"] = None
     return plain(**config)
 
 
@@ -469,7 +484,7 @@ def _place_fusion(self, layer, args, kwargs):
     new = self.clones.of(layer, lambda: _quantized_clone(self, layer))
     outputs = new(args[0], **self.grid_of(args[0]))
     if _fuses_activation(layer):
-        return self.quantize_output(layer, outputs)
+        return self.quantize_output(layer, outputs, activation=self.moves_activation(layer))
     outputs = self.fake_quant(layer.name)(outputs)
     name = f"{layer.name}_activation"
     outputs = _activation_layer(self, layer.activation, name)(outputs)
@@ -501,6 +516,18 @@ def _place_rounding_layer(self, layer, args, kwargs):
     return self.quantize_output(layer, outputs, int8_rules.fixed_output_range(layer))
 
 
+def _moves_into_fake_quant(self, layer):
+    """A ReLU / ReLU6 layer with a `FakeQuant` after it: that `FakeQuant`
+    applies it (the integer op before it clamps to its grid)."""
+    return int8_rules.is_fused_activation(layer) and not self.rounded_by_consumers(layer)
+
+
+def _place_fused_activation(self, layer, args, kwargs):
+    """A `FakeQuant(activation=...)` in place of the activation layer."""
+    activation = int8_rules.fused_activation(layer)
+    return self.quantize_output(layer, args[0], activation=activation)
+
+
 def _place_grid_keeping(self, layer, args, kwargs):
     """Kept as it is; its output lies on its input's grid."""
     outputs = self.clones.of(layer)(*args, **kwargs)
@@ -517,6 +544,7 @@ PLACEMENT_RULES = (
     (lambda self, op: isinstance(op, keras.layers.Concatenate), _place_concatenation),
     (_is_shared_grid_pooling, _place_shared_grid_pooling),
     (lambda self, op: isinstance(op, FusionLayer), _place_fusion),
+    (_moves_into_fake_quant, _place_fused_activation),
     (lambda self, op: isinstance(op, int8_rules.ROUNDING_LAYERS), _place_rounding_layer),
     (lambda self, op: True, _place_grid_keeping),
 )
