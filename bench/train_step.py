@@ -19,7 +19,7 @@ Model Optimization on Keras 2, by `bench/tfmot_train_step.py` in its own
 virtual environment (`bash bench/setup_tfmot.sh` creates `.venv-tfmot`).
 
 Usage:
-    python bench/train_step.py [--jit_compile both] [--impl both] [--rounds 15]
+    python bench/train_step.py [--jit_compile both] [--impl both] [--rounds 60]
 """
 
 import json
@@ -45,8 +45,8 @@ import keras_qat as kq  # noqa: E402
 
 BATCH_SIZES = {"lenet5": 128, "lenet5_bn": 128, "resnet20": 64}
 
-flags.DEFINE_integer("rounds", 15, "Interleaved timing rounds.")
-flags.DEFINE_integer("steps", 5, "Training steps per model per round.")
+flags.DEFINE_integer("rounds", 60, "Interleaved timing rounds.")
+flags.DEFINE_integer("steps", 1, "Training steps per model per round.")
 flags.DEFINE_enum("jit_compile", "both", ["off", "on", "both"], "XLA compilation of the step.")
 flags.DEFINE_list("networks", ["lenet5", "lenet5_bn", "resnet20"], "Networks to time.")
 flags.DEFINE_list("bn_fold", ["true", "false"], "bn_fold values (networks with BatchNorm only).")

@@ -3,23 +3,20 @@
 1. Define LeNet-5 as a fusion network (Conv2DBnAct / DenseBnAct).
 2. Train it in float and save it.
 3. Load the float model, convert it with `convert_quant_network`
-   (quant_delay=900, per-channel weights, asymmetric ranges) and QAT-train
-   it from the float weights.
+   (quant_delay=900, the default TFLite int8 scheme: symmetric narrow-range
+   weights, per channel for the convolutions and per tensor for the dense
+   layers, asymmetric activations) and QAT-train it from the float weights.
 4. Evaluate (int8-simulated accuracy), save, and print a table.
 5. With --export_tflite: write the int8 TFLite model, evaluate it on the
    full test set and compare it with the Keras model.
 
-TFLite's int8 kernels need symmetric weights with zero point 0, so with
---export_tflite the weights are quantized with symmetric=True and
-narrow_range=True; without it the example uses MindSpore's lenet_quant
-settings (asymmetric weights).
+MindSpore's lenet_quant quantizes the weights asymmetrically and per
+channel (`--mindspore_weights`); TFLite's int8 kernels need weight zero
+point 0, so such a model trains and evaluates but does not export.
 
-With --export_tflite the weights are also per tensor unless
---per_channel_weights is given: TFLite stores a float32 scale and an int64
-zero point for each channel of every per-channel weight and bias tensor,
-5.7 KB (8 %) of LeNet's int8 model, whose 236 output channels are mostly in
-its Dense layers. Both models are written without tensor names
-(`strip_names=True`), so the size ratio compares like with like.
+Both TFLite models are written without tensor names (`strip_names=True`),
+so the size ratio compares like with like. TensorFlow's own logging of the
+export is shown with --verbose.
 
 Usage:
     bash scripts/get_data.sh mnist
@@ -58,11 +55,19 @@ flags.DEFINE_integer(
     "limit_train", 0, "Use only this many training images (0: all); for smoke runs."
 )
 flags.DEFINE_integer("seed", 1, "Random seed.")
+flags.DEFINE_bool("verbose", False, "Show TensorFlow's own logging of the TFLite export.")
 flags.DEFINE_bool("export_tflite", False, "Export, evaluate and compare an int8 TFLite model.")
 flags.DEFINE_bool(
     "per_channel_weights",
     None,
-    "Per-channel weight ranges (default: per channel unless --export_tflite).",
+    "Per-channel weight ranges for every layer, or per tensor for every layer "
+    "(default: keras-qat's default, per channel for convolutions only).",
+)
+flags.DEFINE_bool(
+    "mindspore_weights",
+    False,
+    "MindSpore's lenet_quant weights: asymmetric, full range, per channel. Cannot be "
+    "combined with --export_tflite (TFLite's int8 weights are symmetric).",
 )
 FLAGS = flags.FLAGS
 
@@ -92,9 +97,12 @@ def export(float_path, qat_path, data):
     qat_network = keras.saving.load_model(qat_path)
     _, (x_test, y_test) = data
     int8_path = os.path.join(FLAGS.output_dir, "lenet_int8.tflite")
-    int8_bytes = kq.export_tflite(qat_network, int8_path, strip_names=True)
+    int8_bytes = kq.export_tflite(qat_network, int8_path, strip_names=True, verbose=FLAGS.verbose)
     float_bytes = kq.export_float_tflite(
-        network, os.path.join(FLAGS.output_dir, "lenet_float.tflite"), strip_names=True
+        network,
+        os.path.join(FLAGS.output_dir, "lenet_float.tflite"),
+        strip_names=True,
+        verbose=FLAGS.verbose,
     )
     tflite_out, _ = kq.run_tflite(int8_bytes, x_test)
     report = kq.compare_tflite(qat_network, int8_bytes, x_test)
@@ -109,6 +117,11 @@ def export(float_path, qat_path, data):
 
 def main(argv):
     del argv
+    if FLAGS.mindspore_weights and FLAGS.export_tflite:
+        raise app.UsageError(
+            "--mindspore_weights (asymmetric weights) cannot be exported to int8 TFLite, "
+            "whose weights have zero point 0. Received: --mindspore_weights --export_tflite"
+        )
     keras.utils.set_random_seed(FLAGS.seed)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     strategy = strategies.make_strategy(FLAGS.strategy, FLAGS.tpu)
@@ -138,17 +151,13 @@ def train_both(data, strategy, float_path, qat_path):
 
     # A trained float network converts with its weights.
     network = keras.saving.load_model(float_path)
-    symmetric_weights = FLAGS.export_tflite  # TFLite int8 weights: zero point 0
     per_channel = FLAGS.per_channel_weights
-    if per_channel is None:
-        per_channel = not FLAGS.export_tflite
+    options = {} if per_channel is None else {"per_channel": [per_channel, False]}
+    if FLAGS.mindspore_weights:
+        per_channel = True
+        options = {"per_channel": [True, False], "symmetric": [False, False]}
     qat_network = kq.convert_quant_network(
-        network,
-        quant_delay=FLAGS.quant_delay,
-        bn_fold=False,
-        per_channel=[per_channel, False],
-        symmetric=[symmetric_weights, False],
-        narrow_range=[symmetric_weights, False],
+        network, quant_delay=FLAGS.quant_delay, bn_fold=False, **options
     )
     qat_accuracy, qat_epoch = train(qat_network, data, FLAGS.qat_epochs, FLAGS.qat_lr, strategy)
     qat_network.save(qat_path)
@@ -160,7 +169,8 @@ def train_both(data, strategy, float_path, qat_path):
         "float_epochs": FLAGS.float_epochs,
         "qat_epochs": FLAGS.qat_epochs,
         "train_images": int(len(data[0][0])),
-        "per_channel_weights": per_channel,
+        "per_channel_weights": "conv only" if per_channel is None else per_channel,
+        "mindspore_weights": FLAGS.mindspore_weights,
         "strategy": FLAGS.strategy,
         "replicas": strategy.num_replicas_in_sync,
     }

@@ -10,6 +10,7 @@ if _keras.config.backend() != "tensorflow":
         "before importing keras."
     )
 
+from keras_qat import callbacks
 from keras_qat.export.inspect import compare_tflite, run_tflite, tflite_interpreter
 from keras_qat.export.litert import (
     check_exportable,
@@ -30,6 +31,8 @@ from keras_qat.layers.quantized import (
 )
 from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
 from keras_qat.quantizers import fake_quant
+from keras_qat.report import QuantReport, quant_report
+from keras_qat.sensitivity import SensitivityResult, sensitivity
 from keras_qat.transforms.fuse import fuse
 from keras_qat.transforms.place import convert_quant_network
 
@@ -49,8 +52,11 @@ __all__ = [
     "QuantDepthwiseConv2DBnAct",
     "QuantDepthwiseConv2DBnFoldAct",
     "QuantHardSigmoid",
+    "QuantReport",
     "QuantSwish",
+    "SensitivityResult",
     "WeightQuantizer",
+    "callbacks",
     "check_exportable",
     "compare_tflite",
     "convert_quant_network",
@@ -58,7 +64,9 @@ __all__ = [
     "export_tflite",
     "fake_quant",
     "fuse",
+    "quant_report",
     "run_tflite",
+    "sensitivity",
     "strip_tflite_names",
     "tflite_interpreter",
 ]

@@ -71,6 +71,11 @@ def check_fraction(name, value):
     return float(value)
 
 
+def check_optional_bool(name, value):
+    """Returns `value` as a Python bool, or None; raises otherwise."""
+    return None if value is None else check_bool(name, value)
+
+
 def as_pair(name, value):
     """Returns `value` as a `(weights, activations)` tuple: a single value
     applies to both."""
@@ -94,15 +99,20 @@ class QuantOptions:
     """The validated options of `convert_quant_network`.
 
     Each pair field holds `(weights, activations)`. Build it with
-    `QuantOptions.from_args`, which validates; the converter passes
-    `weight_options()` to each layer's `WeightQuantizer` and
-    `activation_options()` to each `FakeQuant`.
+    `QuantOptions.from_args`, which validates and resolves the defaults;
+    the converter passes `weight_options()` to each layer's
+    `WeightQuantizer` and `activation_options()` to each `FakeQuant`.
+
+    The defaults are TFLite's int8 scheme: symmetric weights on the narrow
+    grid (zero point 0, levels -127..127), asymmetric activations on the full
+    grid. `per_channel[0]` may stay None: per channel for convolution
+    kernels, per tensor for dense ones (the converter decides per layer).
     """
 
     num_bits: tuple = (DEFAULT_NUM_BITS, DEFAULT_NUM_BITS)
-    per_channel: tuple = (False, False)
-    symmetric: tuple = (False, False)
-    narrow_range: tuple = (False, False)
+    per_channel: tuple = (None, False)
+    symmetric: tuple = (True, False)
+    narrow_range: tuple = (True, False)
     quant_delay: tuple = (0, 0)
     bn_fold: bool = True
     freeze_bn: int = DEFAULT_FREEZE_BN
@@ -113,12 +123,16 @@ class QuantOptions:
     ):
         """Validates user arguments and returns the options.
 
+        `narrow_range` None (or a None entry) means narrow where symmetric;
+        `per_channel` None for weights means per layer kind (see the class
+        docstring).
+
         Raises:
             ValueError: naming the argument, for a pair of the wrong length,
                 a bit width outside `[2, 16]`, a non-boolean flag, a negative
                 or non-integer count, or per-channel activations.
         """
-        per_channel = _pair_of("per_channel", per_channel, check_bool)
+        per_channel = _pair_of("per_channel", per_channel, check_optional_bool)
         if per_channel[1]:
             raise ValueError(
                 "Received an invalid value for `per_channel`: activations "
@@ -126,19 +140,24 @@ class QuantOptions:
                 "scale per activation tensor). Use per_channel=[True, False] "
                 f"for per-channel weights. Received: per_channel={per_channel!r}"
             )
+        symmetric = _pair_of("symmetric", symmetric, check_bool)
+        narrow_range = _pair_of("narrow_range", narrow_range, check_optional_bool)
         return cls(
             num_bits=_pair_of("num_bits", num_bits, lambda n, v: check_num_bits(v, n)),
-            per_channel=per_channel,
-            symmetric=_pair_of("symmetric", symmetric, check_bool),
-            narrow_range=_pair_of("narrow_range", narrow_range, check_bool),
+            per_channel=(per_channel[0], bool(per_channel[1])),
+            symmetric=symmetric,
+            narrow_range=tuple(s if n is None else n for s, n in zip(symmetric, narrow_range)),
             quant_delay=_pair_of("quant_delay", quant_delay, check_int),
             bn_fold=check_bool("bn_fold", bn_fold),
             freeze_bn=check_int("freeze_bn", freeze_bn),
         )
 
-    def weight_options(self, calls_per_step=1):
-        """Keyword arguments of a layer's `WeightQuantizer`."""
-        return self._options(0, calls_per_step, per_channel=self.per_channel[0])
+    def weight_options(self, calls_per_step=1, per_channel=False):
+        """Keyword arguments of a layer's `WeightQuantizer`; `per_channel`
+        applies where the option `per_channel[0]` is None."""
+        if self.per_channel[0] is not None:
+            per_channel = self.per_channel[0]
+        return self._options(0, calls_per_step, per_channel=per_channel)
 
     def activation_options(self, calls_per_step=1):
         """Keyword arguments of a `FakeQuant` on activations."""

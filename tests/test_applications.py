@@ -29,8 +29,8 @@ EXPORTABLE = dict(per_channel=[True, False], symmetric=[True, False], narrow_ran
 # (constructor, input size, extra arguments, what the network brings)
 NETWORKS = {
     "MobileNetV2": (96, dict(alpha=0.35)),  # depthwise, ReLU6, inverted residuals
-    "ResNet50": (64, {}),  # conv + BN, ZeroPadding2D, MaxPooling2D, Add
-    "ResNet50V2": (64, {}),  # pre-activation: BatchNorm after no conv
+    "ResNet50": (32, {}),  # conv + BN, ZeroPadding2D, MaxPooling2D, Add
+    "ResNet50V2": (32, {}),  # pre-activation: BatchNorm after no conv
     "MobileNetV3Small": (64, {}),  # Rescaling, hard-swish, SE Multiply, x + 3 ops
 }
 

@@ -2,6 +2,7 @@ import keras
 import numpy as np
 import pytest
 
+import keras_qat as kq
 from keras_qat import (
     Conv2DBnAct,
     DenseBnAct,
@@ -323,3 +324,54 @@ def test_softmax_and_sigmoid_layers_get_the_fixed_int8_ranges():
     qmodel = convert_quant_network(keras.Model(inputs, [probabilities, gate]))
     assert qmodel.get_layer("probabilities_quant").fixed_range == (0.0, 255 / 256)
     assert qmodel.get_layer("gate_quant").fixed_range == (0.0, 255 / 256)
+
+
+def _conv_dense_model():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    x = keras.layers.Dense(5, name="dense")(keras.layers.Flatten()(x))
+    return keras.Model(inputs, x)
+
+
+def test_default_options_are_tflites_int8_scheme_and_export():
+    qmodel = convert_quant_network(_conv_dense_model())
+    conv, dense = (
+        qmodel.get_layer("conv").weight_quantizer,
+        qmodel.get_layer("dense").weight_quantizer,
+    )
+    assert (conv.symmetric, conv.narrow_range, conv.per_channel) == (True, True, True)
+    assert (dense.symmetric, dense.narrow_range, dense.per_channel) == (True, True, False)
+    activations = [layer for layer in qmodel.layers if isinstance(layer, FakeQuant)]
+    assert all(not (q.symmetric or q.narrow_range or q.per_channel) for q in activations)
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 8, 8, 3)).astype("float32")
+    qmodel.compile(optimizer="sgd", loss="mse")
+    qmodel.fit(x, np.zeros((16, 5)), verbose=0)
+    report = kq.compare_tflite(qmodel, kq.export_tflite(qmodel), x)
+    assert report["within_one_step"] == 1.0, report
+
+
+def test_mindspores_example_call_means_what_it_means_in_mindspore():
+    qmodel = convert_quant_network(
+        _conv_dense_model(),
+        quant_delay=900,
+        bn_fold=False,
+        per_channel=[True, False],
+        symmetric=[False, False],
+    )
+    for name in ("conv", "dense"):
+        quantizer = qmodel.get_layer(name).weight_quantizer
+        assert (quantizer.symmetric, quantizer.narrow_range, quantizer.per_channel) == (
+            False,
+            False,
+            True,
+        )
+        assert quantizer.quant_delay == 900
+
+
+def test_per_tensor_dense_weights_become_per_channel_before_an_unfolded_batchnorm():
+    inputs = keras.Input((6,))
+    x = keras.layers.BatchNormalization()(keras.layers.Dense(4, name="dense")(inputs))
+    qmodel = convert_quant_network(keras.Model(inputs, x), bn_fold=False)
+    assert qmodel.get_layer("dense").weight_quantizer.per_channel
+    qmodel = convert_quant_network(keras.Model(inputs, x))  # folded: per tensor is exact
+    assert not qmodel.get_layer("dense").weight_quantizer.per_channel

@@ -58,31 +58,36 @@ def test_corrupt_file_is_rejected(tmp_path):
         idx_data.read_idx(str(path))
 
 
+def run_example(script, *flags, timeout=600):
+    """Runs `examples/<script>` with `flags`; the completed process."""
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", script), *flags],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.mark.slow
 def test_lenet_example_end_to_end(tmp_path):
     data_dir, out_dir = tmp_path / "data", tmp_path / "out"
     data_dir.mkdir()
     write_dataset(str(data_dir), 640, 200, compress=True)
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "examples", "lenet_quant.py"),
-            f"--data_dir={data_dir}",
-            f"--output_dir={out_dir}",
-            "--float_epochs=3",
-            "--qat_epochs=2",
-            "--quant_delay=5",
-            "--batch_size=32",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_example(
+        "lenet_quant.py",
+        f"--data_dir={data_dir}",
+        f"--output_dir={out_dir}",
+        "--float_epochs=3",
+        "--qat_epochs=2",
+        "--quant_delay=5",
+        "--batch_size=32",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "QAT (int8 simulated)" in result.stdout
     results = json.loads((out_dir / "results.json").read_text())
     assert results["train_images"] == 640
     assert results["qat_accuracy"] > 0.9  # the bars are easy to learn
+    assert results["per_channel_weights"] == "conv only"  # keras-qat's default
     assert (out_dir / "lenet_qat.keras").exists()
 
 
@@ -113,6 +118,7 @@ def test_lenet_example_with_two_workers(tmp_path):
                 "--quant_delay=2",
                 "--batch_size=32",
                 "--export_tflite",
+                "--noper_channel_weights",
             ],
             env=dict(
                 os.environ,
@@ -139,3 +145,16 @@ def test_lenet_example_with_two_workers(tmp_path):
     assert results["within_one_step"] >= 0.99
     # Issue 4's size target: per-tensor weights, names stripped from both models.
     assert results["per_channel_weights"] is False and results["size_ratio"] <= 0.27
+    # The report example reads the models the run wrote.
+    report = run_example(
+        "quant_report.py",
+        f"--model_dir={out_dir}",
+        f"--data_dir={data_dir}",
+        "--samples=64",
+        "--sensitivity",
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "conv1_quant" in report.stdout and "suggested skip_layers" in report.stdout
+    rows = json.loads((out_dir / "quant_report.json").read_text())
+    assert [row["tensor"] for row in rows][:3] == ["image_quant", "conv1/kernel", "conv1_quant"]
+    assert (out_dir / "quant_report.png").stat().st_size > 10_000

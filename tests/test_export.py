@@ -226,7 +226,7 @@ def test_export_refuses_what_int8_cannot_run():
     uncalibrated = kq.convert_quant_network(model, **EXPORTABLE)
     with pytest.raises(ValueError, match="never seen a training batch"):
         kq.export_tflite(uncalibrated)
-    asymmetric = calibrate(kq.convert_quant_network(model), x)
+    asymmetric = calibrate(kq.convert_quant_network(model, symmetric=False), x)
     with pytest.raises(ValueError, match="asymmetric weights"):
         kq.export_tflite(asymmetric)
     delayed = calibrate(kq.convert_quant_network(model, quant_delay=100, **EXPORTABLE), x)
@@ -390,3 +390,34 @@ def test_lone_hard_swish_is_within_one_step_of_tflites_kernel():
         np.mean(steps < 0.5),
         steps.max(),
     )
+
+
+@pytest.mark.parametrize("verbose", [None, True])
+def test_export_keeps_tensorflows_logging_out_unless_asked(verbose, capfd):
+    import logging
+
+    inputs = keras.Input((4,))
+    qat = kq.convert_quant_network(
+        keras.Model(inputs, keras.layers.Dense(3)(inputs)),
+        per_channel=[True, False],
+        symmetric=[True, False],
+        narrow_range=[True, False],
+    )
+    x = np.random.default_rng(0).uniform(-1, 1, (8, 4)).astype("float32")
+    qat.compile(optimizer="sgd", loss="mse")
+    qat.fit(x, np.zeros((8, 3)), verbose=0)
+    logger = logging.getLogger("tensorflow")
+    handler = logging.StreamHandler()  # what absl.app's INFO logging amounts to
+    level, logger.level = logger.level, logging.INFO
+    logger.addHandler(handler)
+    try:
+        capfd.readouterr()
+        kq.compare_tflite(qat, kq.export_tflite(qat, verbose=verbose), x)
+        printed = capfd.readouterr()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    if verbose:
+        assert "Assets written" in printed.err
+    else:
+        assert printed.out == "" and printed.err == "", printed

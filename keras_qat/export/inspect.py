@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_qat import graph
+from keras_qat.export.quiet import quiet
 
 # Ops that only convert between float and integer at the model's edges.
 _EDGE_OPS = {"QUANTIZE", "DEQUANTIZE"}
@@ -27,7 +28,13 @@ def tflite_ops(interpreter):
     return interpreter._get_ops_details()
 
 
-def tflite_interpreter(model_content, num_threads=None, default_delegates=True, allocate=True):
+def tflite_interpreter(
+    model_content,
+    num_threads=None,
+    default_delegates=True,
+    allocate=True,
+    preserve_all_tensors=False,
+):
     """Returns a TFLite interpreter for a flatbuffer, allocated by default.
 
     Uses LiteRT (`ai_edge_litert`, the optional `litert` extra) when it is
@@ -42,6 +49,8 @@ def tflite_interpreter(model_content, num_threads=None, default_delegates=True, 
         allocate: Whether to allocate the tensors (at the model's input
             shapes; an unknown dimension counts as 1, which some models
             cannot run with: resize the inputs first).
+        preserve_all_tensors: Whether intermediate tensors keep their values
+            after `invoke` (for inspection; needs `default_delegates=False`).
 
     Returns:
         An interpreter.
@@ -52,19 +61,21 @@ def tflite_interpreter(model_content, num_threads=None, default_delegates=True, 
         litert = None
     module = litert if litert is not None else tf.lite
     kwargs = {}
+    if preserve_all_tensors:
+        kwargs["experimental_preserve_all_tensors"] = True
     if not default_delegates:
         resolver = (
             litert.OpResolverType if litert is not None else tf.lite.experimental.OpResolverType
         )
         kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet():
         warnings.filterwarnings("ignore", message=".*deprecated.*")
         warnings.filterwarnings("ignore", message=".*LiteRT interpreter.*")
         interpreter = module.Interpreter(
             model_content=model_content, num_threads=num_threads, **kwargs
         )
-    if allocate:
-        interpreter.allocate_tensors()
+        if allocate:
+            interpreter.allocate_tensors()
     return interpreter
 
 
@@ -154,6 +165,61 @@ class _Runner:
         return [_from_output_type(r, d, s) for r, d, s in zip(results, self.outputs, self.scales)]
 
 
+class TensorProbe:
+    """Runs a TFLite model with every intermediate tensor kept.
+
+    TFLite's reference kernels run (no XNNPACK delegate, which would fuse
+    tensors away), so values can differ from a delegated run where the two
+    round differently. Inputs are given in the order of the model's
+    signature (the Keras model's input names), or by position for a
+    stripped model.
+
+    Args:
+        tflite_bytes: The flatbuffer.
+    """
+
+    def __init__(self, tflite_bytes):
+        self.interpreter = tflite_interpreter(
+            tflite_bytes, default_delegates=False, allocate=False, preserve_all_tensors=True
+        )
+        signatures = self.interpreter.get_signature_list()
+        if signatures:
+            name = next(iter(signatures))
+            details = self.interpreter.get_signature_runner(name).get_input_details()
+            self.inputs = [details[input_name] for input_name in signatures[name]["inputs"]]
+        else:
+            self.inputs = self.interpreter.get_input_details()
+
+    def computed_tensors(self):
+        """`[(index, name, scale, zero_point, shape)]` of the integer tensors
+        that an op computes (activations, not weights), per-tensor quantized;
+        `shape` without the batch axis."""
+        produced = {i for op in tflite_ops(self.interpreter) for i in op["outputs"]}
+        return [
+            (t["index"], t["name"], *t["quantization"], tuple(t["shape"][1:]))
+            for t in self.interpreter.get_tensor_details()
+            if t["index"] in produced
+            and t["dtype"] in (np.int8, np.int16)
+            and t["quantization"][0] > 0
+        ]
+
+    def run(self, batches):
+        """Runs one batch (a list of float arrays in input order)."""
+        quantized = [_to_input_type(b, d, self.interpreter) for b, d in zip(batches, self.inputs)]
+        for detail, batch in zip(self.inputs, quantized):
+            self.interpreter.resize_tensor_input(detail["index"], batch.shape)
+        with quiet():
+            self.interpreter.allocate_tensors()
+            for detail, batch in zip(self.inputs, quantized):
+                self.interpreter.set_tensor(detail["index"], batch)
+            self.interpreter.invoke()
+        return self
+
+    def real_value(self, index, scale, zero_point):
+        """Tensor `index` after `run`, dequantized."""
+        return (self.interpreter.get_tensor(index).astype(np.float64) - zero_point) * scale
+
+
 def _to_input_type(batch, detail, interpreter):
     batch = np.asarray(batch, np.float32)
     if detail["dtype"] == np.float32:
@@ -170,7 +236,7 @@ def _from_output_type(result, detail, quantization):
     return ((result.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
-def _as_input_list(x, names):
+def as_input_list(x, names):
     """`x` (an array, a list in `names` order, or a dict by name) as a list
     of arrays in `names` order; raises for empty or mismatched inputs."""
     if isinstance(x, dict):
@@ -219,11 +285,12 @@ def run_tflite(tflite_bytes, x, batch_size=256, num_threads=None):
         ValueError: for empty inputs or inputs that do not match the model's.
     """
     runner = _Runner(tflite_bytes, num_threads)
-    inputs = _as_input_list(x, runner.input_names)
-    batches = [
-        runner.run([v[start : start + batch_size] for v in inputs])
-        for start in range(0, len(inputs[0]), batch_size)
-    ]
+    inputs = as_input_list(x, runner.input_names)
+    with quiet():  # the runtime reports the delegate it applies at the first call
+        batches = [
+            runner.run([v[start : start + batch_size] for v in inputs])
+            for start in range(0, len(inputs[0]), batch_size)
+        ]
     outputs = [np.concatenate(parts) for parts in zip(*batches)]
     scales = [float(scale) for scale, _ in runner.scales]
     if len(outputs) == 1:
@@ -287,7 +354,7 @@ def compare_tflite(qmodel, tflite_bytes, x, batch_size=256):
         ValueError: for empty inputs or inputs that do not match the model's.
     """
     names = [graph.producer(tensor).name for tensor in qmodel.inputs]
-    inputs = _as_input_list(x, names)
+    inputs = as_input_list(x, names)
     keras_out = qmodel.predict(graph.pack_inputs(qmodel, inputs), batch_size=batch_size, verbose=0)
     # By name through the signature; a stripped model has none (by position).
     tflite_inputs = dict(zip(names, inputs)) if _Runner.has_signature(tflite_bytes) else inputs

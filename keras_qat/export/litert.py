@@ -18,9 +18,11 @@ import tensorflow as tf
 
 from keras_qat import graph
 from keras_qat.export.inspect import float_ops
+from keras_qat.export.quiet import quiet
 from keras_qat.layers import bn_folding
-from keras_qat.layers.fake_quant import FakeQuant, tracing_for_export
+from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import FusionLayer
+from keras_qat.layers.modes import tracing_for_export
 from keras_qat.transforms.common import Clones, clone
 
 
@@ -157,6 +159,7 @@ def export_tflite(
     allow_float_ops=False,
     select_tf_ops=False,
     strip_names=False,
+    verbose=None,
 ):
     """Converts a trained quantization network to an int8 TFLite model.
 
@@ -189,6 +192,9 @@ def export_tflite(
         strip_names: Whether to remove tensor names and signature
             definitions, the strings a deployed model does not need (see
             `strip_tflite_names`).
+        verbose: Whether to show TensorFlow's logging of the SavedModel
+            export and the conversion; `None` shows it only when
+            `TF_CPP_MIN_LOG_LEVEL=0` is set.
 
     Returns:
         The flatbuffer, as bytes.
@@ -223,13 +229,14 @@ def export_tflite(
             )
     _check_path(path)
     check_exportable(qmodel)
-    tflite_bytes = _convert(
-        qmodel,
-        input_type=tf.as_dtype(input_type),
-        output_type=tf.as_dtype(output_type),
-        select_tf_ops=select_tf_ops,
-    )
-    left = float_ops(tflite_bytes)
+    with quiet(verbose):
+        tflite_bytes = _convert(
+            qmodel,
+            input_type=tf.as_dtype(input_type),
+            output_type=tf.as_dtype(output_type),
+            select_tf_ops=select_tf_ops,
+        )
+        left = float_ops(tflite_bytes)
     if left and not allow_float_ops:
         raise ValueError(
             "The TFLite converter left float compute ops in the model: "
@@ -333,7 +340,7 @@ def strip_tflite_names(tflite_bytes):
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
-def export_float_tflite(model, path=None, strip_names=False):
+def export_float_tflite(model, path=None, strip_names=False, verbose=None):
     """Converts a float Keras model to a float32 TFLite model, as a baseline.
 
     Args:
@@ -342,12 +349,14 @@ def export_float_tflite(model, path=None, strip_names=False):
             `os.PathLike`, in an existing directory).
         strip_names: Whether to remove tensor names and signature
             definitions (see `strip_tflite_names`).
+        verbose: Whether to show TensorFlow's logging (as in
+            `export_tflite`).
 
     Returns:
         The flatbuffer, as bytes.
     """
     _check_path(path)
-    with tempfile.TemporaryDirectory() as directory:
+    with quiet(verbose), tempfile.TemporaryDirectory() as directory:
         saved_model = os.path.join(directory, "saved_model")
         _save_for_conversion(model, saved_model)
         tflite_bytes = tf.lite.TFLiteConverter.from_saved_model(saved_model).convert()

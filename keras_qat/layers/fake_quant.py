@@ -7,8 +7,6 @@ grid options, their validation, the step counter and the quant delay.
 """
 
 import collections
-import contextlib
-import threading
 
 import keras
 import tensorflow as tf
@@ -22,30 +20,7 @@ from keras_qat.config import (
     check_int,
     check_num_bits,
 )
-
-_export_state = threading.local()
-
-
-@contextlib.contextmanager
-def tracing_for_export():
-    """Within this context, quantizers quantize unconditionally in inference.
-
-    A trained quantization network checks at run time whether its quant delay
-    has passed. The TFLite converter cannot quantize through that choice, so
-    `export_tflite` traces the model inside this context, after checking that
-    every delay has passed and every range is calibrated.
-    """
-    previous = getattr(_export_state, "active", False)
-    _export_state.active = True
-    try:
-        yield
-    finally:
-        _export_state.active = previous
-
-
-def is_tracing_for_export():
-    """Whether the model is being traced by `export_tflite`."""
-    return getattr(_export_state, "active", False)
+from keras_qat.layers.modes import is_bypassed, is_tracing_for_export
 
 
 def across_replicas(batch_min, batch_max):
@@ -121,8 +96,9 @@ class Quantizer(keras.layers.Layer):
 
         The result is Python `True` while the model is traced for export
         and in training calls without a quant delay (no run-time choice, so
-        no control flow), else a boolean tensor: the delay has passed
-        (counted before this call).
+        no control flow), Python `False` in inference while quantization is
+        bypassed (`modes.quantization_bypassed`), else a boolean tensor: the
+        delay has passed (counted before this call).
         """
         if training:
             if self.quant_delay == 0:
@@ -133,6 +109,8 @@ class Quantizer(keras.layers.Layer):
             return self.steps(before) >= self.quant_delay
         if is_tracing_for_export():
             return True
+        if is_bypassed(self):
+            return False
         return self.steps() >= self.quant_delay
 
     def fake_quant(self, x, min_val, max_val, axis=-1):
@@ -372,7 +350,7 @@ class FakeQuant(Quantizer):
             min_val, max_val = self.update_range(inputs)
             return min_val, max_val, self.advance(training)
         active = self.advance(training)
-        if active is not True and self.fixed_range is None:
+        if active is not True and active is not False and self.fixed_range is None:
             active = tf.logical_and(active, self.has_range())
         return self.min, self.max, active
 
@@ -400,6 +378,8 @@ class FakeQuant(Quantizer):
 
         if active is True:
             return quantize()
+        if active is False:
+            return self.activate(x)
         return tf.cond(active, quantize, lambda: tf.identity(self.activate(x)))
 
     def activate(self, x):
@@ -414,6 +394,8 @@ class FakeQuant(Quantizer):
                 "single grid for a layer's int32 bias. Received: "
                 "return_grid=True"
             )
+        if active is False:
+            return tf.zeros(())
         scale = self.grid_scale(min_val, max_val)
         return scale if active is True else tf.where(active, scale, 0.0)
 
@@ -490,7 +472,7 @@ QuantizedWeights.__doc__ = """A fake-quantized kernel.
 `values` (the kernel, fake-quantized when `active`), `scale` (the grid
 step, per output channel or not; 0 when not `active`, so that a bias rounded
 to `input_grid * scale` stays float) and `active` (a boolean tensor, or
-Python `True` while traced for export)."""
+Python `True` / `False` where the answer is known when traced)."""
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -555,6 +537,8 @@ class WeightQuantizer(Quantizer):
             `QuantizedWeights(values, scale, active)`.
         """
         active = self.advance(training)
+        if active is False:
+            return QuantizedWeights(kernel, tf.zeros(()), False)
         min_val, max_val = self.range(kernel)
         quantized = self.fake_quant(kernel, min_val, max_val)
         scale = self.grid_scale(min_val, max_val)

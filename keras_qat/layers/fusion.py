@@ -20,7 +20,8 @@ import tensorflow as tf
 from keras_qat import quantizers
 from keras_qat.config import DEFAULT_FREEZE_BN, check_bool, check_int
 from keras_qat.layers import bn_folding
-from keras_qat.layers.fake_quant import WeightQuantizer, is_tracing_for_export
+from keras_qat.layers.fake_quant import WeightQuantizer
+from keras_qat.layers.modes import is_tracing_for_export
 
 ACTIVATIONS_HINT = (
     "relu, relu6, sigmoid, leaky_relu, hard_sigmoid, hard_silu (hard_swish), "

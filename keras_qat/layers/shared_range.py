@@ -12,7 +12,8 @@ import keras
 import tensorflow as tf
 
 from keras_qat import quantizers
-from keras_qat.layers.fake_quant import FakeQuant, is_tracing_for_export, with_grid_spec
+from keras_qat.layers.fake_quant import FakeQuant, with_grid_spec
+from keras_qat.layers.modes import is_tracing_for_export
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -145,8 +146,8 @@ class QuantAveragePooling2D(keras.layers.AveragePooling2D):
         if is_tracing_for_export():  # the converter reads the range from a fake quant
             outputs = quantizer.quantize_with(pooled, min_val, max_val, active)
         else:
-            outputs = self.round_average(pooled, min_val, max_val)
-            if active is not True:
+            outputs = pooled if active is False else self.round_average(pooled, min_val, max_val)
+            if active is not True and active is not False:
                 outputs = tf.where(active, outputs, pooled)
         if return_grid:
             return outputs, quantizer.grid(min_val, max_val, active)

@@ -57,9 +57,9 @@ def convert_quant_network(
     freeze_bn=DEFAULT_FREEZE_BN,
     quant_delay=0,
     num_bits=(8, 8),
-    per_channel=(False, False),
-    symmetric=(False, False),
-    narrow_range=(False, False),
+    per_channel=None,
+    symmetric=(True, False),
+    narrow_range=None,
     skip_layers=None,
 ):
     """Converts a float network into a quantization network.
@@ -98,7 +98,10 @@ def convert_quant_network(
     `has_bn=True` become the `Quant...BnFoldAct` layers instead.
 
     Every quantization option is a `(weights, activations)` pair, as in
-    MindSpore's `convert_quant_network`; a single value applies to both.
+    MindSpore's `convert_quant_network`; a single value applies to both. The
+    defaults are TFLite's int8 scheme, so that `export_tflite` takes the
+    result as it is; MindSpore's defaults (asymmetric weights, per tensor)
+    are `symmetric=False, per_channel=False`.
 
     Nested models (a Functional or Sequential model used as a layer) are
     inlined first (`keras_qat.transforms.inline`), so the result is one flat
@@ -124,9 +127,14 @@ def convert_quant_network(
             an integer >= 0 or a (weights, activations) pair.
         num_bits: Bit widths, integers in `[2, 16]`.
         per_channel: Per-channel ranges. Only weights may be per channel:
-            `per_channel=[True, False]`.
-        symmetric: Symmetric ranges.
+            `per_channel=[True, False]`. Default None: per channel for conv
+            and depthwise kernels, per tensor for dense kernels (unless an
+            unfolded BatchNorm follows them).
+        symmetric: Symmetric ranges. Default `(True, False)`: symmetric
+            weights, asymmetric activations (TFLite's int8 scheme).
         narrow_range: Grids `[1, 2**b - 1]` instead of `[0, 2**b - 1]`.
+            Default None: narrow where symmetric (TFLite's int8 weights are
+            in `[-127, 127]`), full where not (MindSpore's asymmetric grids).
         skip_layers: Layers to leave in float, neither fused nor quantized:
             layer names, layer classes, or a predicate `layer -> bool` (or
             a list of them), matched after nested models are inlined. A
@@ -470,13 +478,27 @@ def _fuses_activation(layer):
 def _quantized_clone(self, layer):
     plain, folded = QUANTIZED_LAYERS[type(layer)]
     config = layer.get_config()
-    config["weight_quantizer"] = self.options.weight_options(self.graph.call_count(layer))
+    config["weight_quantizer"] = self.options.weight_options(
+        self.graph.call_count(layer), per_channel=_per_channel_by_default(self, layer)
+    )
     if self.options.bn_fold and layer.has_bn:
         plain, config["freeze_bn"] = folded, self.options.freeze_bn
     if not _fuses_activation(layer) or self.moves_activation(layer):
         # Applied after: between two FakeQuants, or by the FakeQuant after it.
         config["activation"] = None
     return plain(**config)
+
+
+def _per_channel_by_default(self, layer):
+    """Whether `layer`'s weights are per channel when `per_channel` is not
+    given: convolution kernels are (each output channel of a conv has its own
+    scale, and TFLite keeps it); dense kernels are per tensor, TFLite's
+    FULLY_CONNECTED default and a smaller model, unless an unfolded BatchNorm
+    follows (folding its per-channel scale into per-tensor weights would take
+    them off their grid)."""
+    if not isinstance(layer, DenseBnAct):
+        return True
+    return layer.has_bn and not self.options.bn_fold
 
 
 def _place_fusion(self, layer, args, kwargs):

@@ -1,0 +1,74 @@
+"""How quantizers behave while a model is traced for a purpose.
+
+A quantization network decides at run time whether each quantizer
+quantizes (its quant delay may not have passed). Two tools need a fixed
+answer, decided when the model is traced:
+
+- `tracing_for_export()`: every quantizer quantizes, unconditionally, so
+  that the TFLite converter sees each fake-quant op (`export_tflite`);
+- `quantization_bypassed(quantizers)`: those quantizers (all of them with
+  `None`) pass their inputs through in inference, so that a report
+  can compare a model with its float self, one layer at a time if need be
+  (`quant_report`, `sensitivity`).
+
+Both are read when a call is traced: a `tf.function` traced outside the
+context (such as a compiled `predict`) keeps what it traced.
+"""
+
+import contextlib
+import threading
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def tracing_for_export():
+    """Within this context, quantizers quantize unconditionally in inference.
+
+    `export_tflite` traces the model inside this context, after checking that
+    every delay has passed and every range is calibrated.
+    """
+    previous = getattr(_state, "export", False)
+    _state.export = True
+    try:
+        yield
+    finally:
+        _state.export = previous
+
+
+def is_tracing_for_export():
+    """Whether the model is being traced by `export_tflite`."""
+    return getattr(_state, "export", False)
+
+
+@contextlib.contextmanager
+def quantization_bypassed(quantizers=None):
+    """Within this context the given quantizers (`FakeQuant` /
+    `WeightQuantizer` layers, sub-layers included; all quantizers when None)
+    pass their inputs through in inference calls."""
+    previous = getattr(_state, "bypassed", frozenset())
+    chosen = ALL if quantizers is None else frozenset(id(q) for q in quantizers)
+    _state.bypassed = chosen | previous
+    try:
+        yield
+    finally:
+        _state.bypassed = previous
+
+
+def is_bypassed(quantizer):
+    """Whether `quantizer` passes its inputs through (see
+    `quantization_bypassed`)."""
+    bypassed = getattr(_state, "bypassed", frozenset())
+    return bypassed is ALL or id(quantizer) in bypassed
+
+
+class _All:
+    """Every quantizer (`quantization_bypassed(None)`)."""
+
+    def __or__(self, other):
+        return self
+
+    __ror__ = __or__
+
+
+ALL = _All()

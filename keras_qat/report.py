@@ -1,0 +1,491 @@
+"""quant_report: where quantization hurts, tensor by tensor.
+
+One row per quantized tensor of a quantization network, in graph order:
+every activation grid (each `FakeQuant`, and the shared grid of a
+`QuantConcatenate` / `QuantAveragePooling2D`) and every quantized kernel.
+A row holds the grid (range, scale, zero point, bit width), how the data
+uses it (the fraction of values clipped, of levels used) and two
+signal-to-quantization-noise ratios:
+
+- `local_sqnr_db`: the tensor against its own unquantized value (a
+  `FakeQuant`'s input after its fused activation; the float kernel): the
+  error this quantizer adds;
+- `sqnr_db`: the tensor against the float model's tensor at the same place
+  (the same network with every quantizer bypassed, or `float_model`): the
+  error accumulated up to here.
+
+With a TFLite model, each activation row also says how often the int8
+tensor equals the Keras model's level (TFLite's reference kernels, every
+tensor kept) and by how many steps it differs at most, so that a mismatch
+can be traced to the first tensor where it appears.
+"""
+
+import json
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_qat import graph, quantizers
+from keras_qat.export.inspect import TensorProbe, as_input_list
+from keras_qat.layers import bn_folding
+from keras_qat.layers.fake_quant import FakeQuant
+from keras_qat.layers.fusion import FusionLayer
+from keras_qat.layers.modes import quantization_bypassed
+from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
+from keras_qat.transforms.fuse import fuse, has_fusable_layers
+
+COLUMNS = (
+    "tensor",
+    "kind",
+    "layer",
+    "layer_class",
+    "min",
+    "max",
+    "scale",
+    "zero_point",
+    "num_bits",
+    "clipped",
+    "grid_used",
+    "local_sqnr_db",
+    "sqnr_db",
+    "tflite_exact",
+    "tflite_max_steps",
+)
+
+
+class ActivationTap:
+    """One activation grid of the model: its quantizer, the symbolic tensor
+    it writes on the grid and the one it reads (None for a concatenation)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.quantizer = layer if isinstance(layer, FakeQuant) else layer.quantizer
+        self.output = keras.tree.flatten(layer.output)[0]
+        self.input = layer.input if isinstance(layer, (FakeQuant, QuantAveragePooling2D)) else None
+        self.producer = graph.producer(keras.tree.flatten(layer.input)[0])
+
+    def grid(self):
+        """`(nudged_min, nudged_max, scale)` of the current range, numpy."""
+        q = self.quantizer
+        low, high = quantizers.quant_range(q.min, q.max, q.symmetric)
+        return tuple(
+            float(v) for v in quantizers.nudged_range(low, high, q.num_bits, q.narrow_range)
+        )
+
+    def own_value(self, inputs):
+        """The unquantized value of the tensor, from this tap's input."""
+        if self.input is None:
+            return None
+        if isinstance(self.layer, QuantAveragePooling2D):
+            return keras.layers.AveragePooling2D.call(self.layer, inputs).numpy()
+        return np.asarray(quantizers.fused_activation(inputs, self.quantizer.activation))
+
+
+def activation_taps(qmodel):
+    """The activation grids of `qmodel`, in graph order."""
+    return [
+        ActivationTap(op)
+        for op in graph.Graph(qmodel).operations
+        if isinstance(op, (FakeQuant, QuantConcatenate, QuantAveragePooling2D))
+    ]
+
+
+class _Statistics:
+    """What one tap's rows accumulate over batches."""
+
+    def __init__(self, tap):
+        self.tap = tap
+        self.nudged_min, self.nudged_max, self.scale = tap.grid()
+        q = tap.quantizer
+        self.levels = np.zeros(2**q.num_bits, bool)
+        self.sums = dict(
+            count=0, clipped=0, own=0.0, own_error=0.0, reference=0.0, error=0.0, exact=0
+        )
+        self.max_steps = 0.0
+        self.has_own = self.has_reference = self.compared = False
+
+    def add(self, quantized, own=None, reference=None):
+        if self.scale > 0:
+            levels = np.rint((quantized - self.nudged_min) / self.scale).astype(np.int64)
+            self.levels[np.clip(levels, 0, len(self.levels) - 1)] = True
+        self.sums["count"] += quantized.size
+        if own is not None:
+            self.has_own = True
+            self._add_own(quantized, own)
+        if reference is not None:
+            self.has_reference = True
+            self.sums["reference"] += float(np.sum(np.square(reference, dtype=np.float64)))
+            self.sums["error"] += float(np.sum(np.square(quantized - reference, dtype=np.float64)))
+
+    def _add_own(self, quantized, own):
+        outside = (own < self.nudged_min) | (own > self.nudged_max)
+        self.sums["clipped"] += int(np.count_nonzero(outside))
+        self.sums["own"] += float(np.sum(np.square(own, dtype=np.float64)))
+        self.sums["own_error"] += float(np.sum(np.square(quantized - own, dtype=np.float64)))
+
+    def add_tflite(self, quantized, tflite):
+        self.compared = True
+        steps = np.abs(tflite - quantized) / self.scale
+        self.sums["exact"] += int(np.count_nonzero(steps < 0.5))
+        self.max_steps = max(self.max_steps, float(steps.max(initial=0.0)))
+
+    def row(self):
+        tap, q, sums = self.tap, self.tap.quantizer, self.sums
+        count = max(sums["count"], 1)
+        return dict(
+            tensor=tap.layer.name,
+            kind="activation",
+            layer=getattr(tap.producer, "name", None),
+            layer_class=type(tap.producer).__name__ if tap.producer is not None else None,
+            min=float(np.min(q.min)),
+            max=float(np.max(q.max)),
+            scale=self.scale,
+            zero_point=_signed_zero_point(q, self.nudged_min, self.scale),
+            num_bits=q.num_bits,
+            clipped=sums["clipped"] / count if self.has_own else None,
+            grid_used=float(np.mean(self.levels[_grid_levels(q)])),
+            local_sqnr_db=_sqnr(sums["own"], sums["own_error"]) if self.has_own else None,
+            sqnr_db=_sqnr(sums["reference"], sums["error"]) if self.has_reference else None,
+            tflite_exact=sums["exact"] / count if self.compared else None,
+            tflite_max_steps=round(self.max_steps, 3) if self.compared else None,
+        )
+
+
+def _signed_zero_point(quantizer, nudged_min, scale):
+    """The zero point as TFLite stores it (signed integers: -128 for a
+    range starting at 0, 0 for symmetric int8 weights)."""
+    if scale <= 0:
+        return 0
+    qmin, _ = quantizers.quant_levels(quantizer.num_bits, quantizer.narrow_range)
+    return int(round(qmin - nudged_min / scale)) - 2 ** (quantizer.num_bits - 1)
+
+
+def _grid_levels(quantizer):
+    """The indices of the levels of a quantizer's grid."""
+    qmin, qmax = quantizers.quant_levels(quantizer.num_bits, quantizer.narrow_range)
+    return slice(0, qmax - qmin + 1)
+
+
+def _sqnr(signal, noise):
+    """`10 log10(signal / noise)` in dB; inf without noise."""
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return float(10.0 * np.log10(signal / noise))
+
+
+def weight_rows(qmodel):
+    """One row per quantized kernel (the folded kernel of a folded layer)."""
+    rows = []
+    for layer in graph.all_layers(qmodel):
+        if isinstance(layer, FusionLayer) and layer.quantized:
+            rows.append(_weight_row(layer))
+    return rows
+
+
+def _weight_row(layer):
+    quantizer = layer.weight_quantizer
+    kernel = bn_folding.folded_kernel(layer) if layer.folded else layer.kernel()
+    kernel = tf.cast(kernel, tf.float32)
+    low, high = quantizers.quant_range(*quantizer.range(kernel), quantizer.symmetric)
+    nudged_min, nudged_max, scale = quantizers.nudged_range(
+        low, high, quantizer.num_bits, quantizer.narrow_range
+    )
+    quantized = quantizer.fake_quant(kernel, low, high).numpy()
+    kernel, nudged_min, nudged_max, scale = (
+        np.asarray(v) for v in (kernel, nudged_min, nudged_max, scale)
+    )
+    levels = np.rint((quantized - nudged_min) / np.where(scale > 0, scale, 1.0)).astype(np.int64)
+    qmin, qmax = quantizers.quant_levels(quantizer.num_bits, quantizer.narrow_range)
+    sqnr = _sqnr(
+        float(np.sum(kernel.astype(np.float64) ** 2)), float(np.sum((quantized - kernel) ** 2.0))
+    )
+    return dict(
+        tensor=f"{layer.name}/kernel",
+        kind="weights",
+        layer=layer.name,
+        layer_class=type(layer).__name__,
+        min=float(np.min(low)),
+        max=float(np.max(high)),
+        scale=float(np.max(scale)),
+        zero_point=_signed_zero_point(quantizer, float(np.min(nudged_min)), float(np.max(scale))),
+        num_bits=quantizer.num_bits,
+        clipped=float(np.mean((kernel < nudged_min) | (kernel > nudged_max))),
+        grid_used=len(np.unique(levels)) / (qmax - qmin + 1),
+        local_sqnr_db=sqnr,
+        sqnr_db=sqnr,
+        tflite_exact=None,
+        tflite_max_steps=None,
+    )
+
+
+def _inference_function(model):
+    """A fresh `tf.function` of `model` in inference, traced now (so that a
+    `modes` context around this call decides what it computes)."""
+    specs = [tf.TensorSpec(t.shape, t.dtype) for t in model.inputs]
+
+    def call(*inputs):
+        return model(graph.pack_inputs(model, inputs), training=False)
+
+    function = tf.function(call, input_signature=specs)
+    function.get_concrete_function()
+    return function
+
+
+def _probe(model, taps):
+    """A model from `model`'s inputs to each tap's output and input."""
+    outputs = [tap.output for tap in taps] + [tap.input for tap in taps if tap.input is not None]
+    return keras.Model(model.inputs, outputs)
+
+
+def _reference(qmodel, float_model, taps):
+    """A function from inputs to the float tensor at each tap (None where
+    `float_model` has none), and whether it is `qmodel` bypassed."""
+    if float_model is None:
+        with quantization_bypassed():
+            function = _inference_function(keras.Model(qmodel.inputs, [t.output for t in taps]))
+        return lambda inputs: [np.asarray(v) for v in function(*inputs)]
+    return _float_model_reference(float_model, taps)
+
+
+def _float_model_reference(float_model, taps):
+    """The float model's tensors at the taps, found by layer name: the
+    layer a `FakeQuant` named `<name>_quant` stands after (in the fused
+    float model, where activations sit in their layers)."""
+    fused = fuse(float_model) if has_fusable_layers(float_model) else float_model
+    names = {layer.name: layer for layer in fused.layers}
+    found = [names.get(_quantized_name(tap.layer.name)) for tap in taps]
+    outputs = [keras.tree.flatten(layer.output)[0] for layer in found if layer is not None]
+    function = _inference_function(keras.Model(fused.inputs, outputs)) if outputs else None
+
+    def reference(inputs):
+        values = iter([np.asarray(v) for v in function(*inputs)] if function else [])
+        return [next(values) if layer is not None else None for layer in found]
+
+    return reference
+
+
+def _quantized_name(name):
+    """`conv1` for a quantizer named `conv1_quant` (or `conv1_quant_2`)."""
+    base, _, suffix = name.rpartition("_quant")
+    return base if base and (suffix == "" or suffix.lstrip("_").isdigit()) else name
+
+
+def _tflite_matches(probe, taps, statistics):
+    """For each tap, the TFLite tensor with its grid and shape, matched by
+    scale, zero point and shape (ties broken by the layer names in the
+    tensor's name); None where no single tensor matches."""
+    tensors = probe.computed_tensors()
+    matches = []
+    for tap, stats in zip(taps, statistics):
+        zero_point = stats.row()["zero_point"]
+        shape = tuple(tap.output.shape[1:])
+        candidates = [
+            t
+            for t in tensors
+            if np.isclose(t[2], stats.scale, rtol=1e-5, atol=0)
+            and t[3] == zero_point
+            and t[4] == shape
+        ]
+        named = [t for t in candidates if _names_tap(t[1], tap)]
+        chosen = named if len(named) == 1 else candidates
+        matches.append(chosen[0] if len(chosen) == 1 else None)
+    return matches
+
+
+def _names_tap(tensor_name, tap):
+    names = [tap.layer.name] + ([tap.producer.name] if tap.producer is not None else [])
+    return any(f"/{name}_" in tensor_name for name in names)
+
+
+def quant_report(qat_model, x, *, float_model=None, tflite_model=None, batch_size=256):
+    """Measures every quantized tensor of a quantization network on `x`.
+
+    Args:
+        qat_model: A model from `convert_quant_network`, trained (its ranges
+            set).
+        x: Inputs with the batch first: an array, a list of arrays in the
+            model's input order, or a dict by input name.
+        float_model: Optional float model to compare with (the model that
+            was converted, or its fusion network): tensors are matched by
+            layer name. By default the reference is `qat_model` itself with
+            every quantizer bypassed.
+        tflite_model: Optional int8 TFLite model of `qat_model` (bytes or a
+            path) to compare tensor by tensor.
+        batch_size: Rows per inference call.
+
+    Returns:
+        A `QuantReport`: rows in graph order, each a dict of `COLUMNS`.
+
+    Raises:
+        ValueError: for inputs that do not match the model's.
+
+    Example:
+
+    >>> inputs = keras.Input((4,), name="x")
+    >>> outputs = keras.layers.Dense(3, name="head")(inputs)
+    >>> qat = kq.convert_quant_network(keras.Model(inputs, outputs))
+    >>> x = np.random.default_rng(0).uniform(-1, 1, (32, 4)).astype("float32")
+    >>> _ = qat(x, training=True)  # sets the ranges
+    >>> report = kq.quant_report(qat, x)
+    >>> [row["tensor"] for row in report.rows]
+    ['x_quant', 'head/kernel', 'head_quant']
+    """
+    taps = activation_taps(qat_model)
+    names = [graph.producer(t).name for t in qat_model.inputs]
+    inputs = as_input_list(x, names)
+    statistics = [_Statistics(tap) for tap in taps]
+    run = _Runs(qat_model, taps, float_model, tflite_model, statistics)
+    for start in range(0, len(inputs[0]), batch_size):
+        run.add([v[start : start + batch_size] for v in inputs])
+    rows = {row["tensor"]: row for row in [s.row() for s in statistics] + weight_rows(qat_model)}
+    return QuantReport(_in_graph_order(qat_model, rows))
+
+
+class _Runs:
+    """The models run on each batch: the quantized taps, their reference,
+    and the TFLite model's tensors."""
+
+    def __init__(self, qat_model, taps, float_model, tflite_model, statistics):
+        self.taps, self.statistics = taps, statistics
+        self.quantized = _inference_function(_probe(qat_model, taps))
+        self.reference = _reference(qat_model, float_model, taps)
+        self.probe = self.matches = None
+        if tflite_model is not None:
+            self.probe = TensorProbe(_read_bytes(tflite_model))
+            self.matches = _tflite_matches(self.probe, taps, statistics)
+
+    def add(self, batch):
+        values = [np.asarray(v) for v in self.quantized(*batch)]
+        outputs, own_inputs = iter(values[: len(self.taps)]), iter(values[len(self.taps) :])
+        references = self.reference(batch)
+        if self.probe is not None:
+            self.probe.run(batch)
+        for i, (tap, stats) in enumerate(zip(self.taps, self.statistics)):
+            quantized = next(outputs)
+            own = tap.own_value(next(own_inputs)) if tap.input is not None else None
+            reference = references[i]
+            if reference is not None and reference.shape != quantized.shape:
+                reference = None
+            stats.add(quantized, own, reference)
+            if self.matches is not None and self.matches[i] is not None:
+                index, _, scale, zero_point, _ = self.matches[i]
+                stats.add_tflite(quantized, self.probe.real_value(index, scale, zero_point))
+
+
+def _read_bytes(tflite_model):
+    if isinstance(tflite_model, (bytes, bytearray)):
+        return bytes(tflite_model)
+    with open(tflite_model, "rb") as f:
+        return f.read()
+
+
+def _in_graph_order(qmodel, rows):
+    """Rows ordered as their layers appear in the graph: a layer's kernel
+    before the activation grid that follows it."""
+    ordered = []
+    for op in graph.Graph(qmodel).operations:
+        for key in (f"{op.name}/kernel", op.name):
+            if key in rows and rows[key] not in ordered:
+                ordered.append(rows[key])
+    return ordered + [row for row in rows.values() if row not in ordered]
+
+
+class QuantReport:
+    """The rows of `quant_report`, with ways to read them.
+
+    `str(report)` is an aligned table, `to_json()` and `columns()` give the
+    data, `ranked()` the rows from the worst local SQNR up, and `plot(path)`
+    writes a PNG (matplotlib, the optional extra `plot`).
+    """
+
+    def __init__(self, rows):
+        self.rows = list(rows)
+
+    def columns(self):
+        """A dict of columns (`COLUMNS`), each a list in row order."""
+        return {name: [row[name] for row in self.rows] for name in COLUMNS}
+
+    def to_json(self, path=None):
+        """The rows as JSON (non-finite numbers as the strings "inf", ...);
+        written to `path` too when given."""
+        text = json.dumps(
+            [{k: _jsonable(v) for k, v in row.items()} for row in self.rows], indent=1
+        )
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    def ranked(self, key="local_sqnr_db"):
+        """Rows sorted by `key`, lowest first; rows without it last."""
+        present = [row for row in self.rows if row[key] is not None]
+        return sorted(present, key=lambda row: row[key]) + [
+            row for row in self.rows if row[key] is None
+        ]
+
+    def __str__(self):
+        return format_table(self.rows)
+
+    def plot(self, path, threshold_db=20.0):
+        """Writes a PNG: SQNR per tensor (bars under `threshold_db` in red)
+        and the fraction of values clipped. Needs matplotlib."""
+        from keras_qat.report_plot import plot_report
+
+        plot_report(self.rows, path, threshold_db)
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    return value
+
+
+_SHOWN = (
+    ("tensor", "{}"),
+    ("kind", "{}"),
+    ("layer_class", "{}"),
+    ("min", "{:.4g}"),
+    ("max", "{:.4g}"),
+    ("scale", "{:.3g}"),
+    ("zero_point", "{}"),
+    ("num_bits", "{}"),
+    ("clipped", "{:.2%}"),
+    ("grid_used", "{:.0%}"),
+    ("local_sqnr_db", "{:.1f}"),
+    ("sqnr_db", "{:.1f}"),
+    ("tflite_exact", "{:.2%}"),
+    ("tflite_max_steps", "{:.0f}"),
+)
+
+
+def format_table(rows):
+    """The rows as an aligned text table (numbers right-aligned)."""
+    cells = [[name for name, _ in _SHOWN]]
+    for row in rows:
+        cells.append(["-" if row[n] is None else fmt.format(row[n]) for n, fmt in _SHOWN])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(_SHOWN))]
+    lines = []
+    for line in cells:
+        text = [
+            cell.ljust(width) if i < 3 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(line, widths))
+        ]
+        lines.append("  ".join(text).rstrip())
+    return "\n".join(lines)
+
+
+def range_rows(qmodel):
+    """The rows of `quant_report` that need no data: each grid's range,
+    scale, zero point and bit width (the other columns None), kernels
+    included. What a training callback can log at every epoch."""
+    rows = {}
+    for tap in activation_taps(qmodel):
+        row = _Statistics(tap).row()
+        row.update(grid_used=None)
+        rows[row["tensor"]] = row
+    for row in weight_rows(qmodel):
+        rows[row["tensor"]] = row
+    return _in_graph_order(qmodel, rows)

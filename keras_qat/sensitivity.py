@@ -1,0 +1,220 @@
+"""sensitivity: which layers' quantization costs the metric most.
+
+Quantization is turned off for one group of quantizers at a time (a
+quantized layer's weights and the `FakeQuant` after it; any other
+activation grid on its own) by bypassing them in inference
+(`modes.quantization_bypassed`), with the trained ranges as they are and no
+retraining. The rows are sorted by how much of the metric each group's
+bypass recovers; the suggested `skip_layers` is the smallest prefix of that
+order (greedily, measured) that brings the metric within a tolerance of the
+float model's.
+"""
+
+import keras
+import numpy as np
+
+from keras_qat import graph
+from keras_qat.export.inspect import as_input_list
+from keras_qat.layers.activations import TwoOpActivation
+from keras_qat.layers.fake_quant import FakeQuant
+from keras_qat.layers.fusion import FusionLayer
+from keras_qat.layers.modes import quantization_bypassed
+from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
+from keras_qat.report import _inference_function
+
+
+def quantizer_groups(qmodel):
+    """`{name: [quantizers]}` in graph order: a quantized layer's weight
+    quantizer with the `FakeQuant`s that quantize its output, named after
+    the layer; a layer with a quantizer of its own (concatenation, average
+    pooling, two-op activations); any other `FakeQuant`, named after the
+    layer it follows (an `Add`, a model input, ...)."""
+    groups = {}
+    for op in graph.Graph(qmodel).operations:
+        if isinstance(op, FusionLayer) and op.quantized:
+            groups.setdefault(op.name, []).append(op.weight_quantizer)
+        elif isinstance(op, (QuantConcatenate, QuantAveragePooling2D, TwoOpActivation)):
+            groups.setdefault(op.name, []).append(op.quantizer)
+        elif isinstance(op, FakeQuant):
+            producer = graph.producer(keras.tree.flatten(op.input)[0])
+            groups.setdefault(producer.name, []).append(op)
+    return groups
+
+
+def _metric_function(metric):
+    """`metric(y_true, y_pred) -> float` from a callable, a Keras metric
+    object or "accuracy" (top-1 for class labels or one-hot targets)."""
+    if metric == "accuracy":
+        return _top1
+    if isinstance(metric, keras.metrics.Metric):
+
+        def evaluate(y_true, y_pred):
+            metric.reset_state()
+            metric.update_state(y_true, y_pred)
+            return float(metric.result())
+
+        return evaluate
+    if callable(metric):
+        return lambda y_true, y_pred: float(metric(y_true, y_pred))
+    raise ValueError(
+        'Received an invalid value for `metric`, expected "accuracy", a Keras '
+        f"metric or a callable (y_true, y_pred) -> float. Received: metric={metric!r}"
+    )
+
+
+def _top1(y_true, y_pred):
+    y_pred = np.asarray(y_pred)
+    y_true = np.asarray(y_true)
+    labels = y_true.argmax(-1) if y_true.shape == y_pred.shape else y_true.reshape(-1)
+    return float(np.mean(y_pred.argmax(-1).reshape(-1) == labels))
+
+
+class Evaluator:
+    """The metric of a model on `(x, y)` with some quantizers bypassed."""
+
+    def __init__(self, qmodel, x, y, metric, batch_size):
+        names = [graph.producer(t).name for t in qmodel.inputs]
+        self.qmodel, self.inputs, self.y = qmodel, as_input_list(x, names), y
+        self.metric, self.batch_size = _metric_function(metric), batch_size
+
+    def __call__(self, bypassed=()):
+        """The metric with `bypassed` quantizers off (all of them: None)."""
+        with quantization_bypassed(bypassed):
+            function = _inference_function(self.qmodel)
+        size = self.batch_size
+        predictions = [
+            keras.tree.map_structure(np.asarray, function(*[v[s : s + size] for v in self.inputs]))
+            for s in range(0, len(self.inputs[0]), size)
+        ]
+        joined = keras.tree.map_structure(lambda *parts: np.concatenate(parts), *predictions)
+        return self.metric(self.y, joined)
+
+
+def sensitivity(
+    qat_model,
+    x,
+    y,
+    *,
+    metric="accuracy",
+    mode="max",
+    layers=None,
+    tolerance=0.005,
+    batch_size=256,
+    verbose=1,
+):
+    """The metric with quantization off for one group of layers at a time.
+
+    Runs in inference with the trained ranges (no retraining). Groups are
+    those of `quantizer_groups`: a quantized layer with its output
+    quantizer, or another activation grid named after the layer it follows.
+
+    Args:
+        qat_model: A trained model from `convert_quant_network`.
+        x: Inputs: an array, a list of arrays or a dict by input name.
+        y: Targets, as `metric` takes them.
+        metric: "accuracy" (top-1 of class labels or one-hot targets), a
+            Keras metric object, or a callable `(y_true, y_pred) -> float`.
+        mode: "max" when higher is better, "min" when lower is.
+        layers: Group names to try (default: all of them).
+        tolerance: How close to the float model's metric the suggested
+            `skip_layers` must bring it.
+        batch_size: Rows per inference call.
+        verbose: 1 for a Keras progress bar, 0 for none.
+
+    Returns:
+        A `SensitivityResult`.
+
+    Raises:
+        ValueError: for an invalid `metric`, `mode` or group name.
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(
+            'Received an invalid value for `mode`, expected "max" or "min". '
+            f"Received: mode={mode!r}"
+        )
+    groups = _chosen_groups(quantizer_groups(qat_model), layers)
+    evaluate = Evaluator(qat_model, x, y, metric, batch_size)
+    progress = keras.utils.Progbar(len(groups) + 2, verbose=verbose, unit_name="evaluation")
+    reference = {"float": evaluate(None)}
+    progress.add(1)
+    reference["quantized"] = evaluate()
+    progress.add(1)
+    sign = 1.0 if mode == "max" else -1.0
+    rows = []
+    for name, quantizers in groups.items():
+        value = evaluate(quantizers)
+        progress.add(1)
+        recovered = sign * (value - reference["quantized"])
+        rows.append(dict(group=name, metric=value, recovered=recovered))
+    rows.sort(key=lambda row: -row["recovered"])
+
+    def close_to_float(value):
+        return sign * (value - reference["float"]) >= -tolerance
+
+    suggestion = _suggest(qat_model, groups, rows, evaluate, close_to_float)
+    return SensitivityResult(reference["float"], reference["quantized"], rows, *suggestion)
+
+
+def _chosen_groups(groups, layers):
+    if layers is None:
+        return groups
+    unknown = [name for name in layers if name not in groups]
+    if unknown:
+        raise ValueError(
+            f"Received unknown group names in `layers`: {unknown}. The groups: {list(groups)}. "
+            f"Received: layers={layers!r}"
+        )
+    return {name: groups[name] for name in layers}
+
+
+def _suggest(qmodel, groups, rows, evaluate, close_to_float):
+    """Greedy: the groups that recover most, in float one more at a time,
+    until `close_to_float(metric)`. Returns `(layer names, metric)`."""
+    layers = {layer.name for layer in qmodel.layers}
+    inputs = {graph.producer(tensor).name for tensor in qmodel.inputs}
+    names, bypassed, value = [], [], None
+    for row in rows:
+        if row["recovered"] <= 0 or row["group"] not in layers - inputs:
+            continue
+        names.append(row["group"])
+        bypassed += groups[row["group"]]
+        value = evaluate(bypassed)
+        if close_to_float(value):
+            break
+    return names, value
+
+
+class SensitivityResult:
+    """What `sensitivity` found.
+
+    Attributes:
+        float_metric: The metric with every quantizer off.
+        quantized_metric: The metric of the quantization network.
+        rows: One dict per group, most recovering first: `group`, `metric`
+            (with that group in float), `recovered`.
+        suggested_skip_layers: Layer names to pass to
+            `convert_quant_network(skip_layers=...)`: the groups that, in
+            float together, bring the metric within the tolerance (or all
+            that help, if none does).
+        suggested_metric: The metric measured with those in float.
+    """
+
+    def __init__(self, float_metric, quantized_metric, rows, suggested, suggested_metric):
+        self.float_metric = float_metric
+        self.quantized_metric = quantized_metric
+        self.rows = rows
+        self.suggested_skip_layers = suggested
+        self.suggested_metric = suggested_metric
+
+    def __str__(self):
+        width = max([len("group")] + [len(row["group"]) for row in self.rows])
+        lines = [
+            f"float {self.float_metric:.4f}, quantized {self.quantized_metric:.4f}",
+            f"{'group':<{width}}  {'metric':>8}  {'recovered':>9}",
+        ]
+        lines += [
+            f"{row['group']:<{width}}  {row['metric']:>8.4f}  {row['recovered']:>+9.4f}"
+            for row in self.rows
+        ]
+        lines.append(f"suggested skip_layers: {self.suggested_skip_layers}")
+        return "\n".join(lines)
