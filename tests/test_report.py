@@ -213,3 +213,13 @@ def test_range_logger_says_what_to_install_without_tensorboard(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard fails
     with pytest.raises(ImportError, match=r"keras-qat\[tensorboard\]"):
         kq.callbacks.QuantRangeLogger(tmp_path)
+
+
+def test_range_logger_warns_of_a_range_that_clips_the_samples(tmp_path):
+    inputs = keras.Input((4,), name="small")
+    qat = kq.convert_quant_network(keras.Model(inputs, L.Dense(2, name="out")(inputs)))
+    qat.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 4)).astype("float32")
+    logger = kq.callbacks.QuantRangeLogger(tmp_path, x=10 * x, warn_clipped=0.05)
+    with pytest.warns(UserWarning, match=r"'small_quant' clips \d+\.\d% of the sample values"):
+        qat.fit(x, np.zeros((16, 2)), epochs=1, verbose=0, callbacks=[logger])
