@@ -221,7 +221,7 @@ def _weight_row(layer):
     )
 
 
-def _inference_function(model):
+def inference_function(model):
     """A fresh `tf.function` of `model` in inference, traced now (so that a
     `modes` context around this call decides what it computes)."""
     specs = [tf.TensorSpec(t.shape, t.dtype) for t in model.inputs]
@@ -245,7 +245,7 @@ def _reference(qmodel, float_model, taps):
     `float_model` has none), and whether it is `qmodel` bypassed."""
     if float_model is None:
         with quantization_bypassed():
-            function = _inference_function(keras.Model(qmodel.inputs, [t.output for t in taps]))
+            function = inference_function(keras.Model(qmodel.inputs, [t.output for t in taps]))
         return lambda inputs: [np.asarray(v) for v in function(*inputs)]
     return _float_model_reference(float_model, taps)
 
@@ -258,7 +258,7 @@ def _float_model_reference(float_model, taps):
     names = {layer.name: layer for layer in fused.layers}
     found = [names.get(_quantized_name(tap.layer.name)) for tap in taps]
     outputs = [keras.tree.flatten(layer.output)[0] for layer in found if layer is not None]
-    function = _inference_function(keras.Model(fused.inputs, outputs)) if outputs else None
+    function = inference_function(keras.Model(fused.inputs, outputs)) if outputs else None
 
     def reference(inputs):
         values = iter([np.asarray(v) for v in function(*inputs)] if function else [])
@@ -350,7 +350,7 @@ class _Runs:
 
     def __init__(self, qat_model, taps, float_model, tflite_model, statistics):
         self.taps, self.statistics = taps, statistics
-        self.quantized = _inference_function(_probe(qat_model, taps))
+        self.quantized = inference_function(_probe(qat_model, taps))
         self.reference = _reference(qat_model, float_model, taps)
         self.probe = self.matches = None
         if tflite_model is not None:

@@ -20,7 +20,7 @@ from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import FusionLayer
 from keras_qat.layers.modes import quantization_bypassed
 from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
-from keras_qat.report import _inference_function
+from keras_qat.report import inference_function
 
 
 def quantizer_groups(qmodel):
@@ -80,7 +80,7 @@ class Evaluator:
     def __call__(self, bypassed=()):
         """The metric with `bypassed` quantizers off (all of them: None)."""
         with quantization_bypassed(bypassed):
-            function = _inference_function(self.qmodel)
+            function = inference_function(self.qmodel)
         size = self.batch_size
         predictions = [
             keras.tree.map_structure(np.asarray, function(*[v[s : s + size] for v in self.inputs]))
