@@ -19,11 +19,17 @@ from keras_qat.export.litert import (
     strip_tflite_names,
 )
 from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
+from keras_qat.layers.embedding import QuantEmbedding
 from keras_qat.layers.fake_quant import FakeQuant, WeightQuantizer
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
+from keras_qat.layers.more_convolutions import Conv1DBnAct, Conv2DTransposeBnAct
 from keras_qat.layers.quantized import (
+    QuantConv1DBnAct,
+    QuantConv1DBnFoldAct,
     QuantConv2DBnAct,
     QuantConv2DBnFoldAct,
+    QuantConv2DTransposeBnAct,
+    QuantConv2DTransposeBnFoldAct,
     QuantDenseBnAct,
     QuantDenseBnFoldAct,
     QuantDepthwiseConv2DBnAct,
@@ -39,18 +45,25 @@ from keras_qat.transforms.place import convert_quant_network
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "Conv1DBnAct",
     "Conv2DBnAct",
+    "Conv2DTransposeBnAct",
     "DenseBnAct",
     "DepthwiseConv2DBnAct",
     "FakeQuant",
     "QuantAveragePooling2D",
     "QuantConcatenate",
+    "QuantConv1DBnAct",
+    "QuantConv1DBnFoldAct",
     "QuantConv2DBnAct",
     "QuantConv2DBnFoldAct",
+    "QuantConv2DTransposeBnAct",
+    "QuantConv2DTransposeBnFoldAct",
     "QuantDenseBnAct",
     "QuantDenseBnFoldAct",
     "QuantDepthwiseConv2DBnAct",
     "QuantDepthwiseConv2DBnFoldAct",
+    "QuantEmbedding",
     "QuantHardSigmoid",
     "QuantReport",
     "QuantSwish",

@@ -61,6 +61,7 @@ ROUNDING_LAYERS = (
     L.LeakyReLU,
     L.Activation,
     L.Softmax,
+    L.GlobalAveragePooling1D,
     L.GlobalAveragePooling2D,
 )
 
@@ -78,11 +79,17 @@ GRID_KEEPING_OPERATIONS = (graph.CAST_OPERATION,)
 # Layers whose output lies on their input's grid: they move or select values
 # (or, like Dropout, are the identity in inference).
 GRID_KEEPING_LAYERS = (
+    L.MaxPooling1D,
     L.MaxPooling2D,
+    L.GlobalMaxPooling1D,
     L.GlobalMaxPooling2D,
+    L.UpSampling1D,
+    L.UpSampling2D,
+    L.Resizing,
     L.Flatten,
     L.Reshape,
     L.Dropout,
+    L.SpatialDropout1D,
     L.SpatialDropout2D,
     L.ZeroPadding2D,
     L.Cropping2D,
@@ -135,4 +142,36 @@ def fixed_output_range(layer):
         return FIXED_OUTPUT_RANGES["softmax"]
     if isinstance(layer, L.Activation):
         return FIXED_OUTPUT_RANGES.get(activation_name(layer.activation))
+    return None
+
+
+def unsupported_reason(layer):
+    """Why a layer of a supported class still has no int8 form here (its
+    configuration and what to do), or None.
+
+    Resizing keeps its input's grid only by nearest-neighbour sampling
+    (RESIZE_NEAREST_NEIGHBOR); bilinear and other interpolations compute
+    new values whose integer rounding is not simulated yet.
+    """
+    if type(layer) is L.Embedding:
+        config = layer.get_config()
+        if config.get("mask_zero"):
+            return (
+                "mask_zero=True: the layers after it would compute with the mask, "
+                "which int8 kernels do not; build the model without the mask"
+            )
+        if config.get("lora_rank") or config.get("quantization_config"):
+            return "LoRA or Keras' own quantization: merge or remove it first"
+    if isinstance(layer, (L.UpSampling2D, L.Resizing)):
+        config = layer.get_config()
+        if config.get("interpolation") != "nearest":
+            return (
+                f"interpolation={config.get('interpolation')!r}: only 'nearest' is "
+                "quantized (bilinear int8 rounding is not simulated yet); use "
+                "interpolation='nearest' or keep the layer in float with skip_layers"
+            )
+        if config.get("crop_to_aspect_ratio") or config.get("pad_to_aspect_ratio"):
+            return "crop_to_aspect_ratio / pad_to_aspect_ratio: not quantized; resize only"
+        if config.get("antialias"):
+            return "antialias=True: not quantized; use antialias=False"
     return None

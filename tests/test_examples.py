@@ -158,3 +158,29 @@ def test_lenet_example_with_two_workers(tmp_path):
     rows = json.loads((out_dir / "quant_report.json").read_text())
     assert [row["tensor"] for row in rows][:3] == ["image_quant", "conv1/kernel", "conv1_quant"]
     assert (out_dir / "quant_report.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_unet_example_end_to_end(tmp_path):
+    """Bar images: the mask of class k is the bar at row 2k (learnable)."""
+    data_dir, out_dir = tmp_path / "data", tmp_path / "out"
+    data_dir.mkdir()
+    write_dataset(str(data_dir), 640, 100, compress=False)
+    result = run_example(
+        "unet_quant.py",
+        f"--data_dir={data_dir}",
+        f"--output_dir={out_dir}",
+        "--float_epochs=4",
+        "--qat_epochs=2",
+        "--quant_delay=5",
+        "--freeze_bn=15",
+        "--batch_size=32",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "int8 TFLite vs Keras QAT" in result.stdout
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["train_images"] == 640 and results["test_images"] == 100
+    assert results["float_pixel_accuracy"] > 0.9  # background and the bars
+    assert abs(results["int8_tflite_pixel_accuracy"] - results["qat_pixel_accuracy"]) < 0.01
+    assert results["pixel_agreement"] > 0.98
+    assert (out_dir / "unet_qat.keras").exists() and (out_dir / "unet_int8.tflite").exists()

@@ -14,6 +14,8 @@ import keras_qat as kq
 RNG = np.random.default_rng(0)
 IMAGES = RNG.uniform(-1, 1, (4, 8, 8, 3)).astype("float32")
 VECTORS = RNG.uniform(-1, 1, (4, 5)).astype("float32")
+SEQUENCES = RNG.uniform(-1, 1, (4, 9, 3)).astype("float32")
+TOKENS = RNG.integers(0, 10, (4, 6)).astype("float32")  # token ids, as Keras' Input gives them
 
 # name -> (make the layer, a batch it takes)
 LAYERS = {
@@ -57,6 +59,30 @@ LAYERS = {
         lambda: kq.QuantAveragePooling2D(2, quantizer=dict(ema=False)),
         IMAGES,
     ),
+    "Conv1DBnAct": (lambda: kq.Conv1DBnAct(4, 3, padding="causal", has_bn=True), SEQUENCES),
+    "QuantConv1DBnAct": (
+        lambda: kq.QuantConv1DBnAct(4, 3, strides=2, weight_quantizer=dict(per_channel=True)),
+        SEQUENCES,
+    ),
+    "QuantConv1DBnFoldAct": (
+        lambda: kq.QuantConv1DBnFoldAct(4, 3, has_bn=True, activation="relu", freeze_bn=5),
+        SEQUENCES,
+    ),
+    "Conv2DTransposeBnAct": (
+        lambda: kq.Conv2DTransposeBnAct(4, 3, strides=2, padding="same", has_bn=True),
+        IMAGES,
+    ),
+    "QuantConv2DTransposeBnAct": (
+        lambda: kq.QuantConv2DTransposeBnAct(
+            4, 2, strides=2, weight_quantizer=dict(symmetric=True, narrow_range=True)
+        ),
+        IMAGES,
+    ),
+    "QuantConv2DTransposeBnFoldAct": (
+        lambda: kq.QuantConv2DTransposeBnFoldAct(4, 3, has_bn=True, activation="relu"),
+        IMAGES,
+    ),
+    "QuantEmbedding": (lambda: kq.QuantEmbedding(10, 4), TOKENS),
     "QuantHardSigmoid": (lambda: kq.QuantHardSigmoid(), VECTORS),
     "QuantSwish": (lambda: kq.QuantSwish(quant_delay=1), VECTORS),
 }
@@ -165,6 +191,8 @@ NOT_TAKEN = {"lora_rank", "lora_alpha", "quantization_config"}
         (kq.Conv2DBnAct, keras.layers.Conv2D),
         (kq.DenseBnAct, keras.layers.Dense),
         (kq.DepthwiseConv2DBnAct, keras.layers.DepthwiseConv2D),
+        (kq.Conv1DBnAct, keras.layers.Conv1D),
+        (kq.Conv2DTransposeBnAct, keras.layers.Conv2DTranspose),
     ],
 )
 def test_fusion_layers_take_the_arguments_and_defaults_of_their_keras_layer(fusion, keras_layer):

@@ -221,6 +221,8 @@ class TensorProbe:
 
 
 def _to_input_type(batch, detail, interpreter):
+    if detail["dtype"] != np.float32 and not detail["quantization"][0]:
+        return np.asarray(batch).astype(detail["dtype"])  # integer data, such as token ids
     batch = np.asarray(batch, np.float32)
     if detail["dtype"] == np.float32:
         return batch

@@ -23,6 +23,7 @@ from keras_qat.layers import bn_folding
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import FusionLayer
 from keras_qat.layers.modes import tracing_for_export
+from keras_qat.layers.more_convolutions import Conv2DTransposeBnAct
 from keras_qat.transforms.common import Clones, clone
 
 
@@ -69,12 +70,7 @@ def _weight_problems(layer, name):
         problems.append(
             f"{name} is still in its quant delay ({step} of {quantizer.quant_delay} steps)"
         )
-    if layer.has_bn and not quantizer.per_channel and not layer.folded:
-        problems.append(
-            f"{name} has per-tensor weights followed by a BatchNorm: folding the "
-            "BatchNorm's per-channel scale into them leaves them off their single "
-            "int8 grid (use bn_fold=True or per_channel=[True, ...] for weights)"
-        )
+    problems += _scale_layout_problems(layer, name)
     if _adds_int32_bias(layer) and any(
         "input_grid" not in kwargs for _, kwargs in graph.node_arguments(layer)
     ):
@@ -87,6 +83,27 @@ def _weight_problems(layer, name):
         problems.append(
             f"{name} has a bias that overflows TFLite's int32 bias grid (input scale x "
             "weight scale): its input's range is too narrow for its bias"
+        )
+    return problems
+
+
+def _scale_layout_problems(layer, name):
+    """Weight scales (per tensor or per channel) that the int8 kernel cannot
+    take as the layer has them."""
+    per_channel = layer.weight_quantizer.per_channel
+    problems = []
+    if layer.has_bn and not per_channel and not layer.folded:
+        problems.append(
+            f"{name} has per-tensor weights followed by a BatchNorm: folding the "
+            "BatchNorm's per-channel scale into them leaves them off their single "
+            "int8 grid (use bn_fold=True or per_channel=[True, ...] for weights)"
+        )
+    if per_channel and isinstance(layer, Conv2DTransposeBnAct):
+        problems.append(
+            f"{name} has per-channel weights: the TFLite converter (2.21) cannot "
+            "carry a per-channel kernel through the transpose to TRANSPOSE_CONV's "
+            "layout ('tfl.transpose' op has mismatched quantized axes); convert with "
+            "per_channel=None (per tensor for transposed convolutions) or False"
         )
     return problems
 

@@ -169,7 +169,7 @@ class FusionLayer(keras.layers.Layer):
     def build(self, input_shape):
         self.linear_layer.build(input_shape)
         if self.bn is not None:
-            self.bn.build(self.linear_layer.compute_output_shape(input_shape))
+            self.bn.build(self.bn_input_shape(input_shape))
         if self.quantized and not self.weight_quantizer.built:  # built when loaded
             self.weight_quantizer.build(self.kernel().shape)
         # Keras freezes sub-layers when `trainable` changes, not when a layer
@@ -179,6 +179,10 @@ class FusionLayer(keras.layers.Layer):
                 layer.trainable = False
         if not self.linear_trainable:
             self.linear_layer.trainable = False
+
+    def bn_input_shape(self, input_shape):
+        """The shape of the BatchNorm's input: the linear layer's output."""
+        return self.linear_layer.compute_output_shape(input_shape)
 
     def compute_output_shape(self, input_shape):
         return self.linear_layer.compute_output_shape(input_shape)
@@ -420,15 +424,34 @@ class DenseBnAct(FusionLayer):
             return tf.nn.conv2d(inputs, kernel, strides=1, padding="VALID")
         return keras.ops.matmul(inputs, kernel)
 
-    def call(self, inputs, training=False, input_grid=None):
-        """As `FusionLayer.call`; traced for export with per-channel weights,
-        the whole unit runs as a 1x1 convolution on `(n, 1, 1, in)` inputs.
+    def bn_input_shape(self, input_shape):
+        """A quantized layer's BatchNorm sees the flattened `(n, units)`
+        output (see `call`)."""
+        shape = self.dense.compute_output_shape(input_shape)
+        return shape if not self.quantized else (None, shape[-1])
 
-        The TFLite converter turns a MatMul with per-channel fake-quantized
-        weights into a transpose whose quantized axis does not match, but
-        converts a 1x1 Conv2D with per-output-channel weights into an int8
-        CONV_2D. The kernel is reshaped to `(1, 1, in, out)` before it is
-        quantized, so its quantized axis is the last one throughout.
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.quantized and self.bn is not None:
+            # Traced for export as a 1x1 conv, the BatchNorm (inference: the
+            # moving statistics, per last axis) normalizes `(n, 1, 1, units)`.
+            units = self.dense.units
+            self.bn.input_spec = keras.InputSpec(min_ndim=2, axes={-1: units})
+
+    def call(self, inputs, training=False, input_grid=None):
+        """As `FusionLayer.call`. A quantized layer runs on inputs flattened
+        to `(n, in)` (traced for export with per-channel weights, `(n, 1, 1,
+        in)`: a 1x1 convolution), bias, BatchNorm and activation included,
+        and reshapes the result back.
+
+        On more than 2D inputs Keras' matmul is a Tensordot, whose bias add
+        comes after a reshape, where the converter leaves it in float; on
+        2D inputs the converter fuses it into an int8 FULLY_CONNECTED. It
+        turns a MatMul with per-channel fake-quantized weights into a
+        transpose whose quantized axis does not match, but converts a 1x1
+        Conv2D with per-output-channel weights into an int8 CONV_2D; the
+        kernel is reshaped to `(1, 1, in, out)` before it is quantized, so
+        its quantized axis is the last one throughout.
         """
         self._as_conv = (
             self.quantized
@@ -436,13 +459,14 @@ class DenseBnAct(FusionLayer):
             and not training
             and is_tracing_for_export()
         )
-        if not self._as_conv:
+        if not self.quantized or (inputs.shape.rank == 2 and not self._as_conv):
             return super().call(inputs, training=training, input_grid=input_grid)
         in_units, units = self.dense.kernel.shape
-        flat = tf.reshape(inputs, [-1, 1, 1, in_units])
+        flat = tf.reshape(inputs, [-1, 1, 1, in_units] if self._as_conv else [-1, in_units])
         outputs = super().call(flat, training=training, input_grid=input_grid)
-        if inputs.shape.rank == 2:  # a static shape: no shape ops in the model
-            return tf.reshape(outputs, [-1, units])
+        middle = list(inputs.shape[1:-1])
+        if all(size is not None for size in middle):  # a static shape: no shape ops
+            return tf.reshape(outputs, [-1] + middle + [units])
         return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [units]], 0))
 
 

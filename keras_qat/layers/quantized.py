@@ -20,6 +20,7 @@ layer), a layer adds its bias on the integer kernel's int32 grid.
 import keras
 
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
+from keras_qat.layers.more_convolutions import Conv1DBnAct, Conv2DTransposeBnAct
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -159,6 +160,91 @@ class QuantDepthwiseConv2DBnFoldAct(DepthwiseConv2DBnAct):
     >>> layer = QuantDepthwiseConv2DBnFoldAct(3, has_bn=True)
     >>> layer(np.ones((1, 8, 8, 4), "float32")).shape
     TensorShape([1, 6, 6, 4])
+    """
+
+    quantized = True
+    folded = True
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantConv1DBnAct(Conv1DBnAct):
+    """`Conv1DBnAct` whose kernel is fake-quantized.
+
+    Args:
+        weight_quantizer: A `WeightQuantizer`, a dict of its options, or
+            None for the defaults.
+        *args, **kwargs: The arguments of `Conv1DBnAct`.
+
+    Example:
+
+    >>> layer = QuantConv1DBnAct(8, 3, weight_quantizer=dict(per_channel=True))
+    >>> layer(np.ones((1, 10, 3), "float32")).shape
+    TensorShape([1, 8, 8])
+    """
+
+    quantized = True
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantConv1DBnFoldAct(Conv1DBnAct):
+    """`Conv1DBnAct(has_bn=True)` with its BatchNorm folded into the weights.
+
+    As `QuantConv2DBnFoldAct`, for a 1D convolution.
+
+    Args:
+        weight_quantizer: A `WeightQuantizer`, a dict of its options, or
+            None for the defaults.
+        freeze_bn: Training step from which BatchNorm statistics are frozen.
+        *args, **kwargs: The arguments of `Conv1DBnAct` (`has_bn=True`).
+
+    Example:
+
+    >>> layer = QuantConv1DBnFoldAct(8, 3, has_bn=True, padding="causal")
+    >>> layer(np.ones((1, 10, 3), "float32")).shape
+    TensorShape([1, 10, 8])
+    """
+
+    quantized = True
+    folded = True
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantConv2DTransposeBnAct(Conv2DTransposeBnAct):
+    """`Conv2DTransposeBnAct` whose kernel is fake-quantized, per output
+    channel (the `filters` axis of Keras' kernel) with `per_channel=True`.
+
+    Args:
+        weight_quantizer: A `WeightQuantizer`, a dict of its options, or
+            None for the defaults.
+        *args, **kwargs: The arguments of `Conv2DTransposeBnAct`.
+
+    Example:
+
+    >>> layer = QuantConv2DTransposeBnAct(4, 2, strides=2)
+    >>> layer(np.ones((1, 4, 4, 3), "float32")).shape
+    TensorShape([1, 8, 8, 4])
+    """
+
+    quantized = True
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantConv2DTransposeBnFoldAct(Conv2DTransposeBnAct):
+    """`Conv2DTransposeBnAct(has_bn=True)` with its BatchNorm folded into the
+    weights, as `QuantConv2DBnFoldAct`.
+
+    Args:
+        weight_quantizer: A `WeightQuantizer`, a dict of its options, or
+            None for the defaults.
+        freeze_bn: Training step from which BatchNorm statistics are frozen.
+        *args, **kwargs: The arguments of `Conv2DTransposeBnAct`
+            (`has_bn=True`).
+
+    Example:
+
+    >>> layer = QuantConv2DTransposeBnFoldAct(4, 2, strides=2, has_bn=True)
+    >>> layer(np.ones((1, 4, 4, 3), "float32")).shape
+    TensorShape([1, 8, 8, 4])
     """
 
     quantized = True

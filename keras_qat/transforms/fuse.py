@@ -3,10 +3,12 @@
 Each unit of a future integer op becomes one fusion layer with the same
 weights, so the fused network computes what the original computes:
 
-- a `Conv2D`, `DepthwiseConv2D` or `Dense`, with the `BatchNormalization`
-  and the activation after it (its own `activation=` argument, or a `ReLU`,
-  `ReLU(max_value=6)`, `LeakyReLU` or `Activation` layer), becomes a
-  `Conv2DBnAct` / `DepthwiseConv2DBnAct` / `DenseBnAct`;
+- a `Conv1D`, `Conv2D`, `Conv2DTranspose`, `DepthwiseConv2D` or `Dense`,
+  with the `BatchNormalization` (over the last axis) and the activation
+  after it (its own `activation=` argument, or a `ReLU`, `ReLU(max_value=6)`,
+  `LeakyReLU` or `Activation` layer), becomes a `Conv1DBnAct` /
+  `Conv2DBnAct` / `Conv2DTransposeBnAct` / `DepthwiseConv2DBnAct` /
+  `DenseBnAct`;
 - a `SeparableConv2D` becomes a `DepthwiseConv2DBnAct` (its depthwise step,
   no bias) followed by a 1x1 `Conv2DBnAct` (its pointwise step, bias,
   BatchNorm and activation), as TFLite computes it;
@@ -28,11 +30,19 @@ import numpy as np
 from keras_qat import graph, int8_rules
 from keras_qat.layers.activations import LeakyReLUActivation
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
+from keras_qat.layers.more_convolutions import Conv1DBnAct, Conv2DTransposeBnAct
 from keras_qat.transforms.common import Clones, selected_layer_names
 from keras_qat.transforms.inline import inline_nested_models
 
 L = keras.layers
-_LINEAR = (L.Conv2D, L.Dense, L.DepthwiseConv2D, L.SeparableConv2D)
+_LINEAR = (
+    L.Conv1D,
+    L.Conv2D,
+    L.Conv2DTranspose,
+    L.Dense,
+    L.DepthwiseConv2D,
+    L.SeparableConv2D,
+)
 _AFFINE = (L.BatchNormalization, L.Rescaling, L.Normalization)
 # Config entries of a BatchNormalization that are not a fusion layer's
 # BatchNorm arguments (the fusion layer's own, or what never fuses).
@@ -81,9 +91,20 @@ def _is_linear(layer):
     return type(layer) in _LINEAR and unfusable_reason(layer) is None
 
 
-def _bn_is_fusable(bn):
+def _bn_is_fusable(bn, rank):
+    """A BatchNorm over the last axis of its `rank`-D input, without renorm."""
     config = bn.get_config()
-    return config["axis"] in (-1, [-1], 3, [3]) and not config.get("renorm", False)
+    axis = config["axis"]
+    axis = axis if isinstance(axis, (list, tuple)) else [axis]
+    last = len(axis) == 1 and axis[0] in (-1, rank - 1)
+    return last and not config.get("renorm", False)
+
+
+def _is_fusable_bn(layer, graph_view):
+    """A BatchNormalization that a linear layer before it can absorb."""
+    if not isinstance(layer, L.BatchNormalization):
+        return False
+    return _bn_is_fusable(layer, len(graph_view.input_tensors(layer)[0].shape))
 
 
 def _is_affine(layer, graph_view):
@@ -96,7 +117,7 @@ def _is_affine(layer, graph_view):
     if not graph_view.input_tensors(layer)[0].dtype.startswith("float"):
         return False  # an integer model input: the layer casts it, and stays
     if isinstance(layer, L.BatchNormalization):
-        return _bn_is_fusable(layer)
+        return _bn_is_fusable(layer, 4)
     if isinstance(layer, L.Normalization):
         return tuple(layer.axis) in ((-1,), (3,))
     return True
@@ -142,7 +163,7 @@ def _plan(graph_view, skipped):
         last = layer
         if int8_rules.activation_name(getattr(layer, "activation", None)) == "linear":
             nxt = only_consumer(last)
-            if _is_linear(layer) and isinstance(nxt, L.BatchNormalization) and _bn_is_fusable(nxt):
+            if _is_linear(layer) and _is_fusable_bn(nxt, graph_view):
                 bn = last = nxt
             nxt = only_consumer(last)
             if nxt is not None and _activation_of(nxt) is not None:
@@ -293,7 +314,9 @@ def _fuse_fixed_affine(layer, bn, activation, channels):
 # Layer class -> rule(layer, bn, activation, input channels) returning
 # (fusion layers applied in order, a function copying the weights).
 FUSION_RULES = {
+    L.Conv1D: _fuse_linear(Conv1DBnAct),
     L.Conv2D: _fuse_linear(Conv2DBnAct),
+    L.Conv2DTranspose: _fuse_linear(Conv2DTransposeBnAct),
     L.Dense: _fuse_linear(DenseBnAct),
     L.DepthwiseConv2D: _fuse_linear(DepthwiseConv2DBnAct),
     L.SeparableConv2D: _fuse_separable,
@@ -312,8 +335,8 @@ def _fused_activation(layer, activation_layer):
 def fuse(model, skip_layers=None):
     """Returns the fusion network of a plain Keras model.
 
-    Conv2D (channels last, `groups=1`), DepthwiseConv2D, SeparableConv2D
-    and Dense layers without weight constraints, with the
+    Conv1D, Conv2D (channels last), Conv2DTranspose, DepthwiseConv2D,
+    SeparableConv2D and Dense layers, with the
     `BatchNormalization` (last axis, with center and scale) and activation
     layer that follow them, become fusion layers with the same weights; so
     do per-channel affine layers on images (a BatchNormalization after no

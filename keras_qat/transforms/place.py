@@ -17,11 +17,17 @@ import keras
 from keras_qat import graph, int8_rules, quantizers
 from keras_qat.config import DEFAULT_FREEZE_BN, QuantOptions
 from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
+from keras_qat.layers.embedding import QuantEmbedding
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct, FusionLayer
+from keras_qat.layers.more_convolutions import Conv1DBnAct, Conv2DTransposeBnAct
 from keras_qat.layers.quantized import (
+    QuantConv1DBnAct,
+    QuantConv1DBnFoldAct,
     QuantConv2DBnAct,
     QuantConv2DBnFoldAct,
+    QuantConv2DTransposeBnAct,
+    QuantConv2DTransposeBnFoldAct,
     QuantDenseBnAct,
     QuantDenseBnFoldAct,
     QuantDepthwiseConv2DBnAct,
@@ -37,6 +43,8 @@ QUANTIZED_LAYERS = {
     Conv2DBnAct: (QuantConv2DBnAct, QuantConv2DBnFoldAct),
     DenseBnAct: (QuantDenseBnAct, QuantDenseBnFoldAct),
     DepthwiseConv2DBnAct: (QuantDepthwiseConv2DBnAct, QuantDepthwiseConv2DBnFoldAct),
+    Conv1DBnAct: (QuantConv1DBnAct, QuantConv1DBnFoldAct),
+    Conv2DTransposeBnAct: (QuantConv2DTransposeBnAct, QuantConv2DTransposeBnFoldAct),
 }
 
 # Layers through which a grid reaches a consumer: an average pooling that
@@ -64,17 +72,21 @@ def convert_quant_network(
 ):
     """Converts a float network into a quantization network.
 
-    The model is cloned layer by layer. `Conv2DBnAct`,
-    `DepthwiseConv2DBnAct` and `DenseBnAct` become their `Quant...`
-    counterparts with the original's weights (so a trained float model
-    converts without retraining). A `FakeQuant` layer follows wherever an
-    integer kernel rounds its result:
+    The model is cloned layer by layer. The fusion layers (`Conv2DBnAct`,
+    `DepthwiseConv2DBnAct`, `DenseBnAct`, `Conv1DBnAct`,
+    `Conv2DTransposeBnAct`) become their `Quant...` counterparts with the
+    original's weights (so a trained float model converts without
+    retraining), and an `Embedding` a `QuantEmbedding` (its table quantized
+    per tensor whatever `per_channel` says: a GATHER's output has one grid,
+    the table's, and nothing rounds after it). A `FakeQuant` layer follows
+    wherever an integer kernel rounds its result:
 
     - the model input, and each quantized layer's output (after its
       activation when that is None, ReLU or ReLU6, which integer kernels
       fuse; any other activation becomes an `Activation` layer between two
       `FakeQuant`s, so that the activation's input is quantized too);
-    - each `Add`, `Subtract`, `Multiply`, `GlobalAveragePooling2D`, and each
+    - each `Add`, `Subtract`, `Multiply`, `GlobalAveragePooling1D` / `2D`,
+      and each
       Keras operation `+`, `-`, `*` on tensors (as in `x + 3.0`);
     - a `Concatenate` becomes a `QuantConcatenate`, which quantizes all its
       inputs with one shared range (TFLite requires one scale for all
@@ -92,8 +104,9 @@ def convert_quant_network(
     or such an average pooling gets no `FakeQuant` of its own (unless it is
     a model output): the integer op rounds once, to its consumer's grid.
 
-    Max pooling, flatten, reshape, dropout, padding and cropping layers are
-    kept as they are. Layer names are kept; a `FakeQuant` is named after the
+    Max pooling, flatten, reshape, dropout, padding and cropping layers, and
+    nearest-neighbour `UpSampling1D` / `UpSampling2D` / `Resizing`, are kept
+    as they are. Layer names are kept; a `FakeQuant` is named after the
     layer it follows, plus `_quant`. With `bn_fold=True`, fusion layers with
     `has_bn=True` become the `Quant...BnFoldAct` layers instead.
 
@@ -129,7 +142,8 @@ def convert_quant_network(
         per_channel: Per-channel ranges. Only weights may be per channel:
             `per_channel=[True, False]`. Default None: per channel for conv
             and depthwise kernels, per tensor for dense kernels (unless an
-            unfolded BatchNorm follows them).
+            unfolded BatchNorm follows them) and transposed-conv kernels (the
+            TFLite converter cannot export those per channel).
         symmetric: Symmetric ranges. Default `(True, False)`: symmetric
             weights, asymmetric activations (TFLite's int8 scheme).
         narrow_range: Grids `[1, 2**b - 1]` instead of `[0, 2**b - 1]`.
@@ -202,9 +216,8 @@ def _check_model(model):
 
 
 def _is_quantized(layer):
-    return isinstance(layer, (FakeQuant, QuantConcatenate, QuantAveragePooling2D)) or (
-        isinstance(layer, FusionLayer) and layer.quantized
-    )
+    quantized = (FakeQuant, QuantConcatenate, QuantAveragePooling2D, QuantEmbedding)
+    return isinstance(layer, quantized) or (isinstance(layer, FusionLayer) and layer.quantized)
 
 
 def _is_supported(operation, graph_view):
@@ -214,6 +227,10 @@ def _is_supported(operation, graph_view):
         return isinstance(
             operation, int8_rules.ROUNDING_OPERATIONS + int8_rules.GRID_KEEPING_OPERATIONS
         )
+    if int8_rules.unsupported_reason(operation) is not None:
+        return False
+    if type(operation) is keras.layers.Embedding:
+        return True
     return type(operation) in QUANTIZED_LAYERS or isinstance(
         operation,
         int8_rules.ROUNDING_LAYERS
@@ -234,17 +251,19 @@ def _check_supported(model, skipped):
     if unsupported:
         raise ValueError(
             "`convert_quant_network` cannot quantize these layers of model "
-            f"'{model.name}': {', '.join(unsupported)}. Supported: Conv2D / "
-            "DepthwiseConv2D / SeparableConv2D / Dense with the "
-            "BatchNormalization and activation after them, BatchNormalization, "
-            "Rescaling and Normalization (last axis) on 4D inputs, the fusion "
-            "layers, merge layers (Add, Subtract, Multiply, Concatenate), "
-            "GlobalAveragePooling2D, activation layers (ReLU, LeakyReLU, "
+            f"'{model.name}': {', '.join(unsupported)}. Supported: Conv1D / "
+            "Conv2D / Conv2DTranspose / DepthwiseConv2D / SeparableConv2D / "
+            "Dense with the BatchNormalization and activation after them, "
+            "BatchNormalization, Rescaling and Normalization (last axis) on 4D "
+            "inputs, the fusion layers, Embedding (without mask_zero), merge "
+            "layers (Add, Subtract, Multiply, Concatenate), "
+            "GlobalAveragePooling1D/2D, activation layers (ReLU, LeakyReLU, "
             "Activation, Softmax), the Keras operations +, - and * between "
             "tensors or with constants, and layers that keep their input's "
             "grid ("
             + ", ".join(c.__name__ for c in int8_rules.GRID_KEEPING_LAYERS)
-            + ", AveragePooling2D). To keep layers in float, pass them to "
+            + ", AveragePooling2D; resizing with interpolation='nearest'). "
+            "To keep layers in float, pass them to "
             "`skip_layers` (names, classes or a predicate)."
         )
 
@@ -254,6 +273,7 @@ def _describe(operation):
     if not isinstance(operation, keras.layers.Layer):
         return f"'{operation.name}' (Keras operation {operation.__class__.__name__})"
     reason = unfusable_reason(operation) if isinstance(operation, fusable_classes()) else None
+    reason = reason or int8_rules.unsupported_reason(operation)
     reason = f": {reason}" if reason else ""
     return f"'{operation.name}' ({operation.__class__.__name__}{reason})"
 
@@ -495,7 +515,11 @@ def _per_channel_by_default(self, layer):
     scale, and TFLite keeps it); dense kernels are per tensor, TFLite's
     FULLY_CONNECTED default and a smaller model, unless an unfolded BatchNorm
     follows (folding its per-channel scale into per-tensor weights would take
-    them off their grid)."""
+    them off their grid). Transposed-conv kernels are per tensor: the
+    converter cannot carry a per-channel kernel into TRANSPOSE_CONV
+    (`export.litert` says why)."""
+    if isinstance(layer, Conv2DTransposeBnAct):
+        return False
     if not isinstance(layer, DenseBnAct):
         return True
     return layer.has_bn and not self.options.bn_fold
@@ -550,6 +574,17 @@ def _place_fused_activation(self, layer, args, kwargs):
     return self.quantize_output(layer, args[0], activation=activation)
 
 
+def _place_embedding(self, layer, args, kwargs):
+    """A QuantEmbedding with the same table, quantized per tensor: its
+    output keeps the table's grid (GATHER), so no FakeQuant follows."""
+    options = self.options.weight_options(self.graph.call_count(layer))
+    options["per_channel"] = False
+    new = self.clones.of(
+        layer, lambda: QuantEmbedding(**layer.get_config(), weight_quantizer=options)
+    )
+    return self.apply_quantizer(new, args[0], self.needs_grid(layer))
+
+
 def _place_grid_keeping(self, layer, args, kwargs):
     """Kept as it is; its output lies on its input's grid."""
     outputs = self.clones.of(layer)(*args, **kwargs)
@@ -568,5 +603,6 @@ PLACEMENT_RULES = (
     (lambda self, op: isinstance(op, FusionLayer), _place_fusion),
     (_moves_into_fake_quant, _place_fused_activation),
     (lambda self, op: isinstance(op, int8_rules.ROUNDING_LAYERS), _place_rounding_layer),
+    (lambda self, op: type(op) is keras.layers.Embedding, _place_embedding),
     (lambda self, op: True, _place_grid_keeping),
 )

@@ -1,0 +1,251 @@
+"""Fusion layers for sequences and dense prediction: `Conv1DBnAct` and
+`Conv2DTransposeBnAct`.
+
+Like the fusion layers of `keras_qat.layers.fusion`, each composes its Keras
+layer (sub-layer `conv`) with an optional BatchNorm and an activation, and
+only says how its kernel looks with the output channels last (`kernel()`)
+and how to apply such a kernel (`kernel_op`); folding, weight quantization
+and the int32 bias come from `FusionLayer`.
+
+In the integer model a `Conv1D` is a CONV_2D between an EXPAND_DIMS and a
+SQUEEZE (how TensorFlow computes a 1-D convolution), and a
+`Conv2DTranspose` a TRANSPOSE_CONV; both take per-output-channel int8
+weights and an int32 bias.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_qat.layers.fusion import FusionLayer
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class Conv1DBnAct(FusionLayer):
+    """1D convolution, optional BatchNormalization, optional activation.
+
+    A drop-in for `keras.layers.Conv1D` (followed by `BatchNormalization`
+    when `has_bn=True`). The convolution is a `keras.layers.Conv1D`
+    sub-layer named `conv`, the BatchNorm a `keras.layers.BatchNormalization`
+    named `bn`; the activation comes last. `padding="causal"` pads the
+    input on the left, as Keras does.
+
+    Args:
+        filters, kernel_size, strides, padding, data_format, dilation_rate,
+            groups, use_bias, kernel_initializer, bias_initializer,
+            kernel_regularizer, bias_regularizer, kernel_constraint,
+            bias_constraint: As in `keras.layers.Conv1D`.
+        activation: Activation applied last (see `Conv2DBnAct`).
+        activity_regularizer: Regularizer of the layer's output.
+        has_bn: Whether a BatchNormalization follows the convolution.
+        **kwargs: BatchNormalization arguments and base layer keyword
+            arguments (see `Conv2DBnAct`).
+
+    Input shape:
+        3D tensor `(batch, steps, channels)` (channels last).
+
+    Output shape:
+        3D tensor `(batch, new_steps, filters)`.
+
+    Raises:
+        ValueError: for an invalid argument (as `keras.layers.Conv1D` does).
+
+    Example:
+
+    >>> layer = Conv1DBnAct(8, 3, padding="causal", has_bn=True,
+    ...                     activation="relu")
+    >>> layer(np.zeros((2, 16, 4), "float32")).shape
+    TensorShape([2, 16, 8])
+    """
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=1,
+        padding="valid",
+        data_format=None,
+        dilation_rate=1,
+        groups=1,
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        has_bn=False,
+        **kwargs,
+    ):
+        super().__init__(
+            has_bn=has_bn,
+            activation=activation,
+            activity_regularizer=activity_regularizer,
+            **kwargs,
+        )
+        self.conv = keras.layers.Conv1D(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            data_format=data_format,
+            dilation_rate=dilation_rate,
+            groups=groups,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            dtype=self.dtype_policy,
+            name="conv",
+        )
+
+    @property
+    def linear_layer(self):
+        return self.conv
+
+    def kernel(self):
+        """The kernel as a `(1, kernel_size, in, filters)` 2D kernel (see
+        `call`)."""
+        return self.conv.kernel[None]
+
+    def kernel_op(self, inputs, kernel):
+        """The convolution of 4D inputs `(batch, 1, steps, in)` (see `call`)."""
+        conv = self.conv
+        padding = conv.padding
+        if padding == "causal":  # the left padding of Keras' Conv1D
+            left = conv.dilation_rate[0] * (conv.kernel_size[0] - 1)
+            inputs = tf.pad(inputs, [[0, 0], [0, 0], [left, 0], [0, 0]])
+            padding = "valid"
+        return tf.nn.conv2d(
+            inputs,
+            kernel,
+            strides=[1, 1, conv.strides[0], 1],
+            padding=padding.upper(),
+            dilations=[1, 1, conv.dilation_rate[0], 1],
+        )
+
+    def bn_input_shape(self, input_shape):
+        shape = self.conv.compute_output_shape(input_shape)
+        return shape if not self.quantized else (shape[0], 1) + tuple(shape[1:])
+
+    def call(self, inputs, training=False, input_grid=None):
+        """As `FusionLayer.call`; a quantized layer runs as a 2D convolution
+        of height 1, bias, BatchNorm and activation included, as TensorFlow
+        runs a 1D one: the converter then sees the quantized kernel with its
+        channels last and the bias next to the convolution (a per-channel
+        fake quant before TensorFlow's own EXPAND_DIMS would leave its
+        quantized axis behind)."""
+        if not self.quantized:
+            return super().call(inputs, training=training, input_grid=input_grid)
+        outputs = super().call(tf.expand_dims(inputs, 1), training, input_grid)
+        return tf.squeeze(outputs, 1)
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class Conv2DTransposeBnAct(FusionLayer):
+    """Transposed 2D convolution, optional BatchNormalization and activation.
+
+    A drop-in for `keras.layers.Conv2DTranspose` (followed by
+    `BatchNormalization` when `has_bn=True`). The convolution is a
+    `keras.layers.Conv2DTranspose` sub-layer named `conv`, whose kernel is
+    `(kh, kw, filters, in_channels)`; `kernel()` is that kernel with the
+    output channels last, `(kh, kw, in_channels, filters)`, so that folding
+    and per-channel ranges are per output channel.
+
+    Args:
+        filters, kernel_size, strides, padding, output_padding, data_format,
+            dilation_rate, use_bias, kernel_initializer, bias_initializer,
+            kernel_regularizer, bias_regularizer, kernel_constraint,
+            bias_constraint: As in `keras.layers.Conv2DTranspose`.
+        activation: Activation applied last (see `Conv2DBnAct`).
+        activity_regularizer: Regularizer of the layer's output.
+        has_bn: Whether a BatchNormalization follows the convolution.
+        **kwargs: BatchNormalization arguments and base layer keyword
+            arguments (see `Conv2DBnAct`).
+
+    Input shape:
+        4D tensor `(batch, height, width, channels)` (channels last).
+
+    Output shape:
+        4D tensor `(batch, new_height, new_width, filters)`.
+
+    Raises:
+        ValueError: for an invalid argument (as
+            `keras.layers.Conv2DTranspose` does).
+
+    Example:
+
+    >>> layer = Conv2DTransposeBnAct(4, 3, strides=2, padding="same",
+    ...                              has_bn=True, activation="relu")
+    >>> layer(np.zeros((2, 8, 8, 3), "float32")).shape
+    TensorShape([2, 16, 16, 4])
+    """
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=(1, 1),
+        padding="valid",
+        output_padding=None,
+        data_format=None,
+        dilation_rate=(1, 1),
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        has_bn=False,
+        **kwargs,
+    ):
+        super().__init__(
+            has_bn=has_bn,
+            activation=activation,
+            activity_regularizer=activity_regularizer,
+            **kwargs,
+        )
+        self.conv = keras.layers.Conv2DTranspose(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            output_padding=output_padding,
+            data_format=data_format,
+            dilation_rate=dilation_rate,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            dtype=self.dtype_policy,
+            name="conv",
+        )
+
+    @property
+    def linear_layer(self):
+        return self.conv
+
+    def kernel(self):
+        return tf.transpose(self.conv.kernel, [0, 1, 3, 2])
+
+    def kernel_op(self, inputs, kernel):
+        conv = self.conv
+        return keras.ops.conv_transpose(
+            inputs,
+            tf.transpose(kernel, [0, 1, 3, 2]),
+            strides=list(conv.strides),
+            padding=conv.padding,
+            output_padding=conv.output_padding,
+            dilation_rate=conv.dilation_rate,
+            data_format=conv.data_format,
+        )
