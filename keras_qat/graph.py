@@ -21,6 +21,7 @@ The rest of the package sees:
 
 import keras
 from keras.src.ops import core as _core_ops
+from keras.src.ops import nn as _nn_ops
 from keras.src.ops import numpy as _numpy_ops
 
 # Keras operations that `+`, `-` and `*` on symbolic tensors create (for
@@ -30,6 +31,20 @@ SUBTRACT_OPERATION = _numpy_ops.Subtract
 MULTIPLY_OPERATION = _numpy_ops.Multiply
 # The cast some Keras releases put after a model input under mixed precision.
 CAST_OPERATION = _core_ops.Cast
+# Keras operations of transformer code between layers: `keras.ops.matmul`,
+# `mean`, `gelu`, `softmax`, and those that only move or select values
+# (`reshape`, `transpose`, `expand_dims`, `squeeze`, `x[:, 0]`).
+MATMUL_OPERATION = _numpy_ops.Matmul
+MEAN_OPERATION = _numpy_ops.Mean
+GELU_OPERATION = _nn_ops.Gelu
+SOFTMAX_OPERATION = _nn_ops.Softmax
+MOVING_OPERATIONS = (
+    _numpy_ops.Reshape,
+    _numpy_ops.Transpose,
+    _numpy_ops.ExpandDims,
+    _numpy_ops.Squeeze,
+    _numpy_ops.GetItem,
+)
 
 
 def is_functional(model):

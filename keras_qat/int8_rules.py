@@ -22,6 +22,10 @@ operation, the integer kernel either
   rounding: in the Keras model it is the `activation` of the `FakeQuant`
   that stands for the grid (`fused_activation`).
 
+The second operand of a matmul of two tensors must be on a zero-centred
+grid: TFLite's int8 BATCH_MATMUL ignores its zero point
+(`transforms.place` makes its `FakeQuant` symmetric on the narrow grid).
+
 Some outputs have a fixed grid whatever the data (`FIXED_OUTPUT_RANGES`),
 and two activations are computed as two int8 ops with a rounding in between
 (`TWO_OP_ACTIVATIONS`).
@@ -70,11 +74,15 @@ ROUNDING_OPERATIONS = (
     graph.ADD_OPERATION,
     graph.SUBTRACT_OPERATION,
     graph.MULTIPLY_OPERATION,
+    graph.MATMUL_OPERATION,  # BATCH_MATMUL of two int8 tensors
+    graph.MEAN_OPERATION,
+    graph.GELU_OPERATION,
+    graph.SOFTMAX_OPERATION,
 )
 
 # Keras operations whose output lies on their input's grid: a cast between
 # float types (mixed precision) keeps the values.
-GRID_KEEPING_OPERATIONS = (graph.CAST_OPERATION,)
+GRID_KEEPING_OPERATIONS = (graph.CAST_OPERATION,) + graph.MOVING_OPERATIONS
 
 # Layers whose output lies on their input's grid: they move or select values
 # (or, like Dropout, are the identity in inference).
@@ -137,8 +145,9 @@ def rounds_for_producer(consumer):
 
 
 def fixed_output_range(layer):
-    """The fixed output range of an activation layer's int8 kernel, or None."""
-    if isinstance(layer, L.Softmax):
+    """The fixed output range of an activation layer's (or a softmax
+    operation's) int8 kernel, or None."""
+    if isinstance(layer, (L.Softmax, graph.SOFTMAX_OPERATION)):
         return FIXED_OUTPUT_RANGES["softmax"]
     if isinstance(layer, L.Activation):
         return FIXED_OUTPUT_RANGES.get(activation_name(layer.activation))
@@ -153,6 +162,8 @@ def unsupported_reason(layer):
     (RESIZE_NEAREST_NEIGHBOR); bilinear and other interpolations compute
     new values whose integer rounding is not simulated yet.
     """
+    if isinstance(layer, graph.SOFTMAX_OPERATION) and layer.axis not in (-1, None):
+        return f"axis={layer.axis}: TFLite's SOFTMAX is over the last axis; transpose first"
     if type(layer) is L.Embedding:
         config = layer.get_config()
         if config.get("mask_zero"):

@@ -13,6 +13,7 @@ bias is an edge of the Keras graph, saved and loaded with it.
 """
 
 import keras
+import numpy as np
 
 from keras_qat import graph, int8_rules, quantizers
 from keras_qat.config import DEFAULT_FREEZE_BN, QuantOptions
@@ -223,12 +224,14 @@ def _is_quantized(layer):
 def _is_supported(operation, graph_view):
     if _is_integer_cast(operation, graph_view):
         return True
+    if int8_rules.unsupported_reason(operation) is not None or _float64_constant(operation):
+        return False
+    if isinstance(operation, graph.MATMUL_OPERATION):  # of two tensors, not a constant
+        return len(graph_view.input_tensors(operation)) == 2
     if not isinstance(operation, keras.layers.Layer):
         return isinstance(
             operation, int8_rules.ROUNDING_OPERATIONS + int8_rules.GRID_KEEPING_OPERATIONS
         )
-    if int8_rules.unsupported_reason(operation) is not None:
-        return False
     if type(operation) is keras.layers.Embedding:
         return True
     return type(operation) in QUANTIZED_LAYERS or isinstance(
@@ -244,7 +247,7 @@ def _check_supported(model, skipped):
     """Raises one `ValueError` listing every layer that cannot be converted."""
     graph_view = graph.Graph(model)
     unsupported = [
-        _describe(op)
+        _describe(op, graph_view)
         for op in graph_view.operations
         if op.name not in skipped and not _is_supported(op, graph_view)
     ]
@@ -268,14 +271,32 @@ def _check_supported(model, skipped):
         )
 
 
-def _describe(operation):
+def _float64_constant(operation):
+    """Whether a Keras operation has a float64 NumPy constant (`x *
+    np.sqrt(d)`), which makes Keras compute it, and what follows, in
+    float64: no int8 kernel does."""
+    if isinstance(operation, keras.layers.Layer):
+        return False
+    constants = keras.tree.flatten(graph.node_arguments(operation))
+    return any(
+        isinstance(c, (np.ndarray, np.floating)) and c.dtype == np.float64 for c in constants
+    )
+
+
+def _describe(operation, graph_view):
     """`'name' (Class)`, with the reason when a known attribute is the problem."""
-    if not isinstance(operation, keras.layers.Layer):
-        return f"'{operation.name}' (Keras operation {operation.__class__.__name__})"
     reason = unfusable_reason(operation) if isinstance(operation, fusable_classes()) else None
     reason = reason or int8_rules.unsupported_reason(operation)
+    if _float64_constant(operation):
+        reason = (
+            "a float64 NumPy constant, which makes Keras compute in float64; use a "
+            "Python float or a float32 array"
+        )
+    elif isinstance(operation, graph.MATMUL_OPERATION):
+        reason = "a matmul with a constant; use a Dense or EinsumDense layer"
     reason = f": {reason}" if reason else ""
-    return f"'{operation.name}' ({operation.__class__.__name__}{reason})"
+    kind = "" if isinstance(operation, keras.layers.Layer) else "Keras operation "
+    return f"'{operation.name}' ({kind}{operation.__class__.__name__}{reason})"
 
 
 class _Placement:
@@ -352,21 +373,38 @@ class _Placement:
 
     # Quantizers.
 
-    def fake_quant(self, name, fixed_range=None, activation=None):
+    def feeds_matmul_rhs(self, operation):
+        """Whether `operation`'s output is the second operand of a
+        `keras.ops.matmul`, directly or through layers that keep its grid.
+
+        TFLite's int8 BATCH_MATMUL ignores that operand's zero point (an
+        asymmetric one was measured off by up to 95 steps), so its grid must
+        be zero-centred: symmetric, on the narrow grid (zero point 0).
+        """
+        for consumer in self.graph.consumers(operation):
+            if isinstance(consumer, _GRID_PASSING_LAYERS):
+                if self.feeds_matmul_rhs(consumer):
+                    return True
+            elif isinstance(consumer, graph.MATMUL_OPERATION) and not self.is_skipped(consumer):
+                operands = self.graph.input_tensors(consumer)
+                if len(operands) == 2 and graph.producer(operands[1]) is operation:
+                    return True
+        return False
+
+    def fake_quant(self, name, fixed_range=None, activation=None, zero_centred=False):
         """A new `FakeQuant` named `<name>_quant` (made unique), applying a
-        fused `activation` (None, "relu", "relu6") before it quantizes."""
+        fused `activation` (None, "relu", "relu6") before it quantizes; with
+        `zero_centred`, symmetric on the narrow grid."""
         base = candidate = f"{name}_quant"
         suffix = 1
         while candidate in self.names:  # Keras operations may share a name with a layer
             suffix += 1
             candidate = f"{base}_{suffix}"
         self.names.add(candidate)
-        return FakeQuant(
-            name=candidate,
-            fixed_range=fixed_range,
-            activation=activation,
-            **self.options.activation_options(),
-        )
+        options = self.options.activation_options()
+        if zero_centred:
+            options.update(symmetric=True, narrow_range=True)
+        return FakeQuant(name=candidate, fixed_range=fixed_range, activation=activation, **options)
 
     def apply_quantizer(self, quantizer, tensor, with_grid):
         """`quantizer(tensor)`; with `with_grid`, the grid is kept for the
@@ -383,7 +421,8 @@ class _Placement:
         `activation`, the fused activation that the `FakeQuant` applies."""
         if fixed_range is None and self.rounded_by_consumers(operation):
             return quantizers.fused_activation(outputs, activation)
-        quantizer = self.fake_quant(name or operation.name, fixed_range, activation)
+        zero_centred = fixed_range is None and self.feeds_matmul_rhs(operation)
+        quantizer = self.fake_quant(name or operation.name, fixed_range, activation, zero_centred)
         return self.apply_quantizer(quantizer, outputs, self.needs_grid(operation))
 
     def moves_activation(self, layer):
@@ -404,7 +443,9 @@ class _Placement:
         if id(tensor) not in self.quantized_inputs:
             original = self.input_layers[layer.name]
             self.quantized_inputs[id(tensor)] = self.apply_quantizer(
-                self.fake_quant(layer.name), tensor, self.needs_grid(original)
+                self.fake_quant(layer.name, zero_centred=self.feeds_matmul_rhs(original)),
+                tensor,
+                self.needs_grid(original),
             )
         return self.quantized_inputs[id(tensor)]
 
@@ -453,9 +494,10 @@ def _place_integer_cast(self, operation, args, kwargs):
 
 
 def _place_rounding_operation(self, operation, args, kwargs):
-    """`x + 3.0`, `x * y`: the operation (its constant is in the node), then
-    a FakeQuant."""
-    return self.quantize_output(operation, clone(operation)(*args, **kwargs))
+    """`x + 3.0`, `x * y`, `keras.ops.matmul(q, k)`: the operation (a
+    constant is in the node), then a FakeQuant (with softmax's fixed range)."""
+    outputs = clone(operation)(*args, **kwargs)
+    return self.quantize_output(operation, outputs, int8_rules.fixed_output_range(operation))
 
 
 def _place_concatenation(self, layer, args, kwargs):

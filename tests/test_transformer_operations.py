@@ -1,0 +1,125 @@
+"""The Keras operations that transformer code uses between layers
+(`keras.ops.matmul`, `mean`, `gelu`, `softmax`, reshape, transpose,
+slicing): placed where TFLite's int8 kernels round, and exported."""
+
+import keras
+import numpy as np
+import pytest
+import reference
+from test_export import assert_integer_model, calibrate
+
+import keras_qat as kq
+from keras_qat import graph
+
+ops = keras.ops
+
+
+def export_steps(model, x):
+    """The quantization network of `model`, its int8 TFLite model, and how
+    many output steps the two differ by, per element."""
+    qmodel = calibrate(kq.convert_quant_network(model), x, steps=2)
+    tflite_bytes = kq.export_tflite(qmodel)
+    tflite_out, scale = kq.run_tflite(tflite_bytes, x)
+    return qmodel, tflite_bytes, np.abs(qmodel.predict(x, verbose=0) - tflite_out) / scale
+
+
+def attention_scores_model():
+    """Single-head attention written with Keras operations."""
+    inputs = keras.Input((6, 8))
+    q = keras.layers.Dense(8, name="q")(inputs)
+    k = keras.layers.Dense(8, name="k")(inputs)
+    v = keras.layers.Dense(8, name="v")(inputs)
+    scores = ops.matmul(q, ops.transpose(k, (0, 2, 1))) * float(1 / np.sqrt(8))
+    weights = ops.softmax(scores, axis=-1)
+    context = ops.matmul(weights, v)
+    pooled = ops.mean(ops.gelu(context, approximate=False), axis=1)
+    first = ops.reshape(context[:, 0], (-1, 8))
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Add()([pooled, first])))
+
+
+def test_transformer_operations_are_quantized_where_int8_kernels_round():
+    qmodel = kq.convert_quant_network(attention_scores_model())
+    view = graph.Graph(qmodel)
+    rounding = {"Matmul": 2, "Multiply": 1, "Softmax": 1, "Gelu": 1, "Mean": 1}
+    moving = {"Transpose": 1, "Reshape": 1, "GetItem": 1}
+    for op in view.operations:
+        kind = type(op).__name__
+        consumers = [type(c).__name__ for c in view.consumers(op)]
+        if kind in rounding:
+            rounding[kind] -= 1
+            assert consumers == ["FakeQuant"], (op.name, consumers)
+        if kind in moving:
+            moving[kind] -= 1
+            assert "FakeQuant" not in consumers, op.name  # they keep their input's grid
+        if kind == "Softmax":
+            assert view.consumers(op)[0].fixed_range == (0.0, 255 / 256)
+    assert not any(rounding.values()) and not any(moving.values()), (rounding, moving)
+    # The second operands of the matmuls (k through the transpose, v) are on
+    # zero-centred grids: TFLite's BATCH_MATMUL ignores their zero point.
+    for name, zero_centred in (("k_quant", True), ("v_quant", True), ("q_quant", False)):
+        layer = qmodel.get_layer(name)
+        assert (layer.symmetric and layer.narrow_range) == zero_centred, name
+
+
+def test_attention_written_with_operations_exports_to_int8():
+    x = np.random.default_rng(0).uniform(-1, 1, (256, 6, 8)).astype("float32")
+    _, tflite_bytes, steps = export_steps(attention_scores_model(), x)
+    assert_integer_model(tflite_bytes, ["BATCH_MATMUL", "SOFTMAX", "GELU", "MEAN"])
+    # Ten rounding ops in a chain: near-ties decided one step apart along
+    # the way reach the output on about 0.5 % of its values (measured), one
+    # step each.
+    assert np.mean(steps < 0.5) >= 0.99 and steps.max() <= 1.001, (
+        np.mean(steps < 0.5),
+        steps.max(),
+    )
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_lone_gelu_operation_matches_tflites_kernel(approximate):
+    inputs = keras.Input((64,))
+    model = keras.Model(inputs, ops.gelu(inputs, approximate=approximate))
+    x = np.random.default_rng(1).uniform(-4, 4, (512, 64)).astype("float32")
+    qmodel, tflite_bytes, steps = export_steps(model, x)
+    assert "GELU" in assert_integer_model(tflite_bytes, ["GELU"])
+    assert np.mean(steps < 0.5) >= 0.999 and steps.max() <= 1.001
+    # The Keras model: gelu of the fake-quantized input, then fake-quantized.
+    fq_in, fq_out = qmodel.layers[1], qmodel.layers[-1]
+    q_in = reference.fake_quant(x, float(fq_in.min.numpy()), float(fq_in.max.numpy()))
+    expected = reference.fake_quant(
+        np.asarray(ops.gelu(q_in, approximate=approximate)),
+        float(fq_out.min.numpy()),
+        float(fq_out.max.numpy()),
+    )
+    assert np.mean(np.isclose(qmodel.predict(x, verbose=0), expected, atol=1e-6)) >= 0.999
+
+
+def test_lone_batch_matmul_of_two_activations_is_exact():
+    a, b = keras.Input((4, 5)), keras.Input((5, 3))
+    model = keras.Model([a, b], ops.matmul(a, b))
+    rng = np.random.default_rng(2)
+    x = [
+        rng.uniform(-1, 1, (256, 4, 5)).astype("float32"),
+        rng.uniform(0, 2, (256, 5, 3)).astype("float32"),
+    ]
+    qmodel = kq.convert_quant_network(model)
+    qmodel.compile(optimizer="sgd", loss="mse")
+    qmodel.train_on_batch(x, np.zeros((256, 4, 3), "float32"))
+    tflite_bytes = kq.export_tflite(qmodel)
+    assert "BATCH_MATMUL" in assert_integer_model(tflite_bytes, ["BATCH_MATMUL"])
+    tflite_out, scale = kq.run_tflite(tflite_bytes, x)
+    steps = np.abs(qmodel.predict(x, verbose=0) - tflite_out) / scale
+    assert np.mean(steps < 0.5) >= 0.999 and steps.max() <= 1.001
+
+
+def test_operations_int8_kernels_cannot_take_are_listed():
+    inputs = keras.Input((4, 6))
+    weights = np.ones((6, 2), "float32")
+    model = keras.Model(inputs, ops.softmax(ops.matmul(inputs, weights), axis=1))
+    with pytest.raises(ValueError) as error:
+        kq.convert_quant_network(model)
+    message = str(error.value)
+    assert "(Keras operation Matmul: a matmul with a constant; use a Dense" in message
+    assert "(Keras operation Softmax: axis=1: TFLite's SOFTMAX is over the last axis" in message
+    promoted = keras.Model(inputs, inputs * np.sqrt(np.float64(2.0)))
+    with pytest.raises(ValueError, match="Multiply: a float64 NumPy constant"):
+        kq.convert_quant_network(promoted)
