@@ -22,6 +22,7 @@ from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
 from keras_qat.layers.embedding import QuantEmbedding
 from keras_qat.layers.fake_quant import FakeQuant, WeightQuantizer
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
+from keras_qat.layers.layer_norm import QuantLayerNormalization
 from keras_qat.layers.more_convolutions import Conv1DBnAct, Conv2DTransposeBnAct
 from keras_qat.layers.quantized import (
     QuantConv1DBnAct,
@@ -65,6 +66,7 @@ __all__ = [
     "QuantDepthwiseConv2DBnFoldAct",
     "QuantEmbedding",
     "QuantHardSigmoid",
+    "QuantLayerNormalization",
     "QuantReport",
     "QuantSwish",
     "SensitivityResult",

@@ -164,6 +164,12 @@ def unsupported_reason(layer):
     """
     if isinstance(layer, graph.SOFTMAX_OPERATION) and layer.axis not in (-1, None):
         return f"axis={layer.axis}: TFLite's SOFTMAX is over the last axis; transpose first"
+    if type(layer) is L.LayerNormalization:
+        config = layer.get_config()
+        if not normalizes_last_axis(layer):
+            return f"axis={config['axis']}: only the last axis is quantized"
+        if config.get("rms_scaling"):
+            return "rms_scaling=True: not quantized"
     if type(layer) is L.Embedding:
         config = layer.get_config()
         if config.get("mask_zero"):
@@ -186,3 +192,15 @@ def unsupported_reason(layer):
         if config.get("antialias"):
             return "antialias=True: not quantized; use antialias=False"
     return None
+
+
+def normalizes_last_axis(layer):
+    """Whether a LayerNormalization normalizes over its input's last axis
+    only (`axis=-1`, or the last axis by number)."""
+    axis = layer.get_config()["axis"]
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    try:
+        rank = len(layer.input.shape)
+    except (AttributeError, ValueError):  # not called yet, or shared
+        rank = None
+    return len(axes) == 1 and (axes[0] == -1 or axes[0] == (rank or 0) - 1)

@@ -223,7 +223,7 @@ def test_unsupported_layers_are_listed_together():
     x = keras.layers.MaxPooling2D()(x)
     x = keras.layers.Flatten()(x)
     x = keras.layers.BatchNormalization(name="flat_bn")(x)  # 2D, after no Dense: no integer kernel
-    x = keras.layers.LayerNormalization(name="layer_norm")(x)
+    x = keras.layers.LayerNormalization(rms_scaling=True, name="layer_norm")(x)
     outputs = keras.layers.Dense(2)(x)
     with pytest.raises(ValueError) as error:
         convert_quant_network(keras.Model(inputs, outputs))
@@ -231,7 +231,7 @@ def test_unsupported_layers_are_listed_together():
     for part in [
         "'unit_norm' (UnitNormalization)",
         "'flat_bn' (BatchNormalization)",
-        "'layer_norm' (LayerNormalization)",
+        "'layer_norm' (LayerNormalization: rms_scaling=True",
         "skip_layers",
     ]:
         assert part in message

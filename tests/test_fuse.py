@@ -160,9 +160,9 @@ def test_plain_models_convert_train_save_and_load(tmp_path):
 
 def test_unsupported_layers_are_still_listed():
     inputs = keras.Input((8, 8, 3))
-    x = L.LayerNormalization(name="norm")(inputs)
+    x = L.UnitNormalization(name="norm")(inputs)
     outputs = L.Dense(2)(L.Flatten()(x))
-    with pytest.raises(ValueError, match="'norm' \\(LayerNormalization\\)"):
+    with pytest.raises(ValueError, match="'norm' \\(UnitNormalization\\)"):
         kq.convert_quant_network(keras.Model(inputs, outputs))
 
 

@@ -83,6 +83,10 @@ LAYERS = {
         IMAGES,
     ),
     "QuantEmbedding": (lambda: kq.QuantEmbedding(10, 4), TOKENS),
+    "QuantLayerNormalization": (
+        lambda: kq.QuantLayerNormalization(quantizer=dict(num_bits=7)),
+        SEQUENCES,
+    ),
     "QuantHardSigmoid": (lambda: kq.QuantHardSigmoid(), VECTORS),
     "QuantSwish": (lambda: kq.QuantSwish(quant_delay=1), VECTORS),
 }

@@ -84,21 +84,21 @@ def test_nested_model_converts_trains_saves_and_exports(tmp_path):
 def small_model():
     inputs = keras.Input((6, 6, 2))
     x = L.Conv2D(4, 3, name="conv_a")(inputs)
-    x = L.LayerNormalization(name="norm")(x)  # no integer kernel
+    x = L.UnitNormalization(name="norm")(x)  # no integer kernel
     x = L.Conv2D(4, 1, activation="relu", name="conv_b")(x)
     x = L.Flatten()(x)
     return keras.Model(inputs, L.Dense(3, name="logits")(x))
 
 
 @pytest.mark.parametrize(
-    "skip", ["norm", [L.LayerNormalization], lambda layer: layer.name == "norm"]
+    "skip", ["norm", [L.UnitNormalization], lambda layer: layer.name == "norm"]
 )
 def test_skipped_layer_stays_float_between_fake_quants(skip):
     model = small_model()
     qmodel = kq.convert_quant_network(model, skip_layers=skip, **EXPORTABLE)
     names = [layer.name for layer in qmodel.layers]
     norm = qmodel.get_layer("norm")
-    assert type(norm) is L.LayerNormalization
+    assert type(norm) is L.UnitNormalization
     assert names[names.index("norm") + 1] == "norm_quant"  # a quantized layer uses it
     for weight, original in zip(norm.weights, model.get_layer("norm").weights):
         np.testing.assert_array_equal(weight, original)
@@ -128,7 +128,7 @@ def test_bad_skip_layers_are_reported():
         kq.convert_quant_network(small_model(), skip_layers=["norm", "nope"])
     with pytest.raises(ValueError, match="skip_layers"):
         kq.convert_quant_network(small_model(), skip_layers=[3])
-    with pytest.raises(ValueError, match="'norm' \\(LayerNormalization\\)"):
+    with pytest.raises(ValueError, match="'norm' \\(UnitNormalization\\)"):
         kq.convert_quant_network(small_model())
 
 

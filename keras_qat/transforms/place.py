@@ -21,6 +21,7 @@ from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
 from keras_qat.layers.embedding import QuantEmbedding
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct, FusionLayer
+from keras_qat.layers.layer_norm import QuantLayerNormalization
 from keras_qat.layers.more_convolutions import Conv1DBnAct, Conv2DTransposeBnAct
 from keras_qat.layers.quantized import (
     QuantConv1DBnAct,
@@ -217,7 +218,13 @@ def _check_model(model):
 
 
 def _is_quantized(layer):
-    quantized = (FakeQuant, QuantConcatenate, QuantAveragePooling2D, QuantEmbedding)
+    quantized = (
+        FakeQuant,
+        QuantConcatenate,
+        QuantAveragePooling2D,
+        QuantEmbedding,
+        QuantLayerNormalization,
+    )
     return isinstance(layer, quantized) or (isinstance(layer, FusionLayer) and layer.quantized)
 
 
@@ -232,7 +239,7 @@ def _is_supported(operation, graph_view):
         return isinstance(
             operation, int8_rules.ROUNDING_OPERATIONS + int8_rules.GRID_KEEPING_OPERATIONS
         )
-    if type(operation) is keras.layers.Embedding:
+    if type(operation) in (keras.layers.Embedding, keras.layers.LayerNormalization):
         return True
     return type(operation) in QUANTIZED_LAYERS or isinstance(
         operation,
@@ -258,11 +265,14 @@ def _check_supported(model, skipped):
             "Conv2D / Conv2DTranspose / DepthwiseConv2D / SeparableConv2D / "
             "Dense with the BatchNormalization and activation after them, "
             "BatchNormalization, Rescaling and Normalization (last axis) on 4D "
-            "inputs, the fusion layers, Embedding (without mask_zero), merge "
+            "inputs, the fusion layers, Embedding (without mask_zero), "
+            "LayerNormalization (last axis), merge "
             "layers (Add, Subtract, Multiply, Concatenate), "
             "GlobalAveragePooling1D/2D, activation layers (ReLU, LeakyReLU, "
             "Activation, Softmax), the Keras operations +, - and * between "
-            "tensors or with constants, and layers that keep their input's "
+            "tensors or with constants, matmul of two tensors, mean, gelu, "
+            "softmax (last axis), reshape, transpose, expand_dims, squeeze and "
+            "slicing, and layers that keep their input's "
             "grid ("
             + ", ".join(c.__name__ for c in int8_rules.GRID_KEEPING_LAYERS)
             + ", AveragePooling2D; resizing with interpolation='nearest'). "
@@ -627,6 +637,21 @@ def _place_embedding(self, layer, args, kwargs):
     return self.apply_quantizer(new, args[0], self.needs_grid(layer))
 
 
+def _place_layer_normalization(self, layer, args, kwargs):
+    """A QuantLayerNormalization (its intermediate results rounded as
+    TFLite's int8 ops round them), then the FakeQuant of its output."""
+    calls = self.graph.call_count(layer)
+    new = self.clones.of(
+        layer,
+        lambda: QuantLayerNormalization(
+            **dict(layer.get_config(), axis=-1),  # the last axis (checked)
+            quantizer=self.options.activation_options(calls),
+            weight_quantizer=dict(self.options.weight_options(calls), per_channel=False),
+        ),
+    )
+    return self.quantize_output(layer, new(args[0]))
+
+
 def _place_grid_keeping(self, layer, args, kwargs):
     """Kept as it is; its output lies on its input's grid."""
     outputs = self.clones.of(layer)(*args, **kwargs)
@@ -646,5 +671,9 @@ PLACEMENT_RULES = (
     (_moves_into_fake_quant, _place_fused_activation),
     (lambda self, op: isinstance(op, int8_rules.ROUNDING_LAYERS), _place_rounding_layer),
     (lambda self, op: type(op) is keras.layers.Embedding, _place_embedding),
+    (
+        lambda self, op: type(op) is keras.layers.LayerNormalization,
+        _place_layer_normalization,
+    ),
     (lambda self, op: True, _place_grid_keeping),
 )
