@@ -99,6 +99,7 @@ GRID_KEEPING_LAYERS = (
     L.Dropout,
     L.SpatialDropout1D,
     L.SpatialDropout2D,
+    L.Permute,
     L.ZeroPadding2D,
     L.Cropping2D,
     L.Identity,

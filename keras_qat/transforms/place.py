@@ -36,6 +36,7 @@ from keras_qat.layers.quantized import (
     QuantDepthwiseConv2DBnFoldAct,
 )
 from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
+from keras_qat.transforms import attention
 from keras_qat.transforms.common import Clones, clone, selected_layer_names
 from keras_qat.transforms.fuse import fusable_classes, fuse, has_fusable_layers, unfusable_reason
 from keras_qat.transforms.inline import inline_nested_models
@@ -193,6 +194,9 @@ def convert_quant_network(
     _check_model(model)
     model = inline_nested_models(model)
     skipped = selected_layer_names(model, skip_layers)
+    if attention.has_decomposable_attention(model, skipped):
+        # MultiHeadAttention -> its Dense projections and Keras operations.
+        model = attention.decompose_attention(model, skipped)
     if has_fusable_layers(model):
         # Plain Conv2D / Dense (+ BN, activation), affine layers -> fusion layers.
         model = fuse(model, skip_layers=sorted(skipped))
@@ -297,6 +301,8 @@ def _describe(operation, graph_view):
     """`'name' (Class)`, with the reason when a known attribute is the problem."""
     reason = unfusable_reason(operation) if isinstance(operation, fusable_classes()) else None
     reason = reason or int8_rules.unsupported_reason(operation)
+    if isinstance(operation, keras.layers.MultiHeadAttention):
+        reason = attention.unsupported_reason(operation)
     if _float64_constant(operation):
         reason = (
             "a float64 NumPy constant, which makes Keras compute in float64; use a "

@@ -1,0 +1,156 @@
+"""decompose_attention: `MultiHeadAttention` as the layers and operations
+its int8 model is made of.
+
+TFLite has no attention kernel: an int8 model computes multi-head attention
+as FULLY_CONNECTED projections, BATCH_MATMULs, a MUL by `1 / sqrt(key_dim)`,
+a SOFTMAX and transposes and reshapes between them, each rounding its result
+(or keeping its input's grid). This transform rewrites each
+`MultiHeadAttention` call as exactly that graph of Keras layers and
+operations, with the layer's weights:
+
+    q = Permute((2, 1, 3))(Reshape((-1, heads, key_dim))(Dense(query)))
+    k = Permute((2, 3, 1))(Reshape((-1, heads, key_dim))(Dense(key)))
+    v = Permute((2, 1, 3))(Reshape((-1, heads, value_dim))(Dense(value)))
+    weights = Softmax()(matmul(q * (1 / sqrt(key_dim)), k))   # + Dropout
+    context = Reshape((-1, heads * value_dim))(Permute((2, 1, 3))(matmul(weights, v)))
+    outputs = Dense(context)
+
+The projections' `EinsumDense` kernels `(d, heads, key_dim)` become `Dense`
+kernels `(d, heads * key_dim)`, the output's `(heads, value_dim, d_out)` a
+`(heads * value_dim, d_out)` one; the result computes what the layer
+computes, to float rounding, and is then fused and quantized like any other
+graph (`keras_qat.int8_rules` says where each op rounds). The new layers are
+named after the attention layer: `<name>_query`, `<name>_key`, `<name>_value`,
+`<name>_output`, ...
+
+Calls with a mask (`attention_mask`, `use_causal_mask`, masked inputs) or
+`return_attention_scores`, and layers with `attention_axes`, a gate or a
+sliding window, are left as they are (`convert_quant_network` then lists
+them, with the reason).
+"""
+
+import math
+
+import keras
+
+from keras_qat import graph
+from keras_qat.transforms.common import Clones
+
+L = keras.layers
+
+# Call arguments of MultiHeadAttention that the decomposition does not take
+# (besides query, value, key and training), when they are set.
+_UNSUPPORTED_CALL_ARGUMENTS = (
+    "attention_mask",
+    "query_mask",
+    "value_mask",
+    "key_mask",
+    "return_attention_scores",
+    "use_causal_mask",
+)
+
+
+def unsupported_reason(layer):
+    """Why a `MultiHeadAttention` cannot be decomposed here, or None."""
+    config = layer.get_config()
+    axes = config.get("attention_axes")
+    if axes is not None and tuple(axes) not in ((1,), (-2,)):
+        # Keras stores the default, once built, as (1,) for (batch, seq, d).
+        return f"attention_axes={axes}: only attention over the sequence axis"
+    for option in ("use_gate", "sliding_window"):
+        if config.get(option):
+            return f"{option}={config[option]!r}: not quantized"
+    output_shape = config.get("output_shape")
+    if isinstance(output_shape, (list, tuple)) and len(output_shape) != 1:
+        return f"output_shape={output_shape}: only one output dimension"
+    for args, kwargs in graph.node_arguments(layer):
+        used = [name for name in _UNSUPPORTED_CALL_ARGUMENTS if kwargs.get(name)]
+        if len(args) > 3 or used:
+            return (
+                f"called with {', '.join(used) or 'masks'}: attention masks and "
+                "returned scores are not quantized yet"
+            )
+    return None
+
+
+def is_decomposable(operation):
+    return isinstance(operation, L.MultiHeadAttention) and unsupported_reason(operation) is None
+
+
+def has_decomposable_attention(model, skipped=()):
+    """Whether `model` has a `MultiHeadAttention` that `decompose_attention`
+    rewrites (one not in `skipped`, the names of skipped layers)."""
+    return any(
+        is_decomposable(op) and op.name not in skipped for op in graph.Graph(model).operations
+    )
+
+
+class _Decomposition:
+    """The layers of one MultiHeadAttention and the copy of its weights."""
+
+    def __init__(self, mha):
+        config = mha.get_config()
+        self.mha = mha
+        self.heads = config["num_heads"]
+        self.key_dim = config["key_dim"]
+        self.value_dim = config["value_dim"] or self.key_dim
+        use_bias = config["use_bias"]
+        name = mha.name
+        common = dict(use_bias=use_bias, dtype=mha.dtype_policy, trainable=mha.trainable)
+        width = mha.output_dense.kernel.shape[-1]
+        self.query = L.Dense(self.heads * self.key_dim, name=f"{name}_query", **common)
+        self.key = L.Dense(self.heads * self.key_dim, name=f"{name}_key", **common)
+        self.value = L.Dense(self.heads * self.value_dim, name=f"{name}_value", **common)
+        self.output = L.Dense(width, name=f"{name}_output", **common)
+        self.softmax = L.Softmax(axis=-1, name=f"{name}_softmax")
+        self.dropout = L.Dropout(config["dropout"], name=f"{name}_dropout")
+
+    def __call__(self, query, value, key=None, training=None):
+        key = value if key is None else key
+        heads = self.heads
+        q = L.Permute((2, 1, 3))(L.Reshape((-1, heads, self.key_dim))(self.query(query)))
+        k = L.Permute((2, 3, 1))(L.Reshape((-1, heads, self.key_dim))(self.key(key)))
+        v = L.Permute((2, 1, 3))(L.Reshape((-1, heads, self.value_dim))(self.value(value)))
+        scores = keras.ops.matmul(q * (1.0 / math.sqrt(float(self.key_dim))), k)
+        weights = self.dropout(self.softmax(scores), training=training)
+        context = L.Permute((2, 1, 3))(keras.ops.matmul(weights, v))
+        context = L.Reshape((-1, heads * self.value_dim))(context)
+        return self.output(context)
+
+    def copy_weights(self):
+        mha = self.mha
+        pairs = (
+            (self.query, mha.query_dense),
+            (self.key, mha.key_dense),
+            (self.value, mha.value_dense),
+            (self.output, mha.output_dense),
+        )
+        for dense, einsum in pairs:
+            weights = [einsum.kernel.numpy().reshape(dense.kernel.shape)]
+            if dense.use_bias:
+                weights.append(einsum.bias.numpy().reshape(dense.bias.shape))
+            dense.set_weights(weights)
+
+
+def decompose_attention(model, skipped=()):
+    """Returns `model` with each decomposable `MultiHeadAttention` call
+    (not named in `skipped`) rewritten as Dense layers and Keras operations
+    (see the module docstring); other layers are cloned with their weights."""
+    clones, decompositions = Clones(), {}
+
+    def call(operation, *args, **kwargs):
+        if not is_decomposable(operation) or operation.name in skipped:
+            return clones.of(operation)(*args, **kwargs)
+        if id(operation) not in decompositions:
+            decompositions[id(operation)] = _Decomposition(operation)
+        positional = list(args) + [None] * 3
+        query, value, key = (
+            kwargs.get(name, positional[i]) for i, name in enumerate(("query", "value", "key"))
+        )
+        return decompositions[id(operation)](query, value, key, kwargs.get("training"))
+
+    new_model = graph.rebuild(model, call)
+    clones.copy_weights()
+    for decomposition in decompositions.values():
+        decomposition.copy_weights()
+    return new_model
