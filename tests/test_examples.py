@@ -184,3 +184,28 @@ def test_unet_example_end_to_end(tmp_path):
     assert abs(results["int8_tflite_pixel_accuracy"] - results["qat_pixel_accuracy"]) < 0.01
     assert results["pixel_agreement"] > 0.98
     assert (out_dir / "unet_qat.keras").exists() and (out_dir / "unet_int8.tflite").exists()
+
+
+@pytest.mark.slow
+def test_vit_example_end_to_end(tmp_path):
+    data_dir, out_dir = tmp_path / "data", tmp_path / "out"
+    data_dir.mkdir()
+    write_dataset(str(data_dir), 640, 100, compress=False)
+    result = run_example(
+        "vit_quant.py",
+        f"--data_dir={data_dir}",
+        f"--output_dir={out_dir}",
+        "--float_epochs=6",
+        "--qat_epochs=2",
+        "--quant_delay=5",
+        "--batch_size=32",
+        "--width=32",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "int8 TFLite vs Keras QAT" in result.stdout
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["train_images"] == 640 and results["test_images"] == 100
+    assert results["float_accuracy"] > 0.8  # the bars are easy to learn
+    assert abs(results["int8_tflite_accuracy"] - results["qat_accuracy"]) <= 0.02
+    assert results["top1_agreement"] >= 0.97
+    assert (out_dir / "vit_qat.keras").exists() and (out_dir / "vit_int8.tflite").exists()

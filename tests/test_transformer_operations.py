@@ -123,3 +123,16 @@ def test_operations_int8_kernels_cannot_take_are_listed():
     promoted = keras.Model(inputs, inputs * np.sqrt(np.float64(2.0)))
     with pytest.raises(ValueError, match="Multiply: a float64 NumPy constant"):
         kq.convert_quant_network(promoted)
+
+
+def test_a_constant_operand_is_on_the_int8_grid_the_converter_stores():
+    """A position encoding added as a float32 constant: the converter stores
+    it as int8 on its own min / max grid, so the Keras model adds those
+    values (without, 4 % of the ADD's outputs were one step off)."""
+    rng = np.random.default_rng(4)
+    encoding = rng.uniform(-1, 0.8, (16, 64)).astype("float32")
+    inputs = keras.Input((16, 64))
+    model = keras.Model(inputs, inputs + encoding)
+    x = rng.normal(0, 1, (256, 16, 64)).astype("float32")
+    _, _, steps = export_steps(model, x)
+    assert np.mean(steps < 0.5) >= 0.999 and steps.max() <= 1.001, np.mean(steps < 0.5)
