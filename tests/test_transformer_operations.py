@@ -6,12 +6,19 @@ import keras
 import numpy as np
 import pytest
 import reference
+import tensorflow as tf
 from test_export import assert_integer_model, calibrate
 
 import keras_qat as kq
 from keras_qat import graph
 
 ops = keras.ops
+
+# TF 2.20's int8 BATCH_MATMUL kernel rounds its output one step apart from
+# TF 2.21's on near-ties: the same .tflite file, run by both interpreters,
+# is 99.84 % and 100 % exact against the Keras model (measured 2026-12-02).
+# The Keras model matches TF 2.21; under 2.20 the tests allow those steps.
+BATCH_MATMUL_ROUNDS_LIKE_KERAS = tuple(map(int, tf.__version__.split(".")[:2])) >= (2, 21)
 
 
 def export_steps(model, x):
@@ -68,7 +75,8 @@ def test_attention_written_with_operations_exports_to_int8():
     # Ten rounding ops in a chain: near-ties decided one step apart along
     # the way reach the output on about 0.5 % of its values (measured), one
     # step each.
-    assert np.mean(steps < 0.5) >= 0.99 and steps.max() <= 1.001, (
+    exact = 0.99 if BATCH_MATMUL_ROUNDS_LIKE_KERAS else 0.98
+    assert np.mean(steps < 0.5) >= exact and steps.max() <= 1.001, (
         np.mean(steps < 0.5),
         steps.max(),
     )
@@ -108,7 +116,8 @@ def test_lone_batch_matmul_of_two_activations_is_exact():
     assert "BATCH_MATMUL" in assert_integer_model(tflite_bytes, ["BATCH_MATMUL"])
     tflite_out, scale = kq.run_tflite(tflite_bytes, x)
     steps = np.abs(qmodel.predict(x, verbose=0) - tflite_out) / scale
-    assert np.mean(steps < 0.5) >= 0.999 and steps.max() <= 1.001
+    exact = 0.999 if BATCH_MATMUL_ROUNDS_LIKE_KERAS else 0.995
+    assert np.mean(steps < 0.5) >= exact and steps.max() <= 1.001
 
 
 def test_operations_int8_kernels_cannot_take_are_listed():
