@@ -19,6 +19,7 @@ from keras_qat.export.litert import (
     strip_tflite_names,
 )
 from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
+from keras_qat.layers.attention_mask import AttentionScoreMask, QuantAttentionScoreMask
 from keras_qat.layers.embedding import QuantEmbedding
 from keras_qat.layers.fake_quant import FakeQuant, WeightQuantizer
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
@@ -46,12 +47,14 @@ from keras_qat.transforms.place import convert_quant_network
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "AttentionScoreMask",
     "Conv1DBnAct",
     "Conv2DBnAct",
     "Conv2DTransposeBnAct",
     "DenseBnAct",
     "DepthwiseConv2DBnAct",
     "FakeQuant",
+    "QuantAttentionScoreMask",
     "QuantAveragePooling2D",
     "QuantConcatenate",
     "QuantConv1DBnAct",

@@ -34,6 +34,7 @@ and two activations are computed as two int8 ops with a rounding in between
 import keras
 
 from keras_qat import graph
+from keras_qat.layers.attention_mask import AttentionScoreMask
 
 L = keras.layers
 
@@ -105,8 +106,9 @@ GRID_KEEPING_LAYERS = (
     L.Identity,
 )
 
-# Layers whose inputs and output share one grid.
-SHARED_GRID_LAYERS = (L.Concatenate, L.AveragePooling2D)
+# Layers whose inputs and output share one grid: an attention mask is a
+# SELECT_V2 of the scores and a constant, which int8 kernels take on one grid.
+SHARED_GRID_LAYERS = (L.Concatenate, L.AveragePooling2D, AttentionScoreMask)
 
 
 def activation_name(activation):

@@ -29,6 +29,7 @@ import tensorflow as tf
 from keras_qat import graph, quantizers
 from keras_qat.export.inspect import TensorProbe, as_input_list
 from keras_qat.layers import bn_folding
+from keras_qat.layers.attention_mask import QuantAttentionScoreMask
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import FusionLayer
 from keras_qat.layers.modes import quantization_bypassed
@@ -87,7 +88,9 @@ def activation_taps(qmodel):
     return [
         ActivationTap(op)
         for op in graph.Graph(qmodel).operations
-        if isinstance(op, (FakeQuant, QuantConcatenate, QuantAveragePooling2D))
+        if isinstance(
+            op, (FakeQuant, QuantConcatenate, QuantAveragePooling2D, QuantAttentionScoreMask)
+        )
     ]
 
 

@@ -16,11 +16,20 @@ import numpy as np
 from keras_qat import graph
 from keras_qat.export.inspect import as_input_list
 from keras_qat.layers.activations import TwoOpActivation
+from keras_qat.layers.attention_mask import QuantAttentionScoreMask
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import FusionLayer
 from keras_qat.layers.modes import quantization_bypassed
 from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
 from keras_qat.report import inference_function
+
+# Layers that hold the quantizer of their output grid themselves.
+_OWN_QUANTIZER_LAYERS = (
+    QuantConcatenate,
+    QuantAveragePooling2D,
+    TwoOpActivation,
+    QuantAttentionScoreMask,
+)
 
 
 def quantizer_groups(qmodel):
@@ -33,7 +42,7 @@ def quantizer_groups(qmodel):
     for op in graph.Graph(qmodel).operations:
         if isinstance(op, FusionLayer) and op.quantized:
             groups.setdefault(op.name, []).append(op.weight_quantizer)
-        elif isinstance(op, (QuantConcatenate, QuantAveragePooling2D, TwoOpActivation)):
+        elif isinstance(op, _OWN_QUANTIZER_LAYERS):
             groups.setdefault(op.name, []).append(op.quantizer)
         elif isinstance(op, FakeQuant):
             producer = graph.producer(keras.tree.flatten(op.input)[0])

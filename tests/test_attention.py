@@ -4,6 +4,7 @@ operations, with its weights, then quantized and exported to int8."""
 import keras
 import numpy as np
 import pytest
+import reference
 from test_export import assert_integer_model, calibrate
 
 import keras_qat as kq
@@ -67,12 +68,103 @@ def test_encoder_block_trains_saves_and_exports_to_int8(tmp_path):
     assert report["max_diff_steps"] <= 3.001 and report["within_one_step"] >= 0.95, report
 
 
+def masked_attention(mask="bool", causal=False, sequence=8, width=16):
+    """Self-attention with an `attention_mask` input (bool or int 0 / 1,
+    or none) and / or a causal mask, returning its scores too."""
+    inputs = keras.Input((sequence, width))
+    model_inputs, options = [inputs], dict(use_causal_mask=causal, return_attention_scores=True)
+    if mask is not None:
+        mask_input = keras.Input((sequence, sequence), dtype=mask, name="mask")
+        model_inputs.append(mask_input)
+        options["attention_mask"] = mask_input
+    attended, scores = L.MultiHeadAttention(2, width // 2, name="attention")(
+        inputs, inputs, **options
+    )
+    outputs = L.Dense(3)(L.GlobalAveragePooling1D()(attended))
+    return keras.Model(model_inputs, [outputs, scores])
+
+
+def masked_batch(model, n, seed=0):
+    """Inputs, and a random mask that keeps each query's first key (a row
+    with no key kept gets uniform weights, in Keras as in int8)."""
+    rng = np.random.default_rng(seed)
+    sequence, width = model.inputs[0].shape[1:]
+    x = [rng.normal(0, 1, (n, sequence, width)).astype("float32")]
+    if len(model.inputs) == 2:
+        keep = rng.uniform(size=(n, sequence, sequence)) > 0.4
+        keep[:, :, 0] = True
+        x.append(keep.astype(model.inputs[1].dtype))
+    return x
+
+
+@pytest.mark.parametrize(
+    "mask, causal", [("bool", False), ("int32", False), (None, True), ("bool", True)]
+)
+def test_masked_decomposition_computes_what_the_layer_computes(mask, causal):
+    model = masked_attention(mask, causal)
+    x = masked_batch(model, 8)
+    decomposed = decompose_attention(model)
+    assert "AttentionScoreMask" in [type(layer).__name__ for layer in decomposed.layers]
+    for ours, theirs in zip(decomposed.predict(x, verbose=0), model.predict(x, verbose=0)):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    scores = model.predict(x, verbose=0)[1]
+    keep = np.ones(scores.shape, bool)
+    if mask is not None:
+        keep &= x[1].astype(bool)[:, None]
+    if causal:
+        keep &= np.tri(scores.shape[-1], dtype=bool)
+    assert np.all(scores[~keep] == 0)  # the reference: no weight where excluded
+
+
+def test_quantized_mask_puts_excluded_scores_at_the_bottom_of_their_grid():
+    rng = np.random.default_rng(3)
+    scores = rng.uniform(-3, 5, (4, 2, 6, 6)).astype("float32")
+    keep = rng.uniform(size=(4, 6, 6)) > 0.5
+    layer = kq.QuantAttentionScoreMask(causal=True, quantizer=dict(ema=False))
+    trained = layer([scores, keep], training=True).numpy()
+    low, high = float(layer.quantizer.min.numpy()), float(layer.quantizer.max.numpy())
+    assert (low, high) == (float(scores.min()), float(scores.max()))  # of all scores
+    expected = reference.fake_quant(scores, low, high)
+    bottom = reference.nudge(low, high, 8, False, False)[0]
+    excluded = np.broadcast_to(~(keep[:, None] & np.tri(6, dtype=bool)), scores.shape)
+    expected[excluded] = bottom
+    np.testing.assert_allclose(trained, expected, atol=1e-6)
+    np.testing.assert_allclose(layer([scores, keep]).numpy(), expected, atol=1e-6)
+    # During a quant delay: the float mask (Keras' large negative number).
+    delayed = kq.QuantAttentionScoreMask(quantizer=dict(quant_delay=5))
+    outputs = delayed([scores, keep], training=True).numpy()
+    np.testing.assert_array_equal(outputs[~keep[:, None].repeat(2, 1)], -1e9)
+    with pytest.raises(ValueError, match="Received: attention_mask.shape="):
+        kq.AttentionScoreMask()([scores, keep[0]])
+
+
+@pytest.mark.parametrize("mask, causal", [("bool", False), ("int32", True)])
+def test_masked_attention_exports_to_int8_like_the_keras_model(mask, causal, tmp_path):
+    model = masked_attention(mask, causal)
+    x = masked_batch(model, 256, seed=1)
+    qmodel = calibrate(kq.convert_quant_network(model), x, steps=3)
+    path = str(tmp_path / "masked.keras")
+    qmodel.save(path)
+    loaded = keras.saving.load_model(path)
+    for a, b in zip(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0)):
+        np.testing.assert_array_equal(a, b)
+    tflite_bytes = kq.export_tflite(loaded)
+    assert "SELECT_V2" in assert_integer_model(tflite_bytes, ["BATCH_MATMUL", "SOFTMAX"])
+    tflite_outputs, scales = kq.run_tflite(tflite_bytes, x)
+    for ours, theirs, scale in zip(loaded.predict(x, verbose=0), tflite_outputs, scales):
+        steps = np.abs(ours - theirs) / scale
+        assert np.mean(steps < 0.5) >= 0.999 and steps.max() <= 1.001, (
+            np.mean(steps < 0.5),
+            steps.max(),
+        )
+
+
 def test_attention_that_cannot_be_quantized_yet_is_listed():
     inputs = keras.Input((4, 8))
     attention = L.MultiHeadAttention(2, 4, name="masked")
-    model = keras.Model(inputs, attention(inputs, inputs, use_causal_mask=True))
+    model = keras.Model(inputs, attention(inputs, inputs, query_mask=inputs[..., 0] > 0))
     with pytest.raises(
-        ValueError, match=r"'masked' \(MultiHeadAttention: called with use_causal_mask"
+        ValueError, match=r"'masked' \(MultiHeadAttention: called with query_mask \(Keras masks"
     ):
         kq.convert_quant_network(model)
     images = keras.Input((3, 3, 8))

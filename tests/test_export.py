@@ -10,11 +10,14 @@ EXPORTABLE = dict(symmetric=[True, False], narrow_range=[True, False])
 
 
 def calibrate(qmodel, x, steps=4, seed=0):
-    """A few training steps: ranges learn, weights move a little."""
-    y = np.random.default_rng(seed).standard_normal((len(x),) + tuple(qmodel.outputs[0].shape[1:]))
-    qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    """A few training steps: ranges learn, weights move a little. `x` is a
+    batch or a list of batches (one per input); every output is trained."""
+    rng = np.random.default_rng(seed)
+    n = len(x[0] if isinstance(x, list) else x)
+    y = [rng.standard_normal((n,) + tuple(t.shape[1:])).astype("float32") for t in qmodel.outputs]
+    qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), loss=["mse"] * len(y))
     for _ in range(steps):
-        qmodel.train_on_batch(x, y.astype("float32"))
+        qmodel.train_on_batch(x, y if len(y) > 1 else y[0])
     return qmodel
 
 
@@ -51,7 +54,8 @@ def assert_integer_model(tflite_bytes, compute_ops, per_channel_ops=()):
         elif op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "SHAPE", "STRIDED_SLICE", "PACK"):
             for index in list(op["inputs"]) + list(op["outputs"]):
                 if index >= 0:
-                    assert tensors[index]["dtype"] in (np.int8, np.int32), (
+                    # bool: attention masks and the ops that make them.
+                    assert tensors[index]["dtype"] in (np.int8, np.int32, np.bool_), (
                         op["op_name"],
                         tensors[index]["name"],
                     )

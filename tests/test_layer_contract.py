@@ -15,6 +15,7 @@ RNG = np.random.default_rng(0)
 IMAGES = RNG.uniform(-1, 1, (4, 8, 8, 3)).astype("float32")
 VECTORS = RNG.uniform(-1, 1, (4, 5)).astype("float32")
 SEQUENCES = RNG.uniform(-1, 1, (4, 9, 3)).astype("float32")
+SCORES = RNG.uniform(-3, 3, (4, 2, 5, 5)).astype("float32")  # (batch, heads, queries, keys)
 TOKENS = RNG.integers(0, 10, (4, 6)).astype("float32")  # token ids, as Keras' Input gives them
 
 # name -> (make the layer, a batch it takes)
@@ -86,6 +87,11 @@ LAYERS = {
     "QuantLayerNormalization": (
         lambda: kq.QuantLayerNormalization(quantizer=dict(num_bits=7)),
         SEQUENCES,
+    ),
+    "AttentionScoreMask": (lambda: kq.AttentionScoreMask(causal=True), SCORES),
+    "QuantAttentionScoreMask": (
+        lambda: kq.QuantAttentionScoreMask(causal=True, quantizer=dict(num_bits=6)),
+        SCORES,
     ),
     "QuantHardSigmoid": (lambda: kq.QuantHardSigmoid(), VECTORS),
     "QuantSwish": (lambda: kq.QuantSwish(quant_delay=1), VECTORS),

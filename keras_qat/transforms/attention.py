@@ -11,7 +11,9 @@ operations, with the layer's weights:
     q = Permute((2, 1, 3))(Reshape((-1, heads, key_dim))(Dense(query)))
     k = Permute((2, 3, 1))(Reshape((-1, heads, key_dim))(Dense(key)))
     v = Permute((2, 1, 3))(Reshape((-1, heads, value_dim))(Dense(value)))
-    weights = Softmax()(matmul(q * (1 / sqrt(key_dim)), k))   # + Dropout
+    scores = matmul(q * (1 / sqrt(key_dim)), k)
+    scores = AttentionScoreMask(causal)([scores, attention_mask])  # with a mask
+    weights = Softmax()(scores)                                     # + Dropout
     context = Reshape((-1, heads * value_dim))(Permute((2, 1, 3))(matmul(weights, v)))
     outputs = Dense(context)
 
@@ -23,10 +25,15 @@ graph (`keras_qat.int8_rules` says where each op rounds). The new layers are
 named after the attention layer: `<name>_query`, `<name>_key`, `<name>_value`,
 `<name>_output`, ...
 
-Calls with a mask (`attention_mask`, `use_causal_mask`, masked inputs) or
-`return_attention_scores`, and layers with `attention_axes`, a gate or a
-sliding window, are left as they are (`convert_quant_network` then lists
-them, with the reason).
+An `attention_mask` and `use_causal_mask=True` become an
+`AttentionScoreMask` between the scores and the softmax (SELECT_V2 in the
+int8 model), and `return_attention_scores=True` returns the softmax's
+output too, as the layer does. Calls with Keras masks on their inputs
+(`query_mask`, `value_mask`, `key_mask`, or the masks of masked inputs), and
+layers with `attention_axes`, a gate or a sliding window, are left as they
+are (`convert_quant_network` then lists them, with the reason; the layers
+that make masked inputs, `Embedding(mask_zero=True)` and `Masking`, are
+refused themselves).
 """
 
 import math
@@ -34,20 +41,15 @@ import math
 import keras
 
 from keras_qat import graph
+from keras_qat.layers.attention_mask import AttentionScoreMask
 from keras_qat.transforms.common import Clones
 
 L = keras.layers
 
 # Call arguments of MultiHeadAttention that the decomposition does not take
-# (besides query, value, key and training), when they are set.
-_UNSUPPORTED_CALL_ARGUMENTS = (
-    "attention_mask",
-    "query_mask",
-    "value_mask",
-    "key_mask",
-    "return_attention_scores",
-    "use_causal_mask",
-)
+# (besides query, value, key, attention_mask, use_causal_mask,
+# return_attention_scores and training), when they are set.
+_UNSUPPORTED_CALL_ARGUMENTS = ("query_mask", "value_mask", "key_mask")
 
 
 def unsupported_reason(layer):
@@ -64,11 +66,11 @@ def unsupported_reason(layer):
     if isinstance(output_shape, (list, tuple)) and len(output_shape) != 1:
         return f"output_shape={output_shape}: only one output dimension"
     for args, kwargs in graph.node_arguments(layer):
-        used = [name for name in _UNSUPPORTED_CALL_ARGUMENTS if kwargs.get(name)]
+        used = [name for name in _UNSUPPORTED_CALL_ARGUMENTS if kwargs.get(name) is not None]
         if len(args) > 3 or used:
             return (
-                f"called with {', '.join(used) or 'masks'}: attention masks and "
-                "returned scores are not quantized yet"
+                f"called with {', '.join(used) or 'masks'} (Keras masks of its inputs): "
+                "not quantized; pass an attention_mask instead"
             )
     return None
 
@@ -104,18 +106,41 @@ class _Decomposition:
         self.output = L.Dense(width, name=f"{name}_output", **common)
         self.softmax = L.Softmax(axis=-1, name=f"{name}_softmax")
         self.dropout = L.Dropout(config["dropout"], name=f"{name}_dropout")
+        self.masks = {}  # causal -> AttentionScoreMask
 
-    def __call__(self, query, value, key=None, training=None):
+    def mask(self, causal):
+        """The AttentionScoreMask layer of this attention (one per kind)."""
+        if causal not in self.masks:
+            suffix = "causal_mask" if causal else "mask"
+            self.masks[causal] = AttentionScoreMask(causal, name=f"{self.mha.name}_{suffix}")
+        return self.masks[causal]
+
+    def __call__(
+        self,
+        query,
+        value,
+        key=None,
+        attention_mask=None,
+        use_causal_mask=False,
+        return_attention_scores=False,
+        training=None,
+    ):
         key = value if key is None else key
         heads = self.heads
         q = L.Permute((2, 1, 3))(L.Reshape((-1, heads, self.key_dim))(self.query(query)))
         k = L.Permute((2, 3, 1))(L.Reshape((-1, heads, self.key_dim))(self.key(key)))
         v = L.Permute((2, 1, 3))(L.Reshape((-1, heads, self.value_dim))(self.value(value)))
         scores = keras.ops.matmul(q * (1.0 / math.sqrt(float(self.key_dim))), k)
-        weights = self.dropout(self.softmax(scores), training=training)
+        if attention_mask is not None:
+            scores = self.mask(bool(use_causal_mask))([scores, attention_mask])
+        elif use_causal_mask:
+            scores = self.mask(True)(scores)
+        attention_scores = self.softmax(scores)
+        weights = self.dropout(attention_scores, training=training)
         context = L.Permute((2, 1, 3))(keras.ops.matmul(weights, v))
         context = L.Reshape((-1, heads * self.value_dim))(context)
-        return self.output(context)
+        outputs = self.output(context)
+        return (outputs, attention_scores) if return_attention_scores else outputs
 
     def copy_weights(self):
         mha = self.mha
@@ -147,7 +172,10 @@ def decompose_attention(model, skipped=()):
         query, value, key = (
             kwargs.get(name, positional[i]) for i, name in enumerate(("query", "value", "key"))
         )
-        return decompositions[id(operation)](query, value, key, kwargs.get("training"))
+        options = ("attention_mask", "use_causal_mask", "return_attention_scores", "training")
+        return decompositions[id(operation)](
+            query, value, key, **{name: kwargs[name] for name in options if name in kwargs}
+        )
 
     new_model = graph.rebuild(model, call)
     clones.copy_weights()

@@ -18,6 +18,7 @@ import numpy as np
 from keras_qat import graph, int8_rules, quantizers
 from keras_qat.config import DEFAULT_FREEZE_BN, QuantOptions
 from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
+from keras_qat.layers.attention_mask import AttentionScoreMask, QuantAttentionScoreMask
 from keras_qat.layers.embedding import QuantEmbedding
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct, FusionLayer
@@ -228,6 +229,7 @@ def _is_quantized(layer):
         QuantAveragePooling2D,
         QuantEmbedding,
         QuantLayerNormalization,
+        QuantAttentionScoreMask,
     )
     return isinstance(layer, quantized) or (isinstance(layer, FusionLayer) and layer.quantized)
 
@@ -541,6 +543,19 @@ def _place_concatenation(self, layer, args, kwargs):
     return self.apply_quantizer(new, args[0], self.needs_grid(layer))
 
 
+def _place_score_mask(self, layer, args, kwargs):
+    """A QuantAttentionScoreMask: the scores quantized, the excluded ones
+    at the bottom of their grid."""
+    new = self.clones.of(
+        layer,
+        lambda: QuantAttentionScoreMask(
+            **layer.get_config(),
+            quantizer=self.options.activation_options(self.graph.call_count(layer)),
+        ),
+    )
+    return new(*args, **kwargs)
+
+
 def _is_shared_grid_pooling(self, operation):
     return isinstance(operation, keras.layers.AveragePooling2D) and self.unrounded(
         self.graph.producers(operation)[0]
@@ -684,6 +699,7 @@ PLACEMENT_RULES = (
     (_casts_integer_input, _place_integer_cast),
     (lambda self, op: isinstance(op, int8_rules.ROUNDING_OPERATIONS), _place_rounding_operation),
     (lambda self, op: isinstance(op, keras.layers.Concatenate), _place_concatenation),
+    (lambda self, op: type(op) is AttentionScoreMask, _place_score_mask),
     (_is_shared_grid_pooling, _place_shared_grid_pooling),
     (lambda self, op: isinstance(op, FusionLayer), _place_fusion),
     (_moves_into_fake_quant, _place_fused_activation),
