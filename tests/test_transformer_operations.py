@@ -11,6 +11,7 @@ from test_export import assert_integer_model, calibrate
 
 import keras_qat as kq
 from keras_qat import graph
+from keras_qat.transforms.einsum_dense import decompose_einsum_dense
 
 ops = keras.ops
 
@@ -145,3 +146,64 @@ def test_a_constant_operand_is_on_the_int8_grid_the_converter_stores():
     x = rng.normal(0, 1, (256, 16, 64)).astype("float32")
     _, _, steps = export_steps(model, x)
     assert np.mean(steps < 0.5) >= 0.999 and steps.max() <= 1.001, np.mean(steps < 0.5)
+
+
+EINSUM_CASES = [
+    # (equation, output_shape, bias_axes, input shape)
+    ("ab,bc->ac", 6, "c", (5,)),
+    ("abc,cd->abd", (7, 6), "d", (7, 5)),
+    ("abc,cde->abde", (7, 2, 3), "de", (7, 5)),
+    ("abc,cde->abde", (7, 2, 3), "d", (7, 5)),  # a bias over one new axis, broadcast
+    ("abcd,cde->abe", (7, 6), "e", (7, 2, 3)),
+    ("abc,dc->abd", (7, 4), None, (7, 5)),  # kernel stored (new, contracted)
+    ("...b,bc->...c", 6, "c", (3, 7, 5)),
+]
+
+
+def einsum_model(equation, output_shape, bias_axes, shape):
+    inputs = keras.Input(shape)
+    layer = keras.layers.EinsumDense(
+        equation, output_shape, bias_axes=bias_axes, activation="relu", name="einsum"
+    )
+    model = keras.Model(inputs, layer(inputs))
+    rng = np.random.default_rng(5)
+    layer.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") for w in layer.weights])
+    return model
+
+
+@pytest.mark.parametrize("case", EINSUM_CASES, ids=[c[0] + "|" + str(c[2]) for c in EINSUM_CASES])
+def test_einsum_dense_becomes_the_dense_it_computes(case):
+    model = einsum_model(*case)
+    x = np.random.default_rng(6).uniform(-1, 1, (16,) + case[3]).astype("float32")
+    decomposed = decompose_einsum_dense(model)
+    assert "EinsumDense" not in [type(layer).__name__ for layer in decomposed.layers]
+    assert type(decomposed.get_layer("einsum")) is keras.layers.Dense
+    # The reference: NumPy's einsum of the layer's own weights.
+    weights = model.get_layer("einsum").get_weights()
+    expected = np.einsum(case[0], x, weights[0])
+    if len(weights) > 1:
+        expected = expected + weights[1]
+    np.testing.assert_allclose(decomposed.predict(x, verbose=0), np.maximum(expected, 0), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", EINSUM_CASES[2:5], ids=["heads", "one bias axis", "merge heads"])
+def test_einsum_dense_exports_to_an_exact_int8_fully_connected(case):
+    x = np.random.default_rng(7).uniform(-1, 1, (256,) + case[3]).astype("float32")
+    qmodel, tflite_bytes, steps = export_steps(einsum_model(*case), x)
+    assert "FULLY_CONNECTED" in assert_integer_model(tflite_bytes, ["FULLY_CONNECTED"])
+    assert np.mean(steps < 0.5) >= 0.999 and steps.max() <= 1.001, (
+        np.mean(steps < 0.5),
+        steps.max(),
+    )
+
+
+def test_einsum_dense_of_another_form_is_listed_with_the_reason():
+    inputs = keras.Input((4, 6))
+    batched = keras.layers.EinsumDense("abc,bcd->abd", (4, 3), name="per_position")(inputs)
+    with pytest.raises(
+        ValueError, match=r"'per_position' \(EinsumDense: equation 'abc,bcd->abd': the kernel"
+    ):
+        kq.convert_quant_network(keras.Model(inputs, batched))
+    summed = keras.layers.EinsumDense("abc,cd->ad", 3, name="summed")(inputs)
+    with pytest.raises(ValueError, match=r"'summed' \(EinsumDense: equation 'abc,cd->ad'"):
+        kq.convert_quant_network(keras.Model(inputs, summed))

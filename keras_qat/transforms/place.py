@@ -37,7 +37,7 @@ from keras_qat.layers.quantized import (
     QuantDepthwiseConv2DBnFoldAct,
 )
 from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
-from keras_qat.transforms import attention
+from keras_qat.transforms import attention, einsum_dense
 from keras_qat.transforms.common import Clones, clone, selected_layer_names
 from keras_qat.transforms.fuse import fusable_classes, fuse, has_fusable_layers, unfusable_reason
 from keras_qat.transforms.inline import inline_nested_models
@@ -198,6 +198,9 @@ def convert_quant_network(
     if attention.has_decomposable_attention(model, skipped):
         # MultiHeadAttention -> its Dense projections and Keras operations.
         model = attention.decompose_attention(model, skipped)
+    if einsum_dense.has_decomposable_einsum_dense(model, skipped):
+        # EinsumDense -> Reshape, Dense, Reshape.
+        model = einsum_dense.decompose_einsum_dense(model, skipped)
     if has_fusable_layers(model):
         # Plain Conv2D / Dense (+ BN, activation), affine layers -> fusion layers.
         model = fuse(model, skip_layers=sorted(skipped))
@@ -270,6 +273,7 @@ def _check_supported(model, skipped):
             f"'{model.name}': {', '.join(unsupported)}. Supported: Conv1D / "
             "Conv2D / Conv2DTranspose / DepthwiseConv2D / SeparableConv2D / "
             "Dense with the BatchNormalization and activation after them, "
+            "EinsumDense (a Dense on trailing axes), MultiHeadAttention, "
             "BatchNormalization, Rescaling and Normalization (last axis) on 4D "
             "inputs, the fusion layers, Embedding (without mask_zero), "
             "LayerNormalization (last axis), merge "
@@ -305,6 +309,8 @@ def _describe(operation, graph_view):
     reason = reason or int8_rules.unsupported_reason(operation)
     if isinstance(operation, keras.layers.MultiHeadAttention):
         reason = attention.unsupported_reason(operation)
+    if type(operation) is keras.layers.EinsumDense:
+        reason = einsum_dense.unsupported_reason(operation)
     if _float64_constant(operation):
         reason = (
             "a float64 NumPy constant, which makes Keras compute in float64; use a "
