@@ -24,7 +24,11 @@ from keras_qat.layers.embedding import QuantEmbedding
 from keras_qat.layers.fake_quant import FakeQuant, WeightQuantizer
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
 from keras_qat.layers.layer_norm import QuantLayerNormalization
-from keras_qat.layers.more_convolutions import Conv1DBnAct, Conv2DTransposeBnAct
+from keras_qat.layers.more_convolutions import (
+    Conv1DBnAct,
+    Conv2DTransposeBnAct,
+    DepthwiseConv1DBnAct,
+)
 from keras_qat.layers.quantized import (
     QuantConv1DBnAct,
     QuantConv1DBnFoldAct,
@@ -34,6 +38,8 @@ from keras_qat.layers.quantized import (
     QuantConv2DTransposeBnFoldAct,
     QuantDenseBnAct,
     QuantDenseBnFoldAct,
+    QuantDepthwiseConv1DBnAct,
+    QuantDepthwiseConv1DBnFoldAct,
     QuantDepthwiseConv2DBnAct,
     QuantDepthwiseConv2DBnFoldAct,
 )
@@ -52,6 +58,7 @@ __all__ = [
     "Conv2DBnAct",
     "Conv2DTransposeBnAct",
     "DenseBnAct",
+    "DepthwiseConv1DBnAct",
     "DepthwiseConv2DBnAct",
     "FakeQuant",
     "QuantAttentionScoreMask",
@@ -65,6 +72,8 @@ __all__ = [
     "QuantConv2DTransposeBnFoldAct",
     "QuantDenseBnAct",
     "QuantDenseBnFoldAct",
+    "QuantDepthwiseConv1DBnAct",
+    "QuantDepthwiseConv1DBnFoldAct",
     "QuantDepthwiseConv2DBnAct",
     "QuantDepthwiseConv2DBnFoldAct",
     "QuantEmbedding",

@@ -212,3 +212,24 @@ def test_folded_training_step_follows_the_formulas_and_stays_finite():
         np.testing.assert_allclose(layer.bn.moving_variance, var, rtol=1e-5, atol=1e-6)
         assert all(g is not None and np.all(np.isfinite(g)) for g in grads)
     assert layer.bn.moving_mean.shape == (n,)
+
+
+@pytest.mark.parametrize("bn_fold", [True, False])
+def test_dilated_depthwise_exports_to_one_int8_op(bn_fold):
+    """TensorFlow computes a dilated depthwise convolution between
+    SPACE_TO_BATCH_ND and BATCH_TO_SPACE_ND, which the converter left in
+    float; the export trace computes it as one op."""
+    inputs = keras.Input((8, 12, CHANNELS))
+    x = keras.layers.DepthwiseConv2D(3, dilation_rate=2, depth_multiplier=MULTIPLIER)(inputs)
+    model = keras.Model(inputs, keras.layers.ReLU()(keras.layers.BatchNormalization()(x)))
+    x = np.random.default_rng(4).uniform(-1, 1, (128, 8, 12, CHANNELS)).astype("float32")
+    qmodel = kq.convert_quant_network(model, bn_fold=bn_fold)
+    qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    qmodel.fit(x, np.zeros((128, 4, 8, 6), "float32"), batch_size=64, verbose=0)
+    tflite_bytes = kq.export_tflite(qmodel)
+    interpreter = kq.tflite_interpreter(tflite_bytes, default_delegates=False)
+    ops = [op["op_name"] for op in interpreter._get_ops_details()]
+    assert ops == ["QUANTIZE", "DEPTHWISE_CONV_2D", "DEQUANTIZE"], ops
+    tflite_out, scale = kq.run_tflite(tflite_bytes, x)
+    steps = np.abs(qmodel.predict(x, verbose=0) - tflite_out) / scale
+    assert np.mean(steps < 0.5) >= 0.999 and steps.max() <= 1.001

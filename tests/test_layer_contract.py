@@ -69,6 +69,20 @@ LAYERS = {
         lambda: kq.QuantConv1DBnFoldAct(4, 3, has_bn=True, activation="relu", freeze_bn=5),
         SEQUENCES,
     ),
+    "DepthwiseConv1DBnAct": (
+        lambda: kq.DepthwiseConv1DBnAct(3, depth_multiplier=2, has_bn=True),
+        SEQUENCES,
+    ),
+    "QuantDepthwiseConv1DBnAct": (
+        lambda: kq.QuantDepthwiseConv1DBnAct(
+            3, dilation_rate=2, weight_quantizer=dict(symmetric=True, narrow_range=True)
+        ),
+        SEQUENCES,
+    ),
+    "QuantDepthwiseConv1DBnFoldAct": (
+        lambda: kq.QuantDepthwiseConv1DBnFoldAct(3, padding="same", has_bn=True, freeze_bn=5),
+        SEQUENCES,
+    ),
     "Conv2DTransposeBnAct": (
         lambda: kq.Conv2DTransposeBnAct(4, 3, strides=2, padding="same", has_bn=True),
         IMAGES,
@@ -202,6 +216,7 @@ NOT_TAKEN = {"lora_rank", "lora_alpha", "quantization_config"}
         (kq.DenseBnAct, keras.layers.Dense),
         (kq.DepthwiseConv2DBnAct, keras.layers.DepthwiseConv2D),
         (kq.Conv1DBnAct, keras.layers.Conv1D),
+        (kq.DepthwiseConv1DBnAct, keras.layers.DepthwiseConv1D),
         (kq.Conv2DTransposeBnAct, keras.layers.Conv2DTranspose),
     ],
 )

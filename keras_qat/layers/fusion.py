@@ -470,6 +470,27 @@ class DenseBnAct(FusionLayer):
         return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [units]], 0))
 
 
+def dilated_depthwise_for_export(inputs, kernel, padding, dilation_rate):
+    """A dilated depthwise convolution as one TensorFlow op, for the
+    converter.
+
+    `tf.nn.depthwise_conv2d` computes a dilated convolution between a
+    SPACE_TO_BATCH_ND and a BATCH_TO_SPACE_ND, which the converter leaves in
+    float once a fake quant and a bias sit around it (measured);
+    `DepthwiseConv2dNative` with `dilations` computes the same values and
+    becomes one int8 DEPTHWISE_CONV_2D with its dilation factors. Its
+    gradient fails on oneDNN CPUs, so it is used for export only (strides
+    are 1: Keras refuses strides with dilation).
+    """
+    return tf.raw_ops.DepthwiseConv2dNative(
+        input=inputs,
+        filter=kernel,
+        strides=[1, 1, 1, 1],
+        padding=padding,
+        dilations=[1, *dilation_rate, 1],
+    )
+
+
 @keras.saving.register_keras_serializable(package="keras_qat")
 class DepthwiseConv2DBnAct(FusionLayer):
     """Depthwise 2D convolution, optional BatchNormalization and activation.
@@ -568,9 +589,14 @@ class DepthwiseConv2DBnAct(FusionLayer):
 
     def kernel_op(self, inputs, kernel):
         depthwise = self.depthwise
+        kernel = tf.reshape(kernel, depthwise.kernel.shape)
+        if is_tracing_for_export() and max(depthwise.dilation_rate) > 1:
+            return dilated_depthwise_for_export(
+                inputs, kernel, depthwise.padding.upper(), depthwise.dilation_rate
+            )
         return keras.ops.depthwise_conv(
             inputs,
-            tf.reshape(kernel, depthwise.kernel.shape),
+            kernel,
             strides=depthwise.strides,
             padding=depthwise.padding,
             data_format=depthwise.data_format,

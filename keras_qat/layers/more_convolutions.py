@@ -1,5 +1,5 @@
-"""Fusion layers for sequences and dense prediction: `Conv1DBnAct` and
-`Conv2DTransposeBnAct`.
+"""Fusion layers for sequences and dense prediction: `Conv1DBnAct`,
+`DepthwiseConv1DBnAct` and `Conv2DTransposeBnAct`.
 
 Like the fusion layers of `keras_qat.layers.fusion`, each composes its Keras
 layer (sub-layer `conv`) with an optional BatchNorm and an activation, and
@@ -8,15 +8,44 @@ and how to apply such a kernel (`kernel_op`); folding, weight quantization
 and the int32 bias come from `FusionLayer`.
 
 In the integer model a `Conv1D` is a CONV_2D between an EXPAND_DIMS and a
-SQUEEZE (how TensorFlow computes a 1-D convolution), and a
-`Conv2DTranspose` a TRANSPOSE_CONV; both take per-output-channel int8
-weights and an int32 bias.
+SQUEEZE (how TensorFlow computes a 1-D convolution), a `DepthwiseConv1D`
+likewise a DEPTHWISE_CONV_2D, and a `Conv2DTranspose` a TRANSPOSE_CONV; all
+take per-output-channel int8 weights and an int32 bias.
 """
 
 import keras
 import tensorflow as tf
 
-from keras_qat.layers.fusion import FusionLayer
+from keras_qat.layers.fusion import FusionLayer, dilated_depthwise_for_export
+from keras_qat.layers.modes import is_tracing_for_export
+
+
+def _causal_padding(inputs, conv):
+    """4D inputs `(batch, 1, steps, in)` padded on the left as Keras pads a
+    causal 1D convolution `conv`, and the padding left to apply."""
+    if conv.padding != "causal":
+        return inputs, conv.padding.upper()
+    left = conv.dilation_rate[0] * (conv.kernel_size[0] - 1)
+    return tf.pad(inputs, [[0, 0], [0, 0], [left, 0], [0, 0]]), "VALID"
+
+
+def _height_one_bn_input_shape(layer, input_shape):
+    """The BatchNorm input of a 1D fusion layer: 4D once it is quantized."""
+    shape = layer.linear_layer.compute_output_shape(input_shape)
+    return shape if not layer.quantized else (shape[0], 1) + tuple(shape[1:])
+
+
+def _call_as_height_one(layer, inputs, training, input_grid):
+    """`FusionLayer.call` of a 1D fusion layer; a quantized layer runs as a
+    2D convolution of height 1, bias, BatchNorm and activation included, as
+    TensorFlow runs a 1D one: the converter then sees the quantized kernel
+    with its channels last and the bias next to the convolution (a
+    per-channel fake quant before TensorFlow's own EXPAND_DIMS would leave
+    its quantized axis behind)."""
+    if not layer.quantized:
+        return FusionLayer.call(layer, inputs, training=training, input_grid=input_grid)
+    outputs = FusionLayer.call(layer, tf.expand_dims(inputs, 1), training, input_grid)
+    return tf.squeeze(outputs, 1)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -115,34 +144,142 @@ class Conv1DBnAct(FusionLayer):
     def kernel_op(self, inputs, kernel):
         """The convolution of 4D inputs `(batch, 1, steps, in)` (see `call`)."""
         conv = self.conv
-        padding = conv.padding
-        if padding == "causal":  # the left padding of Keras' Conv1D
-            left = conv.dilation_rate[0] * (conv.kernel_size[0] - 1)
-            inputs = tf.pad(inputs, [[0, 0], [0, 0], [left, 0], [0, 0]])
-            padding = "valid"
+        inputs, padding = _causal_padding(inputs, conv)
         return tf.nn.conv2d(
             inputs,
             kernel,
             strides=[1, 1, conv.strides[0], 1],
-            padding=padding.upper(),
+            padding=padding,
             dilations=[1, 1, conv.dilation_rate[0], 1],
         )
 
     def bn_input_shape(self, input_shape):
-        shape = self.conv.compute_output_shape(input_shape)
-        return shape if not self.quantized else (shape[0], 1) + tuple(shape[1:])
+        return _height_one_bn_input_shape(self, input_shape)
 
     def call(self, inputs, training=False, input_grid=None):
-        """As `FusionLayer.call`; a quantized layer runs as a 2D convolution
-        of height 1, bias, BatchNorm and activation included, as TensorFlow
-        runs a 1D one: the converter then sees the quantized kernel with its
-        channels last and the bias next to the convolution (a per-channel
-        fake quant before TensorFlow's own EXPAND_DIMS would leave its
-        quantized axis behind)."""
-        if not self.quantized:
-            return super().call(inputs, training=training, input_grid=input_grid)
-        outputs = super().call(tf.expand_dims(inputs, 1), training, input_grid)
-        return tf.squeeze(outputs, 1)
+        """As `FusionLayer.call`; quantized, as a height-1 2D convolution."""
+        return _call_as_height_one(self, inputs, training, input_grid)
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class DepthwiseConv1DBnAct(FusionLayer):
+    """Depthwise 1D convolution, optional BatchNormalization and activation.
+
+    A drop-in for `keras.layers.DepthwiseConv1D` (followed by
+    `BatchNormalization` when `has_bn=True`). The convolution is a
+    `keras.layers.DepthwiseConv1D` sub-layer named `depthwise`, the
+    BatchNorm a `keras.layers.BatchNormalization` named `bn`; the activation
+    comes last. Quantized, it runs as a depthwise 2D convolution of height 1
+    (as `Conv1DBnAct` does), with one range per output channel
+    (`in_channels * depth_multiplier` of them) when per channel.
+
+    Args:
+        kernel_size, strides, padding, depth_multiplier, data_format,
+            dilation_rate, use_bias, depthwise_initializer, bias_initializer,
+            depthwise_regularizer, bias_regularizer, depthwise_constraint,
+            bias_constraint: As in `keras.layers.DepthwiseConv1D`.
+        activation: Activation applied last (see `Conv2DBnAct`).
+        activity_regularizer: Regularizer of the layer's output.
+        has_bn: Whether a BatchNormalization follows the convolution.
+        **kwargs: BatchNormalization arguments and base layer keyword
+            arguments (see `Conv2DBnAct`).
+
+    Input shape:
+        3D tensor `(batch, steps, channels)` (channels last).
+
+    Output shape:
+        3D tensor `(batch, new_steps, channels * depth_multiplier)`.
+
+    Raises:
+        ValueError: for an invalid argument (as
+            `keras.layers.DepthwiseConv1D` does).
+
+    Example:
+
+    >>> layer = DepthwiseConv1DBnAct(3, depth_multiplier=2, padding="same",
+    ...                              has_bn=True, activation="relu")
+    >>> layer(np.zeros((2, 16, 4), "float32")).shape
+    TensorShape([2, 16, 8])
+    """
+
+    def __init__(
+        self,
+        kernel_size,
+        strides=1,
+        padding="valid",
+        depth_multiplier=1,
+        data_format=None,
+        dilation_rate=1,
+        activation=None,
+        use_bias=True,
+        depthwise_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        depthwise_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        depthwise_constraint=None,
+        bias_constraint=None,
+        has_bn=False,
+        **kwargs,
+    ):
+        super().__init__(
+            has_bn=has_bn,
+            activation=activation,
+            activity_regularizer=activity_regularizer,
+            **kwargs,
+        )
+        self.depthwise = keras.layers.DepthwiseConv1D(
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            depth_multiplier=depth_multiplier,
+            data_format=data_format,
+            dilation_rate=dilation_rate,
+            use_bias=use_bias,
+            depthwise_initializer=depthwise_initializer,
+            bias_initializer=bias_initializer,
+            depthwise_regularizer=depthwise_regularizer,
+            bias_regularizer=bias_regularizer,
+            depthwise_constraint=depthwise_constraint,
+            bias_constraint=bias_constraint,
+            dtype=self.dtype_policy,
+            name="depthwise",
+        )
+
+    @property
+    def linear_layer(self):
+        return self.depthwise
+
+    def kernel(self):
+        """The kernel `(kernel_size, in, multiplier)` as the 2D depthwise
+        kernel `(1, kernel_size, 1, in * multiplier)`, output channels last."""
+        size, channels, multiplier = self.depthwise.kernel.shape
+        return tf.reshape(self.depthwise.kernel, [1, size, 1, channels * multiplier])
+
+    def kernel_op(self, inputs, kernel):
+        """The depthwise convolution of 4D inputs `(batch, 1, steps, in)`."""
+        depthwise = self.depthwise
+        size, channels, multiplier = depthwise.kernel.shape
+        inputs, padding = _causal_padding(inputs, depthwise)
+        kernel = tf.reshape(kernel, [1, size, channels, multiplier])
+        if is_tracing_for_export() and depthwise.dilation_rate[0] > 1:
+            return dilated_depthwise_for_export(
+                inputs, kernel, padding, (1, depthwise.dilation_rate[0])
+            )
+        return tf.nn.depthwise_conv2d(
+            inputs,
+            kernel,
+            strides=[1, 1, depthwise.strides[0], 1],
+            padding=padding,
+            dilations=[1, depthwise.dilation_rate[0]],
+        )
+
+    def bn_input_shape(self, input_shape):
+        return _height_one_bn_input_shape(self, input_shape)
+
+    def call(self, inputs, training=False, input_grid=None):
+        """As `FusionLayer.call`; quantized, as a height-1 2D convolution."""
+        return _call_as_height_one(self, inputs, training, input_grid)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")

@@ -20,7 +20,11 @@ layer), a layer adds its bias on the integer kernel's int32 grid.
 import keras
 
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
-from keras_qat.layers.more_convolutions import Conv1DBnAct, Conv2DTransposeBnAct
+from keras_qat.layers.more_convolutions import (
+    Conv1DBnAct,
+    Conv2DTransposeBnAct,
+    DepthwiseConv1DBnAct,
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -202,6 +206,52 @@ class QuantConv1DBnFoldAct(Conv1DBnAct):
     >>> layer = QuantConv1DBnFoldAct(8, 3, has_bn=True, padding="causal")
     >>> layer(np.ones((1, 10, 3), "float32")).shape
     TensorShape([1, 10, 8])
+    """
+
+    quantized = True
+    folded = True
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantDepthwiseConv1DBnAct(DepthwiseConv1DBnAct):
+    """`DepthwiseConv1DBnAct` whose kernel is fake-quantized.
+
+    With per-channel weights each of the `in_channels * depth_multiplier`
+    output channels has its own range.
+
+    Args:
+        weight_quantizer: A `WeightQuantizer`, a dict of its options, or
+            None for the defaults.
+        *args, **kwargs: The arguments of `DepthwiseConv1DBnAct`.
+
+    Example:
+
+    >>> layer = QuantDepthwiseConv1DBnAct(3, weight_quantizer=dict(per_channel=True))
+    >>> layer(np.ones((1, 10, 4), "float32")).shape
+    TensorShape([1, 8, 4])
+    """
+
+    quantized = True
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantDepthwiseConv1DBnFoldAct(DepthwiseConv1DBnAct):
+    """`DepthwiseConv1DBnAct(has_bn=True)` with its BatchNorm folded into
+    the weights.
+
+    As `QuantDepthwiseConv2DBnFoldAct`, for a depthwise 1D convolution.
+
+    Args:
+        weight_quantizer: A `WeightQuantizer`, a dict of its options, or
+            None for the defaults.
+        freeze_bn: Training step from which BatchNorm statistics are frozen.
+        *args, **kwargs: The arguments of `DepthwiseConv1DBnAct` (`has_bn=True`).
+
+    Example:
+
+    >>> layer = QuantDepthwiseConv1DBnFoldAct(3, has_bn=True, padding="same")
+    >>> layer(np.ones((1, 10, 4), "float32")).shape
+    TensorShape([1, 10, 4])
     """
 
     quantized = True

@@ -3,15 +3,16 @@
 Each unit of a future integer op becomes one fusion layer with the same
 weights, so the fused network computes what the original computes:
 
-- a `Conv1D`, `Conv2D`, `Conv2DTranspose`, `DepthwiseConv2D` or `Dense`,
-  with the `BatchNormalization` (over the last axis) and the activation
-  after it (its own `activation=` argument, or a `ReLU`, `ReLU(max_value=6)`,
-  `LeakyReLU` or `Activation` layer), becomes a `Conv1DBnAct` /
-  `Conv2DBnAct` / `Conv2DTransposeBnAct` / `DepthwiseConv2DBnAct` /
-  `DenseBnAct`;
-- a `SeparableConv2D` becomes a `DepthwiseConv2DBnAct` (its depthwise step,
-  no bias) followed by a 1x1 `Conv2DBnAct` (its pointwise step, bias,
-  BatchNorm and activation), as TFLite computes it;
+- a `Conv1D`, `Conv2D`, `Conv2DTranspose`, `DepthwiseConv1D`,
+  `DepthwiseConv2D` or `Dense`, with the `BatchNormalization` (over the last
+  axis) and the activation after it (its own `activation=` argument, or a
+  `ReLU`, `ReLU(max_value=6)`, `LeakyReLU` or `Activation` layer), becomes a
+  `Conv1DBnAct` / `Conv2DBnAct` / `Conv2DTransposeBnAct` /
+  `DepthwiseConv1DBnAct` / `DepthwiseConv2DBnAct` / `DenseBnAct`;
+- a `SeparableConv2D` (`SeparableConv1D`) becomes a `DepthwiseConv2DBnAct`
+  (`DepthwiseConv1DBnAct`: its depthwise step, no bias) followed by a
+  size-1 `Conv2DBnAct` (`Conv1DBnAct`: its pointwise step, bias, BatchNorm
+  and activation), as TFLite computes it;
 - a per-channel affine layer on 4D inputs (a `BatchNormalization` that no
   conv absorbed, a `Rescaling`, a `Normalization` over the last axis), with
   the activation after it, becomes a 1x1 `DepthwiseConv2DBnAct`: one int8
@@ -30,7 +31,11 @@ import numpy as np
 from keras_qat import graph, int8_rules
 from keras_qat.layers.activations import LeakyReLUActivation
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
-from keras_qat.layers.more_convolutions import Conv1DBnAct, Conv2DTransposeBnAct
+from keras_qat.layers.more_convolutions import (
+    Conv1DBnAct,
+    Conv2DTransposeBnAct,
+    DepthwiseConv1DBnAct,
+)
 from keras_qat.transforms.common import Clones, selected_layer_names
 from keras_qat.transforms.inline import inline_nested_models
 
@@ -40,7 +45,9 @@ _LINEAR = (
     L.Conv2D,
     L.Conv2DTranspose,
     L.Dense,
+    L.DepthwiseConv1D,
     L.DepthwiseConv2D,
+    L.SeparableConv1D,
     L.SeparableConv2D,
 )
 _AFFINE = (L.BatchNormalization, L.Rescaling, L.Normalization)
@@ -210,11 +217,13 @@ def _fuse_linear(fusion_class):
 
 
 def _fuse_separable(layer, bn, activation, channels):
-    """A SeparableConv2D: its depthwise step, then a 1x1 conv with the bias,
-    BatchNorm and activation (as TFLite computes it)."""
+    """A SeparableConv1D / 2D: its depthwise step, then a pointwise
+    (size-1) conv with the bias, BatchNorm and activation (as TFLite
+    computes it)."""
     config = layer.get_config()
     common = dict(trainable=config["trainable"], dtype=config["dtype"])
-    depthwise = DepthwiseConv2DBnAct(
+    one_d = isinstance(layer, L.SeparableConv1D)
+    depthwise = (DepthwiseConv1DBnAct if one_d else DepthwiseConv2DBnAct)(
         config["kernel_size"],
         strides=config["strides"],
         padding=config["padding"],
@@ -227,7 +236,7 @@ def _fuse_separable(layer, bn, activation, channels):
         name=f"{layer.name}_depthwise",
         **common,
     )
-    pointwise = Conv2DBnAct(
+    pointwise = (Conv1DBnAct if one_d else Conv2DBnAct)(
         config["filters"],
         1,
         use_bias=config["use_bias"],
@@ -318,7 +327,9 @@ FUSION_RULES = {
     L.Conv2D: _fuse_linear(Conv2DBnAct),
     L.Conv2DTranspose: _fuse_linear(Conv2DTransposeBnAct),
     L.Dense: _fuse_linear(DenseBnAct),
+    L.DepthwiseConv1D: _fuse_linear(DepthwiseConv1DBnAct),
     L.DepthwiseConv2D: _fuse_linear(DepthwiseConv2DBnAct),
+    L.SeparableConv1D: _fuse_separable,
     L.SeparableConv2D: _fuse_separable,
     L.BatchNormalization: _fuse_batchnorm,
     L.Rescaling: _fuse_fixed_affine,

@@ -23,7 +23,11 @@ from keras_qat.layers.embedding import QuantEmbedding
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct, FusionLayer
 from keras_qat.layers.layer_norm import QuantLayerNormalization
-from keras_qat.layers.more_convolutions import Conv1DBnAct, Conv2DTransposeBnAct
+from keras_qat.layers.more_convolutions import (
+    Conv1DBnAct,
+    Conv2DTransposeBnAct,
+    DepthwiseConv1DBnAct,
+)
 from keras_qat.layers.quantized import (
     QuantConv1DBnAct,
     QuantConv1DBnFoldAct,
@@ -33,6 +37,8 @@ from keras_qat.layers.quantized import (
     QuantConv2DTransposeBnFoldAct,
     QuantDenseBnAct,
     QuantDenseBnFoldAct,
+    QuantDepthwiseConv1DBnAct,
+    QuantDepthwiseConv1DBnFoldAct,
     QuantDepthwiseConv2DBnAct,
     QuantDepthwiseConv2DBnFoldAct,
 )
@@ -48,6 +54,7 @@ QUANTIZED_LAYERS = {
     DenseBnAct: (QuantDenseBnAct, QuantDenseBnFoldAct),
     DepthwiseConv2DBnAct: (QuantDepthwiseConv2DBnAct, QuantDepthwiseConv2DBnFoldAct),
     Conv1DBnAct: (QuantConv1DBnAct, QuantConv1DBnFoldAct),
+    DepthwiseConv1DBnAct: (QuantDepthwiseConv1DBnAct, QuantDepthwiseConv1DBnFoldAct),
     Conv2DTransposeBnAct: (QuantConv2DTransposeBnAct, QuantConv2DTransposeBnFoldAct),
 }
 
