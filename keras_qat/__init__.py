@@ -43,6 +43,7 @@ from keras_qat.layers.quantized import (
     QuantDepthwiseConv2DBnAct,
     QuantDepthwiseConv2DBnFoldAct,
 )
+from keras_qat.layers.resize import QuantResizing, QuantUpSampling2D
 from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
 from keras_qat.quantizers import fake_quant
 from keras_qat.report import QuantReport, quant_report
@@ -80,7 +81,9 @@ __all__ = [
     "QuantHardSigmoid",
     "QuantLayerNormalization",
     "QuantReport",
+    "QuantResizing",
     "QuantSwish",
+    "QuantUpSampling2D",
     "SensitivityResult",
     "WeightQuantizer",
     "callbacks",

@@ -161,9 +161,10 @@ def unsupported_reason(layer):
     """Why a layer of a supported class still has no int8 form here (its
     configuration and what to do), or None.
 
-    Resizing keeps its input's grid only by nearest-neighbour sampling
-    (RESIZE_NEAREST_NEIGHBOR); bilinear and other interpolations compute
-    new values whose integer rounding is not simulated yet.
+    Resizing keeps its input's grid by nearest-neighbour sampling
+    (RESIZE_NEAREST_NEIGHBOR) and rounds onto it when bilinear
+    (RESIZE_BILINEAR, `keras_qat.layers.resize`); other interpolations have
+    no int8 kernel here.
     """
     if isinstance(layer, graph.SOFTMAX_OPERATION) and layer.axis not in (-1, None):
         return f"axis={layer.axis}: TFLite's SOFTMAX is over the last axis; transpose first"
@@ -184,17 +185,29 @@ def unsupported_reason(layer):
             return "LoRA or Keras' own quantization: merge or remove it first"
     if isinstance(layer, (L.UpSampling2D, L.Resizing)):
         config = layer.get_config()
-        if config.get("interpolation") != "nearest":
+        if config.get("interpolation") not in ("nearest", "bilinear"):
             return (
-                f"interpolation={config.get('interpolation')!r}: only 'nearest' is "
-                "quantized (bilinear int8 rounding is not simulated yet); use "
-                "interpolation='nearest' or keep the layer in float with skip_layers"
+                f"interpolation={config.get('interpolation')!r}: only 'nearest' and "
+                "'bilinear' are quantized; use one of them or keep the layer in float "
+                "with skip_layers"
             )
         if config.get("crop_to_aspect_ratio") or config.get("pad_to_aspect_ratio"):
             return "crop_to_aspect_ratio / pad_to_aspect_ratio: not quantized; resize only"
         if config.get("antialias"):
             return "antialias=True: not quantized; use antialias=False"
+        bilinear = config.get("interpolation") == "bilinear"
+        if bilinear and config.get("data_format") == "channels_first":
+            return "data_format='channels_first': bilinear resizing is quantized channels-last"
     return None
+
+
+def is_bilinear_resize(layer):
+    """A bilinear `UpSampling2D` / `Resizing`: its int8 kernel (RESIZE_BILINEAR)
+    rounds the interpolated values onto its input's grid."""
+    return (
+        type(layer) in (L.UpSampling2D, L.Resizing)
+        and layer.get_config().get("interpolation") == "bilinear"
+    )
 
 
 def normalizes_last_axis(layer):

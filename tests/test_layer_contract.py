@@ -107,6 +107,8 @@ LAYERS = {
         lambda: kq.QuantAttentionScoreMask(causal=True, quantizer=dict(num_bits=6)),
         SCORES,
     ),
+    "QuantUpSampling2D": (lambda: kq.QuantUpSampling2D(2, interpolation="bilinear"), IMAGES),
+    "QuantResizing": (lambda: kq.QuantResizing(5, 7, interpolation="bilinear"), IMAGES),
     "QuantHardSigmoid": (lambda: kq.QuantHardSigmoid(), VECTORS),
     "QuantSwish": (lambda: kq.QuantSwish(quant_delay=1), VECTORS),
 }

@@ -235,6 +235,41 @@ def test_lone_embedding_and_nearest_upsampling_export_exactly():
         assert steps.max() == 0, layer
 
 
+def test_quant_bilinear_upsampling_rounds_half_up_on_its_input_grid():
+    """2x bilinear upsampling (half-pixel centres) gives multiples of 1/16
+    of a grid step: TFLite's int8 kernel rounds them half up (measured),
+    and clamps at the borders as the float resize does."""
+    rng = np.random.default_rng(13)
+    grid = 0.05
+    x = (rng.integers(-128, 128, (2, 5, 6, 3)) * grid).astype("float32")
+    outputs = kq.QuantUpSampling2D(2, interpolation="bilinear")(x, input_grid=grid).numpy()
+    exact = tf.image.resize(x.astype("float64") / grid, (10, 12), "bilinear").numpy()
+    expected = np.floor(np.round(exact * 16) / 16 + 0.5) * grid  # the reference: half up
+    np.testing.assert_allclose(outputs, expected, atol=1e-5)
+    assert np.mean(np.abs(exact * grid - expected) > 1e-6) > 0.1  # the rounding matters
+    # No grid (a quant delay): the float resize.
+    float_resize = L.UpSampling2D(2, interpolation="bilinear")(x)
+    zero = kq.QuantUpSampling2D(2, interpolation="bilinear")(x, input_grid=0.0)
+    np.testing.assert_array_equal(zero, float_resize)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: L.UpSampling2D(2, interpolation="bilinear"),
+        lambda: L.UpSampling2D((3, 2), interpolation="bilinear"),
+        lambda: L.Resizing(9, 11, interpolation="bilinear"),
+        lambda: L.Resizing(4, 5, interpolation="bilinear"),
+    ],
+    ids=["2x", "3x2", "9x11", "down"],
+)
+def test_lone_bilinear_resizing_exports_exactly(layer):
+    x = np.random.default_rng(14).uniform(-1, 1, (64, 6, 7, 3)).astype("float32")
+    tflite_bytes, steps = lone_export(layer(), x)
+    assert "RESIZE_BILINEAR" in assert_integer_model(tflite_bytes, ["RESIZE_BILINEAR"])
+    assert steps.max() < 0.01, (np.mean(steps < 0.5), steps.max())  # float32 ulps
+
+
 def sequence_model():
     inputs = keras.Input((24,), dtype="int32")
     x = L.Embedding(50, 8)(inputs)
@@ -306,9 +341,9 @@ def test_unet_with_transposed_conv_and_upsampling_exports_to_int8():
 
 def test_what_cannot_be_quantized_yet_is_listed_with_the_reason():
     inputs = keras.Input((4, 4, 3))
-    x = L.UpSampling2D(interpolation="bilinear", name="smooth")(inputs)
+    x = L.UpSampling2D(interpolation="bicubic", name="smooth")(inputs)
     model = keras.Model(inputs, L.Conv2D(2, 1)(x))
-    with pytest.raises(ValueError, match=r"'smooth' \(UpSampling2D: interpolation='bilinear'"):
+    with pytest.raises(ValueError, match=r"'smooth' \(UpSampling2D: interpolation='bicubic'"):
         kq.convert_quant_network(model)
     ids = keras.Input((5,), dtype="int32")
     masked = keras.Model(ids, L.Embedding(9, 4, mask_zero=True, name="tokens")(ids))

@@ -42,6 +42,7 @@ from keras_qat.layers.quantized import (
     QuantDepthwiseConv2DBnAct,
     QuantDepthwiseConv2DBnFoldAct,
 )
+from keras_qat.layers.resize import QuantResizing, QuantUpSampling2D
 from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
 from keras_qat.transforms import attention, einsum_dense
 from keras_qat.transforms.common import Clones, clone, selected_layer_names
@@ -117,7 +118,9 @@ def convert_quant_network(
 
     Max pooling, flatten, reshape, dropout, padding and cropping layers, and
     nearest-neighbour `UpSampling1D` / `UpSampling2D` / `Resizing`, are kept
-    as they are. Layer names are kept; a `FakeQuant` is named after the
+    as they are; a bilinear `UpSampling2D` / `Resizing` becomes a
+    `QuantUpSampling2D` / `QuantResizing`, which rounds to its input's grid
+    as TFLite's int8 kernel does. Layer names are kept; a `FakeQuant` is named after the
     layer it follows, plus `_quant`. With `bn_fold=True`, fusion layers with
     `has_bn=True` become the `Quant...BnFoldAct` layers instead.
 
@@ -240,6 +243,8 @@ def _is_quantized(layer):
         QuantEmbedding,
         QuantLayerNormalization,
         QuantAttentionScoreMask,
+        QuantUpSampling2D,
+        QuantResizing,
     )
     return isinstance(layer, quantized) or (isinstance(layer, FusionLayer) and layer.quantized)
 
@@ -292,7 +297,8 @@ def _check_supported(model, skipped):
             "slicing, and layers that keep their input's "
             "grid ("
             + ", ".join(c.__name__ for c in int8_rules.GRID_KEEPING_LAYERS)
-            + ", AveragePooling2D; resizing with interpolation='nearest'). "
+            + ", AveragePooling2D; resizing with interpolation='nearest'; bilinear "
+            "resizing rounds to its input's grid). "
             "To keep layers in float, pass them to "
             "`skip_layers` (names, classes or a predicate)."
         )
@@ -392,9 +398,12 @@ class _Placement:
         return self.rounds_output(operation) and self.rounded_by_consumers(operation)
 
     def needs_grid(self, operation):
-        """Whether a quantized layer consumes `operation`'s output, directly
-        or through layers that keep its grid."""
+        """Whether a quantized layer (or a bilinear resize, which rounds to
+        its input's grid) consumes `operation`'s output, directly or through
+        layers that keep its grid."""
         for consumer in self.graph.consumers(operation):
+            if int8_rules.is_bilinear_resize(consumer) and not self.is_skipped(consumer):
+                return True
             if isinstance(consumer, _GRID_PASSING_LAYERS):
                 if self.needs_grid(consumer):
                     return True
@@ -698,6 +707,18 @@ def _place_layer_normalization(self, layer, args, kwargs):
     return self.quantize_output(layer, new(args[0]))
 
 
+def _place_bilinear_resize(self, layer, args, kwargs):
+    """A QuantUpSampling2D / QuantResizing: the int8 kernel's rounding onto
+    the input's grid, which its output keeps."""
+    quantized = QuantUpSampling2D if isinstance(layer, keras.layers.UpSampling2D) else QuantResizing
+    new = self.clones.of(layer, lambda: quantized(**layer.get_config()))
+    outputs = new(args[0], **self.grid_of(args[0]))
+    grid = self.grids.get(id(args[0]))
+    if grid is not None:
+        self.grids[id(outputs)] = grid
+    return outputs
+
+
 def _place_grid_keeping(self, layer, args, kwargs):
     """Kept as it is; its output lies on its input's grid."""
     outputs = self.clones.of(layer)(*args, **kwargs)
@@ -722,5 +743,6 @@ PLACEMENT_RULES = (
         lambda self, op: type(op) is keras.layers.LayerNormalization,
         _place_layer_normalization,
     ),
+    (lambda self, op: int8_rules.is_bilinear_resize(op), _place_bilinear_resize),
     (lambda self, op: True, _place_grid_keeping),
 )
