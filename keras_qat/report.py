@@ -69,7 +69,8 @@ class ActivationTap:
     def grid(self):
         """`(nudged_min, nudged_max, scale)` of the current range, numpy."""
         q = self.quantizer
-        low, high = quantizers.quant_range(q.min, q.max, q.symmetric)
+        grid_range = getattr(self.layer, "grid_range", lambda: (q.min, q.max))
+        low, high = quantizers.quant_range(*grid_range(), q.symmetric)
         return tuple(
             float(v) for v in quantizers.nudged_range(low, high, q.num_bits, q.narrow_range)
         )

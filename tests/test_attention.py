@@ -119,23 +119,46 @@ def test_masked_decomposition_computes_what_the_layer_computes(mask, causal):
 def test_quantized_mask_puts_excluded_scores_at_the_bottom_of_their_grid():
     rng = np.random.default_rng(3)
     scores = rng.uniform(-3, 5, (4, 2, 6, 6)).astype("float32")
+    scores[:, :, 2] = -3.0  # rows whose kept scores are all at the bottom of the range
     keep = rng.uniform(size=(4, 6, 6)) > 0.5
+    keep[:, :, 0] = True
     layer = kq.QuantAttentionScoreMask(causal=True, quantizer=dict(ema=False))
     trained = layer([scores, keep], training=True).numpy()
     low, high = float(layer.quantizer.min.numpy()), float(layer.quantizer.max.numpy())
     assert (low, high) == (float(scores.min()), float(scores.max()))  # of all scores
-    expected = reference.fake_quant(scores, low, high)
-    bottom = reference.nudge(low, high, 8, False, False)[0]
+    # The reference: the grid reaches 7 below the learned range; kept scores
+    # at least the range's minimum on it, excluded ones at its bottom.
+    expected = reference.fake_quant(scores, low - 7, high)
+    floor = reference.fake_quant(np.float32(low), low - 7, high)
+    expected = np.maximum(expected, floor)
+    bottom = reference.nudge(low - 7, high, 8, False, False)[0]
     excluded = np.broadcast_to(~(keep[:, None] & np.tri(6, dtype=bool)), scores.shape)
     expected[excluded] = bottom
     np.testing.assert_allclose(trained, expected, atol=1e-6)
     np.testing.assert_allclose(layer([scores, keep]).numpy(), expected, atol=1e-6)
+    # No weight for an excluded key once int8 softmax rounds (step 1/256).
+    weights = keras.ops.softmax(trained, axis=-1).numpy()
+    assert weights[excluded].max() < 1 / 512, weights[excluded].max()
     # During a quant delay: the float mask (Keras' large negative number).
     delayed = kq.QuantAttentionScoreMask(quantizer=dict(quant_delay=5))
     outputs = delayed([scores, keep], training=True).numpy()
     np.testing.assert_array_equal(outputs[~keep[:, None].repeat(2, 1)], -1e9)
     with pytest.raises(ValueError, match="Received: attention_mask.shape="):
         kq.AttentionScoreMask()([scores, keep[0]])
+
+
+def test_masked_keys_get_no_weight_in_the_int8_model():
+    """A causal mask's first query keeps one key: where its score is low,
+    the masked keys must still get no weight (at the bottom of the learned
+    range itself they got up to 12 %)."""
+    model = masked_attention(None, causal=True)
+    x = masked_batch(model, 256, seed=2)
+    qmodel = calibrate(kq.convert_quant_network(model), x, steps=3)
+    tflite_scores = kq.run_tflite(kq.export_tflite(qmodel), x)[0][1]
+    keras_scores = qmodel.predict(x, verbose=0)[1]
+    future = ~np.tri(8, dtype=bool)
+    for scores in (keras_scores, tflite_scores):
+        assert np.all(scores[..., future] == 0), scores[..., future].max()
 
 
 @pytest.mark.parametrize("mask, causal", [("bool", False), ("int32", True)])
