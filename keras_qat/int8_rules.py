@@ -166,6 +166,11 @@ def unsupported_reason(layer):
     (RESIZE_BILINEAR, `keras_qat.layers.resize`); other interpolations have
     no int8 kernel here.
     """
+    if isinstance(layer, (L.RNN, L.Bidirectional)):
+        return (
+            "recurrent layers have no int8 form here; keep it in float with "
+            f"skip_layers=[{layer.name!r}] and export with allow_float_ops=True"
+        )
     if isinstance(layer, graph.SOFTMAX_OPERATION) and layer.axis not in (-1, None):
         return f"axis={layer.axis}: TFLite's SOFTMAX is over the last axis; transpose first"
     if type(layer) is L.LayerNormalization:

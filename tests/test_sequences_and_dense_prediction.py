@@ -345,6 +345,12 @@ def test_what_cannot_be_quantized_yet_is_listed_with_the_reason():
     model = keras.Model(inputs, L.Conv2D(2, 1)(x))
     with pytest.raises(ValueError, match=r"'smooth' \(UpSampling2D: interpolation='bicubic'"):
         kq.convert_quant_network(model)
+    sequences = keras.Input((5, 3))
+    for recurrent in (L.LSTM(4, name="rnn"), L.GRU(4, name="rnn")):
+        with pytest.raises(
+            ValueError, match=r"'rnn' \((LSTM|GRU): recurrent .* skip_layers=\['rnn'\] and export"
+        ):
+            kq.convert_quant_network(keras.Model(sequences, recurrent(sequences)))
     ids = keras.Input((5,), dtype="int32")
     masked = keras.Model(ids, L.Embedding(9, 4, mask_zero=True, name="tokens")(ids))
     with pytest.raises(ValueError, match=r"'tokens' \(Embedding: mask_zero=True"):
