@@ -24,6 +24,7 @@ from keras_qat.layers.embedding import QuantEmbedding
 from keras_qat.layers.fake_quant import FakeQuant, WeightQuantizer
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
 from keras_qat.layers.layer_norm import QuantLayerNormalization
+from keras_qat.layers.learned_range import LearnedFakeQuant, LearnedWeightQuantizer
 from keras_qat.layers.more_convolutions import (
     Conv1DBnAct,
     Conv2DTransposeBnAct,
@@ -62,6 +63,8 @@ __all__ = [
     "DepthwiseConv1DBnAct",
     "DepthwiseConv2DBnAct",
     "FakeQuant",
+    "LearnedFakeQuant",
+    "LearnedWeightQuantizer",
     "QuantAttentionScoreMask",
     "QuantAveragePooling2D",
     "QuantConcatenate",

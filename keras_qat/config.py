@@ -116,10 +116,19 @@ class QuantOptions:
     quant_delay: tuple = (0, 0)
     bn_fold: bool = True
     freeze_bn: int = DEFAULT_FREEZE_BN
+    range_learning: tuple = (False, False)
 
     @classmethod
     def from_args(
-        cls, num_bits, per_channel, symmetric, narrow_range, quant_delay, bn_fold, freeze_bn
+        cls,
+        num_bits,
+        per_channel,
+        symmetric,
+        narrow_range,
+        quant_delay,
+        bn_fold,
+        freeze_bn,
+        range_learning=False,
     ):
         """Validates user arguments and returns the options.
 
@@ -130,7 +139,8 @@ class QuantOptions:
         Raises:
             ValueError: naming the argument, for a pair of the wrong length,
                 a bit width outside `[2, 16]`, a non-boolean flag, a negative
-                or non-integer count, or per-channel activations.
+                or non-integer count, per-channel activations, or learned
+                ranges for asymmetric weights.
         """
         per_channel = _pair_of("per_channel", per_channel, check_optional_bool)
         if per_channel[1]:
@@ -142,6 +152,13 @@ class QuantOptions:
             )
         symmetric = _pair_of("symmetric", symmetric, check_bool)
         narrow_range = _pair_of("narrow_range", narrow_range, check_optional_bool)
+        learned = _pair_of("range_learning", range_learning, check_bool)
+        if learned[0] and not symmetric[0]:
+            raise ValueError(
+                "Received an invalid value for `range_learning`: learned weight ranges "
+                "are symmetric (TFLite's int8 weights are); use symmetric=[True, ...]. "
+                f"Received: range_learning={learned!r}, symmetric={symmetric!r}"
+            )
         return cls(
             num_bits=_pair_of("num_bits", num_bits, lambda n, v: check_num_bits(v, n)),
             per_channel=(per_channel[0], bool(per_channel[1])),
@@ -150,6 +167,7 @@ class QuantOptions:
             quant_delay=_pair_of("quant_delay", quant_delay, check_int),
             bn_fold=check_bool("bn_fold", bn_fold),
             freeze_bn=check_int("freeze_bn", freeze_bn),
+            range_learning=_pair_of("range_learning", range_learning, check_bool),
         )
 
     def weight_options(self, calls_per_step=1, per_channel=False):

@@ -21,6 +21,7 @@ TOKENS = RNG.integers(0, 10, (4, 6)).astype("float32")  # token ids, as Keras' I
 # name -> (make the layer, a batch it takes)
 LAYERS = {
     "FakeQuant": (lambda: kq.FakeQuant(num_bits=6), VECTORS),
+    "LearnedFakeQuant": (lambda: kq.LearnedFakeQuant(num_bits=6, activation="relu"), VECTORS),
     "Conv2DBnAct": (lambda: kq.Conv2DBnAct(4, 3, has_bn=True, activation="relu"), IMAGES),
     "DenseBnAct": (lambda: kq.DenseBnAct(3, has_bn=True, activation="relu6"), VECTORS),
     "DepthwiseConv2DBnAct": (
@@ -120,7 +121,8 @@ def test_every_exported_layer_is_covered():
         for name in kq.__all__
         if isinstance(getattr(kq, name), type) and issubclass(getattr(kq, name), keras.layers.Layer)
     }
-    assert exported - set(LAYERS) == {"QuantConcatenate", "WeightQuantizer"}  # tested below
+    tested_below = {"QuantConcatenate", "WeightQuantizer", "LearnedWeightQuantizer"}
+    assert exported - set(LAYERS) == tested_below
 
 
 def model_of(name):
@@ -187,12 +189,11 @@ def test_quant_concatenate_contract(tmp_path):
     )
 
 
-def test_weight_quantizer_contract():
-    quantizer = kq.WeightQuantizer(
-        num_bits=4, per_channel=True, symmetric=True, narrow_range=True, quant_delay=2
-    )
+@pytest.mark.parametrize("cls", [kq.WeightQuantizer, kq.LearnedWeightQuantizer])
+def test_weight_quantizer_contract(cls):
+    quantizer = cls(num_bits=4, per_channel=True, symmetric=True, narrow_range=True, quant_delay=2)
     config = quantizer.get_config()
-    assert kq.WeightQuantizer.from_config(config).get_config() == config
+    assert cls.from_config(config).get_config() == config
     assert kq.WeightQuantizer.get(dict(num_bits=4)).num_bits == 4
     with pytest.raises(ValueError, match="weight_quantizer"):
         kq.QuantDenseBnAct(3, weight_quantizer="int4")

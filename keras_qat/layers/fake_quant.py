@@ -539,8 +539,9 @@ class WeightQuantizer(Quantizer):
         active = self.advance(training)
         if active is False:
             return QuantizedWeights(kernel, tf.zeros(()), False)
+        self.prepare(kernel, training)
         min_val, max_val = self.range(kernel)
-        quantized = self.fake_quant(kernel, min_val, max_val)
+        quantized = self.quantize_kernel(kernel, min_val, max_val, training)
         scale = self.grid_scale(min_val, max_val)
         if is_tracing_for_export() and not training:
             return QuantizedWeights(self._on_export_grid(quantized, scale), scale, True)
@@ -549,6 +550,14 @@ class WeightQuantizer(Quantizer):
         return QuantizedWeights(
             tf.where(active, quantized, kernel), tf.where(active, scale, 0.0), active
         )
+
+    def prepare(self, kernel, training):
+        """Called before `range` in each call that quantizes (a hook for
+        quantizers that keep state; nothing here)."""
+
+    def quantize_kernel(self, kernel, min_val, max_val, training):
+        """The fake-quantized kernel for its range."""
+        return self.fake_quant(kernel, min_val, max_val)
 
     def _on_export_grid(self, quantized, scale):
         """Quantized weights as the TFLite converter must see them.

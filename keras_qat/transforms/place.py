@@ -23,6 +23,7 @@ from keras_qat.layers.embedding import QuantEmbedding
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct, FusionLayer
 from keras_qat.layers.layer_norm import QuantLayerNormalization
+from keras_qat.layers.learned_range import LearnedFakeQuant, LearnedWeightQuantizer
 from keras_qat.layers.more_convolutions import (
     Conv1DBnAct,
     Conv2DTransposeBnAct,
@@ -81,6 +82,7 @@ def convert_quant_network(
     symmetric=(True, False),
     narrow_range=None,
     skip_layers=None,
+    range_learning=False,
 ):
     """Converts a float network into a quantization network.
 
@@ -163,6 +165,13 @@ def convert_quant_network(
         narrow_range: Grids `[1, 2**b - 1]` instead of `[0, 2**b - 1]`.
             Default None: narrow where symmetric (TFLite's int8 weights are
             in `[-127, 127]`), full where not (MindSpore's asymmetric grids).
+        range_learning: Learned ranges (LSQ, `keras_qat.layers.learned_range`):
+            the grid step of the quantized layers' weights and of the
+            activations' `FakeQuant`s (and of concatenations, average
+            poolings and attention masks) becomes a trainable variable,
+            started from the first training batch. Default False: min / max
+            ranges. Embedding tables, layer norms' intermediates and
+            fixed-range outputs keep min / max or fixed ranges.
         skip_layers: Layers to leave in float, neither fused nor quantized:
             layer names, layer classes, or a predicate `layer -> bool` (or
             a list of them), matched after nested models are inlined. A
@@ -201,6 +210,7 @@ def convert_quant_network(
         quant_delay=quant_delay,
         bn_fold=bn_fold,
         freeze_bn=freeze_bn,
+        range_learning=range_learning,
     )
     _check_model(model)
     model = inline_nested_models(model)
@@ -444,7 +454,18 @@ class _Placement:
         options = self.options.activation_options()
         if zero_centred:
             options.update(symmetric=True, narrow_range=True)
-        return FakeQuant(name=candidate, fixed_range=fixed_range, activation=activation, **options)
+        learned = self.options.range_learning[1] and fixed_range is None
+        quantizer_class = LearnedFakeQuant if learned else FakeQuant
+        return quantizer_class(
+            name=candidate, fixed_range=fixed_range, activation=activation, **options
+        )
+
+    def shared_quantizer(self, layer):
+        """The `quantizer` of a layer that holds its output's range (a
+        concatenation, an average pooling, an attention mask): options, or a
+        `LearnedFakeQuant` with learned activation ranges."""
+        options = self.options.activation_options(self.graph.call_count(layer))
+        return LearnedFakeQuant(**options) if self.options.range_learning[1] else options
 
     def apply_quantizer(self, quantizer, tensor, with_grid):
         """`quantizer(tensor)`; with `with_grid`, the grid is kept for the
@@ -559,7 +580,7 @@ def _place_concatenation(self, layer, args, kwargs):
         lambda: QuantConcatenate(
             **layer.get_config(),
             quantize_inputs=[self.unrounded(p) for p in self.graph.producers(layer)],
-            quantizer=self.options.activation_options(self.graph.call_count(layer)),
+            quantizer=self.shared_quantizer(layer),
         ),
     )
     return self.apply_quantizer(new, args[0], self.needs_grid(layer))
@@ -572,7 +593,7 @@ def _place_score_mask(self, layer, args, kwargs):
         layer,
         lambda: QuantAttentionScoreMask(
             **layer.get_config(),
-            quantizer=self.options.activation_options(self.graph.call_count(layer)),
+            quantizer=self.shared_quantizer(layer),
         ),
     )
     return new(*args, **kwargs)
@@ -590,7 +611,7 @@ def _place_shared_grid_pooling(self, layer, args, kwargs):
         layer,
         lambda: QuantAveragePooling2D(
             **layer.get_config(),
-            quantizer=self.options.activation_options(self.graph.call_count(layer)),
+            quantizer=self.shared_quantizer(layer),
         ),
     )
     return self.apply_quantizer(new, args[0], self.needs_grid(layer))
@@ -605,9 +626,11 @@ def _fuses_activation(layer):
 def _quantized_clone(self, layer):
     plain, folded = QUANTIZED_LAYERS[type(layer)]
     config = layer.get_config()
-    config["weight_quantizer"] = self.options.weight_options(
+    options = self.options.weight_options(
         self.graph.call_count(layer), per_channel=_per_channel_by_default(self, layer)
     )
+    learned = self.options.range_learning[0]
+    config["weight_quantizer"] = LearnedWeightQuantizer(**options) if learned else options
     if self.options.bn_fold and layer.has_bn:
         plain, config["freeze_bn"] = folded, self.options.freeze_bn
     if not _fuses_activation(layer) or self.moves_activation(layer):

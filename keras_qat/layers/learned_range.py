@@ -1,0 +1,353 @@
+"""Learned ranges: quantizers whose grid step is a trainable variable (LSQ).
+
+Esser et al. 2019 ("Learned Step Size Quantization") learn the step `s` of
+the grid by gradient descent. With `v = x / s` and the grid's integer
+bounds `qn < 0 < qp` (levels below and above the one of zero):
+
+    y = round(clip(v, qn, qp)) * s
+    dy/dx = 1 inside [qn, qp], else 0                 (straight through)
+    dy/ds = round(v) - v inside, qn below, qp above   (LSQ's eq. 3)
+
+and the step's gradient is scaled by `g = 1 / sqrt(numel * qp)` (numel:
+the elements quantized with that step), so that it learns at the pace of
+the weights. The forward pass is TensorFlow's fake-quant op on the range
+`[(qmin - z) * s, (qmax - z) * s]` (`z`: the level of zero), whose grid is
+exactly step `s`: what the converter exports is the learned step.
+
+- `LearnedWeightQuantizer`: symmetric weights (`z` in the middle of the
+  grid), one step per tensor or per output channel, set from the kernel's
+  min / max at the first training step.
+- `LearnedFakeQuant`: activations, one step per tensor, set with the zero
+  point from the first training batch's min / max; the zero point then
+  stays (a fixed zero point rather than LSQ+'s learned offset).
+
+The trainable variable is the step's logarithm, `log_scale` (`scale` is
+`exp(log_scale)`), so an update moves the step by a factor, never to zero
+or below. Its gradient is LSQ's step gradient divided by the step (not the
+chain rule's times the step): plain SGD then moves the step as LSQ's own
+update of the step would, to first order (`d log s = ds / s`), and Adam and
+the other optimizers that normalize each variable's update move it by a
+relative amount of about the learning rate (on the step itself, a learning
+rate of 1e-2 would wipe out a step of 0.004 in one update; measured: the
+int32 bias grid of a layer after it overflowed). A constraint keeps
+`log_scale` within `log(MIN_STEP)` and `log(MAX_STEP)` after each update,
+so the step stays finite and positive whatever the learning rate. It is an
+ordinary trainable variable, all-reduced under `tf.distribute`; the
+gradient scale counts the elements of the global batch.
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+
+from keras_qat import quantizers
+from keras_qat.layers.fake_quant import FakeQuant, WeightQuantizer, across_replicas
+
+MIN_STEP = 1e-8
+MAX_STEP = 1e8
+
+
+def _at_least_min_step(step):
+    return tf.maximum(step, MIN_STEP)
+
+
+def _log_step_within_bounds(log_step):
+    return tf.clip_by_value(log_step, math.log(MIN_STEP), math.log(MAX_STEP))
+
+
+def zero_level(num_bits, narrow_range, symmetric):
+    """The level of zero on a symmetric grid (the middle one), else None."""
+    qmin, qmax = quantizers.quant_levels(num_bits, narrow_range)
+    return qmin + (qmax - qmin + 1) // 2 if symmetric else None
+
+
+def learned_step_fake_quant(x, step, zero_point, num_bits=8, narrow_range=False, grad_scale=1.0):
+    """Fake-quantizes `x` on the grid of step `step` whose level `zero_point`
+    is 0, with LSQ's gradients (see the module docstring).
+
+    Args:
+        x: A float tensor.
+        step: The step, a scalar or one per channel of `x`'s last axis.
+        zero_point: The level of 0 (an integer value, scalar).
+        num_bits, narrow_range: The grid's levels, as in `fake_quant`.
+        grad_scale: The factor of the step's gradient.
+
+    Returns:
+        A tensor like `x`.
+    """
+    qmin, qmax = quantizers.quant_levels(num_bits, narrow_range)
+    zero_point = tf.cast(zero_point, tf.float32)
+    lowest, highest = qmin - zero_point, qmax - zero_point  # qn, qp
+    per_channel = step.shape.rank == 1
+    dtype = x.dtype
+
+    @tf.custom_gradient
+    def quantize(x, step):
+        s = _at_least_min_step(step)
+        y = quantizers.fake_quant(
+            x,
+            lowest * s,
+            highest * s,
+            num_bits=num_bits,
+            narrow_range=narrow_range,
+            axis=-1 if per_channel else None,
+        )
+
+        def grad(dy):
+            v = x / s
+            inside = tf.logical_and(v >= lowest, v <= highest)
+            step_term = tf.where(
+                inside, tf.floor(v + 0.5) - v, tf.where(v < lowest, lowest, highest)
+            )
+            axes = list(range(x.shape.rank - 1)) if per_channel else None
+            d_step = tf.reduce_sum(dy * step_term, axis=axes) * grad_scale
+            return tf.where(inside, dy, tf.zeros_like(dy)), d_step
+
+        return y, grad
+
+    # A tensor, not the variable: its read is what the gradient reaches.
+    step = tf.convert_to_tensor(step, tf.float32)
+    return tf.cast(quantize(tf.cast(x, tf.float32), step), dtype)
+
+
+def _grad_scale(elements, highest, per_replica=False):
+    """LSQ's `1 / sqrt(numel * qp)`; with `per_replica`, `elements` counts
+    one replica's share of the global batch."""
+    elements = tf.cast(elements, tf.float32)
+    context = tf.distribute.get_replica_context()
+    if per_replica and context is not None:
+        elements *= context.num_replicas_in_sync
+    return tf.math.rsqrt(elements * tf.maximum(highest, 1.0))
+
+
+def _log_step_weight(layer, shape):
+    return layer.add_weight(
+        name="log_scale",
+        shape=shape,
+        initializer="zeros",
+        dtype="float32",
+        trainable=True,
+        autocast=False,
+        constraint=_log_step_within_bounds,
+        aggregation="mean",
+    )
+
+
+@tf.custom_gradient
+def _step_of(log_step):
+    """`exp(log_step)`, whose backward pass divides the step's gradient by
+    the step (see the module docstring)."""
+    step = tf.exp(log_step)
+
+    def grad(d_step):
+        return d_step / step
+
+    return step, grad
+
+
+def step_of(log_step_variable):
+    """The step of a `log_scale` variable."""
+    return _step_of(tf.convert_to_tensor(log_step_variable, tf.float32))
+
+
+def _set_step(layer, step, where):
+    """Sets `layer`'s step to `step` where `where` (its first batch)."""
+    layer.log_scale.assign(tf.where(where, tf.math.log(step), layer.log_scale))
+
+
+def _flag_weight(layer):
+    return layer.add_weight(
+        name="initialized",
+        shape=(),
+        initializer="zeros",
+        dtype="float32",
+        trainable=False,
+        autocast=False,
+        aggregation="only_first_replica",
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class LearnedWeightQuantizer(WeightQuantizer):
+    """A `WeightQuantizer` whose step is learned (LSQ), per tensor or per
+    output channel.
+
+    The trainable variable `log_scale` holds the step's logarithm (`scale`
+    is the step); the first training call sets it from the kernel's min /
+    max (as `WeightQuantizer` would quantize it), after which it learns with
+    LSQ's gradient. Until then the kernel's
+    own range is used. Only symmetric grids (TFLite's weights) are learned.
+
+    Args:
+        num_bits, narrow_range, per_channel, quant_delay: As in
+            `WeightQuantizer`.
+        symmetric: Must be True.
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Example:
+
+    >>> quantizer = LearnedWeightQuantizer(num_bits=4, symmetric=True,
+    ...                                    narrow_range=True)
+    >>> kernel = tf.constant([[0.7, -0.35], [0.1, 0.2]])
+    >>> quantizer.build(kernel.shape)
+    >>> _ = quantizer.quantize_weights(kernel, training=True)
+    >>> round(float(quantizer.scale.numpy()), 4)  # 0.7 / 7
+    0.1
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.symmetric:
+            raise ValueError(
+                "Learned weight ranges are symmetric (TFLite's int8 weights are). "
+                f"Received: symmetric={self.symmetric}"
+            )
+
+    def build(self, kernel_shape):
+        self.log_scale = _log_step_weight(self, (kernel_shape[-1],) if self.per_channel else ())
+        self.initialized = _flag_weight(self)
+        super().build(kernel_shape)
+
+    @property
+    def scale(self):
+        """The learned step (per channel or not)."""
+        return step_of(self.log_scale)
+
+    def learned_range(self):
+        zero = zero_level(self.num_bits, self.narrow_range, True)
+        qmin, qmax = quantizers.quant_levels(self.num_bits, self.narrow_range)
+        step = _at_least_min_step(self.scale)
+        return (qmin - zero) * step, (qmax - zero) * step
+
+    def range(self, kernel):
+        """The learned range once set, before that the kernel's."""
+        low, high = self.learned_range()
+        kernel_low, kernel_high = super().range(kernel)
+        ready = self.initialized > 0
+        return tf.where(ready, low, kernel_low), tf.where(ready, high, kernel_high)
+
+    def prepare(self, kernel, training):
+        """Sets the step from the kernel at the first training call."""
+        if not training:
+            return
+        low, high = super().range(kernel)
+        _set_step(self, self.grid_scale(low, high), self.initialized <= 0)
+        self.initialized.assign(1.0)
+
+    def quantize_kernel(self, kernel, min_val, max_val, training):
+        if not training:
+            return super().quantize_kernel(kernel, min_val, max_val, training)
+        zero = zero_level(self.num_bits, self.narrow_range, True)
+        highest = quantizers.quant_levels(self.num_bits, self.narrow_range)[1] - zero
+        per_step = tf.size(kernel) // tf.size(self.scale)
+        return learned_step_fake_quant(
+            kernel,
+            self.scale,
+            zero,
+            self.num_bits,
+            self.narrow_range,
+            _grad_scale(per_step, float(highest)),
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class LearnedFakeQuant(FakeQuant):
+    """A `FakeQuant` on activations whose step is learned (LSQ).
+
+    The first training batch sets the step and the zero point from its
+    min / max (the grid a `FakeQuant` would start from); the step then
+    learns with LSQ's gradient and the zero point stays. `min` and `max` are
+    the range of that grid, computed from them. One step per tensor.
+
+    Args:
+        num_bits, symmetric, narrow_range, quant_delay, activation: As in
+            `FakeQuant`.
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Example:
+
+    >>> fq = LearnedFakeQuant(num_bits=8)
+    >>> y = fq(tf.constant([[-1.0, 0.5, 2.0]]), training=True)
+    >>> round(float(fq.scale.numpy()) * 255, 4), float(fq.zero_point.numpy())
+    (3.0, 85.0)
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.per_channel or self.fixed_range is not None:
+            raise ValueError(
+                "Learned activation ranges are per tensor and not fixed. Received: "
+                f"per_channel={self.per_channel}, fixed_range={self.fixed_range}"
+            )
+
+    def build(self, input_shape):
+        self._reduce_axes = None
+        self.log_scale = _log_step_weight(self, ())
+        zero = zero_level(self.num_bits, self.narrow_range, self.symmetric) or 0
+        self.zero_point = self.add_weight(
+            name="zero_point",
+            shape=(),
+            initializer=keras.initializers.Constant(float(zero)),
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+            aggregation="only_first_replica",
+        )
+        self.initialized = _flag_weight(self)
+        self.add_step_counter()
+
+    @property
+    def scale(self):
+        """The learned step."""
+        return step_of(self.log_scale)
+
+    @property
+    def min(self):
+        qmin, _ = quantizers.quant_levels(self.num_bits, self.narrow_range)
+        return (qmin - self.zero_point) * _at_least_min_step(self.scale)
+
+    @property
+    def max(self):
+        _, qmax = quantizers.quant_levels(self.num_bits, self.narrow_range)
+        return (qmax - self.zero_point) * _at_least_min_step(self.scale)
+
+    def has_range(self):
+        return self.initialized > 0
+
+    def update_range(self, x):
+        """Sets the step and zero point from the first finite batch; later
+        batches leave them to the optimizer. Returns the range."""
+        batch_min, batch_max = across_replicas(*(tf.stop_gradient(v) for v in self._batch_range(x)))
+        low, high = quantizers.quant_range(batch_min, batch_max, self.symmetric)
+        nudged_min, _, step = quantizers.nudged_range(low, high, self.num_bits, self.narrow_range)
+        usable = tf.logical_and(tf.math.is_finite(step), step > 0)
+        first = tf.logical_and(usable, tf.logical_not(self.has_range()))
+        qmin, _ = quantizers.quant_levels(self.num_bits, self.narrow_range)
+        zero = tf.round(qmin - nudged_min / tf.where(usable, step, 1.0))
+        _set_step(self, tf.where(usable, step, 1.0), first)
+        self.zero_point.assign(tf.where(first, zero, self.zero_point))
+        self.initialized.assign(tf.where(usable, 1.0, self.initialized))
+        return self.min, self.max
+
+    def quantize_with(self, x, min_val, max_val, active, training=False):
+        """In training, LSQ's fake quant with the learned step; else the
+        fake quant of the learned range."""
+        if not training:
+            return super().quantize_with(x, min_val, max_val, active, training)
+        highest = quantizers.quant_levels(self.num_bits, self.narrow_range)[1] - self.zero_point
+
+        def quantize():
+            x_in = self.activate(x)
+            return learned_step_fake_quant(
+                x_in,
+                self.scale,
+                self.zero_point,
+                self.num_bits,
+                self.narrow_range,
+                _grad_scale(tf.size(x_in), highest, per_replica=True),
+            )
+
+        if active is True:
+            return quantize()
+        return tf.cond(active, quantize, lambda: tf.identity(self.activate(x)))

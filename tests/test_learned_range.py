@@ -1,0 +1,213 @@
+"""Learned ranges (LSQ): the fake quant and its gradients against a numpy
+implementation of the paper's formulas, the step that stays positive, and
+models that train, save, resume, distribute, compile with XLA and export
+with the learned step as their scale."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_export import assert_integer_model
+
+import keras_qat as kq
+from keras_qat.layers.learned_range import MAX_STEP, MIN_STEP, learned_step_fake_quant
+
+
+def lsq_reference(x, step, zero_point, qmin, qmax, grad_scale, dy):
+    """Esser et al. 2019: y = round(clip(x / s, qn, qp)) * s; dy/dx = 1
+    inside [qn, qp]; dy/ds = round(v) - v inside, qn below, qp above; the
+    step's gradient times `grad_scale`. Per channel: `step` along the last
+    axis. Rounding half up, as TensorFlow's fake quant rounds."""
+    x, step, dy = (np.asarray(a, np.float64) for a in (x, step, dy))
+    lowest, highest = qmin - zero_point, qmax - zero_point
+    v = x / step
+    inside = (v >= lowest) & (v <= highest)
+    y = np.floor(np.clip(v, lowest, highest) + 0.5) * step
+    dx = np.where(inside, dy, 0.0)
+    term = np.where(inside, np.floor(v + 0.5) - v, np.where(v < lowest, lowest, highest))
+    axes = tuple(range(x.ndim - 1)) if step.ndim == 1 else None
+    return y, dx, grad_scale * np.sum(dy * term, axis=axes)
+
+
+def run_lsq(x, step, zero_point, num_bits, narrow_range, grad_scale, dy):
+    x, step = tf.constant(x), tf.Variable(step)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = learned_step_fake_quant(x, step, zero_point, num_bits, narrow_range, grad_scale)
+        loss = tf.reduce_sum(y * dy)
+    dx, d_step = tape.gradient(loss, [x, step])
+    return y.numpy(), dx.numpy(), d_step.numpy()
+
+
+@pytest.mark.parametrize(
+    "num_bits, narrow_range, zero_point", [(4, True, 8), (8, False, 100), (3, False, 0)]
+)
+def test_lsq_forward_and_gradients_match_the_papers_formulas(num_bits, narrow_range, zero_point):
+    rng = np.random.default_rng(0)
+    step = 0.25  # a power of two: the grid's bounds are exact in float32
+    qmin, qmax = (1 if narrow_range else 0), 2**num_bits - 1
+    x = rng.uniform((qmin - zero_point - 3) * step, (qmax - zero_point + 3) * step, (64, 5))
+    x[0, :2] = [(qmin - zero_point) * step, (qmax - zero_point) * step]  # on the clipping bounds
+    x = x.astype("float32")
+    dy = rng.normal(size=x.shape).astype("float32")
+    got = run_lsq(x, np.float32(step), zero_point, num_bits, narrow_range, 0.1, dy)
+    expected = lsq_reference(x, step, zero_point, qmin, qmax, 0.1, dy)
+    for ours, theirs in zip(got, expected):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert np.any(x < (qmin - zero_point) * step) and np.any(x > (qmax - zero_point) * step)
+
+
+def test_lsq_per_channel_steps_get_their_own_gradients():
+    rng = np.random.default_rng(1)
+    step = np.array([0.125, 0.5, 0.25], "float32")
+    x = rng.uniform(-10, 10, (4, 4, 3)).astype("float32")
+    dy = rng.normal(size=x.shape).astype("float32")
+    got = run_lsq(x, step, 8, 4, True, 0.5, dy)
+    expected = lsq_reference(x, step, 8, 1, 15, 0.5, dy)
+    for ours, theirs in zip(got, expected):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert got[2].shape == (3,)
+
+
+def test_learned_quantizers_start_from_the_first_batch_and_use_lsqs_gradient_scale():
+    x = tf.constant(np.linspace(-1.0, 2.0, 16, dtype="float32").reshape(2, 8))
+    fq = kq.LearnedFakeQuant(num_bits=8)
+    y = fq(x, training=True)
+    step = float(fq.scale.numpy())
+    assert step == pytest.approx(3.0 / 255) and float(fq.zero_point.numpy()) == 85.0
+    np.testing.assert_allclose(fq(x).numpy(), y.numpy())  # inference: the same grid
+    wider = x * 1.5  # the next batch: some values clip, the step's gradient grows
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(fq(wider, training=True) * wider)
+    # The variable is the step's logarithm; its gradient is LSQ's step
+    # gradient (g = 1 / sqrt(numel * qp), qp = 255 - 85) divided by the
+    # step, so that SGD moves the step by LSQ's update, to first order.
+    d_log_step = float(tape.gradient(loss, fq.log_scale).numpy())
+    expected = lsq_reference(wider.numpy(), step, 85, 0, 255, 1 / np.sqrt(16 * 170), wider.numpy())
+    assert d_log_step == pytest.approx(float(expected[2]) / step, rel=1e-3)
+    assert abs(expected[2]) > 0.1
+    quantizer = kq.LearnedWeightQuantizer(num_bits=4, symmetric=True, narrow_range=True)
+    kernel = tf.constant([[0.7, -0.35], [0.1, 0.2]])
+    quantizer.build(kernel.shape)
+    untrained = quantizer.quantize_weights(kernel).values  # the kernel's own range first
+    np.testing.assert_allclose(untrained, kq.fake_quant(kernel, -0.7, 0.7, 4, True, True))
+    quantizer.quantize_weights(kernel, training=True)
+    assert float(quantizer.scale.numpy()) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="Received: symmetric=False"):
+        kq.LearnedWeightQuantizer(symmetric=False)
+
+
+def small_cnn(batch_norm=True):
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = keras.layers.Conv2D(4, 3)(x)
+    if batch_norm:  # per replica under MirroredStrategy, unless synchronized
+        x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
+    return keras.Model(inputs, keras.layers.Dense(3)(x))
+
+
+def data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0, 1, (n, 8, 8, 1)).astype("float32"), rng.integers(0, 3, n)
+
+
+def learned_network(optimizer=None, jit_compile="auto", batch_norm=True, **options):
+    keras.utils.set_random_seed(0)
+    qmodel = kq.convert_quant_network(small_cnn(batch_norm), range_learning=True, **options)
+    qmodel.compile(
+        optimizer=optimizer or keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
+    )
+    return qmodel
+
+
+def test_conversion_places_learned_quantizers_and_refuses_bad_values():
+    qmodel = learned_network()
+    kinds = {type(layer).__name__ for layer in qmodel.layers}
+    assert "LearnedFakeQuant" in kinds and "FakeQuant" not in kinds
+    for layer in qmodel.layers:
+        if hasattr(layer, "weight_quantizer"):
+            assert type(layer.weight_quantizer).__name__ == "LearnedWeightQuantizer"
+    half = kq.convert_quant_network(small_cnn(), range_learning=(True, False))
+    assert "LearnedFakeQuant" not in {type(layer).__name__ for layer in half.layers}
+    with pytest.raises(ValueError, match=r"Received: range_learning\[1\] \(activations\)='yes'"):
+        kq.convert_quant_network(small_cnn(), range_learning=(True, "yes"))
+
+
+def steps_of(qmodel):
+    """The learned steps, in the order of the model's weights."""
+    return [np.exp(w.numpy()) for w in qmodel.weights if w.path.endswith("log_scale")]
+
+
+def test_learned_ranges_train_save_and_resume_exactly(tmp_path):
+    x, y = data()
+    qmodel = learned_network()
+    qmodel.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    before = steps_of(qmodel)
+    path = str(tmp_path / "learned.keras")
+    qmodel.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
+    for model in (qmodel, loaded):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    after, resumed = steps_of(qmodel), steps_of(loaded)
+    assert len(after) == 8  # 3 kernels, 5 activation grids
+    assert any(not np.allclose(b, a) for b, a in zip(before, after))  # the steps learn
+    for ours, theirs in zip(resumed, after):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+
+
+def test_a_step_never_reaches_zero_with_a_huge_learning_rate():
+    x, y = data()
+    qmodel = learned_network()
+    qmodel.compile(
+        optimizer=keras.optimizers.SGD(1e6),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    qmodel.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    steps = np.concatenate([np.ravel(v) for v in steps_of(qmodel)])
+    assert np.all(steps >= MIN_STEP * 0.999) and np.all(steps <= MAX_STEP * 1.001), steps
+    assert np.any(np.isclose(steps, MIN_STEP, rtol=1e-3) | np.isclose(steps, MAX_STEP, rtol=1e-3))
+
+
+def test_learned_ranges_train_under_xla_and_mirrored_strategy():
+    """Same steps as on one device without XLA (SGD: Adam's normalization
+    would magnify float-order differences of near-zero gradients; no
+    BatchNorm, whose batch statistics are per replica). Without the global
+    element count in the gradient scale, steps were 3.6 % apart."""
+    x, y = data()
+
+    def trained(**options):
+        qmodel = learned_network(keras.optimizers.SGD(0.05), batch_norm=False, **options)
+        qmodel.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False)
+        return steps_of(qmodel)
+
+    expected = trained()
+    compiled = trained(jit_compile=True)
+    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+        mirrored = trained()
+    for steps in (compiled, mirrored):
+        for value, reference_value in zip(steps, expected):
+            np.testing.assert_allclose(value, reference_value, rtol=1e-3)
+
+
+def test_the_learned_steps_are_the_exported_scales():
+    x, y = data(128)
+    qmodel = learned_network()
+    qmodel.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    tflite_bytes = kq.export_tflite(qmodel)
+    assert_integer_model(tflite_bytes, ["CONV_2D"], ["CONV_2D"])
+    interpreter = kq.tflite_interpreter(tflite_bytes, default_delegates=False)
+    scales = [
+        t["quantization_parameters"]["scales"]
+        for t in interpreter.get_tensor_details()
+        if len(t["quantization_parameters"]["scales"])
+    ]
+    learned = [np.ravel(v) for v in steps_of(qmodel)]
+    for step in learned:  # each learned step (vector) is some tensor's scales
+        assert any(s.shape == step.shape and np.allclose(s, step, rtol=1e-6) for s in scales), step
+    tflite_out, scale = kq.run_tflite(tflite_bytes, x)
+    steps = np.abs(qmodel.predict(x, verbose=0) - tflite_out) / scale
+    assert np.mean(steps < 0.5) >= 0.99 and steps.max() <= 1.001
