@@ -18,8 +18,12 @@ With `--impl tfmot` (or `both`) the same networks are timed with TensorFlow
 Model Optimization on Keras 2, by `bench/tfmot_train_step.py` in its own
 virtual environment (`bash bench/setup_tfmot.sh` creates `.venv-tfmot`).
 
+With `--ranges minmax,learned` keras-qat's rows come in pairs: min / max
+ranges, then learned ranges (LSQ, `range_learning=True`).
+
 Usage:
     python bench/train_step.py [--jit_compile both] [--impl both] [--rounds 60]
+        [--ranges minmax,learned]
 """
 
 import json
@@ -51,6 +55,9 @@ flags.DEFINE_enum("jit_compile", "both", ["off", "on", "both"], "XLA compilation
 flags.DEFINE_list("networks", ["lenet5", "lenet5_bn", "resnet20"], "Networks to time.")
 flags.DEFINE_list("bn_fold", ["true", "false"], "bn_fold values (networks with BatchNorm only).")
 flags.DEFINE_enum("impl", "keras_qat", ["keras_qat", "tfmot", "both"], "Which tools to time.")
+flags.DEFINE_list(
+    "ranges", ["minmax"], "Range kinds of keras-qat: minmax (moving min / max), learned (LSQ)."
+)
 flags.DEFINE_bool("memory", True, "Also measure peak memory in separate processes.")
 flags.DEFINE_string("tfmot_python", ".venv-tfmot/bin/python", "Python of the tfmot venv.")
 flags.DEFINE_string("probe", None, "Internal: measure one model's memory (network:kind:jit).")
@@ -67,12 +74,17 @@ def batch(name):
 
 
 def build(name, kind):
-    """`kind`: "float", "qat_fold" or "qat_nofold"."""
+    """`kind`: "float", "qat_fold" or "qat_nofold", with "_lsq" for learned
+    ranges."""
     model = models.NETWORKS[name][0]()
     if kind == "float":
         return model
     return kq.convert_quant_network(
-        model, quant_delay=0, bn_fold=kind == "qat_fold", per_channel=[True, False]
+        model,
+        quant_delay=0,
+        bn_fold=kind.startswith("qat_fold"),
+        per_channel=[True, False],
+        range_learning=kind.endswith("_lsq"),
     )
 
 
@@ -108,7 +120,8 @@ def measure(name, jit_compile, kind):
         "network": name,
         "batch_size": len(x),
         "jit_compile": jit_compile,
-        "bn_fold": None if kind == "float" else kind == "qat_fold",
+        "bn_fold": None if kind == "float" else kind.startswith("qat_fold"),
+        "ranges": "learned" if kind.endswith("_lsq") else "minmax",
         "float_ms_min": 1e3 * min(float_times),
         "qat_ms_min": 1e3 * min(qat_times),
         "ratio_of_min": min(qat_times) / min(float_times),
@@ -148,6 +161,7 @@ def memory(name, kind, jit_compile):
 
 def add_memory(row):
     kind = "qat_fold" if row["bn_fold"] in (None, True) else "qat_nofold"
+    kind += "_lsq" if row.get("ranges") == "learned" else ""
     float_memory = memory(row["network"], "float", row["jit_compile"])
     qat_memory = memory(row["network"], kind, row["jit_compile"])
     for key in ("allocator_peak_bytes", "peak_rss_bytes"):
@@ -184,29 +198,37 @@ def tfmot_rows():
     return rows
 
 
+_RANGE_SUFFIX = {"minmax": "", "learned": "_lsq"}
+
+
 def keras_qat_rows():
     modes = {"off": [False], "on": [True], "both": [False, True]}[FLAGS.jit_compile]
     folds = [value.lower() == "true" for value in FLAGS.bn_fold]
+    unknown = sorted(set(FLAGS.ranges) - set(_RANGE_SUFFIX))
+    if unknown:
+        raise app.UsageError(f"--ranges takes minmax and / or learned. Received: {unknown}")
     rows = []
     for name in FLAGS.networks:
         has_bn = any(getattr(layer, "has_bn", False) for layer in build(name, "float").layers)
         for bn_fold in folds if has_bn else [True]:
-            kind = "qat_fold" if bn_fold else "qat_nofold"
-            for jit in modes:
-                row = measure(name, jit, kind)
-                row["bn_fold"] = bn_fold if has_bn else None
-                rows.append(add_memory(row) if FLAGS.memory else row)
-                print_rows(rows[-1:])
+            for ranges in FLAGS.ranges:
+                kind = ("qat_fold" if bn_fold else "qat_nofold") + _RANGE_SUFFIX[ranges]
+                for jit in modes:
+                    row = measure(name, jit, kind)
+                    row["bn_fold"] = bn_fold if has_bn else None
+                    rows.append(add_memory(row) if FLAGS.memory else row)
+                    print_rows(rows[-1:])
     return rows
 
 
 def print_rows(rows):
     for r in rows:
         fold = "-" if r["bn_fold"] is None else str(r["bn_fold"])
+        fold += " LSQ" if r.get("ranges") == "learned" else ""
         memory_ratio = r.get("allocator_peak_ratio")
         memory_text = "" if memory_ratio is None else f"{memory_ratio:>9.2f}x"
         print(
-            f"{r['impl']:<10}{r['network']:<10}{r['batch_size']:>6}{fold:>8}"
+            f"{r['impl']:<10}{r['network']:<10}{r['batch_size']:>6}{fold:>9}"
             f"{'on' if r['jit_compile'] else 'off':>5}{r['float_ms_min']:>10.1f}"
             f"{r['qat_ms_min']:>9.1f}{r['ratio_of_min']:>10.2f}x{r['ratio_median']:>10.2f}x"
             f"{memory_text}",
@@ -221,7 +243,7 @@ def main(argv):
     print(
         f"{FLAGS.rounds} rounds x {FLAGS.steps} steps, TF {tf.__version__}, "
         f"Keras {keras.__version__}, {os.cpu_count()} CPUs\n"
-        f"{'impl':<10}{'network':<10}{'batch':>6}{'bn_fold':>8}{'XLA':>5}{'float ms':>10}"
+        f"{'impl':<10}{'network':<10}{'batch':>6}{'bn_fold':>9}{'XLA':>5}{'float ms':>10}"
         f"{'QAT ms':>9}{'QAT/float':>11}{'(median)':>11}{'memory':>10}"
     )
     rows = []

@@ -36,6 +36,7 @@ from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import idx_data  # noqa: E402
+import quant_flags  # noqa: E402
 import strategies  # noqa: E402
 from models import lenet5  # noqa: E402
 
@@ -117,6 +118,7 @@ def export(float_path, qat_path, data):
 
 def main(argv):
     del argv
+    quant_flags.num_bits()  # a bad value fails before training
     if FLAGS.mindspore_weights and FLAGS.export_tflite:
         raise app.UsageError(
             "--mindspore_weights (asymmetric weights) cannot be exported to int8 TFLite, "
@@ -157,7 +159,12 @@ def train_both(data, strategy, float_path, qat_path):
         per_channel = True
         options = {"per_channel": [True, False], "symmetric": [False, False]}
     qat_network = kq.convert_quant_network(
-        network, quant_delay=FLAGS.quant_delay, bn_fold=False, **options
+        network,
+        quant_delay=FLAGS.quant_delay,
+        bn_fold=False,
+        num_bits=quant_flags.num_bits(),
+        range_learning=FLAGS.range_learning,
+        **options,
     )
     qat_accuracy, qat_epoch = train(qat_network, data, FLAGS.qat_epochs, FLAGS.qat_lr, strategy)
     qat_network.save(qat_path)
@@ -171,6 +178,8 @@ def train_both(data, strategy, float_path, qat_path):
         "train_images": int(len(data[0][0])),
         "per_channel_weights": "conv only" if per_channel is None else per_channel,
         "mindspore_weights": FLAGS.mindspore_weights,
+        "num_bits": list(quant_flags.num_bits()),
+        "range_learning": FLAGS.range_learning,
         "strategy": FLAGS.strategy,
         "replicas": strategy.num_replicas_in_sync,
     }
@@ -178,17 +187,17 @@ def train_both(data, strategy, float_path, qat_path):
 
 def print_table(results, float_path, qat_path):
     print()
-    print(f"{'model':<22}{'test accuracy':>15}{'s / epoch':>12}")
+    print(f"{'model':<26}{'test accuracy':>15}{'s / epoch':>12}")
     print(
-        f"{'float':<22}{100 * results['float_accuracy']:>14.2f}%"
+        f"{'float':<26}{100 * results['float_accuracy']:>14.2f}%"
         f"{results['float_epoch_seconds']:>12.1f}"
     )
+    label = f"QAT ({quant_flags.label()} simulated)"
     print(
-        f"{'QAT (int8 simulated)':<22}{100 * results['qat_accuracy']:>14.2f}%"
-        f"{results['qat_epoch_seconds']:>12.1f}"
+        f"{label:<26}{100 * results['qat_accuracy']:>14.2f}%{results['qat_epoch_seconds']:>12.1f}"
     )
     if FLAGS.export_tflite:
-        print(f"{'int8 TFLite':<22}{100 * results['tflite_accuracy']:>14.2f}%")
+        print(f"{'int8 TFLite':<26}{100 * results['tflite_accuracy']:>14.2f}%")
         print(
             f"TFLite vs Keras QAT: top-1 agreement {100 * results['top1_agreement']:.2f} %, "
             f"{100 * results['within_one_step']:.2f} % of outputs within one output step "

@@ -29,6 +29,7 @@ from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import idx_data  # noqa: E402
+import quant_flags  # noqa: E402
 import strategies  # noqa: E402
 from models import resnet20  # noqa: E402
 
@@ -53,6 +54,7 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "limit_train", 0, "Use only this many training images (0: all); for smoke runs."
 )
+flags.DEFINE_list("bn_fold", ["false", "true"], "The bn_fold modes to QAT-train, in order.")
 flags.DEFINE_integer("seed", 1, "Random seed.")
 FLAGS = flags.FLAGS
 
@@ -74,6 +76,7 @@ def train(model, data, epochs, learning_rate, strategy):
 
 def main(argv):
     del argv
+    quant_flags.num_bits()  # a bad value fails before training
     keras.utils.set_random_seed(FLAGS.seed)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     strategy = strategies.make_strategy(FLAGS.strategy, FLAGS.tpu)
@@ -91,9 +94,10 @@ def main(argv):
     print(
         f"{'float':<28}{100 * results['float_accuracy']:>14.2f}%{results['float_seconds']:>10.0f}"
     )
-    for bn_fold in (False, True):
+    kind = quant_flags.label()
+    for bn_fold in bn_fold_modes():
         print(
-            f"{f'QAT int8, bn_fold={bn_fold}':<28}"
+            f"{f'QAT {kind}, bn_fold={bn_fold}':<28}"
             f"{100 * results[f'bn_fold_{bn_fold}_accuracy']:>14.2f}%"
             f"{results[f'bn_fold_{bn_fold}_seconds']:>10.0f}"
         )
@@ -119,7 +123,7 @@ def train_all(data, strategy, out_dir):
     network.save(float_path)
 
     results = {"float_accuracy": float_accuracy, "float_seconds": float_seconds}
-    for bn_fold in (False, True):
+    for bn_fold in bn_fold_modes():
         keras.utils.set_random_seed(FLAGS.seed)  # same data order for both
         qat = kq.convert_quant_network(
             keras.saving.load_model(float_path),
@@ -129,6 +133,8 @@ def train_all(data, strategy, out_dir):
             per_channel=[True, False],
             symmetric=[True, False],
             narrow_range=[True, False],
+            num_bits=quant_flags.num_bits(),
+            range_learning=FLAGS.range_learning,
         )
         # Like the float run, end at learning rate 0: a converged network is
         # fine-tuned, not thrown off by a constant rate.
@@ -145,8 +151,20 @@ def train_all(data, strategy, out_dir):
         qat_steps=FLAGS.qat_epochs * steps_per_epoch,
         train_images=int(len(data[0][0])),
         replicas=strategy.num_replicas_in_sync,
+        num_bits=list(quant_flags.num_bits()),
+        range_learning=FLAGS.range_learning,
     )
     return results
+
+
+def bn_fold_modes():
+    """--bn_fold as booleans."""
+    modes = {"true": True, "false": False}
+    if not FLAGS.bn_fold or any(m.lower() not in modes for m in FLAGS.bn_fold):
+        raise app.UsageError(
+            f"--bn_fold takes true and / or false. Received: --bn_fold={','.join(FLAGS.bn_fold)}"
+        )
+    return [modes[m.lower()] for m in FLAGS.bn_fold]
 
 
 if __name__ == "__main__":

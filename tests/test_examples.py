@@ -91,6 +91,12 @@ def test_lenet_example_end_to_end(tmp_path):
     assert (out_dir / "lenet_qat.keras").exists()
 
 
+def test_a_bad_bit_width_flag_fails_before_training(tmp_path):
+    result = run_example("lenet_quant.py", f"--output_dir={tmp_path}", "--num_bits=4")
+    assert result.returncode != 0
+    assert "--num_bits takes two integers" in result.stderr, result.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_lenet_example_with_two_workers(tmp_path):
     """--strategy=multi_worker: two processes on 127.0.0.1, the chief reports."""

@@ -198,6 +198,31 @@ def test_every_weight_width_exports_its_trained_levels(bits, per_channel):
     np.testing.assert_allclose(detail["quantization_parameters"]["scales"], scale, rtol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_learned_weight_ranges_export_their_trained_levels_and_steps(bits, per_channel):
+    inputs = keras.Input((6, 6, 3))
+    model = keras.Model(inputs, L.Conv2D(5, 3, name="conv")(inputs))
+    qat = kq.convert_quant_network(
+        model, num_bits=(bits, 8), per_channel=[per_channel, False], range_learning=True
+    )
+    x = images(32, 6)
+    qat.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    for _ in range(3):  # the steps move away from the kernel's own range
+        qat.train_on_batch(x, RNG.normal(size=(32, 4, 4, 5)).astype("float32"))
+    quantizer = qat.get_layer("conv").weight_quantizer
+    step = quantizer.scale.numpy()
+    kernel_step = kq.WeightQuantizer(bits, True, True, per_channel).grid_scale(
+        *kq.WeightQuantizer(bits, True, True, per_channel).range(qat.get_layer("conv").kernel())
+    )
+    assert not np.allclose(step, kernel_step.numpy(), rtol=1e-3)  # learned, not min / max
+    levels = np.round(quantizer.quantize_weights(qat.get_layer("conv").kernel()).values / step)
+    assert np.abs(levels).max() <= 2 ** (bits - 1) - 1
+    stored, detail = tflite_weight_levels(kq.export_tflite(qat))
+    np.testing.assert_array_equal(np.transpose(stored, (1, 2, 3, 0)), levels.astype(np.int64))
+    np.testing.assert_allclose(detail["quantization_parameters"]["scales"], step, rtol=1e-6)
+
+
 # 3. Bad first batches.
 
 
