@@ -42,7 +42,7 @@ import keras
 
 from keras_qat import graph
 from keras_qat.layers.attention_mask import AttentionScoreMask
-from keras_qat.transforms.common import Clones
+from keras_qat.transforms.common import Clones, has_operation
 
 L = keras.layers
 
@@ -82,9 +82,7 @@ def is_decomposable(operation):
 def has_decomposable_attention(model, skipped=()):
     """Whether `model` has a `MultiHeadAttention` that `decompose_attention`
     rewrites (one not in `skipped`, the names of skipped layers)."""
-    return any(
-        is_decomposable(op) and op.name not in skipped for op in graph.Graph(model).operations
-    )
+    return has_operation(model, is_decomposable, skipped)
 
 
 class _Decomposition:

@@ -108,3 +108,9 @@ def selected_layer_names(model, selectors, argument="skip_layers"):
                 f"Received: {argument}={selectors!r}"
             )
     return names
+
+
+def has_operation(model, predicate, skipped=()):
+    """Whether `model` has an operation for which `predicate` holds, not
+    named in `skipped` (the names of skipped layers)."""
+    return any(predicate(op) and op.name not in skipped for op in graph.Graph(model).operations)

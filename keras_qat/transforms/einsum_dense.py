@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 from keras_qat import graph
-from keras_qat.transforms.common import Clones
+from keras_qat.transforms.common import Clones, has_operation
 
 L = keras.layers
 
@@ -96,9 +96,7 @@ def is_decomposable(operation):
 def has_decomposable_einsum_dense(model, skipped=()):
     """Whether `model` has an `EinsumDense` that `decompose_einsum_dense`
     rewrites (one not in `skipped`, the names of skipped layers)."""
-    return any(
-        is_decomposable(op) and op.name not in skipped for op in graph.Graph(model).operations
-    )
+    return has_operation(model, is_decomposable, skipped)
 
 
 class _Decomposition:
