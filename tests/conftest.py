@@ -15,6 +15,16 @@ tf.config.set_logical_device_configuration(
 )
 
 
+def mirrored_strategy():
+    """A MirroredStrategy over the two logical CPUs whose collective keys
+    differ from earlier strategies' of this process: every MirroredStrategy
+    starts its group keys at 1, and a later one's all-gathers then met an
+    earlier one's keys ("Collective instance 104 expected type 0 ... got type
+    2"); TensorFlow's own tests set this base ("Only set this in tests")."""
+    tf.distribute.MirroredStrategy._collective_key_base += 100_000
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)

@@ -10,6 +10,7 @@ import tensorflow as tf
 from test_export import assert_integer_model
 
 import keras_qat as kq
+from conftest import mirrored_strategy
 from keras_qat.layers.learned_range import MAX_STEP, MIN_STEP, learned_step_fake_quant
 
 
@@ -186,7 +187,7 @@ def test_learned_ranges_train_under_xla_and_mirrored_strategy():
 
     expected = trained()
     compiled = trained(jit_compile=True)
-    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    with mirrored_strategy().scope():
         mirrored = trained()
     for steps in (compiled, mirrored):
         for value, reference_value in zip(steps, expected):
