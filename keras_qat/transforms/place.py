@@ -510,6 +510,13 @@ class _Placement:
             )
         return self.quantized_inputs[id(tensor)]
 
+    def keep_grid(self, inputs, outputs):
+        """`outputs`, recorded as lying on the grid of `inputs` (if known)."""
+        grid = self.grids.get(id(inputs))
+        if grid is not None:
+            self.grids[id(outputs)] = grid
+        return outputs
+
     def grid_of(self, tensor):
         """`{"input_grid": grid}` for a quantized layer's call, or `{}`."""
         grid = self.grids.get(id(tensor))
@@ -735,20 +742,12 @@ def _place_bilinear_resize(self, layer, args, kwargs):
     the input's grid, which its output keeps."""
     quantized = QuantUpSampling2D if isinstance(layer, keras.layers.UpSampling2D) else QuantResizing
     new = self.clones.of(layer, lambda: quantized(**layer.get_config()))
-    outputs = new(args[0], **self.grid_of(args[0]))
-    grid = self.grids.get(id(args[0]))
-    if grid is not None:
-        self.grids[id(outputs)] = grid
-    return outputs
+    return self.keep_grid(args[0], new(args[0], **self.grid_of(args[0])))
 
 
 def _place_grid_keeping(self, layer, args, kwargs):
     """Kept as it is; its output lies on its input's grid."""
-    outputs = self.clones.of(layer)(*args, **kwargs)
-    grid = self.grids.get(id(args[0]))
-    if grid is not None:
-        self.grids[id(outputs)] = grid
-    return outputs
+    return self.keep_grid(args[0], self.clones.of(layer)(*args, **kwargs))
 
 
 PLACEMENT_RULES = (
