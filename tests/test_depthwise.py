@@ -85,7 +85,9 @@ def test_quantized_kernel_has_one_range_per_output_channel():
     np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
     low, high = layer.weight_quantizer.range(layer.kernel())
     assert low.shape == (CHANNELS * MULTIPLIER,)
-    np.testing.assert_allclose(high, kernel.reshape(9, -1).max(0))
+    # Symmetric weights: the range fake_quant uses, [-M, M], M = max |w|.
+    np.testing.assert_allclose(high, np.abs(kernel.reshape(9, -1)).max(0))
+    np.testing.assert_allclose(low, -high)
 
 
 def test_folded_kernel_scales_and_quantizes_each_output_channel():

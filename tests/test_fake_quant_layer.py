@@ -179,3 +179,33 @@ def test_a_fused_activation_still_applies_during_the_quant_delay():
 def test_an_activation_that_kernels_do_not_fuse_is_refused():
     with pytest.raises(ValueError, match="activation.*Received: activation='sigmoid'"):
         FakeQuant(activation="sigmoid")
+
+
+def numpy_weight_range(kernel, symmetric):
+    """Reference `WeightQuantizer.range`, per output channel: min / max with
+    0, `[-M, M]` when symmetric; all-zero channels get the widest channel's
+    `[-W, W]` (or `[-1, 1]`)."""
+    flat = kernel.reshape(-1, kernel.shape[-1])
+    low, high = np.minimum(flat.min(0), 0), np.maximum(flat.max(0), 0)
+    if symmetric:
+        high = np.maximum(-low, high)
+        low = -high
+    widest = np.max(np.maximum(-low, high)) or 1.0
+    empty = (low == 0) & (high == 0)
+    return np.where(empty, -widest, low), np.where(empty, widest, high)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("zeros", ["none", "one_channel", "all"])
+def test_weight_range_is_the_range_fake_quant_uses(symmetric, zeros):
+    from keras_qat import WeightQuantizer
+
+    kernel = np.random.default_rng(7).standard_normal((3, 3, 2, 4)).astype("float32")
+    kernel[..., 1] = np.abs(kernel[..., 1])  # a channel without negative weights
+    if zeros != "none":
+        kernel[..., 2 if zeros == "one_channel" else slice(None)] = 0.0
+    quantizer = WeightQuantizer(symmetric=symmetric, per_channel=True)
+    low, high = quantizer.range(tf.constant(kernel))
+    expected_low, expected_high = numpy_weight_range(kernel, symmetric)
+    np.testing.assert_array_equal(low, expected_low)
+    np.testing.assert_array_equal(high, expected_high)

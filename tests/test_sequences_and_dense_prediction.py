@@ -147,8 +147,9 @@ def test_per_channel_transposed_conv_ranges_are_per_output_channel():
     layer.build((1, 4, 4, 2))
     kernel = layer.conv.kernel.numpy()
     low, high = layer.weight_quantizer.range(layer.kernel())
-    np.testing.assert_allclose(high.numpy(), kernel.max(axis=(0, 1, 3)))
-    np.testing.assert_allclose(low.numpy(), kernel.min(axis=(0, 1, 3)))
+    # Symmetric weights: the range fake_quant uses, [-M, M], M = max |w|.
+    np.testing.assert_allclose(high.numpy(), np.abs(kernel).max(axis=(0, 1, 3)))
+    np.testing.assert_allclose(low.numpy(), -high.numpy())
 
 
 def test_quant_embedding_gathers_the_fake_quantized_table():

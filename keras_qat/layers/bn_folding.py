@@ -38,30 +38,41 @@ is `divide_no_nan`, the channel's output is `beta`, its batch statistics
 are those of `b`, and everything stays finite.
 """
 
+import collections
+
 import keras
 import tensorflow as tf
 
 from keras_qat.quantizers import bias_on_grid
 
+FoldValues = collections.namedtuple(
+    "FoldValues", "gamma beta moving_mean moving_variance bias factor"
+)
+FoldValues.__doc__ = """What folding needs, float32, per output channel: the
+BatchNorm's `gamma` (ones with `scale=False`), `beta` (zeros with
+`center=False`), moving statistics, the linear layer's `bias` (zeros
+without one) and the fold factor `gamma / sigma`."""
 
-def _gamma(bn):
-    """The BatchNorm's scale, float32 (ones with `scale=False`)."""
-    if bn.gamma is None:
-        return tf.ones_like(tf.cast(bn.moving_variance, tf.float32))
-    return tf.cast(bn.gamma, tf.float32)
 
-
-def _beta(bn):
-    """The BatchNorm's offset, float32 (zeros with `center=False`)."""
-    if bn.beta is None:
-        return tf.zeros_like(tf.cast(bn.moving_mean, tf.float32))
-    return tf.cast(bn.beta, tf.float32)
+def read_fold_values(layer):
+    """A folded layer's `FoldValues`, each variable read once (every use of
+    a Keras variable is a read op of its own, and this runs every step)."""
+    bn = layer.bn
+    mean = tf.cast(bn.moving_mean, tf.float32)
+    variance = tf.cast(bn.moving_variance, tf.float32)
+    gamma = tf.ones_like(variance) if bn.gamma is None else tf.cast(bn.gamma, tf.float32)
+    beta = tf.zeros_like(mean) if bn.beta is None else tf.cast(bn.beta, tf.float32)
+    linear = layer.linear_layer
+    bias = tf.cast(linear.bias, tf.float32) if linear.use_bias else tf.zeros_like(mean)
+    factor = gamma / tf.sqrt(variance + bn.epsilon)
+    return FoldValues(gamma, beta, mean, variance, bias, factor)
 
 
 def fold_factor(bn):
     """`gamma / sigma` of the moving statistics, per channel, float32."""
     sigma = tf.sqrt(tf.cast(bn.moving_variance, tf.float32) + bn.epsilon)
-    return _gamma(bn) / sigma
+    gamma = tf.ones_like(sigma) if bn.gamma is None else tf.cast(bn.gamma, tf.float32)
+    return gamma / sigma
 
 
 def folded_kernel(layer):
@@ -69,48 +80,35 @@ def folded_kernel(layer):
     return tf.cast(layer.kernel(), tf.float32) * fold_factor(layer.bn)
 
 
-def _bias(layer):
-    linear = layer.linear_layer
-    if linear.use_bias:
-        return tf.cast(linear.bias, tf.float32)
-    return tf.zeros_like(tf.cast(layer.bn.moving_mean, tf.float32))
-
-
-def folded_bias(layer, factor=None):
-    """`beta + gamma * (b - moving_mean) / sigma`, float32 (`factor` is
-    `fold_factor(layer.bn)`, computed here when not given)."""
-    bn = layer.bn
-    factor = fold_factor(bn) if factor is None else factor
-    return _beta(bn) + factor * (_bias(layer) - tf.cast(bn.moving_mean, tf.float32))
+def folded_bias(layer, values=None):
+    """`beta + gamma * (b - moving_mean) / sigma`, float32 (`values`:
+    `read_fold_values(layer)`, read here when not given)."""
+    v = read_fold_values(layer) if values is None else values
+    return v.beta + v.factor * (v.bias - v.moving_mean)
 
 
 def folded_call(layer, inputs, training, input_grid):
     """A folded layer's output before its activation (see module docstring)."""
     quantizer = layer.weight_quantizer
-    step = quantizer.steps(tf.identity(quantizer.step))  # before this call's count
-    factor = fold_factor(layer.bn)
-    weights = quantizer.quantize_weights(tf.cast(layer.kernel(), tf.float32) * factor, training)
+    step = quantizer.steps(tf.convert_to_tensor(quantizer.step))  # before this call's count
+    values = read_fold_values(layer)
+    kernel = tf.cast(layer.kernel(), tf.float32) * values.factor
+    weights = quantizer.quantize_weights(kernel, training)
     outputs = tf.cast(layer.kernel_op(inputs, tf.cast(weights.values, inputs.dtype)), tf.float32)
-
-    def frozen():
-        """The deployed map: the folded bias on the int32 grid; the moving
-        statistics stay as they are."""
-        bias = bias_on_grid(folded_bias(layer, factor), input_grid, weights.scale)
-        bn = layer.bn
-        moving = tf.cast(bn.moving_mean, tf.float32), tf.cast(bn.moving_variance, tf.float32)
-        return tf.ones_like(bias), bias, *moving
-
+    # The deployed map: the folded bias on the int32 grid.
+    bias = bias_on_grid(folded_bias(layer, values), input_grid, weights.scale)
     if not (training and layer.bn.trainable):  # a frozen BatchNorm uses its moving statistics
-        return tf.cast(outputs + frozen()[1], inputs.dtype)
+        return tf.cast(outputs + bias, inputs.dtype)
     before_freeze = step < layer.freeze_bn
     # Both maps are computed and one selected (see the module docstring).
-    chosen = zip(_batch_normalization(layer, outputs, factor), frozen())
-    scale, shift, mean, variance = (tf.where(before_freeze, b, f) for b, f in chosen)
-    _update_moving_statistics(layer.bn, mean, variance, before_freeze)
+    scale, shift, mean, variance = _batch_normalization(layer.bn, values, outputs)
+    scale = tf.where(before_freeze, scale, 1.0)
+    shift = tf.where(before_freeze, shift, bias)
+    _update_moving_statistics(layer.bn, values, mean, variance, before_freeze)
     return tf.cast(outputs * scale + shift, inputs.dtype)
 
 
-def _batch_normalization(layer, outputs, factor):
+def _batch_normalization(bn, values, outputs):
     """`(scale, shift, batch mean, batch variance)`: the per-channel affine
     map that batch-normalizes the quantized convolution unfolded,
     `z = y / factor + b`, with `z`'s batch statistics.
@@ -118,24 +116,23 @@ def _batch_normalization(layer, outputs, factor):
     `z` is not formed: its statistics follow from `y`'s (`mean_z = mean_y /
     factor + b`, `var_z = var_y / factor**2`), and the output is
     `(y - mean_y) * gamma / (factor * sigma_B) + beta`, one pass like a
-    BatchNorm's.
+    BatchNorm's (`b` cancels out, as it does before any BatchNorm).
     """
-    bn = layer.bn
     axes = list(range(outputs.shape.rank - 1))
     mean, variance = keras.ops.moments(outputs, axes, synchronized=bn.synchronized)
-    inverse = tf.math.divide_no_nan(1.0, factor)  # 0 where gamma = 0
-    bias = _bias(layer)
-    batch_mean, batch_variance = mean * inverse + bias, variance * tf.square(inverse)
-    normalizer = _gamma(bn) * tf.math.rsqrt(batch_variance + bn.epsilon)
-    # `bias` cancels out, as it does before any BatchNorm; written so that
-    # it still gets its (zero) gradient, not None.
-    shift = _beta(bn) - (batch_mean - bias) * normalizer
-    return inverse * normalizer, shift, batch_mean, batch_variance
+    inverse = tf.math.divide_no_nan(1.0, values.factor)  # 0 where gamma = 0
+    batch_variance = variance * tf.square(inverse)
+    scale = inverse * values.gamma * tf.math.rsqrt(batch_variance + bn.epsilon)
+    return scale, values.beta - mean * scale, mean * inverse + values.bias, batch_variance
 
 
-def _update_moving_statistics(bn, mean, variance, update):
+def _update_moving_statistics(bn, values, mean, variance, update):
     """Moving averages of the batch statistics where `update` (before
     `freeze_bn`); unchanged, to the bit, otherwise."""
-    for statistic, batch_value in ((bn.moving_mean, mean), (bn.moving_variance, variance)):
-        moved = statistic * bn.momentum + tf.stop_gradient(batch_value) * (1.0 - bn.momentum)
-        statistic.assign(tf.where(update, moved, statistic))
+    pairs = (
+        (bn.moving_mean, values.moving_mean, mean),
+        (bn.moving_variance, values.moving_variance, variance),
+    )
+    for statistic, old, batch_value in pairs:
+        moved = old * bn.momentum + tf.stop_gradient(batch_value) * (1.0 - bn.momentum)
+        statistic.assign(tf.where(update, moved, old))

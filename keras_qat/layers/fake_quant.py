@@ -91,6 +91,11 @@ class Quantizer(keras.layers.Layer):
             aggregation="only_first_replica",
         )
 
+    def count_call(self):
+        """Adds 1 to `step`, as one op: the TensorFlow variable's own
+        `assign_add` (Keras' `assign_add` is a read, an add and an assign)."""
+        self.step.value.assign_add(1)
+
     def advance(self, training):
         """Counts a training call; returns whether this call quantizes.
 
@@ -102,10 +107,10 @@ class Quantizer(keras.layers.Layer):
         """
         if training:
             if self.quant_delay == 0:
-                self.step.assign_add(1)
+                self.count_call()
                 return True
             before = tf.identity(self.step)
-            self.step.assign_add(1)
+            self.count_call()
             return self.steps(before) >= self.quant_delay
         if is_tracing_for_export():
             return True
@@ -318,12 +323,16 @@ class FakeQuant(Quantizer):
         batch_range = self._batch_range(x)
         batch_min, batch_max = across_replicas(*(tf.stop_gradient(v) for v in batch_range))
         finite = tf.logical_and(tf.math.is_finite(batch_min), tf.math.is_finite(batch_max))
-        first = tf.logical_and(tf.equal(self.min, 0.0), tf.equal(self.max, 0.0))
-        decay = self.ema_decay if self.ema else 0.0
+        # Each variable is read once: every use of a Keras variable is a
+        # read op of its own, and this runs for every quantizer and step.
+        low, high = tf.convert_to_tensor(self.min), tf.convert_to_tensor(self.max)
+        first = tf.equal(low, high)  # still [0, 0]: the range contains 0
         updated = []
-        for variable, value in ((self.min, batch_min), (self.max, batch_max)):
-            moved = tf.where(first, value, decay * variable + (1.0 - decay) * value)
-            updated.append(tf.where(finite, moved, variable))
+        for variable, old, value in ((self.min, low, batch_min), (self.max, high, batch_max)):
+            if self.ema:
+                decay = self.ema_decay
+                value = tf.where(first, value, decay * old + (1.0 - decay) * value)
+            updated.append(tf.where(finite, value, old))
             variable.assign(updated[-1])
         return tuple(updated)
 
@@ -508,7 +517,9 @@ class WeightQuantizer(Quantizer):
         self.add_step_counter()
 
     def range(self, kernel):
-        """The `(min, max)` of `kernel`, per output channel or not.
+        """The range of `kernel` as `fake_quant` uses it, per output channel
+        or not: its `(min, max)` made to contain 0, and with
+        `symmetric=True` the `[-M, M]` of its largest magnitude `M`.
 
         An all-zero channel (or kernel) has no range of its own: it gets the
         widest channel's (or `[-1, 1]`). Its weights are 0 on any grid, and
@@ -520,8 +531,14 @@ class WeightQuantizer(Quantizer):
         # for activations): its gradient would cost more passes for nothing.
         kernel = tf.stop_gradient(tf.cast(kernel, tf.float32))
         axes = list(range(kernel.shape.rank - 1)) if self.per_channel else None
-        low, high = tf.reduce_min(kernel, axes), tf.reduce_max(kernel, axes)
-        empty = tf.logical_and(tf.equal(low, 0.0), tf.equal(high, 0.0))
+        if self.symmetric:  # the fewest ops: this runs for every layer and step
+            bound = tf.reduce_max(tf.abs(kernel), axes)
+            widest = tf.reduce_max(bound)
+            widest = tf.where(tf.equal(widest, 0.0), 1.0, widest)
+            bound = tf.where(tf.equal(bound, 0.0), widest, bound)
+            return -bound, bound
+        low, high = quantizers.quant_range(tf.reduce_min(kernel, axes), tf.reduce_max(kernel, axes))
+        empty = tf.equal(low, high)
         fallback_low = tf.minimum(tf.reduce_min(low), -tf.reduce_max(high))
         fallback_low = tf.where(tf.equal(fallback_low, 0.0), -1.0, fallback_low)
         return tf.where(empty, fallback_low, low), tf.where(empty, -fallback_low, high)
