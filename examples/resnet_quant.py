@@ -8,15 +8,19 @@
    each for the same number of steps from the float weights.
 3. Print float / bn_fold=False / bn_fold=True test accuracies (int8
    simulated) and write them as JSON.
+4. With --export_tflite: export each QAT network to TFLite (weights of up
+   to 4 bits as INT4 tensors), evaluate it on the test set and compare it
+   with the Keras network (top-1 agreement); activations must be 8-bit.
 
 Data: Fashion-MNIST IDX files, by default from the Debian package
 dataset-fashion-mnist (`bash scripts/get_data.sh fashion_mnist`), or
 `--data_dir`.
 
 Usage:
-    python examples/resnet_quant.py [--float_epochs 6] [--qat_epochs 1]
+    python examples/resnet_quant.py [--float_epochs 6] [--qat_epochs 1] [--export_tflite]
 """
 
+import collections
 import json
 import os
 import sys
@@ -25,6 +29,7 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +61,9 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_list("bn_fold", ["false", "true"], "The bn_fold modes to QAT-train, in order.")
 flags.DEFINE_integer("seed", 1, "Random seed.")
+flags.DEFINE_bool(
+    "export_tflite", False, "Export each QAT network to TFLite, evaluate and compare it."
+)
 FLAGS = flags.FLAGS
 
 
@@ -77,6 +85,11 @@ def train(model, data, epochs, learning_rate, strategy):
 def main(argv):
     del argv
     quant_flags.num_bits()  # a bad value fails before training
+    if FLAGS.export_tflite and quant_flags.num_bits()[1] != 8:
+        raise app.UsageError(
+            "--export_tflite needs 8-bit activations (TFLite's integer kernels). "
+            f"Received: --num_bits={','.join(FLAGS.num_bits)}"
+        )
     keras.utils.set_random_seed(FLAGS.seed)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     strategy = strategies.make_strategy(FLAGS.strategy, FLAGS.tpu)
@@ -87,6 +100,9 @@ def main(argv):
         results = train_all(data, strategy, out_dir)
     if not chief:
         return
+    if FLAGS.export_tflite:
+        for bn_fold in bn_fold_modes():
+            results.update(export(bn_fold, data))
     with open(os.path.join(FLAGS.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print()
@@ -101,6 +117,13 @@ def main(argv):
             f"{100 * results[f'bn_fold_{bn_fold}_accuracy']:>14.2f}%"
             f"{results[f'bn_fold_{bn_fold}_seconds']:>10.0f}"
         )
+        if FLAGS.export_tflite:
+            key = f"bn_fold_{bn_fold}_tflite"
+            print(
+                f"{f'  TFLite, bn_fold={bn_fold}':<28}{100 * results[key + '_accuracy']:>14.2f}%"
+                f"   top-1 agreement with Keras {100 * results[key + '_top1_agreement']:.2f} %,"
+                f" weight tensors {results[key + '_weight_types']}"
+            )
     print(
         f"QAT: {results['qat_steps']} steps each; float: {FLAGS.float_epochs} epochs; "
         f"{results['replicas']} replica(s), --strategy={FLAGS.strategy}"
@@ -155,6 +178,40 @@ def train_all(data, strategy, out_dir):
         range_learning=FLAGS.range_learning,
     )
     return results
+
+
+def export(bn_fold, data):
+    """Exports the QAT network of `bn_fold` to TFLite and measures it."""
+    name = f"resnet20_qat_bn_fold_{bn_fold}"
+    network = keras.saving.load_model(os.path.join(FLAGS.output_dir, name + ".keras"))
+    model = kq.export_tflite(network, os.path.join(FLAGS.output_dir, name + ".tflite"))
+    _, (x_test, y_test) = data
+    outputs, _ = kq.run_tflite(model, x_test)
+    report = kq.compare_tflite(network, model, x_test)
+    key = f"bn_fold_{bn_fold}_tflite"
+    return {
+        f"{key}_accuracy": float(np.mean(outputs.argmax(-1) == y_test)),
+        f"{key}_top1_agreement": report["top1_agreement"],
+        f"{key}_weight_types": weight_types(model),
+        f"{key}_bytes": len(model),
+    }
+
+
+def weight_types(model):
+    """How many constant tensors of rank >= 2 (kernels) the flatbuffer
+    stores in each type: INT4 (two values a byte) or INT8 for int8 models."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    flat = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
+    return dict(
+        collections.Counter(
+            names[t.type]
+            for t in flat.subgraphs[0].tensors
+            if len(t.shape) >= 2 and t.buffer and flat.buffers[t.buffer].data is not None
+        )
+    )
 
 
 def bn_fold_modes():

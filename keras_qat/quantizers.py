@@ -358,8 +358,12 @@ def fake_quant_for_training(
 
         def grad(dy):
             # A product with the mask, as TensorFlow's ReluGrad and fake-quant
-            # gradient compute it: 2-3x faster on the CPU than a select.
-            return dy * tf.cast(passes, dy.dtype)
+            # gradient compute it: 2-3x faster on the CPU than a select. The
+            # float mask waits for `dy`: made as soon as `passes` exists, it
+            # would stay alive from the forward pass on, 4 bytes an element.
+            with tf.control_dependencies([dy]):
+                mask = tf.cast(passes, dy.dtype)
+            return dy * mask
 
         return y, grad
 

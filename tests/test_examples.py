@@ -215,3 +215,38 @@ def test_vit_example_end_to_end(tmp_path):
     assert abs(results["int8_tflite_accuracy"] - results["qat_accuracy"]) <= 0.02
     assert results["top1_agreement"] >= 0.97
     assert (out_dir / "vit_qat.keras").exists() and (out_dir / "vit_int8.tflite").exists()
+
+
+@pytest.mark.slow
+def test_resnet_example_exports_int4_weights_that_match(tmp_path):
+    data_dir, out_dir = tmp_path / "data", tmp_path / "out"
+    data_dir.mkdir()
+    write_dataset(str(data_dir), 256, 100, compress=False)
+    result = run_example(
+        "resnet_quant.py",
+        f"--data_dir={data_dir}",
+        f"--output_dir={out_dir}",
+        "--float_epochs=1",
+        "--qat_epochs=1",
+        "--quant_delay=2",
+        "--freeze_bn=4",
+        "--batch_size=32",
+        "--bn_fold=true",
+        "--num_bits=4,8",
+        "--export_tflite",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TFLite, bn_fold=True" in result.stdout
+    results = json.loads((out_dir / "results.json").read_text())
+    # 21 convolutions and the dense layer, all with 4-bit weights stored as INT4.
+    assert results["bn_fold_True_tflite_weight_types"] == {"INT4": 22}
+    assert results["bn_fold_True_tflite_top1_agreement"] >= 0.98
+    assert (out_dir / "resnet20_qat_bn_fold_True.tflite").exists()
+
+
+def test_resnet_export_needs_8_bit_activations(tmp_path):
+    result = run_example(
+        "resnet_quant.py", f"--output_dir={tmp_path}", "--num_bits=4,4", "--export_tflite"
+    )
+    assert result.returncode != 0
+    assert "--export_tflite needs 8-bit activations" in result.stderr, result.stderr[-2000:]
