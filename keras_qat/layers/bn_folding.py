@@ -68,16 +68,9 @@ def read_fold_values(layer):
     return FoldValues(gamma, beta, mean, variance, bias, factor)
 
 
-def fold_factor(bn):
-    """`gamma / sigma` of the moving statistics, per channel, float32."""
-    sigma = tf.sqrt(tf.cast(bn.moving_variance, tf.float32) + bn.epsilon)
-    gamma = tf.ones_like(sigma) if bn.gamma is None else tf.cast(bn.gamma, tf.float32)
-    return gamma / sigma
-
-
 def folded_kernel(layer):
     """`W * gamma / sigma` (moving statistics), per output channel."""
-    return tf.cast(layer.kernel(), tf.float32) * fold_factor(layer.bn)
+    return tf.cast(layer.kernel(), tf.float32) * read_fold_values(layer).factor
 
 
 def folded_bias(layer, values=None):
