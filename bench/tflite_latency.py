@@ -8,8 +8,13 @@ process, rounds alternate between the two interpreters (batch 1, the same
 input), for 1 and 2 threads; each round times `--invokes` calls and gives
 one int8 speed-up. The table shows medians and the spread of speed-ups.
 
+`--weight_bits 4` times 4-bit weights instead, stored as INT4 or, with
+`--pack_int4=false`, as int8 tensors of the same levels (the int8 columns
+are then the 4-bit model's).
+
 Usage:
     python bench/tflite_latency.py [--rounds 7] [--invokes 200]
+    python bench/tflite_latency.py --networks resnet20 --weight_bits 4 [--pack_int4=false]
 """
 
 import json
@@ -34,6 +39,8 @@ flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
 flags.DEFINE_integer("invokes", 200, "Interpreter calls per model per round.")
 flags.DEFINE_list("networks", ["lenet5", "resnet20"], "Networks to time.")
 flags.DEFINE_list("threads", ["1", "2"], "Interpreter thread counts.")
+flags.DEFINE_integer("weight_bits", 8, "Weight bit width of the quantized model (2 to 8).")
+flags.DEFINE_bool("pack_int4", True, "Store weights of up to 4 bits as INT4 (else int8).")
 flags.DEFINE_string("output", "bench/results/tflite_latency.json", "JSON output path.")
 FLAGS = flags.FLAGS
 
@@ -42,7 +49,11 @@ def tflite_models(name):
     build, shape = models.NETWORKS[name]
     float_model = build()
     qat_model = kq.convert_quant_network(
-        float_model, per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False]
+        float_model,
+        per_channel=[True, False],
+        symmetric=[True, False],
+        narrow_range=[True, False],
+        num_bits=[FLAGS.weight_bits, 8],
     )
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (64,) + shape).astype("float32")
@@ -52,7 +63,8 @@ def tflite_models(name):
     )
     for _ in range(3):  # calibrate the ranges
         qat_model.train_on_batch(x, rng.integers(0, 10, 64))
-    return kq.export_float_tflite(float_model), kq.export_tflite(qat_model), x[:1]
+    quantized = kq.export_tflite(qat_model, pack_int4=FLAGS.pack_int4)
+    return kq.export_float_tflite(float_model), quantized, x[:1]
 
 
 def time_invokes(interpreter, n):
@@ -92,6 +104,8 @@ def measure(name):
                 "speedup_max": float(speedups.max()),
                 "float_bytes": len(float_bytes),
                 "int8_bytes": len(int8_bytes),
+                "weight_bits": FLAGS.weight_bits,
+                "pack_int4": FLAGS.pack_int4,
             }
         )
     return rows
@@ -102,7 +116,8 @@ def main(argv):
     rows = [row for name in FLAGS.networks for row in measure(name)]
     print(
         f"\nbatch 1, {FLAGS.rounds} rounds x {FLAGS.invokes} invokes, TF {tf.__version__}, "
-        f"{os.cpu_count()} CPUs, interpreter: default delegates"
+        f"{os.cpu_count()} CPUs, interpreter: default delegates, weights: "
+        f"{FLAGS.weight_bits} bits{' (INT4)' if FLAGS.weight_bits <= 4 and FLAGS.pack_int4 else ''}"
     )
     print(
         f"{'network':<10}{'threads':>8}{'float us':>10}{'int8 us':>9}{'speed-up':>10}"

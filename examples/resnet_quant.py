@@ -64,6 +64,12 @@ flags.DEFINE_integer("seed", 1, "Random seed.")
 flags.DEFINE_bool(
     "export_tflite", False, "Export each QAT network to TFLite, evaluate and compare it."
 )
+flags.DEFINE_bool(
+    "pack_int4",
+    True,
+    "With --export_tflite: store weights of up to 4 bits as INT4 (false: as int8 tensors of the "
+    "same levels, which XNNPACK runs; see kq.export_tflite).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -184,7 +190,9 @@ def export(bn_fold, data):
     """Exports the QAT network of `bn_fold` to TFLite and measures it."""
     name = f"resnet20_qat_bn_fold_{bn_fold}"
     network = keras.saving.load_model(os.path.join(FLAGS.output_dir, name + ".keras"))
-    model = kq.export_tflite(network, os.path.join(FLAGS.output_dir, name + ".tflite"))
+    model = kq.export_tflite(
+        network, os.path.join(FLAGS.output_dir, name + ".tflite"), pack_int4=FLAGS.pack_int4
+    )
     _, (x_test, y_test) = data
     outputs, _ = kq.run_tflite(model, x_test)
     report = kq.compare_tflite(network, model, x_test)

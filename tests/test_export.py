@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 import keras_qat as kq
-from keras_qat.export.inspect import float_ops, tflite_interpreter
+from keras_qat.export.inspect import TensorProbe, float_ops, tflite_interpreter
 
 EXPORTABLE = dict(symmetric=[True, False], narrow_range=[True, False])
 
@@ -175,29 +175,37 @@ def test_integer_input_and_output(io_type):
     assert_parity(qmodel, tflite_bytes, x)
 
 
-def test_four_bit_weights_stay_on_their_grid():
+@pytest.mark.parametrize("bits, pack_int4", [(4, True), (4, False), (2, True), (2, False)])
+def test_low_bit_weights_stay_on_their_grid(bits, pack_int4):
     x = np.random.default_rng(4).uniform(-1, 1, (128, 12, 12, 3)).astype("float32")
     inputs = keras.Input((12, 12, 3))
     h = kq.Conv2DBnAct(8, 3, activation="relu")(inputs)
     outputs = kq.DenseBnAct(10)(keras.layers.Flatten()(h))
     qmodel = kq.convert_quant_network(
-        keras.Model(inputs, outputs), num_bits=(4, 8), per_channel=[True, False], **EXPORTABLE
+        keras.Model(inputs, outputs), num_bits=(bits, 8), per_channel=[True, False], **EXPORTABLE
     )
     calibrate(qmodel, x)
-    tflite_bytes = kq.export_tflite(qmodel)
+    tflite_bytes = kq.export_tflite(qmodel, pack_int4=pack_int4)
+    # The stored levels, times their scales, are the Keras model's
+    # fake-quantized weights: symmetric narrow b-bit levels, |level| <= 2**(b-1) - 1.
     ops, tensors = ops_and_tensors(tflite_bytes)
     interpreter = tflite_interpreter(tflite_bytes, default_delegates=False)
-    checked = 0
+    stored = []
     for op in ops:
         if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED"):
-            weights = interpreter.get_tensor(op["inputs"][1])
-            for channel in weights.reshape(weights.shape[0], -1):
-                levels = np.unique(channel)
-                assert len(levels) <= 15  # symmetric narrow 4-bit: -7..7
-                assert np.all(np.abs(levels) <= 127)
-            checked += 1
-    assert checked == 2
-    # The converter packs them as INT4 (two values a byte) in the flatbuffer.
+            levels = interpreter.get_tensor(op["inputs"][1])
+            scales = tensors[op["inputs"][1]]["quantization_parameters"]["scales"]
+            assert np.all(np.abs(levels) <= 2 ** (bits - 1) - 1), np.unique(levels)
+            stored.append(levels * scales.reshape(-1, *([1] * (levels.ndim - 1))))
+    conv, dense = (layer for layer in qmodel.layers if getattr(layer, "quantized", False))
+    expected = [
+        np.moveaxis(conv.weight_quantizer.quantize_weights(conv.kernel()).values.numpy(), -1, 0),
+        dense.weight_quantizer.quantize_weights(dense.kernel()).values.numpy().T,
+    ]
+    assert len(stored) == 2
+    for got, want in zip(stored, expected):
+        np.testing.assert_allclose(got, want.reshape(got.shape), rtol=1e-6, atol=1e-7)
+    # With pack_int4 the converter packs them as INT4 (two values a byte).
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
@@ -207,8 +215,15 @@ def test_four_bit_weights_stay_on_their_grid():
         for t in model.subgraphs[0].tensors
         if len(t.shape) >= 2 and t.buffer and model.buffers[t.buffer].data is not None
     ]
-    assert types.count(schema.TensorType.INT4) == 2, types
+    storage = schema.TensorType.INT4 if pack_int4 else schema.TensorType.INT8
+    assert types.count(storage) == 2, types
     assert_parity(qmodel, tflite_bytes, x)
+
+
+def test_pack_int4_must_be_a_bool():
+    x = np.random.default_rng(4).uniform(-1, 1, (16, 12, 12, 3)).astype("float32")
+    with pytest.raises(ValueError, match="Received: pack_int4='no'"):
+        kq.export_tflite(calibrate(conv_model(True), x), pack_int4="no")
 
 
 def test_saved_model_export_also_converts(tmp_path):
@@ -425,3 +440,47 @@ def test_export_keeps_tensorflows_logging_out_unless_asked(verbose, capfd):
         assert "Assets written" in printed.err
     else:
         assert printed.out == "" and printed.err == "", printed
+
+
+def _requantization_inputs(tflite_bytes, x):
+    """The integer input, INT4 levels, int32 bias, scales and output of the
+    model's one CONV_2D, as TFLite's built-in kernels ran it on `x`."""
+    probe = TensorProbe(tflite_bytes).run([x])
+    interpreter = probe.interpreter
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    (op,) = [op for op in interpreter._get_ops_details() if op["op_name"] == "CONV_2D"]
+    data, weights, bias = (interpreter.get_tensor(i).astype(np.int64) for i in op["inputs"][:3])
+    input_scale, input_zero = tensors[op["inputs"][0]]["quantization"]
+    output_scale, output_zero = tensors[op["outputs"][0]]["quantization"]
+    weight_scales = tensors[op["inputs"][1]]["quantization_parameters"]["scales"]
+    output = interpreter.get_tensor(op["outputs"][0]).astype(np.int64)
+    accumulator = np.einsum("nhwc,ohwc->no", data - input_zero, weights) + bias
+    multiplier = input_scale * weight_scales.astype(np.float64) / output_scale
+    return accumulator, multiplier, output_zero, output[:, 0, 0]
+
+
+def test_int4_convolution_differs_from_exact_rounding_only_near_ties():
+    # docs/known-limits.md: TFLite requantizes an integer conv's int32
+    # accumulator with a fixed-point multiplier `m * 2**-s` (m in [0.5, 1)),
+    # which errs by up to 2**-(s + 1) of an output step; the Keras model
+    # rounds exactly. 4-bit weights make the multiplier about 18x larger
+    # than 8-bit ones, so s is about 4 smaller and ties are 16x wider.
+    # Every difference must be such a near tie, one step, nothing else.
+    rng = np.random.default_rng(7)
+    inputs = keras.Input((3, 3, 1))
+    outputs = kq.Conv2DBnAct(8, 3, padding="valid")(inputs)
+    qmodel = kq.convert_quant_network(
+        keras.Model(inputs, outputs), num_bits=(4, 8), per_channel=[True, False], **EXPORTABLE
+    )
+    calibrate(qmodel, rng.uniform(0, 1, (64, 3, 3, 1)).astype("float32"))
+    x = rng.uniform(0, 1, (2000, 3, 3, 1)).astype("float32")
+    accumulator, multiplier, zero, output = _requantization_inputs(kq.export_tflite(qmodel), x)
+    exact = accumulator * multiplier + zero
+    inside = (output > -128) & (output < 127)
+    differs = inside & (output != np.floor(exact + 0.5))
+    shift = -np.frexp(multiplier)[1]  # multiplier = m * 2**-shift
+    error_bound = 2.0 ** -(shift + 1) + 1e-9  # per channel, broadcast over rows
+    distance_to_tie = np.abs(exact - np.floor(exact) - 0.5)
+    assert np.all(np.where(inside, np.abs(output - exact), 0) < 0.5 + error_bound)
+    assert np.all(np.where(differs, distance_to_tie, 0) <= error_bound)
+    assert differs.mean() > 0.002  # it happens at 4 bits (at 8 bits: ~16x less)

@@ -168,9 +168,10 @@ class _Runner:
 class TensorProbe:
     """Runs a TFLite model with every intermediate tensor kept.
 
-    TFLite's reference kernels run (no XNNPACK delegate, which would fuse
+    TFLite's built-in kernels run (no XNNPACK delegate, which would fuse
     tensors away), so values can differ from a delegated run where the two
-    round differently. Inputs are given in the order of the model's
+    round differently (XNNPACK requantizes in float32, the built-in kernels
+    in fixed point). Inputs are given in the order of the model's
     signature (the Keras model's input names), or by position for a
     stripped model.
 

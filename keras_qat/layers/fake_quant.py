@@ -20,7 +20,7 @@ from keras_qat.config import (
     check_int,
     check_num_bits,
 )
-from keras_qat.layers.modes import is_bypassed, is_tracing_for_export
+from keras_qat.layers.modes import is_bypassed, is_tracing_for_export, packs_int4
 
 
 def across_replicas(batch_min, batch_max):
@@ -583,13 +583,13 @@ class WeightQuantizer(Quantizer):
         8 bits as int8, and re-grids other widths (3-bit levels came out as
         other int8 levels). A symmetric k-bit grid is a subset of the 4- or
         8-bit grid of the same scale, so k-bit weights are traced as a 4-bit
-        (k < 4) or 8-bit (4 < k < 8) fake quant whose range gives that scale:
-        the stored levels are the trained ones, exactly.
+        (k < 4, when INT4 is wanted) or 8-bit fake quant whose range gives
+        that scale: the stored levels are the trained ones, exactly.
         """
         bits = self.num_bits
-        if bits in (4, 8) or bits > 8 or not (self.symmetric and self.narrow_range):
+        carrier = 4 if bits <= 4 and packs_int4() else 8
+        if bits in (carrier, 8) or bits > 8 or not (self.symmetric and self.narrow_range):
             return quantized
-        carrier = 4 if bits < 4 else 8
         bound = (2 ** (carrier - 1) - 1) * scale
         return quantizers.fake_quant(
             quantized,

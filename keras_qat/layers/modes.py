@@ -5,7 +5,8 @@ quantizes (its quant delay may not have passed). Two tools need a fixed
 answer, decided when the model is traced:
 
 - `tracing_for_export()`: every quantizer quantizes, unconditionally, so
-  that the TFLite converter sees each fake-quant op (`export_tflite`);
+  that the TFLite converter sees each fake-quant op (`export_tflite`), and
+  weights of up to 4 bits are traced for INT4 or int8 storage;
 - `quantization_bypassed(quantizers)`: those quantizers (all of them with
   `None`) pass their inputs through in inference, so that a report
   can compare a model with its float self, one layer at a time if need be
@@ -22,23 +23,31 @@ _state = threading.local()
 
 
 @contextlib.contextmanager
-def tracing_for_export():
+def tracing_for_export(pack_int4=True):
     """Within this context, quantizers quantize unconditionally in inference.
 
     `export_tflite` traces the model inside this context, after checking that
-    every delay has passed and every range is calibrated.
+    every delay has passed and every range is calibrated. `pack_int4` says
+    whether weights of 2 to 4 bits are traced so that the converter stores
+    them as INT4 (True) or as int8 tensors holding the same levels (False).
     """
-    previous = getattr(_state, "export", False)
-    _state.export = True
+    previous = getattr(_state, "export", False), getattr(_state, "pack_int4", True)
+    _state.export, _state.pack_int4 = True, pack_int4
     try:
         yield
     finally:
-        _state.export = previous
+        _state.export, _state.pack_int4 = previous
 
 
 def is_tracing_for_export():
     """Whether the model is being traced by `export_tflite`."""
     return getattr(_state, "export", False)
+
+
+def packs_int4():
+    """Whether weights of up to 4 bits are traced for INT4 storage (see
+    `tracing_for_export`)."""
+    return getattr(_state, "pack_int4", True)
 
 
 @contextlib.contextmanager
