@@ -52,6 +52,18 @@ flags.DEFINE_float("qat_lr", 1e-4, "Adam learning rate of QAT (cosine decay over
 flags.DEFINE_string(
     "float_model", None, "A trained float .keras network to start from (skips float training)."
 )
+flags.DEFINE_bool(
+    "int16_activations",
+    False,
+    "Symmetric activation grids (zero point 0), exported with --export_tflite in TFLite's 16x8 "
+    "mode (int16 activations, int8 weights); use with --num_bits=8,16.",
+)
+flags.DEFINE_integer(
+    "first_last_bits",
+    0,
+    "Bit width of the first and last layers: the input and the stem's weights, the pooled "
+    "input, weights and output of the logits layer (LSQ keeps them at 8); 0: --num_bits.",
+)
 flags.DEFINE_integer("quant_delay", 100, "Training steps before fake quantization starts.")
 flags.DEFINE_integer(
     "freeze_bn", 300, "Training step from which folded BatchNorm statistics freeze."
@@ -91,10 +103,10 @@ def train(model, data, epochs, learning_rate, strategy):
 def main(argv):
     del argv
     quant_flags.num_bits()  # a bad value fails before training
-    if FLAGS.export_tflite and quant_flags.num_bits()[1] != 8:
+    if FLAGS.export_tflite and quant_flags.num_bits()[1] != (16 if int16() else 8):
         raise app.UsageError(
-            "--export_tflite needs 8-bit activations (TFLite's integer kernels). "
-            f"Received: --num_bits={','.join(FLAGS.num_bits)}"
+            "--export_tflite needs 8-bit activations (TFLite's integer kernels), or 16-bit "
+            f"ones with --int16_activations. Received: --num_bits={','.join(FLAGS.num_bits)}"
         )
     keras.utils.set_random_seed(FLAGS.seed)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
@@ -160,10 +172,11 @@ def train_all(data, strategy, out_dir):
             freeze_bn=FLAGS.freeze_bn,
             quant_delay=FLAGS.quant_delay,
             per_channel=[True, False],
-            symmetric=[True, False],
-            narrow_range=[True, False],
+            symmetric=[True, int16()],
+            narrow_range=[True, int16()],
             num_bits=quant_flags.num_bits(),
             range_learning=FLAGS.range_learning,
+            layer_num_bits=first_last_bits(),
         )
         # Like the float run, end at learning rate 0: a converged network is
         # fine-tuned, not thrown off by a constant rate.
@@ -182,8 +195,24 @@ def train_all(data, strategy, out_dir):
         replicas=strategy.num_replicas_in_sync,
         num_bits=list(quant_flags.num_bits()),
         range_learning=FLAGS.range_learning,
+        first_last_bits=FLAGS.first_last_bits,
     )
     return results
+
+
+def int16():
+    """Whether activations are TFLite's int16 ones (--int16_activations):
+    symmetric with zero point 0, and exported in the 16x8 mode."""
+    return FLAGS.int16_activations
+
+
+def first_last_bits():
+    """`layer_num_bits` for --first_last_bits: the widths of the first and
+    last layers of `models.resnet20`, or None."""
+    bits = FLAGS.first_last_bits
+    if not bits:
+        return None
+    return {"image": bits, "stem": (bits, None), "pool": bits, "logits": bits}
 
 
 def export(bn_fold, data):
@@ -191,7 +220,10 @@ def export(bn_fold, data):
     name = f"resnet20_qat_bn_fold_{bn_fold}"
     network = keras.saving.load_model(os.path.join(FLAGS.output_dir, name + ".keras"))
     model = kq.export_tflite(
-        network, os.path.join(FLAGS.output_dir, name + ".tflite"), pack_int4=FLAGS.pack_int4
+        network,
+        os.path.join(FLAGS.output_dir, name + ".tflite"),
+        pack_int4=FLAGS.pack_int4,
+        activations="int16" if int16() else "int8",
     )
     _, (x_test, y_test) = data
     outputs, _ = kq.run_tflite(model, x_test)
@@ -200,6 +232,8 @@ def export(bn_fold, data):
     return {
         f"{key}_accuracy": float(np.mean(outputs.argmax(-1) == y_test)),
         f"{key}_top1_agreement": report["top1_agreement"],
+        f"{key}_within_one_step": report["within_one_step"],
+        f"{key}_max_diff_steps": report["max_diff_steps"],
         f"{key}_weight_types": weight_types(model),
         f"{key}_bytes": len(model),
     }

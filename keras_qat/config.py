@@ -86,6 +86,29 @@ def as_pair(name, value):
     return (value, value)
 
 
+def check_layer_num_bits(value):
+    """Returns `layer_num_bits` as `{layer name: (weights, activations)}`,
+    each width an int or None (the model's default); raises unless `value`
+    is None or a dict from layer names to a bit width or a pair of them."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise _invalid("layer_num_bits", "a dict from layer names to bit widths (or pairs)", value)
+
+    def width(name, bits):
+        return None if bits is None else check_num_bits(bits, name)
+
+    return {
+        layer: _pair_of(f"layer_num_bits['{layer}']", bits, width) for layer, bits in value.items()
+    }
+
+
+def is_single_width(bits):
+    """Whether a `layer_num_bits` value is one width (for all of the
+    layer's quantizers), not a `(weights, activations)` pair."""
+    return not isinstance(bits, (list, tuple))
+
+
 def _pair_of(name, value, check):
     weights, activations = as_pair(name, value)
     return (
@@ -107,6 +130,8 @@ class QuantOptions:
     grid (zero point 0, levels -127..127), asymmetric activations on the full
     grid. `per_channel[0]` may stay None: per channel for convolution
     kernels, per tensor for dense ones (the converter decides per layer).
+    `layer_num_bits` holds the widths of named layers that override
+    `num_bits` (`convert_quant_network`'s `layer_num_bits`).
     """
 
     num_bits: tuple = (DEFAULT_NUM_BITS, DEFAULT_NUM_BITS)
@@ -117,6 +142,8 @@ class QuantOptions:
     bn_fold: bool = True
     freeze_bn: int = DEFAULT_FREEZE_BN
     range_learning: tuple = (False, False)
+    layer_num_bits: tuple = ()  # ((layer name, (weights, activations)), ...)
+    single_width_layers: frozenset = frozenset()  # names given one width for both
 
     @classmethod
     def from_args(
@@ -129,6 +156,7 @@ class QuantOptions:
         bn_fold,
         freeze_bn,
         range_learning=False,
+        layer_num_bits=None,
     ):
         """Validates user arguments and returns the options.
 
@@ -168,22 +196,34 @@ class QuantOptions:
             bn_fold=check_bool("bn_fold", bn_fold),
             freeze_bn=check_int("freeze_bn", freeze_bn),
             range_learning=_pair_of("range_learning", range_learning, check_bool),
+            layer_num_bits=tuple(sorted(check_layer_num_bits(layer_num_bits).items())),
+            single_width_layers=frozenset(
+                name for name, bits in (layer_num_bits or {}).items() if is_single_width(bits)
+            ),
         )
 
-    def weight_options(self, calls_per_step=1, per_channel=False):
+    def weight_options(self, calls_per_step=1, per_channel=False, layer_name=None):
         """Keyword arguments of a layer's `WeightQuantizer`; `per_channel`
-        applies where the option `per_channel[0]` is None."""
+        applies where the option `per_channel[0]` is None; the bit width is
+        `layer_num_bits`' for `layer_name` where it gives one."""
         if self.per_channel[0] is not None:
             per_channel = self.per_channel[0]
-        return self._options(0, calls_per_step, per_channel=per_channel)
+        return self._options(0, calls_per_step, layer_name, per_channel=per_channel)
 
-    def activation_options(self, calls_per_step=1):
-        """Keyword arguments of a `FakeQuant` on activations."""
-        return self._options(1, calls_per_step)
+    def activation_options(self, calls_per_step=1, layer_name=None):
+        """Keyword arguments of a `FakeQuant` on the activations of layer
+        `layer_name` (or of the model input of that name)."""
+        return self._options(1, calls_per_step, layer_name)
 
-    def _options(self, index, calls_per_step, **extra):
+    def bits_of(self, layer_name, index):
+        """The bit width `layer_num_bits` gives layer `layer_name`'s weights
+        (`index` 0) or activations (1), or None."""
+        return dict(self.layer_num_bits).get(layer_name, (None, None))[index]
+
+    def _options(self, index, calls_per_step, layer_name, **extra):
+        bits = self.bits_of(layer_name, index)
         return dict(
-            num_bits=self.num_bits[index],
+            num_bits=self.num_bits[index] if bits is None else bits,
             symmetric=self.symmetric[index],
             narrow_range=self.narrow_range[index],
             quant_delay=self.quant_delay[index],

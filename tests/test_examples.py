@@ -217,8 +217,9 @@ def test_vit_example_end_to_end(tmp_path):
     assert (out_dir / "vit_qat.keras").exists() and (out_dir / "vit_int8.tflite").exists()
 
 
-@pytest.mark.slow
-def test_resnet_example_exports_int4_weights_that_match(tmp_path):
+def run_resnet_example(tmp_path, *flags):
+    """The ResNet example on a tiny dataset (1 float and 1 QAT epoch,
+    bn_fold=True), exported; returns its results.json."""
     data_dir, out_dir = tmp_path / "data", tmp_path / "out"
     data_dir.mkdir()
     write_dataset(str(data_dir), 256, 100, compress=False)
@@ -232,16 +233,37 @@ def test_resnet_example_exports_int4_weights_that_match(tmp_path):
         "--freeze_bn=4",
         "--batch_size=32",
         "--bn_fold=true",
-        "--num_bits=4,8",
         "--export_tflite",
+        *flags,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TFLite, bn_fold=True" in result.stdout
-    results = json.loads((out_dir / "results.json").read_text())
+    assert (out_dir / "resnet20_qat_bn_fold_True.tflite").exists()
+    return json.loads((out_dir / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_resnet_example_exports_int4_weights_that_match(tmp_path):
+    results = run_resnet_example(tmp_path, "--num_bits=4,8")
     # 21 convolutions and the dense layer, all with 4-bit weights stored as INT4.
     assert results["bn_fold_True_tflite_weight_types"] == {"INT4": 22}
     assert results["bn_fold_True_tflite_top1_agreement"] >= 0.98
-    assert (out_dir / "resnet20_qat_bn_fold_True.tflite").exists()
+
+
+@pytest.mark.slow
+def test_resnet_example_keeps_the_first_and_last_layers_at_8_bits(tmp_path):
+    results = run_resnet_example(tmp_path, "--num_bits=4,8", "--first_last_bits=8")
+    # The stem and the dense layer at 8 bits, the 20 other convolutions INT4.
+    assert results["bn_fold_True_tflite_weight_types"] == {"INT4": 20, "INT8": 2}
+    assert results["first_last_bits"] == 8
+
+
+@pytest.mark.slow
+def test_resnet_example_exports_int16_activations(tmp_path):
+    results = run_resnet_example(tmp_path, "--num_bits=8,16", "--int16_activations")
+    assert results["bn_fold_True_tflite_weight_types"] == {"INT8": 22}
+    assert results["bn_fold_True_tflite_top1_agreement"] >= 0.98
+    assert results["bn_fold_True_tflite_max_diff_steps"] <= 16
 
 
 def test_resnet_export_needs_8_bit_activations(tmp_path):

@@ -484,3 +484,101 @@ def test_int4_convolution_differs_from_exact_rounding_only_near_ties():
     assert np.all(np.where(inside, np.abs(output - exact), 0) < 0.5 + error_bound)
     assert np.all(np.where(differs, distance_to_tie, 0) <= error_bound)
     assert differs.mean() > 0.002  # it happens at 4 bits (at 8 bits: ~16x less)
+
+
+# TFLite's 16x8 mode: int16 activations, int8 weights.
+
+INT16 = dict(num_bits=(8, 16), symmetric=(True, True), narrow_range=(True, True))
+
+
+def test_int16_activations_export_a_16x8_conv_with_int64_bias_and_the_trained_grids():
+    inputs = keras.Input((8, 8, 3), name="image")
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="conv")(inputs))
+    x = np.random.default_rng(1).uniform(-1, 1, (64, 8, 8, 3)).astype("float32")
+    qat = calibrate(kq.convert_quant_network(model, **INT16), x)
+    qat.get_layer("conv").linear_layer.bias.assign([0.3, -0.2, 0.1, 0.05])
+    tflite_bytes = kq.export_tflite(qat, activations="int16")
+    ops, tensors = ops_and_tensors(tflite_bytes)
+    (conv,) = [op for op in ops if op["op_name"] == "CONV_2D"]
+    data, weights, bias = (tensors[i] for i in conv["inputs"])
+    output = tensors[conv["outputs"][0]]
+    assert (data["dtype"], weights["dtype"], bias["dtype"], output["dtype"]) == (
+        np.int16,
+        np.int8,
+        np.int64,
+        np.int16,
+    )
+    # The scales are the trained grids: a symmetric 16-bit range [-M, M] has step M / 32767.
+    fq_in, fq_out = qat.get_layer("image_quant"), qat.get_layer("conv_quant")
+    for tensor, fq in ((data, fq_in), (output, fq_out)):
+        bound = max(abs(float(fq.min)), abs(float(fq.max)))
+        np.testing.assert_allclose(tensor["quantization_parameters"]["scales"], bound / 32767, 1e-6)
+        assert not np.any(tensor["quantization_parameters"]["zero_points"])
+    # The bias in units of input step x weight step (numpy), as int64.
+    bias_step = (
+        data["quantization_parameters"]["scales"] * (weights["quantization_parameters"]["scales"])
+    )
+    interpreter = tflite_interpreter(tflite_bytes, default_delegates=False)
+    stored = interpreter.get_tensor(bias["index"])
+    bias_values = np.array([0.3, -0.2, 0.1, 0.05], np.float32)
+    # (millions of steps: float32 rounding of the quotient may move one unit)
+    expected = np.round(bias_values.astype(np.float64) / bias_step)
+    np.testing.assert_allclose(stored, expected, rtol=0, atol=1)
+    assert np.abs(stored).max() > 2**21  # beyond what int8 activations' bias steps reach
+    # TFLite's 16x8 conv requantizes with a 15-bit multiplier: within one step.
+    report = kq.compare_tflite(qat, tflite_bytes, x)
+    assert report["max_diff_steps"] <= 1.01, report
+    assert report["within_one_step"] >= 0.99, report
+
+
+def int16_network():
+    L = keras.layers
+    inputs = keras.Input((8, 8, 3), name="image")
+    a = L.Conv2D(8, 3, padding="same", activation="relu", name="a")(inputs)
+    b = L.Conv2D(8, 1, name="b")(inputs)
+    x = L.MaxPooling2D(2)(L.ReLU()(L.Add()([a, b])))
+    x = L.DepthwiseConv2D(3, padding="same")(x)
+    x = L.Conv2DTranspose(4, 3, strides=2, padding="same")(x)
+    x = L.GlobalAveragePooling2D()(L.AveragePooling2D(2)(x))
+    return keras.Model(inputs, L.Dense(5)(L.Dense(6, activation="relu")(x)))
+
+
+def test_int16_activations_export_a_network_within_a_few_steps_of_keras():
+    x = np.random.default_rng(2).uniform(-1, 1, (64, 8, 8, 3)).astype("float32")
+    qat = calibrate(kq.convert_quant_network(int16_network(), **INT16), x)
+    tflite_bytes = kq.export_tflite(qat, activations="int16")
+    ops, tensors = ops_and_tensors(tflite_bytes)
+    for op in ops:
+        if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "SHAPE", "STRIDED_SLICE", "PACK"):
+            kinds = {tensors[i]["dtype"] for i in list(op["inputs"]) + list(op["outputs"])}
+            assert kinds <= {np.int16, np.int8, np.int32, np.int64}, (op["op_name"], kinds)
+    # Each 16x8 kernel requantizes within a step; through eight ops the
+    # output stays within a few of its 65,535 steps (1/256 of an int8 step).
+    report = kq.compare_tflite(qat, tflite_bytes, x)
+    assert report["max_diff_steps"] <= 8.01, report
+    assert report["within_one_step"] >= 0.85, report
+    assert report["top1_agreement"] == 1.0, report
+
+
+def test_int16_export_refuses_what_it_cannot_export():
+    x = np.random.default_rng(3).uniform(-1, 1, (32, 8, 8, 3)).astype("float32")
+    eight_bit = calibrate(kq.convert_quant_network(int16_network()), x, steps=1)
+    with pytest.raises(
+        ValueError, match="16x8.*\n- 'image_quant' .* 8 bits, asymmetric, on the full grid"
+    ):
+        kq.export_tflite(eight_bit, activations="int16")
+    with pytest.raises(ValueError, match="Received: activations='int4'"):
+        kq.export_tflite(eight_bit, activations="int4")
+    with pytest.raises(ValueError, match="Received: activations='int16', input_type"):
+        kq.export_tflite(eight_bit, activations="int16", input_type=tf.int8)
+    inputs = keras.Input((8,))
+    softmax = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(inputs))
+    qat = calibrate(kq.convert_quant_network(softmax, **INT16), x.reshape(-1, 8)[:32])
+    with pytest.raises(ValueError, match="fixed range"):
+        kq.export_tflite(qat, activations="int16")
+    images = keras.Input((8, 8, 3))
+    halves = [keras.layers.Conv2D(2, 1)(images), keras.layers.Conv2D(2, 1)(images)]
+    joined = keras.Model(images, keras.layers.Concatenate()(halves))
+    qat = calibrate(kq.convert_quant_network(joined, **INT16), x)
+    with pytest.raises(ValueError, match="no int16 CONCATENATION"):
+        kq.export_tflite(qat, activations="int16")

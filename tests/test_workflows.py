@@ -223,6 +223,79 @@ def test_learned_weight_ranges_export_their_trained_levels_and_steps(bits, per_c
     np.testing.assert_allclose(detail["quantization_parameters"]["scales"], step, rtol=1e-6)
 
 
+def three_convs():
+    inputs = keras.Input((6, 6, 3), name="image")
+    x = L.Conv2D(4, 3, activation="relu", name="first")(inputs)
+    x = L.Conv2D(4, 3, activation="relu", name="middle")(x)
+    return keras.Model(inputs, L.Conv2D(2, 1, name="last")(x))
+
+
+def test_layer_num_bits_set_the_named_layers_widths_through_saving(tmp_path):
+    qat = kq.convert_quant_network(
+        three_convs(),
+        num_bits=(4, 6),
+        layer_num_bits={"image": 8, "first": (8, None), "last": (3, 7)},
+        range_learning=(True, False),
+    )
+    widths = {
+        layer.name: (getattr(layer, "weight_quantizer", layer).num_bits)
+        for layer in qat.layers
+        if hasattr(layer, "weight_quantizer") or isinstance(layer, kq.FakeQuant)
+    }
+    assert widths == {
+        "image_quant": 8,
+        "first": 8,
+        "first_quant": 6,
+        "middle": 4,
+        "middle_quant": 6,
+        "last": 3,
+        "last_quant": 7,
+    }
+    path = str(tmp_path / "mixed.keras")
+    qat.save(path)
+    loaded = keras.saving.load_model(path)
+    assert [getattr(layer, "weight_quantizer", layer).num_bits for layer in loaded.layers[1:]] == (
+        list(widths.values())
+    )
+
+
+def test_layer_num_bits_export_eight_bit_ends_of_a_four_bit_model():
+    qat = kq.convert_quant_network(
+        three_convs(), num_bits=(4, 8), layer_num_bits={"first": (8, None), "last": 8}
+    )
+    x = images(32, 6)
+    fit(qat, x, np.zeros((32, 2, 2, 2), "float32"), steps=1)
+    tflite_bytes = kq.export_tflite(qat)
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    flat = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite_bytes))
+    tensors = flat.subgraphs[0].tensors
+    kernels = [tensors[op.inputs[1]] for op in flat.subgraphs[0].operators if len(op.inputs) == 3]
+    assert [t.type for t in kernels] == [
+        schema.TensorType.INT8,
+        schema.TensorType.INT4,
+        schema.TensorType.INT8,
+    ]
+    for which, bits in enumerate((8, 4, 8)):
+        stored, _ = tflite_weight_levels(tflite_bytes, which=which)
+        assert np.abs(stored).max() == 2 ** (bits - 1) - 1
+
+
+@pytest.mark.parametrize(
+    "layer_num_bits, match",
+    [
+        ({"nope": 8}, "has no layer named 'nope'"),
+        ({"image": (8, None)}, "'image' weights"),
+        ({"image": 8, "first": (None, 17)}, r"layer_num_bits\['first'\]\[1\]"),
+        (["first"], "expected a dict"),
+    ],
+)
+def test_invalid_layer_num_bits_are_value_errors(layer_num_bits, match):
+    with pytest.raises(ValueError, match=match):
+        kq.convert_quant_network(three_convs(), layer_num_bits=layer_num_bits)
+
+
 # 3. Bad first batches.
 
 

@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 
 from keras_qat import graph
+from keras_qat.export import int16
 from keras_qat.export.inspect import float_ops
 from keras_qat.export.quiet import quiet
 from keras_qat.layers import bn_folding
@@ -24,6 +25,7 @@ from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import FusionLayer
 from keras_qat.layers.modes import tracing_for_export
 from keras_qat.layers.more_convolutions import Conv2DTransposeBnAct
+from keras_qat.layers.shared_range import QuantConcatenate
 from keras_qat.transforms.common import Clones, clone
 
 
@@ -35,7 +37,10 @@ def _save_for_conversion(model, path):
     model.export(path, **quiet)
 
 
-def _fake_quant_problems(layer, name):
+ACTIVATION_TYPES = ("int8", "int16")
+
+
+def _fake_quant_problems(layer, name, activations="int8"):
     step = int(layer.steps())
     problems = []
     if layer.fixed_range is None and not bool(layer.has_range()):
@@ -46,13 +51,34 @@ def _fake_quant_problems(layer, name):
         )
     elif step < layer.quant_delay:
         problems.append(f"{name} is still in its quant delay ({step} of {layer.quant_delay} steps)")
-    if layer.num_bits != 8:
+    if activations == "int16":
+        problems += _int16_problems(layer, name)
+    elif layer.num_bits != 8:
         problems.append(
             f"{name} quantizes activations to {layer.num_bits} bits; int8 TFLite needs 8"
         )
     if layer.per_channel:
         problems.append(f"{name} is per channel; TFLite activations are per tensor")
     return problems
+
+
+def _int16_problems(layer, name):
+    """What keeps a `FakeQuant` from TFLite's int16 activations: 16 bits, a
+    symmetric narrow grid (zero point 0), a range of its own."""
+    if layer.fixed_range is not None:
+        return [
+            f"{name} has a fixed range (the int8 output grid of a softmax, sigmoid, tanh or "
+            "a two-op activation), which the int16 export does not handle"
+        ]
+    if layer.num_bits != 16 or not (layer.symmetric and layer.narrow_range):
+        return [
+            f"{name} quantizes to {layer.num_bits} bits, "
+            f"{'symmetric' if layer.symmetric else 'asymmetric'}"
+            f"{'' if layer.narrow_range else ', on the full grid'}; int16 activations "
+            "need 16 bits, symmetric, narrow (zero point 0): convert with num_bits=[8, 16], "
+            "symmetric=[True, True], narrow_range=[True, True]"
+        ]
+    return []
 
 
 def _weight_problems(layer, name):
@@ -133,7 +159,7 @@ def _adds_int32_bias(layer):
     return layer.folded or (layer.linear_layer.use_bias and layer.bn is None)
 
 
-def check_exportable(qmodel):
+def check_exportable(qmodel, activations="int8"):
     """Raises `ValueError` listing everything that keeps `qmodel` from int8.
 
     An int8 TFLite model needs every range calibrated and past its quant
@@ -145,9 +171,13 @@ def check_exportable(qmodel):
     for per-channel weights (each channel's scale changes, its levels do
     not) but not for per-tensor weights. A quantized layer must know its
     input's grid (`input_grid`) to add its bias as the integer kernel does.
+    With `activations="int16"` every activation grid must instead be 16-bit,
+    symmetric and narrow (TFLite's int16 tensors have zero point 0), and not
+    a fixed output range.
 
     Args:
         qmodel: A quantization network.
+        activations: `"int8"` or `"int16"`, as in `export_tflite`.
 
     Raises:
         ValueError: listing every problem, one per line, each naming its
@@ -156,13 +186,19 @@ def check_exportable(qmodel):
     problems = []
     for layer in graph.all_layers(qmodel):
         name = f"'{layer.name}' ({layer.__class__.__name__})"
+        if isinstance(layer, QuantConcatenate) and activations == "int16":
+            problems.append(
+                f"{name}: TF 2.21's converter has no int16 CONCATENATION ('tfl.concatenation' "
+                "takes no 16-bit quantized operands)"
+            )
         if isinstance(layer, FakeQuant):
-            problems += _fake_quant_problems(layer, name)
+            problems += _fake_quant_problems(layer, name, activations)
         elif isinstance(layer, FusionLayer) and layer.quantized:
             problems += _weight_problems(layer, name)
     if problems:
+        kind = "an int8" if activations == "int8" else "a 16x8 (int16 activations)"
         raise ValueError(
-            "This quantization network cannot be exported as an int8 TFLite model:\n- "
+            f"This quantization network cannot be exported as {kind} TFLite model:\n- "
             + "\n- ".join(problems)
         )
 
@@ -177,6 +213,7 @@ def export_tflite(
     select_tf_ops=False,
     strip_names=False,
     pack_int4=True,
+    activations="int8",
     verbose=None,
 ):
     """Converts a trained quantization network to an int8 TFLite model.
@@ -218,6 +255,13 @@ def export_tflite(
             faster (and 3.5x faster than the float model, where INT4 was
             0.8x) and matched the Keras model more closely (see
             docs/known-limits.md), at about 1.8x the size.
+        activations: `"int8"`, or `"int16"` for TFLite's 16x8 mode (int16
+            activations, int8 weights, int64 biases), from a network
+            converted with `num_bits=[8, 16], symmetric=[True, True],
+            narrow_range=[True, True]`. TFLite runs it on its built-in
+            kernels (XNNPACK has no 16x8 path); `keras_qat.export.int16`
+            says what the export fixes in the converter's result. Weights
+            are stored as int8 whatever `pack_int4` says.
         verbose: Whether to show TensorFlow's logging of the SavedModel
             export and the conversion; `None` shows it only when
             `TF_CPP_MIN_LOG_LEVEL=0` is set.
@@ -228,8 +272,10 @@ def export_tflite(
     Raises:
         ValueError: if a range is not calibrated, degenerate or still
             delayed, if weights are asymmetric or wider than 8 bits, if
-            activations are not 8-bit (all listed at once), for an invalid
-            `path`, `input_type` or `output_type`, if the converter needs
+            activations are not 8-bit (16-bit symmetric with
+            `activations="int16"`; all listed at once), for an invalid
+            `path`, `input_type`, `output_type` or `activations`, if the
+            converter left int8 activations in a 16x8 model, if the converter needs
             Select TF ops and `select_tf_ops` is False, or, unless
             `allow_float_ops`, if float compute ops are left (they are named).
 
@@ -255,8 +301,9 @@ def export_tflite(
             )
     if not isinstance(pack_int4, bool):
         raise ValueError(f"`pack_int4` must be True or False. Received: pack_int4={pack_int4!r}")
+    _check_activations(activations, input_type, output_type)
     _check_path(path)
-    check_exportable(qmodel)
+    check_exportable(qmodel, activations)
     with quiet(verbose):
         tflite_bytes = _convert(
             qmodel,
@@ -264,6 +311,7 @@ def export_tflite(
             output_type=tf.as_dtype(output_type),
             select_tf_ops=select_tf_ops,
             pack_int4=pack_int4,
+            int16_activations=activations == "int16",
         )
         left = float_ops(tflite_bytes)
     if left and not allow_float_ops:
@@ -275,8 +323,37 @@ def export_tflite(
     return _finish(tflite_bytes, path, strip_names)
 
 
-def _convert(qmodel, input_type, output_type, select_tf_ops, pack_int4):
-    """The SavedModel of `qmodel`, traced for export, through the converter."""
+def _check_activations(activations, input_type, output_type):
+    if activations not in ACTIVATION_TYPES:
+        raise ValueError(
+            "Received an invalid value for `activations`, expected 'int8' or 'int16'. "
+            f"Received: activations={activations!r}"
+        )
+    for name, value in (("input_type", input_type), ("output_type", output_type)):
+        if activations == "int16" and tf.as_dtype(value) != tf.float32:
+            raise ValueError(
+                f"A 16x8 model is exported with float32 inputs and outputs (a QUANTIZE / "
+                f"DEQUANTIZE op at each). Received: activations='int16', {name}={value!r}"
+            )
+
+
+def _convert(qmodel, input_type, output_type, select_tf_ops, pack_int4, int16_activations):
+    """The SavedModel of `qmodel`, traced for export, through the converter;
+    a 16x8 model is audited and its biases widened (`export.int16`)."""
+    if not int16_activations:
+        return _run_converter(qmodel, input_type, output_type, select_tf_ops, pack_int4, False)
+    tflite_bytes = _run_converter(qmodel, input_type, output_type, select_tf_ops, False, True)
+    narrow = int16.int8_activations(tflite_bytes)
+    if narrow:
+        raise ValueError(
+            "The TFLite converter left int8 activations in the 16x8 model (an op without "
+            "an int16 kernel, or an embedding's int8 table): "
+            f"{', '.join(narrow[:8])}{', ...' if len(narrow) > 8 else ''}."
+        )
+    return int16.widen_int16_biases(tflite_bytes)
+
+
+def _run_converter(qmodel, input_type, output_type, select_tf_ops, pack_int4, int16_activations):
     with tempfile.TemporaryDirectory() as directory:
         saved_model = os.path.join(directory, "saved_model")
         with tracing_for_export(pack_int4):
@@ -285,11 +362,15 @@ def _convert(qmodel, input_type, output_type, select_tf_ops, pack_int4):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.inference_input_type = input_type
         converter.inference_output_type = output_type
+        ops = tf.lite.OpsSet
+        builtins = (
+            ops.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+            if int16_activations
+            else ops.TFLITE_BUILTINS
+        )
+        converter.target_spec.supported_ops = [builtins]
         if select_tf_ops:
-            converter.target_spec.supported_ops = [
-                tf.lite.OpsSet.TFLITE_BUILTINS,
-                tf.lite.OpsSet.SELECT_TF_OPS,
-            ]
+            converter.target_spec.supported_ops = [builtins, ops.SELECT_TF_OPS]
             converter._experimental_lower_tensor_list_ops = False  # TF's documented advice
         try:
             return converter.convert()

@@ -83,6 +83,7 @@ def convert_quant_network(
     narrow_range=None,
     skip_layers=None,
     range_learning=False,
+    layer_num_bits=None,
 ):
     """Converts a float network into a quantization network.
 
@@ -172,6 +173,17 @@ def convert_quant_network(
             started from the first training batch. Default False: min / max
             ranges. Embedding tables, layer norms' intermediates and
             fixed-range outputs keep min / max or fixed ranges.
+        layer_num_bits: Bit widths of some layers, overriding `num_bits`:
+            a dict from layer names (of `model`, or of its input layers) to
+            one width or a `(weights, activations)` pair, None in a pair
+            keeping `num_bits`' width. A layer's weights take the first; the
+            `FakeQuant` of its output (of the model input, for an input's
+            name; for a concatenation or average pooling, its shared range)
+            the second. LSQ keeps the first and the last layers at 8 bits
+            this way: `{"image": 8, "stem": (8, None), "pool": 8, "logits":
+            8}` (the input and the stem's weights, the last layer's input,
+            weights and output). A width that no quantizer takes (a layer
+            without weights, an output its consumers round) raises.
         skip_layers: Layers to leave in float, neither fused nor quantized:
             layer names, layer classes, or a predicate `layer -> bool` (or
             a list of them), matched after nested models are inlined. A
@@ -211,10 +223,12 @@ def convert_quant_network(
         bn_fold=bn_fold,
         freeze_bn=freeze_bn,
         range_learning=range_learning,
+        layer_num_bits=layer_num_bits,
     )
     _check_model(model)
     model = inline_nested_models(model)
     skipped = selected_layer_names(model, skip_layers)
+    _check_layer_names(model, dict(options.layer_num_bits))
     if attention.has_decomposable_attention(model, skipped):
         # MultiHeadAttention -> its Dense projections and Keras operations.
         model = attention.decompose_attention(model, skipped)
@@ -242,6 +256,18 @@ def _check_model(model):
             f"Model '{model.name}' is already a quantization network (it has quantized "
             f"layers: {', '.join(quantized[:5])}{', ...' if len(quantized) > 5 else ''}). "
             "Convert the float model instead, or train this one as it is."
+        )
+
+
+def _check_layer_names(model, layer_num_bits):
+    """Raises `ValueError` for a `layer_num_bits` key that names no layer."""
+    names = [layer.name for layer in model.layers]
+    unknown = [name for name in layer_num_bits if name not in names]
+    if unknown:
+        raise ValueError(
+            f"Received an invalid value for `layer_num_bits`: model '{model.name}' has no "
+            f"layer named {', '.join(repr(n) for n in unknown)}. Its layers: "
+            f"{', '.join(names)}. Received: layer_num_bits={layer_num_bits!r}"
         )
 
 
@@ -360,6 +386,7 @@ class _Placement:
         self.skipped = set(skipped)
         self.names = {layer.name for layer in model.layers}
         self.clones = Clones()
+        self.bits_used = set()  # (layer name, 0 weights / 1 activations)
         self.grids = {}  # id(new tensor) -> the scale of its grid (a tensor)
         self.quantized_inputs = {}  # id(new model input) -> its FakeQuant output
         self.input_layers = {  # the rebuilt model's inputs keep these names
@@ -369,7 +396,44 @@ class _Placement:
     def convert(self):
         qmodel = graph.rebuild(self.model, self.place)
         self.clones.copy_weights()
+        self.check_layer_num_bits_used()
         return qmodel
+
+    def weight_options(self, layer, **kwargs):
+        """The options of `layer`'s weight quantizer (`QuantOptions.weight_options`)."""
+        self.bits_used.add((layer.name, 0))
+        return self.options.weight_options(
+            self.graph.call_count(layer), layer_name=layer.name, **kwargs
+        )
+
+    def activation_options(self, layer_name, calls_per_step=1):
+        """The options of a `FakeQuant` on the output of `layer_name`."""
+        self.bits_used.add((layer_name, 1))
+        return self.options.activation_options(calls_per_step, layer_name=layer_name)
+
+    def check_layer_num_bits_used(self):
+        """Raises `ValueError` for a `layer_num_bits` width that no quantizer took."""
+        unused = []
+        for name, _ in self.options.layer_num_bits:
+            taken = [(name, index) in self.bits_used for index in (0, 1)]
+            if name in self.options.single_width_layers:
+                unused += [] if any(taken) else [f"'{name}'"]
+                continue
+            unused += [
+                f"'{name}' {kind}"
+                for index, kind in enumerate(("weights", "activations"))
+                if self.options.bits_of(name, index) is not None and not taken[index]
+            ]
+        if unused:
+            raise ValueError(
+                "Received an invalid value for `layer_num_bits`: these layers have no such "
+                f"quantizer (or none at all) in model '{self.model.name}': "
+                f"{', '.join(unused)} (a layer without "
+                "weights has no weight width; a layer whose consumers round its result, such "
+                "as a conv before a ReLU layer, has no FakeQuant of its own: name the "
+                "consumer, or use None in the pair). "
+                f"Received: layer_num_bits={dict(self.options.layer_num_bits)!r}"
+            )
 
     def place(self, operation, *args, **kwargs):
         args, kwargs = keras.tree.map_structure(self.quantize_model_input, (args, kwargs))
@@ -441,17 +505,20 @@ class _Placement:
                     return True
         return False
 
-    def fake_quant(self, name, fixed_range=None, activation=None, zero_centred=False):
+    def fake_quant(
+        self, name, fixed_range=None, activation=None, zero_centred=False, layer_name=None
+    ):
         """A new `FakeQuant` named `<name>_quant` (made unique), applying a
         fused `activation` (None, "relu", "relu6") before it quantizes; with
-        `zero_centred`, symmetric on the narrow grid."""
+        `zero_centred`, symmetric on the narrow grid. It quantizes the output
+        of layer `layer_name` (default `name`), whose `layer_num_bits` apply."""
         base = candidate = f"{name}_quant"
         suffix = 1
         while candidate in self.names:  # Keras operations may share a name with a layer
             suffix += 1
             candidate = f"{base}_{suffix}"
         self.names.add(candidate)
-        options = self.options.activation_options()
+        options = self.activation_options(layer_name or name)
         if zero_centred:
             options.update(symmetric=True, narrow_range=True)
         learned = self.options.range_learning[1] and fixed_range is None
@@ -464,7 +531,7 @@ class _Placement:
         """The `quantizer` of a layer that holds its output's range (a
         concatenation, an average pooling, an attention mask): options, or a
         `LearnedFakeQuant` with learned activation ranges."""
-        options = self.options.activation_options(self.graph.call_count(layer))
+        options = self.activation_options(layer.name, self.graph.call_count(layer))
         return LearnedFakeQuant(**options) if self.options.range_learning[1] else options
 
     def apply_quantizer(self, quantizer, tensor, with_grid):
@@ -483,7 +550,9 @@ class _Placement:
         if fixed_range is None and self.rounded_by_consumers(operation):
             return quantizers.fused_activation(outputs, activation)
         zero_centred = fixed_range is None and self.feeds_matmul_rhs(operation)
-        quantizer = self.fake_quant(name or operation.name, fixed_range, activation, zero_centred)
+        quantizer = self.fake_quant(
+            name or operation.name, fixed_range, activation, zero_centred, operation.name
+        )
         return self.apply_quantizer(quantizer, outputs, self.needs_grid(operation))
 
     def moves_activation(self, layer):
@@ -633,9 +702,7 @@ def _fuses_activation(layer):
 def _quantized_clone(self, layer):
     plain, folded = QUANTIZED_LAYERS[type(layer)]
     config = layer.get_config()
-    options = self.options.weight_options(
-        self.graph.call_count(layer), per_channel=_per_channel_by_default(self, layer)
-    )
+    options = self.weight_options(layer, per_channel=_per_channel_by_default(self, layer))
     learned = self.options.range_learning[0]
     config["weight_quantizer"] = LearnedWeightQuantizer(**options) if learned else options
     if self.options.bn_fold and layer.has_bn:
@@ -714,7 +781,7 @@ def _place_fused_activation(self, layer, args, kwargs):
 def _place_embedding(self, layer, args, kwargs):
     """A QuantEmbedding with the same table, quantized per tensor: its
     output keeps the table's grid (GATHER), so no FakeQuant follows."""
-    options = self.options.weight_options(self.graph.call_count(layer))
+    options = self.weight_options(layer)
     options["per_channel"] = False
     new = self.clones.of(
         layer, lambda: QuantEmbedding(**layer.get_config(), weight_quantizer=options)
@@ -730,8 +797,8 @@ def _place_layer_normalization(self, layer, args, kwargs):
         layer,
         lambda: QuantLayerNormalization(
             **dict(layer.get_config(), axis=-1),  # the last axis (checked)
-            quantizer=self.options.activation_options(calls),
-            weight_quantizer=dict(self.options.weight_options(calls), per_channel=False),
+            quantizer=self.activation_options(layer.name, calls),
+            weight_quantizer=dict(self.weight_options(layer), per_channel=False),
         ),
     )
     return self.quantize_output(layer, new(args[0]))
