@@ -232,6 +232,8 @@ def export(bn_fold, data):
     return {
         f"{key}_accuracy": float(np.mean(outputs.argmax(-1) == y_test)),
         f"{key}_top1_agreement": report["top1_agreement"],
+        f"{key}_top1_agreement_unambiguous": report["top1_agreement_unambiguous"],
+        f"{key}_ambiguous_rows": report["ambiguous_rows"],
         f"{key}_within_one_step": report["within_one_step"],
         f"{key}_max_diff_steps": report["max_diff_steps"],
         f"{key}_weight_types": weight_types(model),

@@ -569,6 +569,8 @@ def test_int16_export_refuses_what_it_cannot_export():
         kq.export_tflite(eight_bit, activations="int16")
     with pytest.raises(ValueError, match="Received: activations='int4'"):
         kq.export_tflite(eight_bit, activations="int4")
+    with pytest.raises(ValueError, match="Received: activations='int4'"):
+        kq.check_exportable(eight_bit, activations="int4")
     with pytest.raises(ValueError, match="Received: activations='int16', input_type"):
         kq.export_tflite(eight_bit, activations="int16", input_type=tf.int8)
     inputs = keras.Input((8,))

@@ -181,8 +181,9 @@ def check_exportable(qmodel, activations="int8"):
 
     Raises:
         ValueError: listing every problem, one per line, each naming its
-            layer.
+            layer, or for an unknown `activations`.
     """
+    _check_activation_type(activations)
     problems = []
     for layer in graph.all_layers(qmodel):
         name = f"'{layer.name}' ({layer.__class__.__name__})"
@@ -323,12 +324,16 @@ def export_tflite(
     return _finish(tflite_bytes, path, strip_names)
 
 
-def _check_activations(activations, input_type, output_type):
+def _check_activation_type(activations):
     if activations not in ACTIVATION_TYPES:
         raise ValueError(
             "Received an invalid value for `activations`, expected 'int8' or 'int16'. "
             f"Received: activations={activations!r}"
         )
+
+
+def _check_activations(activations, input_type, output_type):
+    _check_activation_type(activations)
     for name, value in (("input_type", input_type), ("output_type", output_type)):
         if activations == "int16" and tf.as_dtype(value) != tf.float32:
             raise ValueError(
