@@ -3,6 +3,11 @@ against an independent reference (the raw TF op on numpy-fake-quantized
 weights), each alone against TFLite's int8 kernel, and a sequence model
 and a small U-Net end to end."""
 
+import json
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -103,6 +108,27 @@ def test_quant_depthwise_conv1d_is_the_depthwise_conv_of_the_fake_quantized_kern
     keras_layer.build(x.shape)
     keras_layer.set_weights(float_layer.depthwise.get_weights())
     np.testing.assert_allclose(float_layer(x), keras_layer(x), rtol=1e-6, atol=1e-6)
+
+
+def test_quantized_1d_convolutions_train_on_tensorflows_eigen_kernels():
+    """Without oneDNN (TensorFlow's default on some CPUs, AMD EPYC among
+    them) the Eigen kernels have no gradient of a dilated Conv2D and take no
+    depthwise stride along one axis only; the quantized 1D layers must
+    train there, with Keras' gradients on the fake-quantized kernel."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, os.path.join(here, "eigen_conv1d_gradients.py")],
+        cwd=here,
+        env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    differences = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(differences) == {"conv1d_causal_dilated", "conv1d_dilated", "depthwise1d_strided"}
+    for name, (input_gradient, kernel_gradient) in differences.items():
+        assert input_gradient < 1e-5 and kernel_gradient < 1e-4, (name, differences)
 
 
 def test_folded_conv1d_inference_is_the_deployed_arithmetic():

@@ -145,12 +145,20 @@ class Conv1DBnAct(FusionLayer):
         """The convolution of 4D inputs `(batch, 1, steps, in)` (see `call`)."""
         conv = self.conv
         inputs, padding = _causal_padding(inputs, conv)
-        return tf.nn.conv2d(
-            inputs,
-            kernel,
-            strides=[1, 1, conv.strides[0], 1],
-            padding=padding,
-            dilations=[1, 1, conv.dilation_rate[0], 1],
+        if is_tracing_for_export() or conv.dilation_rate[0] == 1:
+            # One Conv2D op: the converter's CONV_2D, dilation factors included.
+            return tf.nn.conv2d(
+                inputs,
+                kernel,
+                strides=[1, 1, conv.strides[0], 1],
+                padding=padding,
+                dilations=[1, 1, conv.dilation_rate[0], 1],
+            )
+        # Dilated, as Keras' Conv1D computes it (SPACE_TO_BATCH_ND around an
+        # undilated Conv2D): TensorFlow's Eigen CPU kernels, the default
+        # where oneDNN is off, have no gradient of a dilated Conv2D.
+        return tf.nn.convolution(
+            inputs, kernel, padding=padding, dilations=[1, conv.dilation_rate[0]]
         )
 
     def bn_input_shape(self, input_shape):
@@ -266,10 +274,14 @@ class DepthwiseConv1DBnAct(FusionLayer):
             return dilated_depthwise_for_export(
                 inputs, kernel, padding, (1, depthwise.dilation_rate[0])
             )
+        # The stride on both axes, as Keras' DepthwiseConv1D does: the same
+        # values on a height of 1, and TensorFlow's Eigen CPU kernels take
+        # only equal strides for a depthwise convolution.
+        stride = depthwise.strides[0]
         return tf.nn.depthwise_conv2d(
             inputs,
             kernel,
-            strides=[1, 1, depthwise.strides[0], 1],
+            strides=[1, stride, stride, 1],
             padding=padding,
             dilations=[1, depthwise.dilation_rate[0]],
         )
