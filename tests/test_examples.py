@@ -222,7 +222,7 @@ def run_resnet_example(tmp_path, *flags):
     bn_fold=True), exported; returns its results.json."""
     data_dir, out_dir = tmp_path / "data", tmp_path / "out"
     data_dir.mkdir()
-    write_dataset(str(data_dir), 256, 100, compress=False)
+    write_dataset(str(data_dir), 256, 400, compress=False)
     result = run_example(
         "resnet_quant.py",
         f"--data_dir={data_dir}",
@@ -251,15 +251,17 @@ def test_resnet_example_exports_int4_weights_that_match(tmp_path):
 
 
 def assert_int4_parity(results, key):
-    """TFLite's INT4 kernels requantize in fixed point, so outputs may be a
-    step off; on an untrained net many rows are near-ties (two largest
-    outputs within two steps) where such a step decides the argmax. Top-1
-    must agree on every other row, and every disagreement be a near-tie."""
+    """TFLite's INT4 kernels requantize in fixed point, so outputs may be up
+    to two steps off; on an untrained net many rows are near-ties (two
+    largest outputs within `tie_steps` = 4 steps) where such steps decide the
+    argmax. Top-1 must agree on every other row, and every disagreement be a
+    near-tie."""
+    assert results[key + "_tie_steps"] == 4.0, results
     assert results[key + "_within_one_step"] >= 0.99, results
     assert results[key + "_max_diff_steps"] <= 2.001, results
     assert results[key + "_top1_agreement_unambiguous"] == 1.0, results
     assert results[key + "_top1_agreement"] >= 1 - results[key + "_ambiguous_rows"], results
-    assert results[key + "_ambiguous_rows"] <= 0.75, results  # >= 25 rows are checked
+    assert results[key + "_ambiguous_rows"] <= 0.9, results  # >= 40 of 400 rows are checked
 
 
 @pytest.mark.slow

@@ -301,7 +301,7 @@ def run_tflite(tflite_bytes, x, batch_size=256, num_threads=None):
     return outputs, scales
 
 
-def _agreement(keras_out, tflite_out, scale):
+def _agreement(keras_out, tflite_out, scale, tie_steps):
     """The comparison of one output (see `compare_tflite`)."""
     diff = np.abs(keras_out.astype(np.float64) - tflite_out.astype(np.float64))
     report = {
@@ -319,8 +319,9 @@ def _agreement(keras_out, tflite_out, scale):
     agree = keras_out.argmax(-1) == tflite_out.argmax(-1)
     top2 = np.sort(keras_out, axis=-1)[..., -2:]
     # Two outputs one step off each, in opposite directions, move the margin
-    # between them by up to two steps.
-    ambiguous = (top2[..., 1] - top2[..., 0]) <= 2.001 * scale
+    # between them by up to two steps. A float output has no steps.
+    margin = top2[..., 1] - top2[..., 0]
+    ambiguous = margin <= (tie_steps + 0.001) * scale if scale else np.zeros_like(agree)
     clear = agree[~ambiguous]
     return dict(
         report,
@@ -330,7 +331,7 @@ def _agreement(keras_out, tflite_out, scale):
     )
 
 
-def compare_tflite(qmodel, tflite_bytes, x, batch_size=256):
+def compare_tflite(qmodel, tflite_bytes, x, batch_size=256, tie_steps=2.0):
     """Runs the Keras model and its TFLite model on `x` and compares them.
 
     Args:
@@ -339,6 +340,11 @@ def compare_tflite(qmodel, tflite_bytes, x, batch_size=256):
         x: Float inputs with the batch first: an array, a list of arrays in
             the Keras model's input order, or a dict by input name.
         batch_size: Batch size of both runs.
+        tie_steps: Rows whose two largest Keras outputs are at most this many
+            output steps apart count as near-ties (`ambiguous_rows`). The
+            default 2 fits outputs at most one step apart (two outputs off in
+            opposite directions); pass `2 * k` for kernels known to be up to
+            `k` steps off (TFLite's INT4 kernels: 2, so 4).
 
     Returns:
         For a single-output model a dict: `max_abs_diff`, `mean_abs_diff`,
@@ -347,15 +353,22 @@ def compare_tflite(qmodel, tflite_bytes, x, batch_size=256):
         steps), `within_one_step` (fraction of output values at most one
         step apart; both None for a float output), `top1_agreement`
         (fraction of rows whose argmax agrees), `ambiguous_rows` (fraction of
-        rows whose two largest Keras outputs are at most two steps apart,
-        where one-step differences can decide the argmax) and
+        rows whose two largest Keras outputs are at most `tie_steps` steps
+        apart, where small differences can decide the argmax; 0 for a float
+        output) and
         `top1_agreement_unambiguous` (top-1 agreement on the other rows); the
         three top-1 entries are None for an output of one unit. For a model
         with several outputs, a list of such dicts in output order.
 
     Raises:
-        ValueError: for empty inputs or inputs that do not match the model's.
+        ValueError: for empty inputs or inputs that do not match the model's,
+            or a negative `tie_steps`.
     """
+    if not tie_steps >= 0:
+        raise ValueError(
+            f"Received an invalid value for `tie_steps`, expected a number >= 0. "
+            f"Received: tie_steps={tie_steps!r}"
+        )
     names = [graph.producer(tensor).name for tensor in qmodel.inputs]
     inputs = as_input_list(x, names)
     keras_out = qmodel.predict(graph.pack_inputs(qmodel, inputs), batch_size=batch_size, verbose=0)
@@ -363,6 +376,8 @@ def compare_tflite(qmodel, tflite_bytes, x, batch_size=256):
     tflite_inputs = dict(zip(names, inputs)) if _Runner.has_signature(tflite_bytes) else inputs
     tflite_out, scales = run_tflite(tflite_bytes, tflite_inputs, batch_size)
     if len(qmodel.outputs) == 1:
-        return _agreement(np.asarray(keras_out), tflite_out, scales)
+        return _agreement(np.asarray(keras_out), tflite_out, scales, tie_steps)
     keras_out = keras.tree.flatten(keras_out)
-    return [_agreement(np.asarray(k), t, s) for k, t, s in zip(keras_out, tflite_out, scales)]
+    return [
+        _agreement(np.asarray(k), t, s, tie_steps) for k, t, s in zip(keras_out, tflite_out, scales)
+    ]
