@@ -196,7 +196,7 @@ def bias_on_grid(bias, input_grid, weight_scale):
     return int32_bias(bias, tf.cast(input_grid, tf.float32) * weight_scale)
 
 
-def _fake_quant_last_axis(x, min_val, max_val, num_bits, narrow_range):
+def _fake_quant_last_axis(x, min_val, max_val, num_bits, narrow_range, clip_gradient=True):
     """Fake quant on float32 `x`, per tensor or along its last axis."""
     per_channel = min_val.shape.rank == 1
     if per_channel:
@@ -205,6 +205,15 @@ def _fake_quant_last_axis(x, min_val, max_val, num_bits, narrow_range):
     else:
         forward = tf.quantization.fake_quant_with_min_max_vars
         backward = tf.quantization.fake_quant_with_min_max_vars_gradient
+
+    if not clip_gradient:
+
+        @tf.custom_gradient
+        def straight_through(x):
+            y = forward(x, min_val, max_val, num_bits=num_bits, narrow_range=narrow_range)
+            return y, lambda dy: dy
+
+        return straight_through(x)
 
     @tf.custom_gradient
     def quantize(x, min_val, max_val):
@@ -225,6 +234,7 @@ def fake_quant(
     symmetric=False,
     narrow_range=False,
     axis=None,
+    clip_gradient=True,
 ):
     """Quantizes `x` to an integer grid over `[min_val, max_val]` and back.
 
@@ -233,7 +243,11 @@ def fake_quant(
     backward pass, through `tf.custom_gradient`, is TensorFlow's own
     fake-quant gradient: straight-through inside the nudged range (bounds
     included), zero outside, and the gradient of the clipped elements for
-    `min_val` / `max_val`.
+    `min_val` / `max_val`. With `clip_gradient=False` the gradient is `dy`
+    for every element of `x` and none flows to the range: for a range that
+    is `x`'s own min / max (weights), where nothing is clipped but what the
+    nudging of the range rounds off (an extreme weight's gradient would be
+    zero in TensorFlow's op, and the weight stay where it is for good).
 
     The range is first made to contain zero and, with `symmetric=True`,
     widened to `[-M, M]`, `M = max(|min_val|, |max_val|)`. With
@@ -256,6 +270,8 @@ def fake_quant(
         axis: `None` for one range for the whole tensor, or the channel axis
             (any axis of `x`, negative values allowed) for one range per
             channel.
+        clip_gradient: Whether the gradient is zero outside the nudged range
+            (TensorFlow's fake-quant gradient) or `dy` everywhere.
 
     Returns:
         A tensor of the shape and dtype of `x`.
@@ -288,10 +304,10 @@ def fake_quant(
                 "With `axis=None`, `min_val` and `max_val` must be scalars. "
                 f"Received shapes: {min_val.shape} and {max_val.shape}"
             )
-        y = _fake_quant_last_axis(values, min_val, max_val, num_bits, narrow_range)
+        y = _fake_quant_last_axis(values, min_val, max_val, num_bits, narrow_range, clip_gradient)
     else:
         axis = _check_channel_axis(values, axis, min_val, max_val)
-        y = _fake_quant_along(values, axis, min_val, max_val, num_bits, narrow_range)
+        y = _fake_quant_along(values, axis, min_val, max_val, num_bits, narrow_range, clip_gradient)
     return tf.cast(y, x.dtype)
 
 
@@ -421,7 +437,7 @@ def _check_channel_axis(x, axis, min_val, max_val):
     return axis
 
 
-def _fake_quant_along(x, axis, min_val, max_val, num_bits, narrow_range):
+def _fake_quant_along(x, axis, min_val, max_val, num_bits, narrow_range, clip_gradient):
     """Per-channel fake quant along `axis` (in `[0, rank)`) of float32 `x`.
 
     The TensorFlow op takes the channels last, for ranks 1, 2 and 4: other
@@ -431,10 +447,10 @@ def _fake_quant_along(x, axis, min_val, max_val, num_bits, narrow_range):
     perm = [d for d in range(rank) if d != axis] + [axis]
     moved = x if axis == rank - 1 else tf.transpose(x, perm)
     if rank in (1, 2, 4):
-        y = _fake_quant_last_axis(moved, min_val, max_val, num_bits, narrow_range)
+        y = _fake_quant_last_axis(moved, min_val, max_val, num_bits, narrow_range, clip_gradient)
     else:
         flat = tf.reshape(moved, [-1, tf.shape(moved)[-1]])
-        y = _fake_quant_last_axis(flat, min_val, max_val, num_bits, narrow_range)
+        y = _fake_quant_last_axis(flat, min_val, max_val, num_bits, narrow_range, clip_gradient)
         y = tf.reshape(y, tf.shape(moved))
     if axis != rank - 1:
         y = tf.transpose(y, [perm.index(d) for d in range(rank)])

@@ -209,3 +209,38 @@ def test_weight_range_is_the_range_fake_quant_uses(symmetric, zeros):
     expected_low, expected_high = numpy_weight_range(kernel, symmetric)
     np.testing.assert_array_equal(low, expected_low)
     np.testing.assert_array_equal(high, expected_high)
+
+
+def rounded_off_kernel():
+    """A kernel, one output channel per column, whose extreme weights lie
+    outside TensorFlow's nudged range (per the numpy reference): a symmetric
+    bound `M` with `127 * (2M / 254) < M` in float32, and an asymmetric
+    column whose zero point rounds the range off by part of a step."""
+    bound = next(
+        m
+        for m in np.linspace(0.1, 1.0, 2000, dtype="float32")
+        if reference.nudge(-m, m, 8, True)[1] < m
+    )
+    column = np.linspace(-0.3, 1.0, 6, dtype="float32")
+    assert reference.nudge(column.min(), column.max(), 8, False)[1] < column.max()
+    symmetric = np.linspace(-bound / 2, bound, 6, dtype="float32")
+    return np.stack([symmetric, column], axis=-1)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_every_weight_gets_its_gradient_straight_through(symmetric):
+    """The range is the kernel's own min / max, so no weight is clipped; a
+    zero gradient at an extreme that the nudging rounds off (TensorFlow's
+    fake-quant gradient) would stop a channel's largest weight for good."""
+    from keras_qat import WeightQuantizer
+
+    kernel = tf.Variable(rounded_off_kernel())
+    quantizer = WeightQuantizer(
+        symmetric=symmetric, narrow_range=symmetric, per_channel=True, name="q"
+    )
+    quantizer.build(kernel.shape)
+    upstream = np.random.default_rng(3).standard_normal(kernel.shape).astype("float32")
+    with tf.GradientTape() as tape:
+        values = quantizer.quantize_weights(kernel, training=True).values
+        loss = tf.reduce_sum(values * upstream)
+    np.testing.assert_array_equal(tape.gradient(loss, kernel), upstream)

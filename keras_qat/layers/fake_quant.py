@@ -118,7 +118,7 @@ class Quantizer(keras.layers.Layer):
             return False
         return self.steps() >= self.quant_delay
 
-    def fake_quant(self, x, min_val, max_val, axis=-1):
+    def fake_quant(self, x, min_val, max_val, axis=-1, clip_gradient=True):
         """`quantizers.fake_quant` with this quantizer's grid options."""
         return quantizers.fake_quant(
             x,
@@ -128,6 +128,7 @@ class Quantizer(keras.layers.Layer):
             symmetric=self.symmetric,
             narrow_range=self.narrow_range,
             axis=axis if self.per_channel else None,
+            clip_gradient=clip_gradient,
         )
 
     def grid_scale(self, min_val, max_val):
@@ -573,8 +574,12 @@ class WeightQuantizer(Quantizer):
         quantizers that keep state; nothing here)."""
 
     def quantize_kernel(self, kernel, min_val, max_val, training):
-        """The fake-quantized kernel for its range."""
-        return self.fake_quant(kernel, min_val, max_val)
+        """The fake-quantized kernel for its range (the kernel's own min /
+        max): straight through for every weight, the extreme ones included,
+        which the nudged range can round off by a float ulp (symmetric) or
+        up to half a step (asymmetric); with a zero gradient there a
+        channel's largest weight would stop training."""
+        return self.fake_quant(kernel, min_val, max_val, clip_gradient=False)
 
     def _on_export_grid(self, quantized, scale):
         """Quantized weights as the TFLite converter must see them.
