@@ -196,7 +196,7 @@ def bias_on_grid(bias, input_grid, weight_scale):
     return int32_bias(bias, tf.cast(input_grid, tf.float32) * weight_scale)
 
 
-def _fake_quant_last_axis(x, min_val, max_val, num_bits, narrow_range, clip_gradient=True):
+def _fake_quant_last_axis(x, min_val, max_val, num_bits, narrow_range, clip_gradient):
     """Fake quant on float32 `x`, per tensor or along its last axis."""
     per_channel = min_val.shape.rank == 1
     if per_channel:
