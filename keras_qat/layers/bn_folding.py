@@ -21,7 +21,8 @@ statistics (Jacob et al. 2018, section 3.2; Krishnamoorthi 2018, section
   on the int32 grid of the integer kernel (`quantizers.bias_on_grid`); the
   moving statistics no longer change.
 
-In training both cases are a per-channel affine map of `y` (scale, shift);
+In training both cases are a per-channel affine map of `y` (scale, shift;
+the batch statistics' from `keras_qat.layers.batch_norm.batch_affine`);
 both maps are computed (the batch statistics are two reductions of `y`) and
 the one of the current step is selected, then applied in one pass, which XLA
 fuses with what follows. A conditional that skipped the statistics after
@@ -40,9 +41,9 @@ are those of `b`, and everything stays finite.
 
 import collections
 
-import keras
 import tensorflow as tf
 
+from keras_qat.layers import batch_norm
 from keras_qat.quantizers import bias_on_grid
 
 FoldValues = collections.namedtuple(
@@ -55,17 +56,12 @@ without one) and the fold factor `gamma / sigma`."""
 
 
 def read_fold_values(layer):
-    """A folded layer's `FoldValues`, each variable read once (every use of
-    a Keras variable is a read op of its own, and this runs every step)."""
-    bn = layer.bn
-    mean = tf.cast(bn.moving_mean, tf.float32)
-    variance = tf.cast(bn.moving_variance, tf.float32)
-    gamma = tf.ones_like(variance) if bn.gamma is None else tf.cast(bn.gamma, tf.float32)
-    beta = tf.zeros_like(mean) if bn.beta is None else tf.cast(bn.beta, tf.float32)
+    """A folded layer's `FoldValues`, each variable read once."""
+    bn = batch_norm.read_parameters(layer.bn)
     linear = layer.linear_layer
-    bias = tf.cast(linear.bias, tf.float32) if linear.use_bias else tf.zeros_like(mean)
-    factor = gamma / tf.sqrt(variance + bn.epsilon)
-    return FoldValues(gamma, beta, mean, variance, bias, factor)
+    bias = tf.cast(linear.bias, tf.float32) if linear.use_bias else tf.zeros_like(bn.moving_mean)
+    factor = bn.gamma / tf.sqrt(bn.moving_variance + layer.bn.epsilon)
+    return FoldValues(*bn, bias, factor)
 
 
 def folded_kernel(layer):
@@ -94,38 +90,11 @@ def folded_call(layer, inputs, training, input_grid):
         return tf.cast(outputs + bias, inputs.dtype)
     before_freeze = step < layer.freeze_bn
     # Both maps are computed and one selected (see the module docstring).
-    scale, shift, mean, variance = _batch_normalization(layer.bn, values, outputs)
-    scale = tf.where(before_freeze, scale, 1.0)
-    shift = tf.where(before_freeze, shift, bias)
-    _update_moving_statistics(layer.bn, values, mean, variance, before_freeze)
-    return tf.cast(outputs * scale + shift, inputs.dtype)
-
-
-def _batch_normalization(bn, values, outputs):
-    """`(scale, shift, batch mean, batch variance)`: the per-channel affine
-    map that batch-normalizes the quantized convolution unfolded,
-    `z = y / factor + b`, with `z`'s batch statistics.
-
-    `z` is not formed: its statistics follow from `y`'s (`mean_z = mean_y /
-    factor + b`, `var_z = var_y / factor**2`), and the output is
-    `(y - mean_y) * gamma / (factor * sigma_B) + beta`, one pass like a
-    BatchNorm's (`b` cancels out, as it does before any BatchNorm).
-    """
-    axes = list(range(outputs.shape.rank - 1))
-    mean, variance = keras.ops.moments(outputs, axes, synchronized=bn.synchronized)
-    inverse = tf.math.divide_no_nan(1.0, values.factor)  # 0 where gamma = 0
-    batch_variance = variance * tf.square(inverse)
-    scale = inverse * values.gamma * tf.math.rsqrt(batch_variance + bn.epsilon)
-    return scale, values.beta - mean * scale, mean * inverse + values.bias, batch_variance
-
-
-def _update_moving_statistics(bn, values, mean, variance, update):
-    """Moving averages of the batch statistics where `update` (before
-    `freeze_bn`); unchanged, to the bit, otherwise."""
-    pairs = (
-        (bn.moving_mean, values.moving_mean, mean),
-        (bn.moving_variance, values.moving_variance, variance),
+    parameters = batch_norm.BatchNormParameters(*values[:4])
+    affine = batch_norm.batch_affine(layer.bn, parameters, values.bias, outputs, values.factor)
+    scale = tf.where(before_freeze, affine.scale, 1.0)
+    shift = tf.where(before_freeze, affine.shift, bias)
+    batch_norm.update_moving_statistics(
+        layer.bn, parameters, affine.mean, affine.variance, before_freeze
     )
-    for statistic, old, batch_value in pairs:
-        moved = old * bn.momentum + tf.stop_gradient(batch_value) * (1.0 - bn.momentum)
-        statistic.assign(tf.where(update, moved, old))
+    return tf.cast(outputs * scale + shift, inputs.dtype)

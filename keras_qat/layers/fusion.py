@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from keras_qat import quantizers
 from keras_qat.config import DEFAULT_FREEZE_BN, check_bool, check_int
-from keras_qat.layers import bn_folding
+from keras_qat.layers import batch_norm, bn_folding
 from keras_qat.layers.fake_quant import WeightQuantizer
 from keras_qat.layers.modes import is_tracing_for_export
 
@@ -190,30 +190,38 @@ class FusionLayer(keras.layers.Layer):
     def call(self, inputs, training=False, input_grid=None):
         if self.folded:
             outputs = bn_folding.folded_call(self, inputs, training, input_grid)
+        elif self.quantized:
+            outputs = self.quantized_linear(inputs, training, input_grid)
         else:
-            if self.quantized:
-                outputs = self.quantized_linear(inputs, training, input_grid)
-            else:
-                outputs = self.linear_layer(inputs)
+            outputs = self.linear_layer(inputs)
             if self.bn is not None:
                 outputs = self.bn(outputs, training=training)
         return self.activation(outputs)
 
     def quantized_linear(self, inputs, training, input_grid):
-        """The conv or matmul with the fake-quantized kernel, plus bias.
+        """The conv or matmul with the fake-quantized kernel, plus bias, and
+        the unfolded BatchNorm if any.
 
         Without BatchNorm the bias is the integer kernel's: on the int32 grid
         `input_grid * weight scale` (see `bias_on_grid`). With an unfolded
-        BatchNorm it stays float: TFLite folds the BatchNorm into it later.
+        BatchNorm it stays float (TFLite folds the BatchNorm into it later),
+        and a training BatchNorm, which cancels it, is computed without it
+        (`batch_norm.train_without_bias`).
         """
         weights = self.weight_quantizer.quantize_weights(self.kernel(), training)
         outputs = self.kernel_op(inputs, tf.cast(weights.values, inputs.dtype))
-        if not self.linear_layer.use_bias:
-            return outputs
-        bias = self.linear_layer.bias
+        use_bias = self.linear_layer.use_bias
+        bias = self.linear_layer.bias if use_bias else None
         if self.bn is None:
+            if not use_bias:
+                return outputs
             bias = quantizers.bias_on_grid(bias, input_grid, weights.scale)
-        return tf.nn.bias_add(outputs, tf.cast(bias, outputs.dtype))
+            return tf.nn.bias_add(outputs, tf.cast(bias, outputs.dtype))
+        if training and self.bn.trainable and use_bias:
+            return batch_norm.train_without_bias(self.bn, outputs, bias)
+        if use_bias:
+            outputs = tf.nn.bias_add(outputs, tf.cast(bias, outputs.dtype))
+        return self.bn(outputs, training=training)
 
     def copy_weights_from(self, source):
         """Copies the weights of fusion layer `source` (same kind and shape)

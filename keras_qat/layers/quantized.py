@@ -5,7 +5,8 @@ lives once, in `FusionLayer` and `bn_folding`):
 
 - `Quant...BnAct`: the kernel is fake-quantized by the `weight_quantizer`
   sub-layer before the conv or matmul; a BatchNorm, if any, follows as an
-  ordinary BatchNorm (MindSpore's `bn_fold=False`).
+  ordinary BatchNorm (MindSpore's `bn_fold=False`), in training without
+  the bias that it cancels (`keras_qat.layers.batch_norm`).
 - `Quant...BnFoldAct`: the BatchNorm is folded into the kernel, and the
   folded kernel is fake-quantized (`keras_qat.layers.bn_folding`).
 
