@@ -11,7 +11,7 @@ if _keras.config.backend() != "tensorflow":
     )
 
 from keras_qat import callbacks
-from keras_qat.export.inspect import compare_tflite, run_tflite, tflite_interpreter
+from keras_qat.export.interpreter import compare_tflite, run_tflite, tflite_interpreter
 from keras_qat.export.litert import (
     check_exportable,
     export_float_tflite,
@@ -20,16 +20,14 @@ from keras_qat.export.litert import (
 )
 from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
 from keras_qat.layers.attention_mask import AttentionScoreMask, QuantAttentionScoreMask
+from keras_qat.layers.conv1d import Conv1DBnAct, DepthwiseConv1DBnAct
+from keras_qat.layers.conv2d import Conv2DBnAct, DepthwiseConv2DBnAct
+from keras_qat.layers.conv2d_transpose import Conv2DTransposeBnAct
+from keras_qat.layers.dense import DenseBnAct
 from keras_qat.layers.embedding import QuantEmbedding
-from keras_qat.layers.fake_quant import FakeQuant, WeightQuantizer
-from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
+from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.layer_norm import QuantLayerNormalization
 from keras_qat.layers.learned_range import LearnedFakeQuant, LearnedWeightQuantizer
-from keras_qat.layers.more_convolutions import (
-    Conv1DBnAct,
-    Conv2DTransposeBnAct,
-    DepthwiseConv1DBnAct,
-)
 from keras_qat.layers.quantized import (
     QuantConv1DBnAct,
     QuantConv1DBnFoldAct,
@@ -46,11 +44,12 @@ from keras_qat.layers.quantized import (
 )
 from keras_qat.layers.resize import QuantResizing, QuantUpSampling2D
 from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
+from keras_qat.layers.weight_quantizer import WeightQuantizer
 from keras_qat.quantizers import fake_quant
 from keras_qat.report import QuantReport, quant_report
 from keras_qat.sensitivity import SensitivityResult, sensitivity
+from keras_qat.transforms.convert import convert_quant_network
 from keras_qat.transforms.fuse import fuse
-from keras_qat.transforms.place import convert_quant_network
 
 __version__ = "0.2.0.dev0"
 

@@ -34,6 +34,7 @@ and two activations are computed as two int8 ops with a rounding in between
 import keras
 
 from keras_qat import graph
+from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
 from keras_qat.layers.attention_mask import AttentionScoreMask
 
 L = keras.layers
@@ -42,9 +43,13 @@ L = keras.layers
 FUSED_ACTIVATIONS = ("relu", "relu6")
 
 # Activations that TFLite computes as two int8 ops, with a fixed grid in
-# between: hard_sigmoid as ADD (fused ReLU6, grid [0, 6]) then MUL; swish as
-# LOGISTIC (grid [0, 255/256]) then MUL.
-TWO_OP_ACTIVATIONS = ("hard_sigmoid", "silu")
+# between, and the layers that round there: hard_sigmoid as ADD (fused ReLU6,
+# grid [0, 6]) then MUL; swish as LOGISTIC (grid [0, 255/256]) then MUL.
+TWO_OP_ACTIVATIONS = {"hard_sigmoid": QuantHardSigmoid, "silu": QuantSwish}
+
+# Arguments of Keras layers that add LoRA weights or Keras' own
+# (post-training) quantization: not quantized here, never carried over.
+KERAS_QUANTIZATION_ARGUMENTS = ("quantization_config", "lora_rank", "lora_alpha")
 
 # Outputs whose grid TFLite's int8 kernels fix: sigmoid and softmax have
 # scale 1/256 and zero point -128, tanh scale 1/128 and zero point 0; hard
@@ -121,14 +126,31 @@ def activation_name(activation):
     return {"swish": "silu", "hard_swish": "hard_silu"}.get(name, name)
 
 
+def relu_layer_activation(layer):
+    """`"relu"` or `"relu6"` for a `ReLU` layer that is one (no slope, no
+    threshold, no other maximum), else None."""
+    config = layer.get_config()
+    if config["negative_slope"] == 0 and config["threshold"] == 0:
+        return {None: "relu", 6: "relu6"}.get(config["max_value"])
+    return None
+
+
+def keras_quantization_reason(layer):
+    """Why a layer with LoRA weights or Keras' own quantization is not
+    quantized here (what to do), or None."""
+    config = layer.get_config()
+    if config.get("quantization_config") is not None or layer.dtype_policy.quantization_mode:
+        return "it is already quantized by Keras (quantization_config / Layer.quantize)"
+    if config.get("lora_rank"):
+        return f"lora_rank={config['lora_rank']}: LoRA weights are not quantized; merge them first"
+    return None
+
+
 def fused_activation(layer):
     """`"relu"` or `"relu6"` when `layer` is a ReLU / ReLU6 layer that
     integer kernels fuse into the op before it, else None."""
     if isinstance(layer, L.ReLU):
-        config = layer.get_config()
-        if config["negative_slope"] == 0 and config["threshold"] == 0:
-            return {None: "relu", 6: "relu6"}.get(config["max_value"])
-        return None
+        return relu_layer_activation(layer)
     if isinstance(layer, L.Activation):
         name = activation_name(layer.activation)
         return name if name in FUSED_ACTIVATIONS else None
@@ -186,8 +208,7 @@ def unsupported_reason(layer):
                 "mask_zero=True: the layers after it would compute with the mask, "
                 "which int8 kernels do not; build the model without the mask"
             )
-        if config.get("lora_rank") or config.get("quantization_config"):
-            return "LoRA or Keras' own quantization: merge or remove it first"
+        return keras_quantization_reason(layer)
     if isinstance(layer, (L.UpSampling2D, L.Resizing)):
         config = layer.get_config()
         if config.get("interpolation") not in ("nearest", "bilinear"):

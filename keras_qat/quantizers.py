@@ -182,18 +182,18 @@ def int32_bias(bias, scale):
     return bias + tf.stop_gradient(tf.cast(rounded, bias.dtype) - bias)
 
 
-def bias_on_grid(bias, input_grid, weight_scale):
+def bias_on_grid(bias, input_scale, weight_scale):
     """`bias` on the int32 grid on which the integer kernel adds it.
 
     An integer conv or matmul accumulates `input * weight` in int32 at scale
     `input_scale * weight_scale` and adds its bias there (Jacob et al. 2018,
-    section 2.4). `input_grid` is the input's scale (from the `FakeQuant`
+    section 2.4). `input_scale` is the input's scale (from the `FakeQuant`
     before the layer, 0 while it does not quantize), or None when unknown:
     the bias then stays float, as it does where a scale is 0.
     """
-    if input_grid is None:
+    if input_scale is None:
         return bias
-    return int32_bias(bias, tf.cast(input_grid, tf.float32) * weight_scale)
+    return int32_bias(bias, tf.cast(input_scale, tf.float32) * weight_scale)
 
 
 def _fake_quant_last_axis(x, min_val, max_val, num_bits, narrow_range, clip_gradient):

@@ -27,12 +27,12 @@ import numpy as np
 import tensorflow as tf
 
 from keras_qat import graph, quantizers
-from keras_qat.export.inspect import TensorProbe, as_input_list
+from keras_qat.export.interpreter import TensorProbe, as_input_list
 from keras_qat.layers import bn_folding
 from keras_qat.layers.attention_mask import QuantAttentionScoreMask
+from keras_qat.layers.call_context import quantization_bypassed
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import FusionLayer
-from keras_qat.layers.modes import quantization_bypassed
 from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
 from keras_qat.transforms.fuse import fuse, has_fusable_layers
 
@@ -84,11 +84,11 @@ class ActivationTap:
         return np.asarray(quantizers.fused_activation(inputs, self.quantizer.activation))
 
 
-def activation_taps(qmodel):
-    """The activation grids of `qmodel`, in graph order."""
+def activation_taps(qat_model):
+    """The activation grids of `qat_model`, in graph order."""
     return [
         ActivationTap(op)
-        for op in graph.Graph(qmodel).operations
+        for op in graph.Graph(qat_model).operations
         if isinstance(
             op, (FakeQuant, QuantConcatenate, QuantAveragePooling2D, QuantAttentionScoreMask)
         )
@@ -180,10 +180,10 @@ def _sqnr(signal, noise):
     return float(10.0 * np.log10(signal / noise))
 
 
-def weight_rows(qmodel):
+def weight_rows(qat_model):
     """One row per quantized kernel (the folded kernel of a folded layer)."""
     rows = []
-    for layer in graph.all_layers(qmodel):
+    for layer in graph.all_layers(qat_model):
         if isinstance(layer, FusionLayer) and layer.quantized:
             rows.append(_weight_row(layer))
     return rows
@@ -244,12 +244,12 @@ def _probe(model, taps):
     return keras.Model(model.inputs, outputs)
 
 
-def _reference(qmodel, float_model, taps):
+def _reference(qat_model, float_model, taps):
     """A function from inputs to the float tensor at each tap (None where
-    `float_model` has none), and whether it is `qmodel` bypassed."""
+    `float_model` has none), and whether it is `qat_model` bypassed."""
     if float_model is None:
         with quantization_bypassed():
-            function = inference_function(keras.Model(qmodel.inputs, [t.output for t in taps]))
+            function = inference_function(keras.Model(qat_model.inputs, [t.output for t in taps]))
         return lambda inputs: [np.asarray(v) for v in function(*inputs)]
     return _float_model_reference(float_model, taps)
 
@@ -386,11 +386,11 @@ def _read_bytes(tflite_model):
         return f.read()
 
 
-def _in_graph_order(qmodel, rows):
+def _in_graph_order(qat_model, rows):
     """Rows ordered as their layers appear in the graph: a layer's kernel
     before the activation grid that follows it."""
     ordered = []
-    for op in graph.Graph(qmodel).operations:
+    for op in graph.Graph(qat_model).operations:
         for key in (f"{op.name}/kernel", op.name):
             if key in rows and rows[key] not in ordered:
                 ordered.append(rows[key])
@@ -481,15 +481,15 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def range_rows(qmodel):
+def range_rows(qat_model):
     """The rows of `quant_report` that need no data: each grid's range,
     scale, zero point and bit width (the other columns None), kernels
     included. What a training callback can log at every epoch."""
     rows = {}
-    for tap in activation_taps(qmodel):
+    for tap in activation_taps(qat_model):
         row = _Statistics(tap).row()
         row.update(grid_used=None)
         rows[row["tensor"]] = row
-    for row in weight_rows(qmodel):
+    for row in weight_rows(qat_model):
         rows[row["tensor"]] = row
-    return _in_graph_order(qmodel, rows)
+    return _in_graph_order(qat_model, rows)

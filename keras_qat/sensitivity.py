@@ -3,7 +3,7 @@
 Quantization is turned off for one group of quantizers at a time (a
 quantized layer's weights and the `FakeQuant` after it; any other
 activation grid on its own) by bypassing them in inference
-(`modes.quantization_bypassed`), with the trained ranges as they are and no
+(`call_context.quantization_bypassed`), with the trained ranges as they are and no
 retraining. The rows are sorted by how much of the metric each group's
 bypass recovers; the suggested `skip_layers` is the smallest prefix of that
 order (greedily, measured) that brings the metric within a tolerance of the
@@ -14,12 +14,12 @@ import keras
 import numpy as np
 
 from keras_qat import graph
-from keras_qat.export.inspect import as_input_list
+from keras_qat.export.interpreter import as_input_list
 from keras_qat.layers.activations import TwoOpActivation
 from keras_qat.layers.attention_mask import QuantAttentionScoreMask
+from keras_qat.layers.call_context import quantization_bypassed
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import FusionLayer
-from keras_qat.layers.modes import quantization_bypassed
 from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
 from keras_qat.report import inference_function
 
@@ -32,14 +32,14 @@ _OWN_QUANTIZER_LAYERS = (
 )
 
 
-def quantizer_groups(qmodel):
+def quantizer_groups(qat_model):
     """`{name: [quantizers]}` in graph order: a quantized layer's weight
     quantizer with the `FakeQuant`s that quantize its output, named after
     the layer; a layer with a quantizer of its own (concatenation, average
     pooling, two-op activations); any other `FakeQuant`, named after the
     layer it follows (an `Add`, a model input, ...)."""
     groups = {}
-    for op in graph.Graph(qmodel).operations:
+    for op in graph.Graph(qat_model).operations:
         if isinstance(op, FusionLayer) and op.quantized:
             groups.setdefault(op.name, []).append(op.weight_quantizer)
         elif isinstance(op, _OWN_QUANTIZER_LAYERS):
@@ -81,15 +81,15 @@ def _top1(y_true, y_pred):
 class Evaluator:
     """The metric of a model on `(x, y)` with some quantizers bypassed."""
 
-    def __init__(self, qmodel, x, y, metric, batch_size):
-        names = [graph.producer(t).name for t in qmodel.inputs]
-        self.qmodel, self.inputs, self.y = qmodel, as_input_list(x, names), y
+    def __init__(self, qat_model, x, y, metric, batch_size):
+        names = [graph.producer(t).name for t in qat_model.inputs]
+        self.qat_model, self.inputs, self.y = qat_model, as_input_list(x, names), y
         self.metric, self.batch_size = _metric_function(metric), batch_size
 
     def __call__(self, bypassed=()):
         """The metric with `bypassed` quantizers off (all of them: None)."""
         with quantization_bypassed(bypassed):
-            function = inference_function(self.qmodel)
+            function = inference_function(self.qat_model)
         size = self.batch_size
         predictions = [
             keras.tree.map_structure(np.asarray, function(*[v[s : s + size] for v in self.inputs]))
@@ -176,11 +176,11 @@ def _chosen_groups(groups, layers):
     return {name: groups[name] for name in layers}
 
 
-def _suggest(qmodel, groups, rows, evaluate, close_to_float):
+def _suggest(qat_model, groups, rows, evaluate, close_to_float):
     """Greedy: the groups that recover most, in float one more at a time,
     until `close_to_float(metric)`. Returns `(layer names, metric)`."""
-    layers = {layer.name for layer in qmodel.layers}
-    inputs = {graph.producer(tensor).name for tensor in qmodel.inputs}
+    layers = {layer.name for layer in qat_model.layers}
+    inputs = {graph.producer(tensor).name for tensor in qat_model.inputs}
     names, bypassed, value = [], [], None
     for row in rows:
         if row["recovered"] <= 0 or row["group"] not in layers - inputs:

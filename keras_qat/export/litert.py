@@ -18,15 +18,15 @@ import tensorflow as tf
 
 from keras_qat import graph
 from keras_qat.export import int16
-from keras_qat.export.inspect import float_ops
+from keras_qat.export.interpreter import float_ops
 from keras_qat.export.quiet import quiet
 from keras_qat.layers import bn_folding
+from keras_qat.layers.call_context import tracing_for_export
+from keras_qat.layers.conv2d_transpose import Conv2DTransposeBnAct
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import FusionLayer
-from keras_qat.layers.modes import tracing_for_export
-from keras_qat.layers.more_convolutions import Conv2DTransposeBnAct
 from keras_qat.layers.shared_range import QuantConcatenate
-from keras_qat.transforms.common import Clones, clone
+from keras_qat.transforms.clones import Clones, clone
 
 
 def _save_for_conversion(model, path):
@@ -98,10 +98,10 @@ def _weight_problems(layer, name):
         )
     problems += _scale_layout_problems(layer, name)
     if _adds_int32_bias(layer) and any(
-        "input_grid" not in kwargs for _, kwargs in graph.node_arguments(layer)
+        "input_scale" not in kwargs for _, kwargs in graph.node_arguments(layer)
     ):
         problems.append(
-            f"{name} adds its bias in float: it is called without the `input_grid` "
+            f"{name} adds its bias in float: it is called without the `input_scale` "
             "of a FakeQuant before it, so its bias is not on the int32 grid TFLite "
             "rounds it to (build the model with convert_quant_network)"
         )
@@ -144,7 +144,7 @@ def _largest_int32_bias(layer):
     weight_scale = layer.weight_quantizer.grid_scale(*layer.weight_quantizer.range(kernel))
     largest = 0.0
     for _, kwargs in graph.node_arguments(layer):
-        source = graph.producer(kwargs.get("input_grid"))
+        source = graph.producer(kwargs.get("input_scale"))
         quantizer = getattr(source, "quantizer", source)
         if isinstance(quantizer, FakeQuant):
             step = quantizer.grid_scale(quantizer.min, quantizer.max) * weight_scale
@@ -159,8 +159,8 @@ def _adds_int32_bias(layer):
     return layer.folded or (layer.linear_layer.use_bias and layer.bn is None)
 
 
-def check_exportable(qmodel, activations="int8"):
-    """Raises `ValueError` listing everything that keeps `qmodel` from int8.
+def check_exportable(qat_model, activations="int8"):
+    """Raises `ValueError` listing everything that keeps `qat_model` from int8.
 
     An int8 TFLite model needs every range calibrated and past its quant
     delay, 8-bit per-tensor activations, and weights of at most 8 bits that
@@ -170,13 +170,13 @@ def check_exportable(qmodel, activations="int8"):
     BatchNorm that follows fake-quantized weights into them; that is exact
     for per-channel weights (each channel's scale changes, its levels do
     not) but not for per-tensor weights. A quantized layer must know its
-    input's grid (`input_grid`) to add its bias as the integer kernel does.
+    input's grid (`input_scale`) to add its bias as the integer kernel does.
     With `activations="int16"` every activation grid must instead be 16-bit,
     symmetric and narrow (TFLite's int16 tensors have zero point 0), and not
     a fixed output range.
 
     Args:
-        qmodel: A quantization network.
+        qat_model: A quantization network.
         activations: `"int8"` or `"int16"`, as in `export_tflite`.
 
     Raises:
@@ -185,7 +185,7 @@ def check_exportable(qmodel, activations="int8"):
     """
     _check_activation_type(activations)
     problems = []
-    for layer in graph.all_layers(qmodel):
+    for layer in graph.all_layers(qat_model):
         name = f"'{layer.name}' ({layer.__class__.__name__})"
         if isinstance(layer, QuantConcatenate) and activations == "int16":
             problems.append(
@@ -205,7 +205,7 @@ def check_exportable(qmodel, activations="int8"):
 
 
 def export_tflite(
-    qmodel,
+    qat_model,
     path=None,
     *,
     input_type=tf.float32,
@@ -232,7 +232,7 @@ def export_tflite(
     interpreter's inputs before running it.
 
     Args:
-        qmodel: A trained model from `convert_quant_network`.
+        qat_model: A trained model from `convert_quant_network`.
         path: Optional file to write the flatbuffer to, a `str` or
             `os.PathLike` in an existing directory.
         input_type: `tf.float32` (a QUANTIZE op at the input), `tf.int8` or
@@ -304,10 +304,10 @@ def export_tflite(
         raise ValueError(f"`pack_int4` must be True or False. Received: pack_int4={pack_int4!r}")
     _check_activations(activations, input_type, output_type)
     _check_path(path)
-    check_exportable(qmodel, activations)
+    check_exportable(qat_model, activations)
     with quiet(verbose):
         tflite_bytes = _convert(
-            qmodel,
+            qat_model,
             input_type=tf.as_dtype(input_type),
             output_type=tf.as_dtype(output_type),
             select_tf_ops=select_tf_ops,
@@ -342,12 +342,12 @@ def _check_activations(activations, input_type, output_type):
             )
 
 
-def _convert(qmodel, input_type, output_type, select_tf_ops, pack_int4, int16_activations):
-    """The SavedModel of `qmodel`, traced for export, through the converter;
+def _convert(qat_model, input_type, output_type, select_tf_ops, pack_int4, int16_activations):
+    """The SavedModel of `qat_model`, traced for export, through the converter;
     a 16x8 model is audited and its biases widened (`export.int16`)."""
     if not int16_activations:
-        return _run_converter(qmodel, input_type, output_type, select_tf_ops, pack_int4, False)
-    tflite_bytes = _run_converter(qmodel, input_type, output_type, select_tf_ops, False, True)
+        return _run_converter(qat_model, input_type, output_type, select_tf_ops, pack_int4, False)
+    tflite_bytes = _run_converter(qat_model, input_type, output_type, select_tf_ops, False, True)
     narrow = int16.int8_activations(tflite_bytes)
     if narrow:
         raise ValueError(
@@ -358,11 +358,11 @@ def _convert(qmodel, input_type, output_type, select_tf_ops, pack_int4, int16_ac
     return int16.widen_int16_biases(tflite_bytes)
 
 
-def _run_converter(qmodel, input_type, output_type, select_tf_ops, pack_int4, int16_activations):
+def _run_converter(qat_model, input_type, output_type, select_tf_ops, pack_int4, int16_activations):
     with tempfile.TemporaryDirectory() as directory:
         saved_model = os.path.join(directory, "saved_model")
         with tracing_for_export(pack_int4):
-            _save_for_conversion(float32_model(qmodel), saved_model)
+            _save_for_conversion(float32_model(qat_model), saved_model)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.inference_input_type = input_type

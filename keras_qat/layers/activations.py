@@ -12,7 +12,6 @@ activation of a fusion layer that absorbed a `LeakyReLU` layer.
 
 import keras
 
-from keras_qat.config import DEFAULT_NUM_BITS
 from keras_qat.layers.fake_quant import FakeQuant
 
 
@@ -23,32 +22,56 @@ class TwoOpActivation(keras.layers.Layer):
     output, and compute the activation around `self.quantizer` in `call`.
 
     Args:
-        num_bits: Bit width of the intermediate grid.
-        quant_delay: Training steps before quantization starts.
+        quantizer: The intermediate grid: a `FakeQuant` with the fixed range
+            `intermediate_range`, a dict of `FakeQuant` options (bit width,
+            quant delay, ...; the range is set here), or None for the
+            defaults.
         **kwargs: Base layer keyword arguments, such as `name`.
+
+    Raises:
+        ValueError: for a `quantizer` of another range or type.
     """
 
     intermediate_range = None
 
-    def __init__(self, num_bits=DEFAULT_NUM_BITS, quant_delay=0, **kwargs):
+    def __init__(self, quantizer=None, **kwargs):
         super().__init__(**kwargs)
-        self.quantizer = FakeQuant(
-            num_bits=num_bits,
-            quant_delay=quant_delay,
-            fixed_range=self.intermediate_range,
-            name="quantizer",
-        )
+        if quantizer is None or (isinstance(quantizer, dict) and "class_name" not in quantizer):
+            quantizer = dict(quantizer or {}, fixed_range=self.intermediate_range)
+            quantizer.setdefault("name", "quantizer")
+        self.quantizer = FakeQuant.get(quantizer, "quantizer")
+        if self.quantizer.fixed_range != tuple(self.intermediate_range):
+            raise ValueError(
+                f"{self.__class__.__name__}'s intermediate grid is TFLite's fixed range "
+                f"{self.intermediate_range}. Received: quantizer with fixed_range="
+                f"{self.quantizer.fixed_range}"
+            )
 
     def build(self, input_shape):
-        self.quantizer.build(input_shape)
+        if not self.quantizer.built:  # built when loaded
+            self.quantizer.build(input_shape)
+
+    def quantizers(self):
+        """`{"intermediate": quantizer}` (`keras_qat.quantizer_roles`)."""
+        return {"intermediate": self.quantizer}
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_bits=self.quantizer.num_bits, quant_delay=self.quantizer.quant_delay)
+        config["quantizer"] = keras.saving.serialize_keras_object(self.quantizer)
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        """Also reads the configs of keras-qat 0.2.0.dev, whose `num_bits`
+        and `quant_delay` were arguments of the layer itself."""
+        config = dict(config)
+        legacy = {key: config.pop(key) for key in ("num_bits", "quant_delay") if key in config}
+        if legacy:
+            config["quantizer"] = dict(config.get("quantizer") or {}, **legacy)
+        return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -62,8 +85,8 @@ class QuantHardSigmoid(TwoOpActivation):
     `FakeQuant` of fixed range `[0, 1]` after it for the MUL.
 
     Args:
-        num_bits: Bit width of the intermediate grid.
-        quant_delay: Training steps before quantization starts.
+        quantizer: The options of the intermediate grid (see
+            `TwoOpActivation`).
         **kwargs: Base layer keyword arguments, such as `name`.
 
     Example:
@@ -93,8 +116,8 @@ class QuantSwish(TwoOpActivation):
     `FakeQuant` after it for the MUL.
 
     Args:
-        num_bits: Bit width of the sigmoid's grid.
-        quant_delay: Training steps before quantization starts.
+        quantizer: The options of the sigmoid's grid (see
+            `TwoOpActivation`).
         **kwargs: Base layer keyword arguments, such as `name`.
 
     Example:

@@ -142,6 +142,10 @@ class QuantAttentionScoreMask(AttentionScoreMask):
             self.quantizer.build(scores_shape)
         self.built = True
 
+    def quantizers(self):
+        """`{"output": quantizer}`: the scores' range (`keras_qat.quantizer_roles`)."""
+        return {"output": self.quantizer}
+
     def grid_range(self, min_val=None, max_val=None):
         """The range of the scores' grid for a learned range (by default the
         quantizer's): `MASK_GAP` below it, so that a masked score lies that

@@ -22,7 +22,7 @@ statistics (Jacob et al. 2018, section 3.2; Krishnamoorthi 2018, section
   moving statistics no longer change.
 
 In training both cases are a per-channel affine map of `y` (scale, shift;
-the batch statistics' from `keras_qat.layers.batch_norm.batch_affine`);
+the batch statistics' from `keras_qat.layers.batch_statistics.batch_affine`);
 both maps are computed (the batch statistics are two reductions of `y`) and
 the one of the current step is selected, then applied in one pass, which XLA
 fuses with what follows. A conditional that skipped the statistics after
@@ -43,7 +43,7 @@ import collections
 
 import tensorflow as tf
 
-from keras_qat.layers import batch_norm
+from keras_qat.layers import batch_statistics
 from keras_qat.quantizers import bias_on_grid
 
 FoldValues = collections.namedtuple(
@@ -57,16 +57,18 @@ without one) and the fold factor `gamma / sigma`."""
 
 def read_fold_values(layer):
     """A folded layer's `FoldValues`, each variable read once."""
-    bn = batch_norm.read_parameters(layer.bn)
+    bn = batch_statistics.read_parameters(layer.bn)
     linear = layer.linear_layer
     bias = tf.cast(linear.bias, tf.float32) if linear.use_bias else tf.zeros_like(bn.moving_mean)
     factor = bn.gamma / tf.sqrt(bn.moving_variance + layer.bn.epsilon)
     return FoldValues(*bn, bias, factor)
 
 
-def folded_kernel(layer):
-    """`W * gamma / sigma` (moving statistics), per output channel."""
-    return tf.cast(layer.kernel(), tf.float32) * read_fold_values(layer).factor
+def folded_kernel(layer, values=None):
+    """`W * gamma / sigma` (moving statistics), per output channel, float32
+    (`values`: `read_fold_values(layer)`, read here when not given)."""
+    v = read_fold_values(layer) if values is None else values
+    return tf.cast(layer.kernel(), tf.float32) * v.factor
 
 
 def folded_bias(layer, values=None):
@@ -76,25 +78,26 @@ def folded_bias(layer, values=None):
     return v.beta + v.factor * (v.bias - v.moving_mean)
 
 
-def folded_call(layer, inputs, training, input_grid):
+def folded_call(layer, inputs, training, input_scale):
     """A folded layer's output before its activation (see module docstring)."""
     quantizer = layer.weight_quantizer
     step = quantizer.steps(tf.convert_to_tensor(quantizer.step))  # before this call's count
     values = read_fold_values(layer)
-    kernel = tf.cast(layer.kernel(), tf.float32) * values.factor
-    weights = quantizer.quantize_weights(kernel, training)
+    weights = quantizer.quantize_weights(folded_kernel(layer, values), training)
     outputs = tf.cast(layer.kernel_op(inputs, tf.cast(weights.values, inputs.dtype)), tf.float32)
     # The deployed map: the folded bias on the int32 grid.
-    bias = bias_on_grid(folded_bias(layer, values), input_grid, weights.scale)
+    bias = bias_on_grid(folded_bias(layer, values), input_scale, weights.scale)
     if not (training and layer.bn.trainable):  # a frozen BatchNorm uses its moving statistics
         return tf.cast(outputs + bias, inputs.dtype)
     before_freeze = step < layer.freeze_bn
     # Both maps are computed and one selected (see the module docstring).
-    parameters = batch_norm.BatchNormParameters(*values[:4])
-    affine = batch_norm.batch_affine(layer.bn, parameters, values.bias, outputs, values.factor)
+    parameters = batch_statistics.BatchNormParameters(*values[:4])
+    affine = batch_statistics.batch_affine(
+        layer.bn, parameters, values.bias, outputs, values.factor
+    )
     scale = tf.where(before_freeze, affine.scale, 1.0)
     shift = tf.where(before_freeze, affine.shift, bias)
-    batch_norm.update_moving_statistics(
+    batch_statistics.update_moving_statistics(
         layer.bn, parameters, affine.mean, affine.variance, before_freeze
     )
     return tf.cast(outputs * scale + shift, inputs.dtype)

@@ -10,14 +10,15 @@ sub-layer like a conv kernel's.
 import keras
 import tensorflow as tf
 
-from keras_qat.layers.fake_quant import WeightQuantizer, with_grid_spec
+from keras_qat.layers.fake_quant import with_scale_spec
+from keras_qat.layers.weight_quantizer import WeightQuantizer
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
 class QuantEmbedding(keras.layers.Embedding):
     """`keras.layers.Embedding` whose table is fake-quantized.
 
-    Called with `return_grid=True`, the layer also returns the grid of its
+    Called with `return_scale=True`, the layer also returns the grid of its
     output (the table's step, 0 during the quant delay), for the int32 bias
     of a quantized layer that consumes it.
 
@@ -54,20 +55,28 @@ class QuantEmbedding(keras.layers.Embedding):
         if not self.weight_quantizer.built:  # built when loaded
             self.weight_quantizer.build(self.embeddings.shape)
 
-    def call(self, inputs, training=False, return_grid=False):
+    def call(self, inputs, training=False, return_scale=False):
         weights = self.weight_quantizer.quantize_weights(
             tf.cast(self.embeddings, tf.float32), training
         )
         if inputs.dtype not in (tf.int32, tf.int64):
             inputs = tf.cast(inputs, tf.int32)
         outputs = tf.cast(tf.gather(weights.values, inputs), self.compute_dtype)
-        if return_grid:
+        if return_scale:
             return outputs, tf.reshape(tf.cast(weights.scale, tf.float32), [])
         return outputs
 
-    def compute_output_spec(self, inputs, training=False, return_grid=False):
+    def quantizers(self):
+        """`{"weights/embeddings": weight_quantizer}` (`keras_qat.quantizer_roles`)."""
+        return {"weights/embeddings": self.weight_quantizer}
+
+    def quantized_weights(self):
+        """`{"weights/embeddings": the float32 table}`."""
+        return {"weights/embeddings": tf.cast(self.embeddings, tf.float32)}
+
+    def compute_output_spec(self, inputs, training=False, return_scale=False):
         shape = tuple(inputs.shape) + (self.output_dim,)
-        return with_grid_spec(keras.KerasTensor(shape, self.compute_dtype), return_grid)
+        return with_scale_spec(keras.KerasTensor(shape, self.compute_dtype), return_scale)
 
     def copy_weights_from(self, source):
         """Copies the table of the float `keras.layers.Embedding` `source`."""

@@ -17,11 +17,10 @@ such a kernel (`kernel_op(inputs, kernel)`).
 import keras
 import tensorflow as tf
 
-from keras_qat import quantizers
+from keras_qat import int8_rules, quantizers
 from keras_qat.config import DEFAULT_FREEZE_BN, check_bool, check_int
-from keras_qat.layers import batch_norm, bn_folding
-from keras_qat.layers.fake_quant import WeightQuantizer
-from keras_qat.layers.modes import is_tracing_for_export
+from keras_qat.layers import batch_statistics, bn_folding
+from keras_qat.layers.weight_quantizer import WeightQuantizer
 
 ACTIVATIONS_HINT = (
     "relu, relu6, sigmoid, leaky_relu, hard_sigmoid, hard_silu (hard_swish), "
@@ -37,10 +36,7 @@ _NOT_FORWARDED = (
     "dtype",
     "activation",
     "activity_regularizer",
-    "quantization_config",
-    "lora_rank",
-    "lora_alpha",
-)
+) + int8_rules.KERAS_QUANTIZATION_ARGUMENTS
 
 
 def get_activation(activation):
@@ -161,6 +157,22 @@ class FusionLayer(keras.layers.Layer):
         """The linear layer's kernel, with its output channels last."""
         return self.linear_layer.kernel
 
+    def quantizers(self):
+        """`{"weights/kernel": weight_quantizer}` for a quantized layer, `{}`
+        for a float one (`keras_qat.quantizer_roles`)."""
+        return {"weights/kernel": self.weight_quantizer} if self.quantized else {}
+
+    def quantized_kernel(self):
+        """The float32 kernel that the weight quantizer quantizes, output
+        channels last: `W * gamma / sigma` (moving statistics) when folded."""
+        if self.folded:
+            return bn_folding.folded_kernel(self)
+        return tf.cast(self.kernel(), tf.float32)
+
+    def quantized_weights(self):
+        """`{"weights/kernel": quantized_kernel()}` (see `quantizers`)."""
+        return {"weights/kernel": self.quantized_kernel()} if self.quantized else {}
+
     def kernel_op(self, inputs, kernel):
         """The conv or matmul of `inputs` with a kernel like `kernel()`'s,
         without bias."""
@@ -187,26 +199,26 @@ class FusionLayer(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return self.linear_layer.compute_output_shape(input_shape)
 
-    def call(self, inputs, training=False, input_grid=None):
+    def call(self, inputs, training=False, input_scale=None):
         if self.folded:
-            outputs = bn_folding.folded_call(self, inputs, training, input_grid)
+            outputs = bn_folding.folded_call(self, inputs, training, input_scale)
         elif self.quantized:
-            outputs = self.quantized_linear(inputs, training, input_grid)
+            outputs = self.quantized_linear(inputs, training, input_scale)
         else:
             outputs = self.linear_layer(inputs)
             if self.bn is not None:
                 outputs = self.bn(outputs, training=training)
         return self.activation(outputs)
 
-    def quantized_linear(self, inputs, training, input_grid):
+    def quantized_linear(self, inputs, training, input_scale):
         """The conv or matmul with the fake-quantized kernel, plus bias, and
         the unfolded BatchNorm if any.
 
         Without BatchNorm the bias is the integer kernel's: on the int32 grid
-        `input_grid * weight scale` (see `bias_on_grid`). With an unfolded
+        `input_scale * weight scale` (see `bias_on_grid`). With an unfolded
         BatchNorm it stays float (TFLite folds the BatchNorm into it later),
         and a training BatchNorm, which cancels it, is computed without it
-        (`batch_norm.train_without_bias`).
+        (`batch_statistics.train_without_bias`).
         """
         weights = self.weight_quantizer.quantize_weights(self.kernel(), training)
         outputs = self.kernel_op(inputs, tf.cast(weights.values, inputs.dtype))
@@ -215,10 +227,10 @@ class FusionLayer(keras.layers.Layer):
         if self.bn is None:
             if not use_bias:
                 return outputs
-            bias = quantizers.bias_on_grid(bias, input_grid, weights.scale)
+            bias = quantizers.bias_on_grid(bias, input_scale, weights.scale)
             return tf.nn.bias_add(outputs, tf.cast(bias, outputs.dtype))
         if training and self.bn.trainable and use_bias:
-            return batch_norm.train_without_bias(self.bn, outputs, bias)
+            return batch_statistics.train_without_bias(self.bn, outputs, bias)
         if use_bias:
             outputs = tf.nn.bias_add(outputs, tf.cast(bias, outputs.dtype))
         return self.bn(outputs, training=training)
@@ -249,364 +261,3 @@ class FusionLayer(keras.layers.Layer):
         if not self.linear_trainable:
             config["linear_trainable"] = False
         return config
-
-
-@keras.saving.register_keras_serializable(package="keras_qat")
-class Conv2DBnAct(FusionLayer):
-    """2D convolution, optional BatchNormalization, optional activation.
-
-    A drop-in for `keras.layers.Conv2D` (followed by `BatchNormalization` when
-    `has_bn=True`), and the unit that `convert_quant_network` quantizes. The
-    convolution is a `keras.layers.Conv2D` sub-layer named `conv`, the
-    BatchNorm a `keras.layers.BatchNormalization` named `bn`; the activation
-    comes last.
-
-    Args:
-        filters, kernel_size, strides, padding, data_format, dilation_rate,
-            groups, use_bias, kernel_initializer, bias_initializer,
-            kernel_regularizer, bias_regularizer, kernel_constraint,
-            bias_constraint: As in `keras.layers.Conv2D`.
-        activation: Activation applied last: a name (`"relu"`, `"relu6"`,
-            `"sigmoid"`, `"leaky_relu"`, `"hard_sigmoid"`, `"hard_silu"` /
-            `"hard_swish"`, ...), a callable, or `None`.
-        activity_regularizer: Regularizer of the layer's output (after the
-            BatchNorm and the activation).
-        has_bn: Whether a BatchNormalization follows the convolution.
-        **kwargs: BatchNormalization arguments (`momentum`, `epsilon`,
-            `synchronized`, ...; see `FusionLayer`) and base layer keyword
-            arguments, such as `name`.
-
-    Input shape:
-        4D tensor `(batch, height, width, channels)` (channels last).
-
-    Output shape:
-        4D tensor `(batch, new_height, new_width, filters)`.
-
-    Raises:
-        ValueError: for an invalid argument (as `keras.layers.Conv2D` does).
-
-    Example:
-
-    >>> layer = Conv2DBnAct(8, 3, padding="same", has_bn=True,
-    ...                     activation="relu")
-    >>> layer(np.zeros((2, 16, 16, 3), "float32")).shape
-    TensorShape([2, 16, 16, 8])
-    """
-
-    def __init__(
-        self,
-        filters,
-        kernel_size,
-        strides=(1, 1),
-        padding="valid",
-        data_format=None,
-        dilation_rate=(1, 1),
-        groups=1,
-        activation=None,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        activity_regularizer=None,
-        kernel_constraint=None,
-        bias_constraint=None,
-        has_bn=False,
-        **kwargs,
-    ):
-        super().__init__(
-            has_bn=has_bn,
-            activation=activation,
-            activity_regularizer=activity_regularizer,
-            **kwargs,
-        )
-        self.conv = keras.layers.Conv2D(
-            filters,
-            kernel_size,
-            strides=strides,
-            padding=padding,
-            data_format=data_format,
-            dilation_rate=dilation_rate,
-            groups=groups,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            kernel_constraint=kernel_constraint,
-            bias_constraint=bias_constraint,
-            dtype=self.dtype_policy,
-            name="conv",
-        )
-
-    @property
-    def linear_layer(self):
-        return self.conv
-
-    def kernel_op(self, inputs, kernel):
-        return self.conv.convolution_op(inputs, kernel)
-
-
-@keras.saving.register_keras_serializable(package="keras_qat")
-class DenseBnAct(FusionLayer):
-    """Densely-connected layer, optional BatchNormalization and activation.
-
-    A drop-in for `keras.layers.Dense` (followed by `BatchNormalization` when
-    `has_bn=True`), and the unit that `convert_quant_network` quantizes. The
-    matmul is a `keras.layers.Dense` sub-layer named `dense`, the BatchNorm a
-    `keras.layers.BatchNormalization` named `bn`.
-
-    Args:
-        units, use_bias, kernel_initializer, bias_initializer,
-            kernel_regularizer, bias_regularizer, kernel_constraint,
-            bias_constraint: As in `keras.layers.Dense`.
-        activation: Activation applied last (see `Conv2DBnAct`).
-        activity_regularizer: Regularizer of the layer's output.
-        has_bn: Whether a BatchNormalization follows the matmul.
-        **kwargs: BatchNormalization arguments and base layer keyword
-            arguments (see `Conv2DBnAct`).
-
-    Input shape:
-        N-D tensor `(batch, ..., input_dim)`.
-
-    Output shape:
-        N-D tensor `(batch, ..., units)`.
-
-    Raises:
-        ValueError: for an invalid argument (as `keras.layers.Dense` does).
-
-    Example:
-
-    >>> layer = DenseBnAct(10, activation="relu6")
-    >>> layer(np.zeros((4, 32), "float32")).shape
-    TensorShape([4, 10])
-    """
-
-    def __init__(
-        self,
-        units,
-        activation=None,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        activity_regularizer=None,
-        kernel_constraint=None,
-        bias_constraint=None,
-        has_bn=False,
-        **kwargs,
-    ):
-        super().__init__(
-            has_bn=has_bn,
-            activation=activation,
-            activity_regularizer=activity_regularizer,
-            **kwargs,
-        )
-        self.dense = keras.layers.Dense(
-            units,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            kernel_constraint=kernel_constraint,
-            bias_constraint=bias_constraint,
-            dtype=self.dtype_policy,
-            name="dense",
-        )
-        self._as_conv = False  # True while traced for export as a 1x1 conv
-
-    @property
-    def linear_layer(self):
-        return self.dense
-
-    def kernel(self):
-        kernel = self.dense.kernel
-        if self._as_conv:
-            return tf.reshape(kernel, [1, 1] + list(kernel.shape))
-        return kernel
-
-    def kernel_op(self, inputs, kernel):
-        if kernel.shape.rank == 4:  # (1, 1, in, out): as a 1x1 convolution
-            return tf.nn.conv2d(inputs, kernel, strides=1, padding="VALID")
-        return keras.ops.matmul(inputs, kernel)
-
-    def bn_input_shape(self, input_shape):
-        """A quantized layer's BatchNorm sees the flattened `(n, units)`
-        output (see `call`)."""
-        shape = self.dense.compute_output_shape(input_shape)
-        return shape if not self.quantized else (None, shape[-1])
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        if self.quantized and self.bn is not None:
-            # Traced for export as a 1x1 conv, the BatchNorm (inference: the
-            # moving statistics, per last axis) normalizes `(n, 1, 1, units)`.
-            units = self.dense.units
-            self.bn.input_spec = keras.InputSpec(min_ndim=2, axes={-1: units})
-
-    def call(self, inputs, training=False, input_grid=None):
-        """As `FusionLayer.call`. A quantized layer runs on inputs flattened
-        to `(n, in)` (traced for export with per-channel weights, `(n, 1, 1,
-        in)`: a 1x1 convolution), bias, BatchNorm and activation included,
-        and reshapes the result back.
-
-        On more than 2D inputs Keras' matmul is a Tensordot, whose bias add
-        comes after a reshape, where the converter leaves it in float; on
-        2D inputs the converter fuses it into an int8 FULLY_CONNECTED. It
-        turns a MatMul with per-channel fake-quantized weights into a
-        transpose whose quantized axis does not match, but converts a 1x1
-        Conv2D with per-output-channel weights into an int8 CONV_2D; the
-        kernel is reshaped to `(1, 1, in, out)` before it is quantized, so
-        its quantized axis is the last one throughout.
-        """
-        self._as_conv = (
-            self.quantized
-            and self.weight_quantizer.per_channel
-            and not training
-            and is_tracing_for_export()
-        )
-        if not self.quantized or (inputs.shape.rank == 2 and not self._as_conv):
-            return super().call(inputs, training=training, input_grid=input_grid)
-        in_units, units = self.dense.kernel.shape
-        flat = tf.reshape(inputs, [-1, 1, 1, in_units] if self._as_conv else [-1, in_units])
-        outputs = super().call(flat, training=training, input_grid=input_grid)
-        middle = list(inputs.shape[1:-1])
-        if all(size is not None for size in middle):  # a static shape: no shape ops
-            return tf.reshape(outputs, [-1] + middle + [units])
-        return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [units]], 0))
-
-
-def dilated_depthwise_for_export(inputs, kernel, padding, dilation_rate):
-    """A dilated depthwise convolution as one TensorFlow op, for the
-    converter.
-
-    `tf.nn.depthwise_conv2d` computes a dilated convolution between a
-    SPACE_TO_BATCH_ND and a BATCH_TO_SPACE_ND, which the converter leaves in
-    float once a fake quant and a bias sit around it (measured);
-    `DepthwiseConv2dNative` with `dilations` computes the same values and
-    becomes one int8 DEPTHWISE_CONV_2D with its dilation factors. Its
-    gradient fails on oneDNN CPUs, so it is used for export only (strides
-    are 1: Keras refuses strides with dilation).
-    """
-    return tf.raw_ops.DepthwiseConv2dNative(
-        input=inputs,
-        filter=kernel,
-        strides=[1, 1, 1, 1],
-        padding=padding,
-        dilations=[1, *dilation_rate, 1],
-    )
-
-
-@keras.saving.register_keras_serializable(package="keras_qat")
-class DepthwiseConv2DBnAct(FusionLayer):
-    """Depthwise 2D convolution, optional BatchNormalization and activation.
-
-    A drop-in for `keras.layers.DepthwiseConv2D` (followed by
-    `BatchNormalization` when `has_bn=True`). The convolution is a
-    `keras.layers.DepthwiseConv2D` sub-layer named `depthwise`, the
-    BatchNorm a `keras.layers.BatchNormalization` named `bn`. Output channel
-    `c * depth_multiplier + m` is filter `m` of input channel `c`, as in
-    Keras and TFLite. `kernel()` is the depthwise kernel seen as
-    `(kh, kw, 1, in_channels * depth_multiplier)`, TFLite's layout, so that
-    quantized layers keep one weight range per output channel (tfmot
-    quantized the wrong axis here, tensorflow#47858).
-
-    Args:
-        kernel_size, strides, padding, depth_multiplier, data_format,
-            dilation_rate, use_bias, depthwise_initializer, bias_initializer,
-            depthwise_regularizer, bias_regularizer, depthwise_constraint,
-            bias_constraint: As in `keras.layers.DepthwiseConv2D`.
-        activation: Activation applied last (see `Conv2DBnAct`).
-        activity_regularizer: Regularizer of the layer's output.
-        has_bn: Whether a BatchNormalization follows the convolution.
-        **kwargs: BatchNormalization arguments and base layer keyword
-            arguments (see `Conv2DBnAct`).
-
-    Input shape:
-        4D tensor `(batch, height, width, channels)` (channels last).
-
-    Output shape:
-        4D tensor `(batch, new_height, new_width, channels * depth_multiplier)`.
-
-    Raises:
-        ValueError: for an invalid argument (as `keras.layers.DepthwiseConv2D`
-            does).
-
-    Example:
-
-    >>> layer = DepthwiseConv2DBnAct(3, padding="same", depth_multiplier=2,
-    ...                              has_bn=True, activation="relu6")
-    >>> layer(np.zeros((2, 16, 16, 4), "float32")).shape
-    TensorShape([2, 16, 16, 8])
-    """
-
-    def __init__(
-        self,
-        kernel_size,
-        strides=(1, 1),
-        padding="valid",
-        depth_multiplier=1,
-        data_format=None,
-        dilation_rate=(1, 1),
-        activation=None,
-        use_bias=True,
-        depthwise_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        depthwise_regularizer=None,
-        bias_regularizer=None,
-        activity_regularizer=None,
-        depthwise_constraint=None,
-        bias_constraint=None,
-        has_bn=False,
-        **kwargs,
-    ):
-        super().__init__(
-            has_bn=has_bn,
-            activation=activation,
-            activity_regularizer=activity_regularizer,
-            **kwargs,
-        )
-        self.depthwise = keras.layers.DepthwiseConv2D(
-            kernel_size,
-            strides=strides,
-            padding=padding,
-            depth_multiplier=depth_multiplier,
-            data_format=data_format,
-            dilation_rate=dilation_rate,
-            use_bias=use_bias,
-            depthwise_initializer=depthwise_initializer,
-            bias_initializer=bias_initializer,
-            depthwise_regularizer=depthwise_regularizer,
-            bias_regularizer=bias_regularizer,
-            depthwise_constraint=depthwise_constraint,
-            bias_constraint=bias_constraint,
-            dtype=self.dtype_policy,
-            name="depthwise",
-        )
-
-    @property
-    def linear_layer(self):
-        return self.depthwise
-
-    def kernel(self):
-        kernel = self.depthwise.kernel
-        kh, kw, channels, multiplier = kernel.shape
-        return tf.reshape(kernel, [kh, kw, 1, channels * multiplier])
-
-    def kernel_op(self, inputs, kernel):
-        depthwise = self.depthwise
-        kernel = tf.reshape(kernel, depthwise.kernel.shape)
-        if is_tracing_for_export() and max(depthwise.dilation_rate) > 1:
-            return dilated_depthwise_for_export(
-                inputs, kernel, depthwise.padding.upper(), depthwise.dilation_rate
-            )
-        return keras.ops.depthwise_conv(
-            inputs,
-            kernel,
-            strides=depthwise.strides,
-            padding=depthwise.padding,
-            data_format=depthwise.data_format,
-            dilation_rate=depthwise.dilation_rate,
-        )

@@ -15,7 +15,8 @@ layer.
 import keras
 import tensorflow as tf
 
-from keras_qat.layers.fake_quant import FakeQuant, WeightQuantizer
+from keras_qat.layers.fake_quant import FakeQuant
+from keras_qat.layers.weight_quantizer import WeightQuantizer
 
 # The intermediate results that the integer model rounds, in order (the
 # last op's result is rounded by the FakeQuant after the layer).
@@ -144,6 +145,22 @@ class QuantLayerNormalization(keras.layers.LayerNormalization):
         quantizer = self.variance_eps_quant
         step = tf.maximum(quantizer.grid_scale(quantizer.min, quantizer.max), self.epsilon)
         return tf.where(shifted > 0.0, shifted, step)
+
+    def quantizers(self):
+        """Its stages' `FakeQuant`s (`"intermediate/<stage>"`) and the
+        `WeightQuantizer`s of the `gamma` and `beta` it uses
+        (`"weights/gamma"`, `"weights/beta"`; `keras_qat.quantizer_roles`)."""
+        roles = {f"intermediate/{s}": getattr(self, f"{s}_quant") for s in self.stages}
+        if self.scale:
+            roles["weights/gamma"] = self.gamma_quantizer
+        if self.center:
+            roles["weights/beta"] = self.beta_quantizer
+        return roles
+
+    def quantized_weights(self):
+        """`{"weights/gamma": gamma, "weights/beta": beta}`, float32, those it uses."""
+        weights = {"weights/gamma": self.gamma, "weights/beta": self.beta}
+        return {role: tf.cast(w, tf.float32) for role, w in weights.items() if w is not None}
 
     def copy_weights_from(self, source):
         """Copies `gamma` and `beta` of the float `LayerNormalization` `source`."""

@@ -42,7 +42,9 @@ import keras
 import tensorflow as tf
 
 from keras_qat import quantizers
-from keras_qat.layers.fake_quant import FakeQuant, WeightQuantizer, across_replicas
+from keras_qat.layers.fake_quant import FakeQuant
+from keras_qat.layers.quantizer import across_replicas
+from keras_qat.layers.weight_quantizer import WeightQuantizer
 
 MIN_STEP = 1e-8
 MAX_STEP = 1e8

@@ -6,7 +6,7 @@ lives once, in `FusionLayer` and `bn_folding`):
 - `Quant...BnAct`: the kernel is fake-quantized by the `weight_quantizer`
   sub-layer before the conv or matmul; a BatchNorm, if any, follows as an
   ordinary BatchNorm (MindSpore's `bn_fold=False`), in training without
-  the bias that it cancels (`keras_qat.layers.batch_norm`).
+  the bias that it cancels (`keras_qat.layers.batch_statistics`).
 - `Quant...BnFoldAct`: the BatchNorm is folded into the kernel, and the
   folded kernel is fake-quantized (`keras_qat.layers.bn_folding`).
 
@@ -14,18 +14,16 @@ Each takes every argument of its fusion layer, plus `weight_quantizer` (a
 `WeightQuantizer`, a dict of its options, or None for the defaults) and, when
 folded, `freeze_bn`. The output activation is quantized by a `FakeQuant`
 that `convert_quant_network` places after the layer. Called with
-`input_grid` (the scale of the input's grid, from the `FakeQuant` before the
+`input_scale` (the scale of the input's grid, from the `FakeQuant` before the
 layer), a layer adds its bias on the integer kernel's int32 grid.
 """
 
 import keras
 
-from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
-from keras_qat.layers.more_convolutions import (
-    Conv1DBnAct,
-    Conv2DTransposeBnAct,
-    DepthwiseConv1DBnAct,
-)
+from keras_qat.layers.conv1d import Conv1DBnAct, DepthwiseConv1DBnAct
+from keras_qat.layers.conv2d import Conv2DBnAct, DepthwiseConv2DBnAct
+from keras_qat.layers.conv2d_transpose import Conv2DTransposeBnAct
+from keras_qat.layers.dense import DenseBnAct
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -300,3 +298,25 @@ class QuantConv2DTransposeBnFoldAct(Conv2DTransposeBnAct):
 
     quantized = True
     folded = True
+
+
+# Float fusion layer -> (quantized layer, quantized layer with BatchNorm folded).
+QUANTIZED_FORMS = {
+    Conv2DBnAct: (QuantConv2DBnAct, QuantConv2DBnFoldAct),
+    DenseBnAct: (QuantDenseBnAct, QuantDenseBnFoldAct),
+    DepthwiseConv2DBnAct: (QuantDepthwiseConv2DBnAct, QuantDepthwiseConv2DBnFoldAct),
+    Conv1DBnAct: (QuantConv1DBnAct, QuantConv1DBnFoldAct),
+    DepthwiseConv1DBnAct: (QuantDepthwiseConv1DBnAct, QuantDepthwiseConv1DBnFoldAct),
+    Conv2DTransposeBnAct: (QuantConv2DTransposeBnAct, QuantConv2DTransposeBnFoldAct),
+}
+
+
+def has_quantized_form(layer):
+    """Whether `layer` is a float fusion layer with a quantized form."""
+    return type(layer) in QUANTIZED_FORMS
+
+
+def quantized_class(layer, folded):
+    """The quantized class of float fusion layer `layer`, folded or not."""
+    plain, folded_class = QUANTIZED_FORMS[type(layer)]
+    return folded_class if folded else plain

@@ -14,7 +14,7 @@ stored as `round(a * 2048)` (11 fractional bits):
 in integers (measured: equal on every output of 2x, 3x, 6x7 -> 9x11 and
 6x7 -> 4x5 resizes). These layers compute Keras' float resize of their
 fake-quantized input and replace its value by that integer result (a
-straight-through gradient), given the input's grid step (`input_grid`, from
+straight-through gradient), given the input's grid step (`input_scale`, from
 the `FakeQuant` before them). Without a grid (or with a zero one, during a
 quant delay) they compute the float resize.
 """
@@ -22,7 +22,7 @@ quant delay) they compute the float resize.
 import keras
 import tensorflow as tf
 
-from keras_qat.layers.modes import is_tracing_for_export
+from keras_qat.layers.call_context import is_tracing_for_export
 
 _FRACTION_BITS = 11  # XNNPACK's interpolation weights: Q11
 
@@ -60,13 +60,13 @@ def bilinear_on_grid(on_grid, grid, size):
     return tf.cast(rounded, tf.float32) * grid
 
 
-def resized_on_grid(resized, inputs, input_grid):
+def resized_on_grid(resized, inputs, input_scale):
     """`resized` (Keras' float resize of `inputs`) with the int8 kernel's
-    values when `input_grid` is a positive step, straight-through. Traced
+    values when `input_scale` is a positive step, straight-through. Traced
     for export, the float resize: the converter makes it the int8 kernel."""
-    if input_grid is None or is_tracing_for_export():
+    if input_scale is None or is_tracing_for_export():
         return resized
-    grid = tf.cast(input_grid, tf.float32)
+    grid = tf.cast(input_scale, tf.float32)
     safe_grid = tf.where(grid > 0, grid, 1.0)
     size = tf.shape(resized)[1:3]
     on_grid = tf.cast(bilinear_on_grid(inputs, safe_grid, size), resized.dtype)
@@ -85,20 +85,20 @@ class QuantUpSampling2D(keras.layers.UpSampling2D):
         **kwargs: Base layer keyword arguments, such as `name`.
 
     Call arguments:
-        inputs: A 4D tensor on the grid of step `input_grid`.
-        input_grid: The step of the input's grid (a scalar), or None.
+        inputs: A 4D tensor on the grid of step `input_scale`.
+        input_scale: The step of the input's grid (a scalar), or None.
 
     Example:
 
     >>> layer = QuantUpSampling2D(2, interpolation="bilinear")
     >>> x = np.array([0.0, 0.1, 0.2, 0.5], "float32").reshape(1, 2, 2, 1)
-    >>> y = layer(x, input_grid=0.1)[0, :2, :, 0].numpy()
+    >>> y = layer(x, input_scale=0.1)[0, :2, :, 0].numpy()
     >>> (y / 0.1).round(3).astype("float64").tolist()  # on the grid
     [[0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0]]
     """
 
-    def call(self, inputs, input_grid=None):
-        return resized_on_grid(super().call(inputs), inputs, input_grid)
+    def call(self, inputs, input_scale=None):
+        return resized_on_grid(super().call(inputs), inputs, input_scale)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -113,17 +113,17 @@ class QuantResizing(keras.layers.Resizing):
         **kwargs: Base layer keyword arguments, such as `name`.
 
     Call arguments:
-        inputs: A 4D tensor on the grid of step `input_grid`.
-        input_grid: The step of the input's grid (a scalar), or None.
+        inputs: A 4D tensor on the grid of step `input_scale`.
+        input_scale: The step of the input's grid (a scalar), or None.
 
     Example:
 
     >>> layer = QuantResizing(3, 3)
     >>> x = np.array([0.0, 0.1, 0.2, 0.5], "float32").reshape(1, 2, 2, 1)
-    >>> y = layer(x, input_grid=0.1)[0, :, :, 0].numpy()
+    >>> y = layer(x, input_scale=0.1)[0, :, :, 0].numpy()
     >>> (y / 0.1).round(3).astype("float64").tolist()
     [[0.0, 1.0, 1.0], [1.0, 2.0, 3.0], [2.0, 4.0, 5.0]]
     """
 
-    def call(self, inputs, input_grid=None):
-        return resized_on_grid(super().call(inputs), inputs, input_grid)
+    def call(self, inputs, input_scale=None):
+        return resized_on_grid(super().call(inputs), inputs, input_scale)

@@ -4,7 +4,7 @@ TFLite requires one scale for all operands of a CONCATENATION, and its int8
 AVERAGE_POOL_2D writes its output on its input's grid. These layers keep
 that one range in a `FakeQuant` sub-layer named `quantizer`, and quantize
 with it where the integer model does. Like a `FakeQuant`, called with
-`return_grid=True` they also return their output's grid, for the int32 bias
+`return_scale=True` they also return their output's grid, for the int32 bias
 of a quantized layer that consumes it.
 """
 
@@ -12,8 +12,8 @@ import keras
 import tensorflow as tf
 
 from keras_qat import quantizers
-from keras_qat.layers.fake_quant import FakeQuant, with_grid_spec
-from keras_qat.layers.modes import is_tracing_for_export
+from keras_qat.layers.call_context import is_tracing_for_export
+from keras_qat.layers.fake_quant import FakeQuant, with_scale_spec
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -66,7 +66,7 @@ class QuantConcatenate(keras.layers.Concatenate):
         if not self.quantizer.built:  # built when loaded
             self.quantizer.build(self.compute_output_shape(input_shape))
 
-    def call(self, inputs, training=False, return_grid=False):
+    def call(self, inputs, training=False, return_scale=False):
         quantizer = self.quantizer
         flags = self.quantize_inputs or [True] * len(inputs)
         min_val, max_val, active = quantizer.observe(super().call(inputs), training)
@@ -77,12 +77,16 @@ class QuantConcatenate(keras.layers.Concatenate):
         outputs = super().call(inputs)
         if not all(flags):  # else already on the shared grid
             outputs = quantizer.quantize_with(outputs, min_val, max_val, active, training)
-        if return_grid:
-            return outputs, quantizer.grid(min_val, max_val, active)
+        if return_scale:
+            return outputs, quantizer.output_scale(min_val, max_val, active)
         return outputs
 
-    def compute_output_spec(self, inputs, training=False, return_grid=False):
-        return with_grid_spec(super().compute_output_spec(inputs), return_grid)
+    def quantizers(self):
+        """`{"output": quantizer}`: the shared range (`keras_qat.quantizer_roles`)."""
+        return {"output": self.quantizer}
+
+    def compute_output_spec(self, inputs, training=False, return_scale=False):
+        return with_scale_spec(super().compute_output_spec(inputs), return_scale)
 
     def get_config(self):
         config = super().get_config()
@@ -139,7 +143,7 @@ class QuantAveragePooling2D(keras.layers.AveragePooling2D):
         if not self.quantizer.built:  # built when loaded
             self.quantizer.build(input_shape)
 
-    def call(self, inputs, training=False, return_grid=False):
+    def call(self, inputs, training=False, return_scale=False):
         quantizer = self.quantizer
         min_val, max_val, active = quantizer.observe(inputs, training)
         pooled = super().call(quantizer.quantize_with(inputs, min_val, max_val, active, training))
@@ -149,9 +153,13 @@ class QuantAveragePooling2D(keras.layers.AveragePooling2D):
             outputs = pooled if active is False else self.round_average(pooled, min_val, max_val)
             if active is not True and active is not False:
                 outputs = tf.where(active, outputs, pooled)
-        if return_grid:
-            return outputs, quantizer.grid(min_val, max_val, active)
+        if return_scale:
+            return outputs, quantizer.output_scale(min_val, max_val, active)
         return outputs
+
+    def unquantized_output(self, inputs):
+        """The average of `inputs`, not rounded."""
+        return keras.layers.AveragePooling2D.call(self, inputs)
 
     def round_average(self, pooled, min_val, max_val):
         """`pooled` (averages of on-grid values) rounded to the grid half
@@ -169,8 +177,12 @@ class QuantAveragePooling2D(keras.layers.AveragePooling2D):
         on_grid = tf.cast((rounded + offset) * scale + nudged_min, pooled.dtype)
         return pooled + tf.stop_gradient(on_grid - pooled)
 
-    def compute_output_spec(self, inputs, training=False, return_grid=False):
-        return with_grid_spec(super().compute_output_spec(inputs), return_grid)
+    def quantizers(self):
+        """`{"output": quantizer}`: the shared range (`keras_qat.quantizer_roles`)."""
+        return {"output": self.quantizer}
+
+    def compute_output_spec(self, inputs, training=False, return_scale=False):
+        return with_scale_spec(super().compute_output_spec(inputs), return_scale)
 
     def get_config(self):
         config = super().get_config()

@@ -42,7 +42,7 @@ import keras
 
 from keras_qat import graph
 from keras_qat.layers.attention_mask import AttentionScoreMask
-from keras_qat.transforms.common import Clones, has_operation
+from keras_qat.transforms.decomposition import Decomposition
 
 L = keras.layers
 
@@ -73,16 +73,6 @@ def unsupported_reason(layer):
                 "not quantized; pass an attention_mask instead"
             )
     return None
-
-
-def is_decomposable(operation):
-    return isinstance(operation, L.MultiHeadAttention) and unsupported_reason(operation) is None
-
-
-def has_decomposable_attention(model, skipped=()):
-    """Whether `model` has a `MultiHeadAttention` that `decompose_attention`
-    rewrites (one not in `skipped`, the names of skipped layers)."""
-    return has_operation(model, is_decomposable, skipped)
 
 
 class _Decomposition:
@@ -122,7 +112,10 @@ class _Decomposition:
         use_causal_mask=False,
         return_attention_scores=False,
         training=None,
+        **masks,
     ):
+        """The layer's call, as the graph; `masks` (query_mask, value_mask,
+        key_mask) are None here (`unsupported_reason` refuses others)."""
         key = value if key is None else key
         heads = self.heads
         q = L.Permute((2, 1, 3))(L.Reshape((-1, heads, self.key_dim))(self.query(query)))
@@ -155,28 +148,16 @@ class _Decomposition:
             dense.set_weights(weights)
 
 
+DECOMPOSITION = Decomposition(
+    L.MultiHeadAttention,
+    matches=lambda operation: isinstance(operation, L.MultiHeadAttention),
+    unsupported_reason=unsupported_reason,
+    build=_Decomposition,
+)
+
+
 def decompose_attention(model, skipped=()):
     """Returns `model` with each decomposable `MultiHeadAttention` call
     (not named in `skipped`) rewritten as Dense layers and Keras operations
     (see the module docstring); other layers are cloned with their weights."""
-    clones, decompositions = Clones(), {}
-
-    def call(operation, *args, **kwargs):
-        if not is_decomposable(operation) or operation.name in skipped:
-            return clones.of(operation)(*args, **kwargs)
-        if id(operation) not in decompositions:
-            decompositions[id(operation)] = _Decomposition(operation)
-        positional = list(args) + [None] * 3
-        query, value, key = (
-            kwargs.get(name, positional[i]) for i, name in enumerate(("query", "value", "key"))
-        )
-        options = ("attention_mask", "use_causal_mask", "return_attention_scores", "training")
-        return decompositions[id(operation)](
-            query, value, key, **{name: kwargs[name] for name in options if name in kwargs}
-        )
-
-    new_model = graph.rebuild(model, call)
-    clones.copy_weights()
-    for decomposition in decompositions.values():
-        decomposition.copy_weights()
-    return new_model
+    return DECOMPOSITION.rewrite(model, skipped)

@@ -26,8 +26,8 @@ import string
 import keras
 import numpy as np
 
-from keras_qat import graph
-from keras_qat.transforms.common import Clones, has_operation
+from keras_qat import graph, int8_rules
+from keras_qat.transforms.decomposition import Decomposition
 
 L = keras.layers
 
@@ -76,8 +76,9 @@ def _equation(layer):
 def unsupported_reason(layer):
     """Why an `EinsumDense` cannot be rewritten as a Dense, or None."""
     config = layer.get_config()
-    if config.get("lora_rank") or config.get("quantization_config"):
-        return "LoRA or Keras' own quantization: merge or remove it first"
+    keras_quantization = int8_rules.keras_quantization_reason(layer)
+    if keras_quantization:
+        return keras_quantization
     if len(graph.node_arguments(layer)) != 1:
         return "called more than once: not rewritten"
     problem = _equation(layer).problem(config.get("bias_axes"))
@@ -87,16 +88,6 @@ def unsupported_reason(layer):
     if sum(d is None for d in prefix_shape) > 1:
         return "more than one unknown leading dimension besides the batch"
     return None
-
-
-def is_decomposable(operation):
-    return type(operation) is L.EinsumDense and unsupported_reason(operation) is None
-
-
-def has_decomposable_einsum_dense(model, skipped=()):
-    """Whether `model` has an `EinsumDense` that `decompose_einsum_dense`
-    rewrites (one not in `skipped`, the names of skipped layers)."""
-    return has_operation(model, is_decomposable, skipped)
 
 
 class _Decomposition:
@@ -128,7 +119,7 @@ class _Decomposition:
         if len(self.new_shape) > 1:
             self.unflatten = L.Reshape(tuple(self.kept + self.new_shape), name=f"{name}_reshape")
 
-    def __call__(self, inputs):
+    def __call__(self, inputs, training=None):
         x = inputs if self.flatten is None else self.flatten(inputs)
         x = self.dense(x)
         return x if self.unflatten is None else self.unflatten(x)
@@ -146,20 +137,16 @@ class _Decomposition:
         self.dense.set_weights(weights)
 
 
+DECOMPOSITION = Decomposition(
+    L.EinsumDense,
+    matches=lambda operation: type(operation) is L.EinsumDense,
+    unsupported_reason=unsupported_reason,
+    build=_Decomposition,
+)
+
+
 def decompose_einsum_dense(model, skipped=()):
     """Returns `model` with each decomposable `EinsumDense` (not named in
     `skipped`) rewritten as a Dense between reshapes (see the module
     docstring); other layers are cloned with their weights."""
-    clones, decompositions = Clones(), []
-
-    def call(operation, *args, **kwargs):
-        if not is_decomposable(operation) or operation.name in skipped:
-            return clones.of(operation)(*args, **kwargs)
-        decompositions.append(_Decomposition(operation))
-        return decompositions[-1](args[0] if args else kwargs["inputs"])
-
-    new_model = graph.rebuild(model, call)
-    clones.copy_weights()
-    for decomposition in decompositions:
-        decomposition.copy_weights()
-    return new_model
+    return DECOMPOSITION.rewrite(model, skipped)

@@ -30,14 +30,13 @@ import numpy as np
 
 from keras_qat import graph, int8_rules
 from keras_qat.layers.activations import LeakyReLUActivation
-from keras_qat.layers.fusion import Conv2DBnAct, DenseBnAct, DepthwiseConv2DBnAct
-from keras_qat.layers.more_convolutions import (
-    Conv1DBnAct,
-    Conv2DTransposeBnAct,
-    DepthwiseConv1DBnAct,
-)
-from keras_qat.transforms.common import Clones, selected_layer_names
+from keras_qat.layers.conv1d import Conv1DBnAct, DepthwiseConv1DBnAct
+from keras_qat.layers.conv2d import Conv2DBnAct, DepthwiseConv2DBnAct
+from keras_qat.layers.conv2d_transpose import Conv2DTransposeBnAct
+from keras_qat.layers.dense import DenseBnAct
+from keras_qat.transforms.clones import Clones
 from keras_qat.transforms.inline import inline_nested_models
+from keras_qat.transforms.selection import selected_layer_names
 
 L = keras.layers
 _LINEAR = (
@@ -61,12 +60,7 @@ def _activation_of(layer):
     if isinstance(layer, L.Activation):
         return keras.activations.serialize(layer.activation)
     if isinstance(layer, L.ReLU):
-        config = layer.get_config()
-        if config["negative_slope"] == 0 and config["threshold"] == 0:
-            if config["max_value"] is None:
-                return "relu"
-            if config["max_value"] == 6:
-                return "relu6"
+        return int8_rules.relu_layer_activation(layer)
     if isinstance(layer, L.LeakyReLU):
         return LeakyReLUActivation(layer.get_config()["negative_slope"])
     return None
@@ -81,11 +75,7 @@ def unfusable_reason(layer):
             "data_format='channels_first': TFLite's integer kernels are channels-last; "
             "build the model with data_format='channels_last'"
         )
-    if config.get("quantization_config") is not None or layer.dtype_policy.quantization_mode:
-        return "it is already quantized by Keras (quantization_config / Layer.quantize)"
-    if config.get("lora_rank"):
-        return f"lora_rank={config['lora_rank']}: LoRA weights are not quantized; merge them first"
-    return None
+    return int8_rules.keras_quantization_reason(layer)
 
 
 def fusable_classes():
@@ -194,7 +184,7 @@ def _linear_args(layer, drop=()):
     carries (trainable, dtype policy, regularizers, constraints, ...) but
     its activation and name, which the fusion rule sets."""
     config = layer.get_config()
-    drop = ("name", "activation", "quantization_config", "lora_rank", "lora_alpha") + drop
+    drop = ("name", "activation") + int8_rules.KERAS_QUANTIZATION_ARGUMENTS + drop
     return {key: value for key, value in config.items() if key not in drop}
 
 

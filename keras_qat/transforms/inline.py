@@ -12,7 +12,7 @@ numeric suffix if that is taken too).
 import keras
 
 from keras_qat import graph
-from keras_qat.transforms.common import Clones, clone
+from keras_qat.transforms.clones import Clones, clone
 
 
 def has_nested_models(model):

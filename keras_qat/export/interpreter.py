@@ -331,11 +331,11 @@ def _agreement(keras_out, tflite_out, scale, tie_steps):
     )
 
 
-def compare_tflite(qmodel, tflite_bytes, x, batch_size=256, tie_steps=2.0):
+def compare_tflite(qat_model, tflite_bytes, x, batch_size=256, tie_steps=2.0):
     """Runs the Keras model and its TFLite model on `x` and compares them.
 
     Args:
-        qmodel: The quantization network.
+        qat_model: The quantization network.
         tflite_bytes: Its TFLite flatbuffer (from `export_tflite`).
         x: Float inputs with the batch first: an array, a list of arrays in
             the Keras model's input order, or a dict by input name.
@@ -369,13 +369,15 @@ def compare_tflite(qmodel, tflite_bytes, x, batch_size=256, tie_steps=2.0):
             f"Received an invalid value for `tie_steps`, expected a number >= 0. "
             f"Received: tie_steps={tie_steps!r}"
         )
-    names = [graph.producer(tensor).name for tensor in qmodel.inputs]
+    names = [graph.producer(tensor).name for tensor in qat_model.inputs]
     inputs = as_input_list(x, names)
-    keras_out = qmodel.predict(graph.pack_inputs(qmodel, inputs), batch_size=batch_size, verbose=0)
+    keras_out = qat_model.predict(
+        graph.pack_inputs(qat_model, inputs), batch_size=batch_size, verbose=0
+    )
     # By name through the signature; a stripped model has none (by position).
     tflite_inputs = dict(zip(names, inputs)) if _Runner.has_signature(tflite_bytes) else inputs
     tflite_out, scales = run_tflite(tflite_bytes, tflite_inputs, batch_size)
-    if len(qmodel.outputs) == 1:
+    if len(qat_model.outputs) == 1:
         return _agreement(np.asarray(keras_out), tflite_out, scales, tie_steps)
     keras_out = keras.tree.flatten(keras_out)
     return [

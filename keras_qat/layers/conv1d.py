@@ -1,23 +1,20 @@
-"""Fusion layers for sequences and dense prediction: `Conv1DBnAct`,
-`DepthwiseConv1DBnAct` and `Conv2DTransposeBnAct`.
+"""`Conv1DBnAct` and `DepthwiseConv1DBnAct`: 1D convolutions as fusion layers.
 
-Like the fusion layers of `keras_qat.layers.fusion`, each composes its Keras
-layer (sub-layer `conv`) with an optional BatchNorm and an activation, and
-only says how its kernel looks with the output channels last (`kernel()`)
-and how to apply such a kernel (`kernel_op`); folding, weight quantization
-and the int32 bias come from `FusionLayer`.
-
-In the integer model a `Conv1D` is a CONV_2D between an EXPAND_DIMS and a
+Each composes its Keras layer (sub-layer `conv`) with an optional BatchNorm
+and an activation, and only says how its kernel looks with the output
+channels last (`kernel()`) and how to apply such a kernel (`kernel_op`). In
+the integer model a `Conv1D` is a CONV_2D between an EXPAND_DIMS and a
 SQUEEZE (how TensorFlow computes a 1-D convolution), a `DepthwiseConv1D`
-likewise a DEPTHWISE_CONV_2D, and a `Conv2DTranspose` a TRANSPOSE_CONV; all
-take per-output-channel int8 weights and an int32 bias.
+likewise a DEPTHWISE_CONV_2D; both take per-output-channel int8 weights and
+an int32 bias.
 """
 
 import keras
 import tensorflow as tf
 
-from keras_qat.layers.fusion import FusionLayer, dilated_depthwise_for_export
-from keras_qat.layers.modes import is_tracing_for_export
+from keras_qat.layers.call_context import is_tracing_for_export
+from keras_qat.layers.conv2d import dilated_depthwise_for_export
+from keras_qat.layers.fusion import FusionLayer
 
 
 def _causal_padding(inputs, conv):
@@ -35,7 +32,7 @@ def _height_one_bn_input_shape(layer, input_shape):
     return shape if not layer.quantized else (shape[0], 1) + tuple(shape[1:])
 
 
-def _call_as_height_one(layer, inputs, training, input_grid):
+def _call_as_height_one(layer, inputs, training, input_scale):
     """`FusionLayer.call` of a 1D fusion layer; a quantized layer runs as a
     2D convolution of height 1, bias, BatchNorm and activation included, as
     TensorFlow runs a 1D one: the converter then sees the quantized kernel
@@ -43,8 +40,8 @@ def _call_as_height_one(layer, inputs, training, input_grid):
     per-channel fake quant before TensorFlow's own EXPAND_DIMS would leave
     its quantized axis behind)."""
     if not layer.quantized:
-        return FusionLayer.call(layer, inputs, training=training, input_grid=input_grid)
-    outputs = FusionLayer.call(layer, tf.expand_dims(inputs, 1), training, input_grid)
+        return FusionLayer.call(layer, inputs, training=training, input_scale=input_scale)
+    outputs = FusionLayer.call(layer, tf.expand_dims(inputs, 1), training, input_scale)
     return tf.squeeze(outputs, 1)
 
 
@@ -164,9 +161,9 @@ class Conv1DBnAct(FusionLayer):
     def bn_input_shape(self, input_shape):
         return _height_one_bn_input_shape(self, input_shape)
 
-    def call(self, inputs, training=False, input_grid=None):
+    def call(self, inputs, training=False, input_scale=None):
         """As `FusionLayer.call`; quantized, as a height-1 2D convolution."""
-        return _call_as_height_one(self, inputs, training, input_grid)
+        return _call_as_height_one(self, inputs, training, input_scale)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -289,112 +286,6 @@ class DepthwiseConv1DBnAct(FusionLayer):
     def bn_input_shape(self, input_shape):
         return _height_one_bn_input_shape(self, input_shape)
 
-    def call(self, inputs, training=False, input_grid=None):
+    def call(self, inputs, training=False, input_scale=None):
         """As `FusionLayer.call`; quantized, as a height-1 2D convolution."""
-        return _call_as_height_one(self, inputs, training, input_grid)
-
-
-@keras.saving.register_keras_serializable(package="keras_qat")
-class Conv2DTransposeBnAct(FusionLayer):
-    """Transposed 2D convolution, optional BatchNormalization and activation.
-
-    A drop-in for `keras.layers.Conv2DTranspose` (followed by
-    `BatchNormalization` when `has_bn=True`). The convolution is a
-    `keras.layers.Conv2DTranspose` sub-layer named `conv`, whose kernel is
-    `(kh, kw, filters, in_channels)`; `kernel()` is that kernel with the
-    output channels last, `(kh, kw, in_channels, filters)`, so that folding
-    and per-channel ranges are per output channel.
-
-    Args:
-        filters, kernel_size, strides, padding, output_padding, data_format,
-            dilation_rate, use_bias, kernel_initializer, bias_initializer,
-            kernel_regularizer, bias_regularizer, kernel_constraint,
-            bias_constraint: As in `keras.layers.Conv2DTranspose`.
-        activation: Activation applied last (see `Conv2DBnAct`).
-        activity_regularizer: Regularizer of the layer's output.
-        has_bn: Whether a BatchNormalization follows the convolution.
-        **kwargs: BatchNormalization arguments and base layer keyword
-            arguments (see `Conv2DBnAct`).
-
-    Input shape:
-        4D tensor `(batch, height, width, channels)` (channels last).
-
-    Output shape:
-        4D tensor `(batch, new_height, new_width, filters)`.
-
-    Raises:
-        ValueError: for an invalid argument (as
-            `keras.layers.Conv2DTranspose` does).
-
-    Example:
-
-    >>> layer = Conv2DTransposeBnAct(4, 3, strides=2, padding="same",
-    ...                              has_bn=True, activation="relu")
-    >>> layer(np.zeros((2, 8, 8, 3), "float32")).shape
-    TensorShape([2, 16, 16, 4])
-    """
-
-    def __init__(
-        self,
-        filters,
-        kernel_size,
-        strides=(1, 1),
-        padding="valid",
-        output_padding=None,
-        data_format=None,
-        dilation_rate=(1, 1),
-        activation=None,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        activity_regularizer=None,
-        kernel_constraint=None,
-        bias_constraint=None,
-        has_bn=False,
-        **kwargs,
-    ):
-        super().__init__(
-            has_bn=has_bn,
-            activation=activation,
-            activity_regularizer=activity_regularizer,
-            **kwargs,
-        )
-        self.conv = keras.layers.Conv2DTranspose(
-            filters,
-            kernel_size,
-            strides=strides,
-            padding=padding,
-            output_padding=output_padding,
-            data_format=data_format,
-            dilation_rate=dilation_rate,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            kernel_constraint=kernel_constraint,
-            bias_constraint=bias_constraint,
-            dtype=self.dtype_policy,
-            name="conv",
-        )
-
-    @property
-    def linear_layer(self):
-        return self.conv
-
-    def kernel(self):
-        return tf.transpose(self.conv.kernel, [0, 1, 3, 2])
-
-    def kernel_op(self, inputs, kernel):
-        conv = self.conv
-        return keras.ops.conv_transpose(
-            inputs,
-            tf.transpose(kernel, [0, 1, 3, 2]),
-            strides=list(conv.strides),
-            padding=conv.padding,
-            output_padding=conv.output_padding,
-            dilation_rate=conv.dilation_rate,
-            data_format=conv.data_format,
-        )
+        return _call_as_height_one(self, inputs, training, input_scale)

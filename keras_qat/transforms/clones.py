@@ -1,0 +1,55 @@
+"""Cloning layers and Keras operations, with their weights copied once the
+new model is built."""
+
+import keras
+
+from keras_qat import graph
+
+
+def clone(operation, **overrides):
+    """A new operation (layer, or Keras operation such as `x + 3.0`) from
+    `operation`'s config, with `overrides` applied; weights are not copied.
+
+    A `Lambda` layer is rebuilt around the same Python function: its config
+    holds the function's bytecode, which Keras deserializes only outside
+    safe mode.
+    """
+    if isinstance(operation, keras.layers.Lambda):
+        return graph.clone_lambda(operation, **overrides)
+    config = operation.get_config()
+    config.update(overrides)
+    return operation.__class__.from_config(config)
+
+
+class Clones:
+    """The clones of a model's layers in the model being built: one per
+    layer, so that shared layers stay shared, with the weights copied once
+    the new model is built (a layer has no weights before)."""
+
+    def __init__(self):
+        self._clones = {}
+        self._pairs = []
+
+    def of(self, operation, make=None):
+        """The clone of `operation`, made by `make()` (default: `clone`) the
+        first time. A Keras operation (`x + 3.0`) has no state and is cloned
+        anew each time."""
+        if not isinstance(operation, keras.layers.Layer):
+            return clone(operation)
+        if id(operation) not in self._clones:
+            self._clones[id(operation)] = make() if make else clone(operation)
+            self.copy_later(operation, self._clones[id(operation)])
+        return self._clones[id(operation)]
+
+    def copy_later(self, source, target):
+        """Remembers to copy `source`'s weights into `target`."""
+        self._pairs.append((source, target))
+
+    def copy_weights(self):
+        """Copies the weights: into a fusion layer by its parts (a float
+        fusion layer into its quantized form), else all at once."""
+        for source, target in self._pairs:
+            if hasattr(target, "copy_weights_from"):
+                target.copy_weights_from(source)
+            elif source.weights:
+                target.set_weights(source.get_weights())

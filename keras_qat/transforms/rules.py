@@ -1,0 +1,261 @@
+"""The placement rules: what each kind of operation becomes in the
+quantization network.
+
+`PLACEMENT_RULES` is a table of `(applies(placement, operation),
+place(placement, operation, args, kwargs) -> outputs)` pairs, tried in
+order; `placement` is the `keras_qat.transforms.place.Placement` being
+built, which knows the graph and makes the quantizers. A new kind of
+operation is one small function here and a row of the table.
+"""
+
+import keras
+import numpy as np
+
+from keras_qat import int8_rules, quantizers
+from keras_qat.layers.attention_mask import AttentionScoreMask, QuantAttentionScoreMask
+from keras_qat.layers.conv2d_transpose import Conv2DTransposeBnAct
+from keras_qat.layers.dense import DenseBnAct
+from keras_qat.layers.embedding import QuantEmbedding
+from keras_qat.layers.layer_norm import QuantLayerNormalization
+from keras_qat.layers.learned_range import LearnedWeightQuantizer
+from keras_qat.layers.quantized import has_quantized_form, quantized_class
+from keras_qat.layers.resize import QuantResizing, QuantUpSampling2D
+from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
+from keras_qat.transforms.clones import clone
+from keras_qat.transforms.support import is_integer_cast
+
+
+def _place_skipped(placement, layer, args, kwargs):
+    """A float copy; a FakeQuant after it when a quantized layer uses it."""
+    outputs = placement.clones.of(layer)(*args, **kwargs)
+    if any(not placement.is_skipped(c) for c in placement.graph.consumers(layer)):
+        outputs = placement.quantize_output(layer, outputs)
+    return outputs
+
+
+def _casts_integer_input(placement, operation):
+    return is_integer_cast(operation, placement.graph)
+
+
+def place_integer_cast(placement, operation, args, kwargs):
+    """The cast (and scaling) in float, then a FakeQuant: the quantization
+    network's first grid."""
+    outputs = placement.clones.of(operation)(*args, **kwargs)
+    return placement.quantize_output(operation, outputs)
+
+
+def _on_int8_grid(constant):
+    """A NumPy constant operand as the TFLite converter stores it: int8 on
+    the asymmetric grid of its own min / max (measured: a position encoding
+    added as a float constant left 4 % of an ADD's outputs one step off, on
+    this grid 0.005 %). Other values are returned as they are."""
+    if not isinstance(constant, np.ndarray) or constant.dtype != np.float32:
+        return constant
+    low, high = float(min(constant.min(), 0.0)), float(max(constant.max(), 0.0))
+    return quantizers.fake_quant(constant, low, high, num_bits=8).numpy()
+
+
+def _place_rounding_operation(placement, operation, args, kwargs):
+    """`x + 3.0`, `x * y`, `keras.ops.matmul(q, k)`: the operation (a
+    constant is in the node, put on the int8 grid the converter stores it
+    on), then a FakeQuant (with softmax's fixed range)."""
+    outputs = clone(operation)(*(_on_int8_grid(arg) for arg in args), **kwargs)
+    return placement.quantize_output(operation, outputs, int8_rules.fixed_output_range(operation))
+
+
+def _place_concatenation(placement, layer, args, kwargs):
+    """A QuantConcatenate, which quantizes the inputs that have no grid yet."""
+    new = placement.clones.of(
+        layer,
+        lambda: QuantConcatenate(
+            **layer.get_config(),
+            quantize_inputs=[placement.unrounded(p) for p in placement.graph.producers(layer)],
+            quantizer=placement.shared_quantizer(layer),
+        ),
+    )
+    return placement.apply_quantizer(new, args[0], placement.needs_scale(layer))
+
+
+def _place_score_mask(placement, layer, args, kwargs):
+    """A QuantAttentionScoreMask: the scores quantized, the excluded ones
+    at the bottom of their grid."""
+    new = placement.clones.of(
+        layer,
+        lambda: QuantAttentionScoreMask(
+            **layer.get_config(),
+            quantizer=placement.shared_quantizer(layer),
+        ),
+    )
+    return new(*args, **kwargs)
+
+
+def _is_shared_grid_pooling(placement, operation):
+    return isinstance(operation, keras.layers.AveragePooling2D) and placement.unrounded(
+        placement.graph.producers(operation)[0]
+    )
+
+
+def _place_shared_grid_pooling(placement, layer, args, kwargs):
+    """A QuantAveragePooling2D: input and output on one grid."""
+    new = placement.clones.of(
+        layer,
+        lambda: QuantAveragePooling2D(
+            **layer.get_config(),
+            quantizer=placement.shared_quantizer(layer),
+        ),
+    )
+    return placement.apply_quantizer(new, args[0], placement.needs_scale(layer))
+
+
+def _fuses_activation(layer):
+    """Whether the integer kernel fuses `layer`'s activation (or it has none)."""
+    name = int8_rules.activation_name(layer.activation)
+    return name in ("linear",) + int8_rules.FUSED_ACTIVATIONS
+
+
+def _quantized_clone(placement, layer):
+    config = layer.get_config()
+    options = placement.weight_options(layer, per_channel=_per_channel_by_default(placement, layer))
+    learned = placement.options.range_learning[0]
+    config["weight_quantizer"] = LearnedWeightQuantizer(**options) if learned else options
+    folded = placement.options.bn_fold and layer.has_bn
+    if folded:
+        config["freeze_bn"] = placement.options.freeze_bn
+    if not _fuses_activation(layer) or placement.moves_activation(layer):
+        # Applied after: between two FakeQuants, or by the FakeQuant after it.
+        config["activation"] = None
+    return quantized_class(layer, folded)(**config)
+
+
+def _per_channel_by_default(placement, layer):
+    """Whether `layer`'s weights are per channel when `per_channel` is not
+    given: convolution kernels are (each output channel of a conv has its own
+    scale, and TFLite keeps it); dense kernels are per tensor, TFLite's
+    FULLY_CONNECTED default and a smaller model, unless an unfolded BatchNorm
+    follows (folding its per-channel scale into per-tensor weights would take
+    them off their grid). Transposed-conv kernels are per tensor: the
+    converter cannot carry a per-channel kernel into TRANSPOSE_CONV
+    (`export.litert` says why)."""
+    if isinstance(layer, Conv2DTransposeBnAct):
+        return False
+    if not isinstance(layer, DenseBnAct):
+        return True
+    return layer.has_bn and not placement.options.bn_fold
+
+
+def _place_fusion(placement, layer, args, kwargs):
+    """The quantized layer, its FakeQuant and any activation it cannot fuse."""
+    new = placement.clones.of(layer, lambda: _quantized_clone(placement, layer))
+    outputs = new(args[0], **placement.scale_of(args[0]))
+    if _fuses_activation(layer):
+        return placement.quantize_output(
+            layer, outputs, activation=placement.moves_activation(layer)
+        )
+    outputs = placement.fake_quant(layer.name)(outputs)
+    name = f"{layer.name}_activation"
+    outputs = _activation_layer(placement, layer.activation, name, layer.name)(outputs)
+    fixed_range = int8_rules.FIXED_OUTPUT_RANGES.get(int8_rules.activation_name(layer.activation))
+    return placement.quantize_output(layer, outputs, fixed_range, name=name)
+
+
+def _activation_layer(placement, activation, name, layer_name, calls_per_step=1):
+    """An `Activation` layer, or the layer of an activation that TFLite
+    computes as two int8 ops, its intermediate grid with the activation
+    options of layer `layer_name`."""
+    two_op = int8_rules.TWO_OP_ACTIVATIONS.get(int8_rules.activation_name(activation))
+    if two_op is None:
+        return keras.layers.Activation(activation, name=name)
+    options = placement.activation_options(layer_name, calls_per_step)
+    return two_op(quantizer=options, name=name)
+
+
+def _place_rounding_layer(placement, layer, args, kwargs):
+    """An activation, merge or global pooling layer, then its FakeQuant."""
+    is_two_op = isinstance(layer, keras.layers.Activation) and (
+        int8_rules.activation_name(layer.activation) in int8_rules.TWO_OP_ACTIVATIONS
+    )
+    new = placement.clones.of(
+        layer,
+        (lambda: _two_op_activation(placement, layer)) if is_two_op else None,
+    )
+    outputs = new(*args, **kwargs)
+    return placement.quantize_output(layer, outputs, int8_rules.fixed_output_range(layer))
+
+
+def _two_op_activation(placement, layer):
+    calls = placement.graph.call_count(layer)
+    return _activation_layer(placement, layer.activation, layer.name, layer.name, calls)
+
+
+def _moves_into_fake_quant(placement, layer):
+    """A ReLU / ReLU6 layer with a `FakeQuant` after it: that `FakeQuant`
+    applies it (the integer op before it clamps to its grid)."""
+    return int8_rules.is_fused_activation(layer) and not placement.rounded_by_consumers(layer)
+
+
+def _place_fused_activation(placement, layer, args, kwargs):
+    """A `FakeQuant(activation=...)` in place of the activation layer."""
+    activation = int8_rules.fused_activation(layer)
+    return placement.quantize_output(layer, args[0], activation=activation)
+
+
+def _place_embedding(placement, layer, args, kwargs):
+    """A QuantEmbedding with the same table, quantized per tensor: its
+    output keeps the table's grid (GATHER), so no FakeQuant follows."""
+    options = placement.weight_options(layer)
+    options["per_channel"] = False
+    new = placement.clones.of(
+        layer, lambda: QuantEmbedding(**layer.get_config(), weight_quantizer=options)
+    )
+    return placement.apply_quantizer(new, args[0], placement.needs_scale(layer))
+
+
+def _place_layer_normalization(placement, layer, args, kwargs):
+    """A QuantLayerNormalization (its intermediate results rounded as
+    TFLite's int8 ops round them), then the FakeQuant of its output."""
+    calls = placement.graph.call_count(layer)
+    new = placement.clones.of(
+        layer,
+        lambda: QuantLayerNormalization(
+            **dict(layer.get_config(), axis=-1),  # the last axis (checked)
+            quantizer=placement.activation_options(layer.name, calls),
+            weight_quantizer=dict(placement.weight_options(layer), per_channel=False),
+        ),
+    )
+    return placement.quantize_output(layer, new(args[0]))
+
+
+def _place_bilinear_resize(placement, layer, args, kwargs):
+    """A QuantUpSampling2D / QuantResizing: the int8 kernel's rounding onto
+    the input's grid, which its output keeps."""
+    quantized = QuantUpSampling2D if isinstance(layer, keras.layers.UpSampling2D) else QuantResizing
+    new = placement.clones.of(layer, lambda: quantized(**layer.get_config()))
+    return placement.keep_scale(args[0], new(args[0], **placement.scale_of(args[0])))
+
+
+def _place_grid_keeping(placement, layer, args, kwargs):
+    """Kept as it is; its output lies on its input's grid."""
+    return placement.keep_scale(args[0], placement.clones.of(layer)(*args, **kwargs))
+
+
+PLACEMENT_RULES = (
+    (lambda placement, op: placement.is_skipped(op), _place_skipped),
+    (_casts_integer_input, place_integer_cast),
+    (
+        lambda placement, op: isinstance(op, int8_rules.ROUNDING_OPERATIONS),
+        _place_rounding_operation,
+    ),
+    (lambda placement, op: isinstance(op, keras.layers.Concatenate), _place_concatenation),
+    (lambda placement, op: type(op) is AttentionScoreMask, _place_score_mask),
+    (_is_shared_grid_pooling, _place_shared_grid_pooling),
+    (lambda placement, op: has_quantized_form(op), _place_fusion),
+    (_moves_into_fake_quant, _place_fused_activation),
+    (lambda placement, op: isinstance(op, int8_rules.ROUNDING_LAYERS), _place_rounding_layer),
+    (lambda placement, op: type(op) is keras.layers.Embedding, _place_embedding),
+    (
+        lambda placement, op: type(op) is keras.layers.LayerNormalization,
+        _place_layer_normalization,
+    ),
+    (lambda placement, op: int8_rules.is_bilinear_resize(op), _place_bilinear_resize),
+    (lambda placement, op: True, _place_grid_keeping),
+)

@@ -1,0 +1,139 @@
+"""What `convert_quant_network` converts, and the one error listing every
+layer it does not.
+
+A layer or Keras operation converts when a table says what its int8 model
+does with it: a fusion layer (or a Keras layer that fuses into one), a
+decomposition, a Keras layer with a quantized form, or one of
+`keras_qat.int8_rules`' tables (rounding, grid-keeping, shared-grid). The
+refusal message is built from the same tables.
+"""
+
+import keras
+import numpy as np
+
+from keras_qat import graph, int8_rules
+from keras_qat.layers.quantized import QUANTIZED_FORMS, has_quantized_form
+from keras_qat.transforms import attention, einsum_dense
+from keras_qat.transforms.fuse import fusable_classes, unfusable_reason
+
+# Layers rewritten as the graph their int8 model computes, in this order.
+DECOMPOSITIONS = (attention.DECOMPOSITION, einsum_dense.DECOMPOSITION)
+
+# Keras layers that placement replaces by a quantized form of their own.
+QUANTIZED_KERAS_LAYERS = (keras.layers.Embedding, keras.layers.LayerNormalization)
+
+# Layers that turn an integer model input (uint8 images, ...) into floats.
+_INTEGER_CASTS = (keras.layers.Rescaling, keras.layers.Normalization)
+
+
+def is_float(tensor):
+    """Whether a symbolic tensor holds floats (bfloat16 included)."""
+    return keras.backend.standardize_dtype(tensor.dtype).startswith(("float", "bfloat"))
+
+
+def is_integer_cast(operation, graph_view):
+    """A Rescaling, Normalization or cast that turns an integer tensor (an
+    integer model input, such as uint8 images) into a float one."""
+    casts = _INTEGER_CASTS + int8_rules.GRID_KEEPING_OPERATIONS
+    inputs = graph_view.input_tensors(operation)
+    return isinstance(operation, casts) and bool(inputs) and not is_float(inputs[0])
+
+
+def float64_constant(operation):
+    """Whether a Keras operation has a float64 NumPy constant (`x *
+    np.sqrt(d)`), which makes Keras compute it, and what follows, in
+    float64: no int8 kernel does."""
+    if isinstance(operation, keras.layers.Layer):
+        return False
+    constants = keras.tree.flatten(graph.node_arguments(operation))
+    return any(
+        isinstance(c, (np.ndarray, np.floating)) and c.dtype == np.float64 for c in constants
+    )
+
+
+def is_supported(operation, graph_view):
+    """Whether placement knows what the int8 model does with `operation`
+    (after inlining, decomposition and fusion)."""
+    if is_integer_cast(operation, graph_view):
+        return True
+    if int8_rules.unsupported_reason(operation) is not None or float64_constant(operation):
+        return False
+    if isinstance(operation, graph.MATMUL_OPERATION):  # of two tensors, not a constant
+        return len(graph_view.input_tensors(operation)) == 2
+    if not isinstance(operation, keras.layers.Layer):
+        return isinstance(
+            operation, int8_rules.ROUNDING_OPERATIONS + int8_rules.GRID_KEEPING_OPERATIONS
+        )
+    if type(operation) in QUANTIZED_KERAS_LAYERS or has_quantized_form(operation):
+        return True
+    return isinstance(
+        operation,
+        int8_rules.ROUNDING_LAYERS
+        + int8_rules.GRID_KEEPING_LAYERS
+        + int8_rules.SHARED_GRID_LAYERS
+        + (keras.layers.InputLayer,),
+    )
+
+
+def check_supported(model, skipped):
+    """Raises one `ValueError` listing every layer of `model` (not named in
+    `skipped`) that cannot be converted, with the reason where one is known."""
+    graph_view = graph.Graph(model)
+    unsupported = [
+        describe(op, graph_view)
+        for op in graph_view.operations
+        if op.name not in skipped and not is_supported(op, graph_view)
+    ]
+    if unsupported:
+        raise ValueError(
+            "`convert_quant_network` cannot quantize these layers of model "
+            f"'{model.name}': {', '.join(unsupported)}. Supported: {supported_summary()}. "
+            "To keep layers in float, pass them to `skip_layers` (names, classes or a "
+            "predicate)."
+        )
+
+
+def _names(classes):
+    return ", ".join(c.__name__ for c in classes)
+
+
+def supported_summary():
+    """What converts, by kind, built from the tables."""
+    parts = (
+        ("layers that fuse with the BatchNormalization and activation after them", _fusable()),
+        ("fusion layers", _names(QUANTIZED_FORMS)),
+        ("rewritten as their int8 graph", _names(d.layer_class for d in DECOMPOSITIONS)),
+        ("with a quantized form", _names(QUANTIZED_KERAS_LAYERS)),
+        ("rounding layers", _names(int8_rules.ROUNDING_LAYERS)),
+        ("shared-grid layers", _names(int8_rules.SHARED_GRID_LAYERS)),
+        ("grid-keeping layers", _names(int8_rules.GRID_KEEPING_LAYERS)),
+        ("rounding Keras operations", _names(int8_rules.ROUNDING_OPERATIONS)),
+        ("grid-keeping Keras operations", _names(int8_rules.GRID_KEEPING_OPERATIONS)),
+    )
+    return "; ".join(f"{kind}: {names}" for kind, names in parts)
+
+
+def _fusable():
+    """The fusable Keras classes; the affine ones only on 4D inputs."""
+    affine = (keras.layers.BatchNormalization, keras.layers.Rescaling, keras.layers.Normalization)
+    linear = [c for c in fusable_classes() if c not in affine]
+    return f"{_names(linear)} (and {_names(affine)} on 4D inputs, last axis)"
+
+
+def describe(operation, graph_view):
+    """`'name' (Class)`, with the reason when a known attribute is the problem."""
+    reason = unfusable_reason(operation) if isinstance(operation, fusable_classes()) else None
+    reason = reason or int8_rules.unsupported_reason(operation)
+    for decomposition in DECOMPOSITIONS:
+        if decomposition.matches(operation):
+            reason = decomposition.unsupported_reason(operation)
+    if float64_constant(operation):
+        reason = (
+            "a float64 NumPy constant, which makes Keras compute in float64; use a "
+            "Python float or a float32 array"
+        )
+    elif isinstance(operation, graph.MATMUL_OPERATION):
+        reason = "a matmul with a constant; use a Dense or EinsumDense layer"
+    reason = f": {reason}" if reason else ""
+    kind = "" if isinstance(operation, keras.layers.Layer) else "Keras operation "
+    return f"'{operation.name}' ({kind}{operation.__class__.__name__}{reason})"
