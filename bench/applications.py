@@ -78,29 +78,29 @@ def run(name):
     x = (rng.uniform(0, 1, (64, size, size, 3)) * input_scale).astype("float32")
     set_batchnorm_statistics(model, x)
     start = time.perf_counter()
-    qmodel = kq.convert_quant_network(
+    qat_model = kq.convert_quant_network(
         model, per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False]
     )
     convert_s = time.perf_counter() - start
-    qmodel.compile(
+    qat_model.compile(
         optimizer=keras.optimizers.SGD(1e-4),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
     )
     start = time.perf_counter()
-    qmodel.fit(
+    qat_model.fit(
         x[:16], keras.utils.to_categorical(rng.integers(0, 10, 16), 10), batch_size=8, verbose=0
     )
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
-    int8 = kq.export_tflite(qmodel, allow_float_ops=True)
+    int8 = kq.export_tflite(qat_model, allow_float_ops=True)
     export_s = time.perf_counter() - start
-    report = kq.compare_tflite(qmodel, int8, x)
+    report = kq.compare_tflite(qat_model, int8, x)
     return {
         "network": name,
-        **xla_yardstick(qmodel, x, report["output_scale"]),
+        **xla_yardstick(qat_model, x, report["output_scale"]),
         "input_size": size,
         "keras_layers": len(model.layers),
-        "quant_layers": len(qmodel.layers),
+        "quant_layers": len(qat_model.layers),
         "convert_s": convert_s,
         "fit_2_steps_s": fit_s,
         "export_s": export_s,
@@ -124,11 +124,11 @@ def set_batchnorm_statistics(model, x):
         layer.momentum = momentum
 
 
-def xla_yardstick(qmodel, x, output_scale):
+def xla_yardstick(qat_model, x, output_scale):
     """How the Keras model under XLA agrees with itself without XLA (its
     fake-quant kernel rounds some float ties the other way)."""
-    keras_out = qmodel.predict(x, batch_size=256, verbose=0)
-    xla = tf.function(lambda batch: qmodel(batch, training=False), jit_compile=True)
+    keras_out = qat_model.predict(x, batch_size=256, verbose=0)
+    xla = tf.function(lambda batch: qat_model(batch, training=False), jit_compile=True)
     xla_out = np.concatenate([xla(x[i : i + 256]).numpy() for i in range(0, len(x), 256)])
     steps = np.abs(xla_out - keras_out) / output_scale
     return {
@@ -176,13 +176,13 @@ def run_trained(name, data):
         return network.evaluate(x_test, y_test, batch_size=256, verbose=0)[1], seconds
 
     float_accuracy, float_s = fit(model, FLAGS.float_epochs, 2e-3)
-    qmodel = kq.convert_quant_network(
+    qat_model = kq.convert_quant_network(
         model, per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False]
     )
-    qat_accuracy, qat_s = fit(qmodel, FLAGS.qat_epochs, 1e-4)
-    int8 = kq.export_tflite(qmodel)
+    qat_accuracy, qat_s = fit(qat_model, FLAGS.qat_epochs, 1e-4)
+    int8 = kq.export_tflite(qat_model)
     tflite_out, _ = kq.run_tflite(int8, x_test)
-    report = kq.compare_tflite(qmodel, int8, x_test)
+    report = kq.compare_tflite(qat_model, int8, x_test)
     return {
         "network": name,
         "train_images": len(x_train),
@@ -192,7 +192,7 @@ def run_trained(name, data):
         "float_s": float_s,
         "qat_s": qat_s,
         "int8_bytes": len(int8),
-        **xla_yardstick(qmodel, x_test, report["output_scale"]),
+        **xla_yardstick(qat_model, x_test, report["output_scale"]),
         **report,
     }
 

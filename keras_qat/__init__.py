@@ -11,9 +11,9 @@ if _keras.config.backend() != "tensorflow":
     )
 
 from keras_qat import callbacks
+from keras_qat.export.checks import check_exportable
 from keras_qat.export.interpreter import compare_tflite, run_tflite, tflite_interpreter
 from keras_qat.export.litert import (
-    check_exportable,
     export_float_tflite,
     export_tflite,
     strip_tflite_names,

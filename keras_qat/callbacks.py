@@ -6,8 +6,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from keras_qat import graph
-from keras_qat.layers.fake_quant import FakeQuant
+from keras_qat import quantizer_roles
 from keras_qat.report import quant_report, range_rows
 
 
@@ -88,8 +87,8 @@ class QuantRangeLogger(keras.callbacks.Callback):
     def _warn(self, rows, epoch):
         delayed = {
             layer.name
-            for layer in graph.all_layers(self.model)
-            if isinstance(layer, FakeQuant) and int(layer.steps()) < layer.quant_delay
+            for layer, role, quantizer in quantizer_roles.model_quantizers(self.model)
+            if role == quantizer_roles.OUTPUT and int(quantizer.steps()) < quantizer.quant_delay
         }
         for row in rows:
             if row["kind"] != "activation" or row["tensor"] in delayed:

@@ -26,14 +26,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_qat import graph, quantizers
+from keras_qat import graph, quantizer_roles, quantizers
 from keras_qat.export.interpreter import TensorProbe, as_input_list
-from keras_qat.layers import bn_folding
-from keras_qat.layers.attention_mask import QuantAttentionScoreMask
 from keras_qat.layers.call_context import quantization_bypassed
-from keras_qat.layers.fake_quant import FakeQuant
-from keras_qat.layers.fusion import FusionLayer
-from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
 from keras_qat.transforms.fuse import fuse, has_fusable_layers
 
 COLUMNS = (
@@ -56,14 +51,16 @@ COLUMNS = (
 
 
 class ActivationTap:
-    """One activation grid of the model: its quantizer, the symbolic tensor
-    it writes on the grid and the one it reads (None for a concatenation)."""
+    """One activation grid of the model: the layer whose output it is, its
+    quantizer, the symbolic tensor it writes on the grid and the one it
+    reads (None where the layer cannot say what it computes before it
+    rounds: a concatenation, an attention mask)."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, quantizer):
         self.layer = layer
-        self.quantizer = layer if isinstance(layer, FakeQuant) else layer.quantizer
+        self.quantizer = quantizer
         self.output = keras.tree.flatten(layer.output)[0]
-        self.input = layer.input if isinstance(layer, (FakeQuant, QuantAveragePooling2D)) else None
+        self.input = layer.input if hasattr(layer, "unquantized_output") else None
         self.producer = graph.producer(keras.tree.flatten(layer.input)[0])
 
     def grid(self):
@@ -79,19 +76,15 @@ class ActivationTap:
         """The unquantized value of the tensor, from this tap's input."""
         if self.input is None:
             return None
-        if isinstance(self.layer, QuantAveragePooling2D):
-            return keras.layers.AveragePooling2D.call(self.layer, inputs).numpy()
-        return np.asarray(quantizers.fused_activation(inputs, self.quantizer.activation))
+        return np.asarray(self.layer.unquantized_output(inputs))
 
 
 def activation_taps(qat_model):
-    """The activation grids of `qat_model`, in graph order."""
+    """The output grids of `qat_model`'s layers, in graph order."""
     return [
-        ActivationTap(op)
-        for op in graph.Graph(qat_model).operations
-        if isinstance(
-            op, (FakeQuant, QuantConcatenate, QuantAveragePooling2D, QuantAttentionScoreMask)
-        )
+        ActivationTap(layer, quantizer)
+        for layer, role, quantizer in quantizer_roles.model_quantizers(qat_model)
+        if role == quantizer_roles.OUTPUT
     ]
 
 
@@ -181,18 +174,16 @@ def _sqnr(signal, noise):
 
 
 def weight_rows(qat_model):
-    """One row per quantized kernel (the folded kernel of a folded layer)."""
+    """One row per quantized weight tensor: kernels (the folded kernel of a
+    folded layer), embedding tables, layer norms' `gamma` and `beta`."""
     rows = []
-    for layer in graph.all_layers(qat_model):
-        if isinstance(layer, FusionLayer) and layer.quantized:
-            rows.append(_weight_row(layer))
+    for layer, role, quantizer in quantizer_roles.model_quantizers(qat_model):
+        if quantizer_roles.kind(role) == quantizer_roles.WEIGHTS:
+            rows.append(_weight_row(layer, role, quantizer, layer.quantized_weights()[role]))
     return rows
 
 
-def _weight_row(layer):
-    quantizer = layer.weight_quantizer
-    kernel = bn_folding.folded_kernel(layer) if layer.folded else layer.kernel()
-    kernel = tf.cast(kernel, tf.float32)
+def _weight_row(layer, role, quantizer, kernel):
     low, high = quantizers.quant_range(*quantizer.range(kernel), quantizer.symmetric)
     nudged_min, nudged_max, scale = quantizers.nudged_range(
         low, high, quantizer.num_bits, quantizer.narrow_range
@@ -207,7 +198,7 @@ def _weight_row(layer):
         float(np.sum(kernel.astype(np.float64) ** 2)), float(np.sum((quantized - kernel) ** 2.0))
     )
     return dict(
-        tensor=f"{layer.name}/kernel",
+        tensor=f"{layer.name}/{quantizer_roles.role_name(role)}",
         kind="weights",
         layer=layer.name,
         layer_class=type(layer).__name__,
@@ -227,7 +218,7 @@ def _weight_row(layer):
 
 def inference_function(model):
     """A fresh `tf.function` of `model` in inference, traced now (so that a
-    `modes` context around this call decides what it computes)."""
+    `call_context` context around this call decides what it computes)."""
     specs = [tf.TensorSpec(t.shape, t.dtype) for t in model.inputs]
 
     def call(*inputs):
@@ -391,7 +382,8 @@ def _in_graph_order(qat_model, rows):
     before the activation grid that follows it."""
     ordered = []
     for op in graph.Graph(qat_model).operations:
-        for key in (f"{op.name}/kernel", op.name):
+        keys = [key for key in rows if key.startswith(f"{op.name}/")] + [op.name]
+        for key in keys:
             if key in rows and rows[key] not in ordered:
                 ordered.append(rows[key])
     return ordered + [row for row in rows.values() if row not in ordered]

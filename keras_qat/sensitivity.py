@@ -13,40 +13,24 @@ float model's.
 import keras
 import numpy as np
 
-from keras_qat import graph
+from keras_qat import graph, quantizer_roles
 from keras_qat.export.interpreter import as_input_list
-from keras_qat.layers.activations import TwoOpActivation
-from keras_qat.layers.attention_mask import QuantAttentionScoreMask
 from keras_qat.layers.call_context import quantization_bypassed
-from keras_qat.layers.fake_quant import FakeQuant
-from keras_qat.layers.fusion import FusionLayer
-from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
 from keras_qat.report import inference_function
-
-# Layers that hold the quantizer of their output grid themselves.
-_OWN_QUANTIZER_LAYERS = (
-    QuantConcatenate,
-    QuantAveragePooling2D,
-    TwoOpActivation,
-    QuantAttentionScoreMask,
-)
 
 
 def quantizer_groups(qat_model):
-    """`{name: [quantizers]}` in graph order: a quantized layer's weight
-    quantizer with the `FakeQuant`s that quantize its output, named after
-    the layer; a layer with a quantizer of its own (concatenation, average
-    pooling, two-op activations); any other `FakeQuant`, named after the
-    layer it follows (an `Add`, a model input, ...)."""
+    """`{name: [quantizers]}` in graph order: every quantizer a layer holds
+    (`keras_qat.quantizer_roles`: weights, its output's shared range,
+    intermediate grids) under the layer's name, with the `FakeQuant`s that
+    quantize its output; a `FakeQuant` after another layer (an `Add`, a
+    model input, ...) under that layer's name."""
     groups = {}
-    for op in graph.Graph(qat_model).operations:
-        if isinstance(op, FusionLayer) and op.quantized:
-            groups.setdefault(op.name, []).append(op.weight_quantizer)
-        elif isinstance(op, _OWN_QUANTIZER_LAYERS):
-            groups.setdefault(op.name, []).append(op.quantizer)
-        elif isinstance(op, FakeQuant):
-            producer = graph.producer(keras.tree.flatten(op.input)[0])
-            groups.setdefault(producer.name, []).append(op)
+    for layer, _, quantizer in quantizer_roles.model_quantizers(qat_model):
+        name = layer.name
+        if quantizer is layer:  # a FakeQuant: the grid of the layer before it
+            name = graph.producer(keras.tree.flatten(layer.input)[0]).name
+        groups.setdefault(name, []).append(quantizer)
     return groups
 
 

@@ -5,8 +5,8 @@ that every fake-quant op runs unconditionally, and hands it to the TFLite
 converter. The converter reads each activation's range from the FakeQuant
 ops and each weight's from the weight fake-quant ops, so no representative
 dataset is needed and the integer model uses exactly the trained grids.
-`check_exportable` lists, before conversion, everything that keeps a model
-from int8.
+`check_exportable` (`keras_qat.export.checks`) lists, before conversion,
+everything that keeps a model from int8.
 """
 
 import inspect
@@ -18,14 +18,10 @@ import tensorflow as tf
 
 from keras_qat import graph
 from keras_qat.export import int16
+from keras_qat.export.checks import check_activation_type, check_exportable
 from keras_qat.export.interpreter import float_ops
 from keras_qat.export.quiet import quiet
-from keras_qat.layers import bn_folding
 from keras_qat.layers.call_context import tracing_for_export
-from keras_qat.layers.conv2d_transpose import Conv2DTransposeBnAct
-from keras_qat.layers.fake_quant import FakeQuant
-from keras_qat.layers.fusion import FusionLayer
-from keras_qat.layers.shared_range import QuantConcatenate
 from keras_qat.transforms.clones import Clones, clone
 
 
@@ -35,173 +31,6 @@ def _save_for_conversion(model, path):
     than some supported releases)."""
     quiet = {"verbose": False} if "verbose" in inspect.signature(model.export).parameters else {}
     model.export(path, **quiet)
-
-
-ACTIVATION_TYPES = ("int8", "int16")
-
-
-def _fake_quant_problems(layer, name, activations="int8"):
-    step = int(layer.steps())
-    problems = []
-    if layer.fixed_range is None and not bool(layer.has_range()):
-        problems.append(
-            f"{name} has no range: it has never seen a training batch with finite, "
-            "non-zero values (a layer whose outputs are all zero, such as a dead ReLU, "
-            "has none; train it, or remove the layer)"
-        )
-    elif step < layer.quant_delay:
-        problems.append(f"{name} is still in its quant delay ({step} of {layer.quant_delay} steps)")
-    if activations == "int16":
-        problems += _int16_problems(layer, name)
-    elif layer.num_bits != 8:
-        problems.append(
-            f"{name} quantizes activations to {layer.num_bits} bits; int8 TFLite needs 8"
-        )
-    if layer.per_channel:
-        problems.append(f"{name} is per channel; TFLite activations are per tensor")
-    return problems
-
-
-def _int16_problems(layer, name):
-    """What keeps a `FakeQuant` from TFLite's int16 activations: 16 bits, a
-    symmetric narrow grid (zero point 0), a range of its own."""
-    if layer.fixed_range is not None:
-        return [
-            f"{name} has a fixed range (the int8 output grid of a softmax, sigmoid, tanh or "
-            "a two-op activation), which the int16 export does not handle"
-        ]
-    if layer.num_bits != 16 or not (layer.symmetric and layer.narrow_range):
-        return [
-            f"{name} quantizes to {layer.num_bits} bits, "
-            f"{'symmetric' if layer.symmetric else 'asymmetric'}"
-            f"{'' if layer.narrow_range else ', on the full grid'}; int16 activations "
-            "need 16 bits, symmetric, narrow (zero point 0): convert with num_bits=[8, 16], "
-            "symmetric=[True, True], narrow_range=[True, True]"
-        ]
-    return []
-
-
-def _weight_problems(layer, name):
-    quantizer = layer.weight_quantizer
-    problems = []
-    if not (quantizer.symmetric and quantizer.narrow_range):
-        problems.append(
-            f"{name} has asymmetric weights; TFLite int8 weights have zero point 0 "
-            "(convert with symmetric=[True, ...], narrow_range=[True, ...])"
-        )
-    if quantizer.num_bits > 8:
-        problems.append(f"{name} has {quantizer.num_bits}-bit weights; int8 TFLite holds at most 8")
-    step = int(quantizer.steps())
-    if step < quantizer.quant_delay:
-        problems.append(
-            f"{name} is still in its quant delay ({step} of {quantizer.quant_delay} steps)"
-        )
-    problems += _scale_layout_problems(layer, name)
-    if _adds_int32_bias(layer) and any(
-        "input_scale" not in kwargs for _, kwargs in graph.node_arguments(layer)
-    ):
-        problems.append(
-            f"{name} adds its bias in float: it is called without the `input_scale` "
-            "of a FakeQuant before it, so its bias is not on the int32 grid TFLite "
-            "rounds it to (build the model with convert_quant_network)"
-        )
-    if _adds_int32_bias(layer) and _largest_int32_bias(layer) > 2**31 - 1:
-        problems.append(
-            f"{name} has a bias that overflows TFLite's int32 bias grid (input scale x "
-            "weight scale): its input's range is too narrow for its bias"
-        )
-    return problems
-
-
-def _scale_layout_problems(layer, name):
-    """Weight scales (per tensor or per channel) that the int8 kernel cannot
-    take as the layer has them."""
-    per_channel = layer.weight_quantizer.per_channel
-    problems = []
-    if layer.has_bn and not per_channel and not layer.folded:
-        problems.append(
-            f"{name} has per-tensor weights followed by a BatchNorm: folding the "
-            "BatchNorm's per-channel scale into them leaves them off their single "
-            "int8 grid (use bn_fold=True or per_channel=[True, ...] for weights)"
-        )
-    if per_channel and isinstance(layer, Conv2DTransposeBnAct):
-        problems.append(
-            f"{name} has per-channel weights: the TFLite converter (2.21) cannot "
-            "carry a per-channel kernel through the transpose to TRANSPOSE_CONV's "
-            "layout ('tfl.transpose' op has mismatched quantized axes); convert with "
-            "per_channel=None (per tensor for transposed convolutions) or False"
-        )
-    return problems
-
-
-def _largest_int32_bias(layer):
-    """The largest |bias| in units of its int32 grid over the layer's calls
-    (0 without a known input grid): above 2**31 - 1 TFLite's bias overflows."""
-    if layer.folded:
-        kernel, bias = bn_folding.folded_kernel(layer), bn_folding.folded_bias(layer)
-    else:
-        kernel, bias = layer.kernel(), layer.linear_layer.bias
-    weight_scale = layer.weight_quantizer.grid_scale(*layer.weight_quantizer.range(kernel))
-    largest = 0.0
-    for _, kwargs in graph.node_arguments(layer):
-        source = graph.producer(kwargs.get("input_scale"))
-        quantizer = getattr(source, "quantizer", source)
-        if isinstance(quantizer, FakeQuant):
-            step = quantizer.grid_scale(quantizer.min, quantizer.max) * weight_scale
-            levels = tf.math.divide_no_nan(tf.abs(tf.cast(bias, tf.float32)), step)
-            largest = max(largest, float(tf.reduce_max(levels)))
-    return largest
-
-
-def _adds_int32_bias(layer):
-    """Whether the integer kernel adds this quantized layer's bias in int32
-    from its own weights (an unfolded BatchNorm's bias is TFLite's fold)."""
-    return layer.folded or (layer.linear_layer.use_bias and layer.bn is None)
-
-
-def check_exportable(qat_model, activations="int8"):
-    """Raises `ValueError` listing everything that keeps `qat_model` from int8.
-
-    An int8 TFLite model needs every range calibrated and past its quant
-    delay, 8-bit per-tensor activations, and weights of at most 8 bits that
-    are symmetric with zero point 0 (`symmetric=True, narrow_range=True` for
-    weights): TFLite's int8 kernels assume a zero weight zero point, so
-    asymmetric weights would run, silently wrong. The converter folds a
-    BatchNorm that follows fake-quantized weights into them; that is exact
-    for per-channel weights (each channel's scale changes, its levels do
-    not) but not for per-tensor weights. A quantized layer must know its
-    input's grid (`input_scale`) to add its bias as the integer kernel does.
-    With `activations="int16"` every activation grid must instead be 16-bit,
-    symmetric and narrow (TFLite's int16 tensors have zero point 0), and not
-    a fixed output range.
-
-    Args:
-        qat_model: A quantization network.
-        activations: `"int8"` or `"int16"`, as in `export_tflite`.
-
-    Raises:
-        ValueError: listing every problem, one per line, each naming its
-            layer, or for an unknown `activations`.
-    """
-    _check_activation_type(activations)
-    problems = []
-    for layer in graph.all_layers(qat_model):
-        name = f"'{layer.name}' ({layer.__class__.__name__})"
-        if isinstance(layer, QuantConcatenate) and activations == "int16":
-            problems.append(
-                f"{name}: TF 2.21's converter has no int16 CONCATENATION ('tfl.concatenation' "
-                "takes no 16-bit quantized operands)"
-            )
-        if isinstance(layer, FakeQuant):
-            problems += _fake_quant_problems(layer, name, activations)
-        elif isinstance(layer, FusionLayer) and layer.quantized:
-            problems += _weight_problems(layer, name)
-    if problems:
-        kind = "an int8" if activations == "int8" else "a 16x8 (int16 activations)"
-        raise ValueError(
-            f"This quantization network cannot be exported as {kind} TFLite model:\n- "
-            + "\n- ".join(problems)
-        )
 
 
 def export_tflite(
@@ -324,16 +153,8 @@ def export_tflite(
     return _finish(tflite_bytes, path, strip_names)
 
 
-def _check_activation_type(activations):
-    if activations not in ACTIVATION_TYPES:
-        raise ValueError(
-            "Received an invalid value for `activations`, expected 'int8' or 'int16'. "
-            f"Received: activations={activations!r}"
-        )
-
-
 def _check_activations(activations, input_type, output_type):
-    _check_activation_type(activations)
+    check_activation_type(activations)
     for name, value in (("input_type", input_type), ("output_type", output_type)):
         if activations == "int16" and tf.as_dtype(value) != tf.float32:
             raise ValueError(

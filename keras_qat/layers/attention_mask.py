@@ -112,8 +112,8 @@ class QuantAttentionScoreMask(AttentionScoreMask):
     (SELECT_V2, whose constant the converter stores on the scores' grid).
     A masked key is then at least 7 below the largest kept score of its
     row, and gets a softmax weight below 1 / 512, which int8 softmax rounds
-    to 0 (at the bottom of the learned range itself, a row whose kept scores
-    are all low gave its masked keys up to 12 % of the weight, measured).
+    to 0 (at the bottom of the learned range itself, rows whose kept scores
+    are all low gave their masked keys weight: docs/measurements.md).
     While quantization is inactive (quant delay) the layer computes what
     `AttentionScoreMask` computes.
 

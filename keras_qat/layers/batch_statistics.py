@@ -9,8 +9,8 @@ matmul without its bias, as the per-channel affine map `y * scale + shift`:
 - an unfolded layer (`Quant...BnAct`) does not add its bias before a
   training BatchNorm (`train_without_bias`); its result equals Keras'
   `BatchNormalization` on `y + b` up to float rounding, and the moving
-  statistics follow the same updates (measured on LeNet-5 with BatchNorm:
-  0.4 ms of a 13 ms training step);
+  statistics follow the same updates (the time it saves:
+  docs/measurements.md);
 - a folded layer (`keras_qat.layers.bn_folding`) gets `y` from its folded
   kernel and divides the fold factor back out (`batch_affine(..., factor)`).
 

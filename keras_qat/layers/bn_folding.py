@@ -26,9 +26,8 @@ the batch statistics' from `keras_qat.layers.batch_statistics.batch_affine`);
 both maps are computed (the batch statistics are two reductions of `y`) and
 the one of the current step is selected, then applied in one pass, which XLA
 fuses with what follows. A conditional that skipped the statistics after
-`freeze_bn` was measured: it saved no time before `freeze_bn` and raised the
-peak memory of a ResNet-20 training step by a third; it also could not hold
-the cross-replica reduction of `synchronized=True`.
+`freeze_bn` saved no time and cost peak memory (docs/measurements.md); it
+also could not hold the cross-replica reduction of `synchronized=True`.
 
 With `synchronized=True` the batch statistics are those of the global batch
 under a `tf.distribute` strategy (Keras' `BatchNormalization(synchronized=

@@ -52,7 +52,7 @@ def get_activation(activation):
 
 
 class FusionLayer(keras.layers.Layer):
-    """Base of the fusion layers: the BatchNorm, the activation, the modes.
+    """Base of the fusion layers: the BatchNorm, the activation, quantization.
 
     Subclasses create their Keras layer (the *linear layer*) in `__init__`
     and implement `linear_layer`, `kernel()` and `kernel_op()`.
@@ -128,9 +128,9 @@ class FusionLayer(keras.layers.Layer):
         }
         self.bn = bn if self.has_bn else None
         self.linear_trainable = check_bool("linear_trainable", linear_trainable)
-        self._init_modes(weight_quantizer, freeze_bn)
+        self._init_quantization(weight_quantizer, freeze_bn)
 
-    def _init_modes(self, weight_quantizer, freeze_bn):
+    def _init_quantization(self, weight_quantizer, freeze_bn):
         if not self.quantized:
             if weight_quantizer is not None:
                 raise ValueError(

@@ -92,8 +92,13 @@ class QuantLayerNormalization(keras.layers.LayerNormalization):
         self.stages = stages(self.scale, self.center)
         for stage in self.stages:
             setattr(self, f"{stage}_quant", FakeQuant(name=f"{stage}_quant", **self.quantizer))
-        self.gamma_quantizer = WeightQuantizer(name="gamma_quantizer", **weight_options)
-        self.beta_quantizer = WeightQuantizer(name="beta_quantizer", **weight_options)
+        # Only the weights it has (`scale`, `center`) get a quantizer.
+        self.gamma_quantizer = (
+            WeightQuantizer(name="gamma_quantizer", **weight_options) if self.scale else None
+        )
+        self.beta_quantizer = (
+            WeightQuantizer(name="beta_quantizer", **weight_options) if self.center else None
+        )
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -103,7 +108,7 @@ class QuantLayerNormalization(keras.layers.LayerNormalization):
             if not quantizer.built:  # built when loaded
                 quantizer.build(reduced if stage in ("mean", "variance") else input_shape)
         for quantizer in (self.gamma_quantizer, self.beta_quantizer):
-            if not quantizer.built:
+            if quantizer and not quantizer.built:
                 quantizer.build((input_shape[-1],))
 
     def call(self, inputs, training=False):

@@ -28,8 +28,8 @@ chain rule's times the step): plain SGD then moves the step as LSQ's own
 update of the step would, to first order (`d log s = ds / s`), and Adam and
 the other optimizers that normalize each variable's update move it by a
 relative amount of about the learning rate (on the step itself, a learning
-rate of 1e-2 would wipe out a step of 0.004 in one update; measured: the
-int32 bias grid of a layer after it overflowed). A constraint keeps
+rate of 1e-2 would wipe out a step of 0.004 in one update, and the int32
+bias grid of a layer after it overflowed: docs/measurements.md). A constraint keeps
 `log_scale` within `log(MIN_STEP)` and `log(MAX_STEP)` after each update,
 so the step stays finite and positive whatever the learning rate. It is an
 ordinary trainable variable, all-reduced under `tf.distribute`; the

@@ -11,8 +11,8 @@ stored as `round(a * 2048)` (11 fractional bits):
     bottom = (bl << 11) + (br - bl) * a_x
     out    = ((top << 11) + (bottom - top) * a_y + 2**21) >> 22
 
-in integers (measured: equal on every output of 2x, 3x, 6x7 -> 9x11 and
-6x7 -> 4x5 resizes). These layers compute Keras' float resize of their
+in integers (checked against the kernel on every output of several
+resizes: docs/measurements.md). These layers compute Keras' float resize of their
 fake-quantized input and replace its value by that integer result (a
 straight-through gradient), given the input's grid step (`input_scale`, from
 the `FakeQuant` before them). Without a grid (or with a zero one, during a

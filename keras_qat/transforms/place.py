@@ -154,9 +154,10 @@ class Placement:
         """Whether `operation`'s output is the second operand of a
         `keras.ops.matmul`, directly or through layers that keep its grid.
 
-        TFLite's int8 BATCH_MATMUL ignores that operand's zero point (an
-        asymmetric one was measured off by up to 95 steps), so its grid must
-        be zero-centred: symmetric, on the narrow grid (zero point 0).
+        TFLite's int8 BATCH_MATMUL ignores that operand's zero point (how
+        far off an asymmetric one puts it: docs/measurements.md), so its
+        grid must be zero-centred: symmetric, on the narrow grid (zero
+        point 0).
         """
         for consumer in self.graph.consumers(operation):
             if isinstance(consumer, _GRID_PASSING_LAYERS):

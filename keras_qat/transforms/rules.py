@@ -46,9 +46,9 @@ def place_integer_cast(placement, operation, args, kwargs):
 
 def _on_int8_grid(constant):
     """A NumPy constant operand as the TFLite converter stores it: int8 on
-    the asymmetric grid of its own min / max (measured: a position encoding
-    added as a float constant left 4 % of an ADD's outputs one step off, on
-    this grid 0.005 %). Other values are returned as they are."""
+    the asymmetric grid of its own min / max (a float constant left an ADD's
+    outputs off by a step where this grid does not: docs/measurements.md).
+    Other values are returned as they are."""
     if not isinstance(constant, np.ndarray) or constant.dtype != np.float32:
         return constant
     low, high = float(min(constant.min(), 0.0)), float(max(constant.max(), 0.0))
