@@ -48,7 +48,7 @@ flags.DEFINE_string(
 flags.DEFINE_string("output_dir", "runs/lenet", "Where models and results are written.")
 flags.DEFINE_integer("float_epochs", 10, "Float training epochs.")
 flags.DEFINE_integer("qat_epochs", 3, "Quantization-aware training epochs.")
-flags.DEFINE_integer("batch_size", 64, "Batch size.")
+flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1)
 flags.DEFINE_float("float_lr", 1e-3, "Adam learning rate of float training.")
 flags.DEFINE_float("qat_lr", 1e-4, "Adam learning rate of QAT.")
 flags.DEFINE_integer("quant_delay", 900, "Training steps before fake quantization starts.")

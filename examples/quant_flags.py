@@ -16,7 +16,12 @@ def num_bits():
             "--num_bits takes two integers, weights then activations. "
             f"Received: --num_bits={','.join(FLAGS.num_bits)}"
         )
-    return tuple(int(b) for b in FLAGS.num_bits)
+    bits = tuple(int(b) for b in FLAGS.num_bits)
+    if not all(2 <= b <= 16 for b in bits):
+        raise app.UsageError(
+            f"--num_bits takes widths from 2 to 16. Received: --num_bits={','.join(FLAGS.num_bits)}"
+        )
+    return bits
 
 
 def label():

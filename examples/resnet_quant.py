@@ -46,7 +46,7 @@ flags.DEFINE_string(
 flags.DEFINE_string("output_dir", "runs/resnet", "Where models and results are written.")
 flags.DEFINE_integer("float_epochs", 6, "Float training epochs.")
 flags.DEFINE_integer("qat_epochs", 1, "QAT epochs, for each of bn_fold=True and bn_fold=False.")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.", lower_bound=1)
 flags.DEFINE_float("float_lr", 2e-3, "Adam learning rate of float training (cosine decay).")
 flags.DEFINE_float("qat_lr", 1e-4, "Adam learning rate of QAT (cosine decay over the QAT steps).")
 flags.DEFINE_string(
@@ -103,6 +103,7 @@ def train(model, data, epochs, learning_rate, strategy):
 def main(argv):
     del argv
     quant_flags.num_bits()  # a bad value fails before training
+    bn_fold_modes()
     if FLAGS.export_tflite and quant_flags.num_bits()[1] != (16 if int16() else 8):
         raise app.UsageError(
             "--export_tflite needs 8-bit activations (TFLite's integer kernels), or 16-bit "

@@ -43,7 +43,7 @@ flags.DEFINE_string(
 flags.DEFINE_string("output_dir", "runs/unet", "Where models and results are written.")
 flags.DEFINE_integer("float_epochs", 3, "Float training epochs.")
 flags.DEFINE_integer("qat_epochs", 1, "QAT epochs.")
-flags.DEFINE_integer("batch_size", 64, "Batch size.")
+flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1)
 flags.DEFINE_float("float_lr", 2e-3, "Adam learning rate of float training (cosine decay).")
 flags.DEFINE_float("qat_lr", 2e-4, "Adam learning rate of QAT (cosine decay).")
 flags.DEFINE_integer("quant_delay", 100, "Training steps before fake quantization starts.")

@@ -32,11 +32,11 @@ import idx_data  # noqa: E402
 import keras_qat as kq  # noqa: E402
 
 flags.DEFINE_string("data_dir", None, "Directory with the MNIST IDX files; default: data/mnist.")
-flags.DEFINE_string("dataset", "mnist", "mnist or fashion_mnist.")
+flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist"], "The data set.")
 flags.DEFINE_string("output_dir", "runs/vit", "Where models and results are written.")
 flags.DEFINE_integer("float_epochs", 5, "Float training epochs.")
 flags.DEFINE_integer("qat_epochs", 1, "QAT epochs.")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.", lower_bound=1)
 flags.DEFINE_integer("blocks", 2, "Encoder blocks (2 to 4).")
 flags.DEFINE_integer("width", 64, "Token width.")
 flags.DEFINE_integer("heads", 4, "Attention heads.")

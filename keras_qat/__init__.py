@@ -46,7 +46,8 @@ from keras_qat.layers.resize import QuantResizing, QuantUpSampling2D
 from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
 from keras_qat.layers.weight_quantizer import WeightQuantizer
 from keras_qat.quantizers import fake_quant
-from keras_qat.report import QuantReport, quant_report
+from keras_qat.report import quant_report
+from keras_qat.report_table import QuantReport
 from keras_qat.sensitivity import SensitivityResult, sensitivity
 from keras_qat.transforms.convert import convert_quant_network
 from keras_qat.transforms.fuse import fuse

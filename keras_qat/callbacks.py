@@ -4,6 +4,7 @@ import os
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_qat import quantizer_roles
@@ -58,12 +59,44 @@ class QuantRangeLogger(keras.callbacks.Callback):
                 "Received an invalid value for `every_n_epochs`, expected a positive "
                 f"integer. Received: every_n_epochs={every_n_epochs!r}"
             )
+        if not isinstance(log_dir, (str, os.PathLike)):
+            raise ValueError(
+                "Received an invalid value for `log_dir`, expected a directory path. "
+                f"Received: log_dir={log_dir!r}"
+            )
+        if not 0.0 <= warn_clipped <= 1.0:
+            raise ValueError(
+                "Received an invalid value for `warn_clipped`, expected a fraction in "
+                f"[0, 1]. Received: warn_clipped={warn_clipped!r}"
+            )
         _require_tensorboard()
         self.log_dir = os.fspath(log_dir)
         self.every_n_epochs = every_n_epochs
         self.x = x
         self.warn_clipped = warn_clipped
         self._writer = None
+
+    def on_train_begin(self, logs=None):
+        """Checks, before the first epoch, that the model is quantized and
+        that `x` fits its inputs (a report on it runs at once)."""
+        if not quantizer_roles.model_quantizers(self.model):
+            warnings.warn(
+                f"QuantRangeLogger: model '{self.model.name}' has no quantizers, so there is "
+                "no range to log. Train the model from `convert_quant_network`.",
+                stacklevel=2,
+            )
+        elif self.x is not None:
+            names = [t.name for t in self.model.inputs]
+            shapes = [tuple(np.shape(v)[1:]) for v in keras.tree.flatten(self.x)]
+            expected = [tuple(t.shape[1:]) for t in self.model.inputs]
+            if len(shapes) != len(expected) or any(
+                len(s) != len(e) or any(a not in (b, None) for b, a in zip(s, e))
+                for s, e in zip(shapes, expected)
+            ):
+                raise ValueError(
+                    f"QuantRangeLogger's `x` does not fit the model's inputs {names} of "
+                    f"shapes {expected}. Received: x of shapes {shapes}"
+                )
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_n_epochs:

@@ -106,7 +106,9 @@ GRID_KEEPING_LAYERS = (
     L.SpatialDropout1D,
     L.SpatialDropout2D,
     L.Permute,
+    L.ZeroPadding1D,
     L.ZeroPadding2D,
+    L.Cropping1D,
     L.Cropping2D,
     L.Identity,
 )
@@ -193,7 +195,7 @@ def unsupported_reason(layer):
             "recurrent layers have no int8 form here; keep it in float with "
             f"skip_layers=[{layer.name!r}] and export with allow_float_ops=True"
         )
-    if isinstance(layer, graph.SOFTMAX_OPERATION) and layer.axis not in (-1, None):
+    if isinstance(layer, (L.Softmax, graph.SOFTMAX_OPERATION)) and not _over_last_axis(layer):
         return f"axis={layer.axis}: TFLite's SOFTMAX is over the last axis; transpose first"
     if type(layer) is L.LayerNormalization:
         config = layer.get_config()
@@ -227,6 +229,22 @@ def unsupported_reason(layer):
     return None
 
 
+def reads_indices(operation, operand=0):
+    """Whether `operation` reads its input number `operand` as indices or
+    flags, not as values to compute with: an `Embedding` (a GATHER of rows),
+    a cast to an integer or boolean type, an attention mask's mask (a
+    SELECT_V2's condition). Float token ids and 0 / 1 masks are exact; a grid
+    would round them onto other rows, or other flags."""
+    if isinstance(operation, L.Embedding):
+        return True
+    if isinstance(operation, AttentionScoreMask):
+        return operand == 1
+    if isinstance(operation, graph.CAST_OPERATION):
+        dtype = keras.backend.standardize_dtype(operation.dtype)
+        return dtype.startswith(("int", "uint")) or dtype == "bool"
+    return False
+
+
 def is_bilinear_resize(layer):
     """A bilinear `UpSampling2D` / `Resizing`: its int8 kernel (RESIZE_BILINEAR)
     rounds the interpolated values onto its input's grid."""
@@ -234,6 +252,16 @@ def is_bilinear_resize(layer):
         type(layer) in (L.UpSampling2D, L.Resizing)
         and layer.get_config().get("interpolation") == "bilinear"
     )
+
+
+def _over_last_axis(softmax):
+    """Whether a softmax (layer or operation) is over its input's last axis
+    only, in every call (`axis=-1`, or the last axis by number)."""
+    axes = softmax.axis if isinstance(softmax.axis, (list, tuple)) else [softmax.axis]
+    if len(axes) != 1:
+        return False
+    ranks = {len(args[0].shape) for args, _ in graph.node_arguments(softmax) if args}
+    return axes[0] in (-1, None) or all(axes[0] == rank - 1 for rank in ranks)
 
 
 def normalizes_last_axis(layer):

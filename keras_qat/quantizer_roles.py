@@ -52,6 +52,18 @@ def is_quantizing(layer):
     return bool(quantizers_of(layer))
 
 
+def check_float_model(model, function):
+    """Raises `ValueError` when `model` already holds quantizers: `function`
+    (`convert_quant_network`, `fuse`) takes the float model."""
+    quantized = [layer.name for layer in graph.all_layers(model) if is_quantizing(layer)]
+    if quantized:
+        raise ValueError(
+            f"Model '{model.name}' is already a quantization network (it has quantized "
+            f"layers: {', '.join(quantized[:5])}{', ...' if len(quantized) > 5 else ''}). "
+            f"`{function}` takes the float model; train this one as it is."
+        )
+
+
 def model_quantizers(model):
     """`(layer, role, quantizer)` for every quantizer of `model`, in graph
     order (nested models' included, where they appear)."""

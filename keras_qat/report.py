@@ -20,7 +20,7 @@ tensor kept) and by how many steps it differs at most, so that a mismatch
 can be traced to the first tensor where it appears.
 """
 
-import json
+import warnings
 
 import keras
 import numpy as np
@@ -29,25 +29,8 @@ import tensorflow as tf
 from keras_qat import graph, quantizer_roles, quantizers
 from keras_qat.export.interpreter import TensorProbe, as_input_list
 from keras_qat.layers.call_context import quantization_bypassed
+from keras_qat.report_table import QuantReport
 from keras_qat.transforms.fuse import fuse, has_fusable_layers
-
-COLUMNS = (
-    "tensor",
-    "kind",
-    "layer",
-    "layer_class",
-    "min",
-    "max",
-    "scale",
-    "zero_point",
-    "num_bits",
-    "clipped",
-    "grid_used",
-    "local_sqnr_db",
-    "sqnr_db",
-    "tflite_exact",
-    "tflite_max_steps",
-)
 
 
 class ActivationTap:
@@ -315,7 +298,12 @@ def quant_report(qat_model, x, *, float_model=None, tflite_model=None, batch_siz
         A `QuantReport`: rows in graph order, each a dict of `COLUMNS`.
 
     Raises:
-        ValueError: for inputs that do not match the model's.
+        ValueError: for inputs that do not match the model's, a model
+            without quantizers, a `batch_size` that is not a positive
+            integer, or a TFLite model that is not this model's export.
+
+    Warns:
+        UserWarning: when some grids have no range yet (an untrained model).
 
     Example:
 
@@ -329,6 +317,7 @@ def quant_report(qat_model, x, *, float_model=None, tflite_model=None, batch_siz
     ['x_quant', 'head/kernel', 'head_quant']
     """
     taps = activation_taps(qat_model)
+    _check_report_arguments(qat_model, taps, batch_size)
     names = [graph.producer(t).name for t in qat_model.inputs]
     inputs = as_input_list(x, names)
     statistics = [_Statistics(tap) for tap in taps]
@@ -337,6 +326,54 @@ def quant_report(qat_model, x, *, float_model=None, tflite_model=None, batch_siz
         run.add([v[start : start + batch_size] for v in inputs])
     rows = {row["tensor"]: row for row in [s.row() for s in statistics] + weight_rows(qat_model)}
     return QuantReport(_in_graph_order(qat_model, rows))
+
+
+def _check_report_arguments(qat_model, taps, batch_size):
+    """Raises `ValueError` for a model without quantizers or a bad
+    `batch_size`; warns of grids that have no range yet."""
+    if not quantizer_roles.model_quantizers(qat_model):
+        raise ValueError(
+            f"Model '{qat_model.name}' has no quantizers: quant_report measures the "
+            "quantized tensors of a model from `convert_quant_network`. Convert it first."
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            "Received an invalid value for `batch_size`, expected a positive integer. "
+            f"Received: batch_size={batch_size!r}"
+        )
+    uncalibrated = [
+        tap.layer.name
+        for tap in taps
+        if tap.quantizer.fixed_range is None and not bool(tap.quantizer.has_range())
+    ]
+    if uncalibrated:
+        warnings.warn(
+            f"{len(uncalibrated)} grids have no range yet ({', '.join(uncalibrated[:5])}"
+            f"{', ...' if len(uncalibrated) > 5 else ''}): they have seen no training batch, "
+            "and their rows describe an empty grid. Train (or calibrate) the model first.",
+            stacklevel=3,
+        )
+
+
+def _check_tflite_model(probe, matches, qat_model):
+    """Raises `ValueError` when the TFLite model is not `qat_model`'s export:
+    other inputs, or none of its tensors."""
+    shapes = [_shapes(probe.inputs), sorted(_shapes(probe.interpreter.get_output_details()))]
+    expected = [
+        [tuple(t.shape[1:]) for t in qat_model.inputs],
+        sorted(tuple(t.shape[1:]) for t in qat_model.outputs),
+    ]
+    if shapes != expected or (matches and all(m is None for m in matches)):
+        raise ValueError(
+            f"The TFLite model is not an export of model '{qat_model.name}': its input and "
+            f"output shapes {shapes} (the model's: {expected}), and it has "
+            f"{sum(m is not None for m in matches)} of the model's {len(matches)} "
+            "quantized tensors. Pass the bytes that export_tflite returned for this model."
+        )
+
+
+def _shapes(details):
+    return [tuple(int(n) for n in d["shape"][1:]) for d in details]
 
 
 class _Runs:
@@ -351,6 +388,7 @@ class _Runs:
         if tflite_model is not None:
             self.probe = TensorProbe(_read_bytes(tflite_model))
             self.matches = _tflite_matches(self.probe, taps, statistics)
+            _check_tflite_model(self.probe, self.matches, qat_model)
 
     def add(self, batch):
         values = [np.asarray(v) for v in self.quantized(*batch)]
@@ -387,90 +425,6 @@ def _in_graph_order(qat_model, rows):
             if key in rows and rows[key] not in ordered:
                 ordered.append(rows[key])
     return ordered + [row for row in rows.values() if row not in ordered]
-
-
-class QuantReport:
-    """The rows of `quant_report`, with ways to read them.
-
-    `str(report)` is an aligned table, `to_json()` and `columns()` give the
-    data, `ranked()` the rows from the worst local SQNR up, and `plot(path)`
-    writes a PNG (matplotlib, the optional extra `plot`).
-    """
-
-    def __init__(self, rows):
-        self.rows = list(rows)
-
-    def columns(self):
-        """A dict of columns (`COLUMNS`), each a list in row order."""
-        return {name: [row[name] for row in self.rows] for name in COLUMNS}
-
-    def to_json(self, path=None):
-        """The rows as JSON (non-finite numbers as the strings "inf", ...);
-        written to `path` too when given."""
-        text = json.dumps(
-            [{k: _jsonable(v) for k, v in row.items()} for row in self.rows], indent=1
-        )
-        if path is not None:
-            with open(path, "w") as f:
-                f.write(text)
-        return text
-
-    def ranked(self, key="local_sqnr_db"):
-        """Rows sorted by `key`, lowest first; rows without it last."""
-        present = [row for row in self.rows if row[key] is not None]
-        return sorted(present, key=lambda row: row[key]) + [
-            row for row in self.rows if row[key] is None
-        ]
-
-    def __str__(self):
-        return format_table(self.rows)
-
-    def plot(self, path, threshold_db=20.0):
-        """Writes a PNG: SQNR per tensor (bars under `threshold_db` in red)
-        and the fraction of values clipped. Needs matplotlib."""
-        from keras_qat.report_plot import plot_report
-
-        plot_report(self.rows, path, threshold_db)
-
-
-def _jsonable(value):
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    return value
-
-
-_SHOWN = (
-    ("tensor", "{}"),
-    ("kind", "{}"),
-    ("layer_class", "{}"),
-    ("min", "{:.4g}"),
-    ("max", "{:.4g}"),
-    ("scale", "{:.3g}"),
-    ("zero_point", "{}"),
-    ("num_bits", "{}"),
-    ("clipped", "{:.2%}"),
-    ("grid_used", "{:.0%}"),
-    ("local_sqnr_db", "{:.1f}"),
-    ("sqnr_db", "{:.1f}"),
-    ("tflite_exact", "{:.2%}"),
-    ("tflite_max_steps", "{:.0f}"),
-)
-
-
-def format_table(rows):
-    """The rows as an aligned text table (numbers right-aligned)."""
-    cells = [[name for name, _ in _SHOWN]]
-    for row in rows:
-        cells.append(["-" if row[n] is None else fmt.format(row[n]) for n, fmt in _SHOWN])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(_SHOWN))]
-    lines = []
-    for line in cells:
-        text = [
-            cell.ljust(width) if i < 3 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(line, widths))
-        ]
-        lines.append("  ".join(text).rstrip())
-    return "\n".join(lines)
 
 
 def range_rows(qat_model):

@@ -59,7 +59,19 @@ def _top1(y_true, y_pred):
     y_pred = np.asarray(y_pred)
     y_true = np.asarray(y_true)
     labels = y_true.argmax(-1) if y_true.shape == y_pred.shape else y_true.reshape(-1)
-    return float(np.mean(y_pred.argmax(-1).reshape(-1) == labels))
+    predicted = y_pred.argmax(-1).reshape(-1)
+    if labels.shape != predicted.shape:
+        raise ValueError(
+            'metric="accuracy" takes one class label per prediction or one-hot targets of the '
+            f"outputs' shape {y_pred.shape}. Received: y of shape {y_true.shape}"
+        )
+    classes = y_pred.shape[-1]
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(
+            f'metric="accuracy": class labels must lie in [0, {classes}) for outputs of '
+            f"{classes} classes. Received: labels from {labels.min()} to {labels.max()}"
+        )
+    return float(np.mean(predicted == labels))
 
 
 class Evaluator:
@@ -69,6 +81,12 @@ class Evaluator:
         names = [graph.producer(t).name for t in qat_model.inputs]
         self.qat_model, self.inputs, self.y = qat_model, as_input_list(x, names), y
         self.metric, self.batch_size = _metric_function(metric), batch_size
+        rows = {len(np.asarray(target)) for target in keras.tree.flatten(y)}
+        if rows != {len(self.inputs[0])}:
+            raise ValueError(
+                f"Received targets `y` for {sorted(rows)} rows and inputs `x` for "
+                f"{len(self.inputs[0])}: give one target per input row."
+            )
 
     def __call__(self, bypassed=()):
         """The metric with `bypassed` quantizers off (all of them: None)."""
@@ -80,7 +98,21 @@ class Evaluator:
             for s in range(0, len(self.inputs[0]), size)
         ]
         joined = keras.tree.map_structure(lambda *parts: np.concatenate(parts), *predictions)
-        return self.metric(self.y, joined)
+        value = self.metric(self.y, joined)
+        if not np.isfinite(value):
+            raise ValueError(
+                f"The metric is {value} on these inputs (with {_describe(bypassed)}): "
+                "sensitivity needs a finite metric to rank the layers."
+            )
+        return value
+
+
+def _describe(bypassed):
+    if bypassed is None:
+        return "every quantizer off"
+    if not bypassed:
+        return "every quantizer on"
+    return f"quantizers {[q.name for q in bypassed]} off"
 
 
 def sensitivity(
@@ -118,14 +150,22 @@ def sensitivity(
         A `SensitivityResult`.
 
     Raises:
-        ValueError: for an invalid `metric`, `mode` or group name.
+        ValueError: for an invalid `metric`, `mode` or group name, a model
+            without quantizers, targets `y` of another length than `x`,
+            or a metric that is not finite.
     """
     if mode not in ("max", "min"):
         raise ValueError(
             'Received an invalid value for `mode`, expected "max" or "min". '
             f"Received: mode={mode!r}"
         )
-    groups = _chosen_groups(quantizer_groups(qat_model), layers)
+    all_groups = quantizer_groups(qat_model)
+    if not all_groups:
+        raise ValueError(
+            f"Model '{qat_model.name}' has no quantizers: sensitivity ranks the quantized "
+            "layers of a model from `convert_quant_network`. Convert the model first."
+        )
+    groups = _chosen_groups(all_groups, layers)
     evaluate = Evaluator(qat_model, x, y, metric, batch_size)
     progress = keras.utils.Progbar(len(groups) + 2, verbose=verbose, unit_name="evaluation")
     reference = {"float": evaluate(None)}

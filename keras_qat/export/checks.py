@@ -14,8 +14,10 @@ import tensorflow as tf
 from keras_qat import graph, quantizer_roles
 from keras_qat.layers import bn_folding
 from keras_qat.layers.conv2d_transpose import Conv2DTransposeBnAct
+from keras_qat.layers.embedding import QuantEmbedding
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import FusionLayer
+from keras_qat.layers.layer_norm import QuantLayerNormalization
 from keras_qat.layers.shared_range import QuantConcatenate
 
 ACTIVATION_TYPES = ("int8", "int16")
@@ -127,10 +129,28 @@ def _concatenation_problems(layer, name, activations):
     ]
 
 
+def _int8_weight_operand_problems(layer, name, activations):
+    """Layers whose int8 weights become an operand of an activation op: an
+    embedding's GATHER output is on its int8 table's grid, a layer norm
+    multiplies by and adds its int8 `gamma` / `beta`; the 16x8 converter
+    takes no int8 operand in an int16 op."""
+    if activations != "int16":
+        return []
+    return [
+        f"{name}: its int8 weights are an operand of an activation op, which TF 2.21's 16x8 "
+        "converter fails on; export it with int8 activations, or keep it in float with "
+        "skip_layers"
+    ]
+
+
 # Rules of kinds of layers, beyond their quantizers' roles.
 LAYER_RULES = (
     (lambda layer: isinstance(layer, FusionLayer) and layer.quantized, _fusion_layer_problems),
     (lambda layer: isinstance(layer, QuantConcatenate), _concatenation_problems),
+    (
+        lambda layer: isinstance(layer, (QuantEmbedding, QuantLayerNormalization)),
+        _int8_weight_operand_problems,
+    ),
 )
 
 

@@ -96,13 +96,22 @@ def float_ops(tflite_bytes):
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     found = []
     for op in tflite_ops(interpreter):
-        if op["op_name"] in _EDGE_OPS:
+        if op["op_name"] in _EDGE_OPS or _casts_to_indices(op, tensors):
             continue
         for index in list(op["inputs"]) + list(op["outputs"]):
             if index >= 0 and tensors[index]["dtype"] in _FLOAT_TYPES:
                 found.append(f"{op['op_name']} ({tensors[index]['name']})")
                 break
     return found
+
+
+def _casts_to_indices(op, tensors):
+    """A CAST of float token ids or 0 / 1 flags to integers or booleans
+    (before a GATHER, a SELECT_V2): it computes nothing in float."""
+    if op["op_name"] != "CAST":
+        return False
+    outputs = [tensors[i]["dtype"] for i in op["outputs"] if i >= 0]
+    return all(np.issubdtype(dtype, np.integer) or dtype == np.bool_ for dtype in outputs)
 
 
 def _io_quantization(interpreter, detail):
@@ -118,6 +127,24 @@ def _io_quantization(interpreter, detail):
         if op["op_name"] == "QUANTIZE" and detail["index"] in op["inputs"]:
             return tensors[op["outputs"][0]]["quantization"]
     return 0.0, 0
+
+
+def _output_order(name):
+    """The sort key of a signature output in the Keras model's flat output
+    order: `output_<n>` by `n` (a single output or a list), other names (a
+    dict's keys) by name, as `keras.tree.flatten` orders a dict."""
+    prefix, _, number = name.rpartition("_")
+    return (0, int(number), "") if prefix == "output" and number.isdigit() else (1, 0, name)
+
+
+def signature_inputs(interpreter, signature):
+    """`(names, details)` of a signature's inputs in the model's input order
+    (the Keras model's: the order of the subgraph's inputs), not the
+    signature's own alphabetical order."""
+    details = interpreter.get_signature_runner(signature).get_input_details()
+    position = {d["index"]: i for i, d in enumerate(interpreter.get_input_details())}
+    names = sorted(details, key=lambda name: position[details[name]["index"]])
+    return names, [details[name] for name in names]
 
 
 class _Runner:
@@ -140,10 +167,9 @@ class _Runner:
         else:
             runner = self.interpreter.get_signature_runner(self.signature)
             self.runner = runner
-            self.input_names = signatures[self.signature]["inputs"]
-            inputs, outputs = runner.get_input_details(), runner.get_output_details()
-            self.inputs = [inputs[name] for name in self.input_names]
-            names = sorted(outputs, key=lambda name: int(name.rsplit("_", 1)[-1]))
+            self.input_names, self.inputs = signature_inputs(self.interpreter, self.signature)
+            outputs = runner.get_output_details()
+            names = sorted(outputs, key=_output_order)
             self.outputs = [outputs[name] for name in names]
             self._output_names = names
         self.scales = [_io_quantization(self.interpreter, d) for d in self.outputs]
@@ -171,9 +197,7 @@ class TensorProbe:
     TFLite's built-in kernels run (no XNNPACK delegate, which would fuse
     tensors away), so values can differ from a delegated run where the two
     round differently (XNNPACK requantizes in float32, the built-in kernels
-    in fixed point). Inputs are given in the order of the model's
-    signature (the Keras model's input names), or by position for a
-    stripped model.
+    in fixed point). Inputs are given in the Keras model's input order.
 
     Args:
         tflite_bytes: The flatbuffer.
@@ -185,9 +209,7 @@ class TensorProbe:
         )
         signatures = self.interpreter.get_signature_list()
         if signatures:
-            name = next(iter(signatures))
-            details = self.interpreter.get_signature_runner(name).get_input_details()
-            self.inputs = [details[input_name] for input_name in signatures[name]["inputs"]]
+            _, self.inputs = signature_inputs(self.interpreter, next(iter(signatures)))
         else:
             self.inputs = self.interpreter.get_input_details()
 
@@ -274,8 +296,8 @@ def run_tflite(tflite_bytes, x, batch_size=256, num_threads=None):
     Args:
         tflite_bytes: The flatbuffer.
         x: Float inputs with the batch first: an array (one input), a list
-            of arrays (in the order of the model's signature inputs), or a
-            dict by input name.
+            of arrays in the Keras model's input order (the order of the
+            TFLite model's inputs), or a dict by input name.
         batch_size: Rows per interpreter call.
         num_threads: Interpreter threads, `None` for the default.
 

@@ -14,6 +14,7 @@ import os
 import tempfile
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_qat import graph
@@ -129,8 +130,9 @@ def export_tflite(
                 f"Received an invalid value for `{name}`, expected tf.float32, "
                 f"tf.int8 or tf.uint8. Received: {name}={value!r}"
             )
-    if not isinstance(pack_int4, bool):
+    if not isinstance(pack_int4, (bool, np.bool_)):
         raise ValueError(f"`pack_int4` must be True or False. Received: pack_int4={pack_int4!r}")
+    pack_int4 = bool(pack_int4)
     _check_activations(activations, input_type, output_type)
     _check_path(path)
     check_exportable(qat_model, activations)

@@ -51,6 +51,20 @@ L = keras.layers
 # return_attention_scores and training), when they are set.
 _UNSUPPORTED_CALL_ARGUMENTS = ("query_mask", "value_mask", "key_mask")
 
+# Options of MultiHeadAttention that it passes to its four projections
+# (EinsumDense layers), carried into the Dense layers that replace them (the
+# weights are copied, so initializers do not matter). A regularizer or constraint that
+# depends on the kernel's shape (OrthogonalRegularizer, a norm constraint
+# over another axis than 0) sees the Dense kernels' `(d, heads * key_dim)`
+# and `(heads * value_dim, d_out)` shapes.
+_CARRIED_OPTIONS = (
+    "kernel_regularizer",
+    "bias_regularizer",
+    "activity_regularizer",
+    "kernel_constraint",
+    "bias_constraint",
+)
+
 
 def unsupported_reason(layer):
     """Why a `MultiHeadAttention` cannot be decomposed here, or None."""
@@ -66,6 +80,13 @@ def unsupported_reason(layer):
     if isinstance(output_shape, (list, tuple)) and len(output_shape) != 1:
         return f"output_shape={output_shape}: only one output dimension"
     for args, kwargs in graph.node_arguments(layer):
+        query = args[0] if args else kwargs.get("query")
+        rank = len(query.shape) if query is not None else 3
+        if rank != 3:
+            return (
+                f"a {rank}D query: attention over one sequence axis of (batch, sequence, "
+                "features) inputs only; reshape to 3D first"
+            )
         used = [name for name in _UNSUPPORTED_CALL_ARGUMENTS if kwargs.get(name) is not None]
         if len(args) > 3 or used:
             return (
@@ -87,6 +108,7 @@ class _Decomposition:
         use_bias = config["use_bias"]
         name = mha.name
         common = dict(use_bias=use_bias, dtype=mha.dtype_policy, trainable=mha.trainable)
+        common.update({key: config[key] for key in _CARRIED_OPTIONS if config.get(key) is not None})
         width = mha.output_dense.kernel.shape[-1]
         self.query = L.Dense(self.heads * self.key_dim, name=f"{name}_query", **common)
         self.key = L.Dense(self.heads * self.key_dim, name=f"{name}_key", **common)

@@ -11,7 +11,7 @@ the integer model rounds (`transforms.place`, by the rules of
 
 from keras_qat import graph
 from keras_qat.config import DEFAULT_FREEZE_BN, QuantOptions
-from keras_qat.quantizer_roles import is_quantizing
+from keras_qat.quantizer_roles import check_float_model
 from keras_qat.transforms.fuse import fuse, has_fusable_layers
 from keras_qat.transforms.inline import inline_nested_models
 from keras_qat.transforms.place import Placement
@@ -155,9 +155,9 @@ def convert_quant_network(
     ...     keras.layers.Flatten(),
     ...     kq.DenseBnAct(10),
     ... ])
-    >>> qmodel = convert_quant_network(
+    >>> qat_model = convert_quant_network(
     ...     model, quant_delay=900, per_channel=[True, False])
-    >>> [layer.__class__.__name__ for layer in qmodel.layers]
+    >>> [layer.__class__.__name__ for layer in qat_model.layers]
     ['InputLayer', 'FakeQuant', 'QuantConv2DBnAct', 'FakeQuant', 'Flatten',
      'QuantDenseBnAct', 'FakeQuant']
     """
@@ -175,10 +175,11 @@ def convert_quant_network(
     _check_model(model)
     model = inline_nested_models(model)
     skipped = selected_layer_names(model, skip_layers)
-    _check_layer_names(model, dict(options.layer_num_bits))
+    inlined = model
     for decomposition in DECOMPOSITIONS:
         if decomposition.applies_in(model, skipped):
             model = decomposition.rewrite(model, skipped)
+    _check_layer_names(inlined, model, skipped, dict(options.layer_num_bits))
     if has_fusable_layers(model):
         # Plain Conv2D / Dense (+ BN, activation), affine layers -> fusion layers.
         model = fuse(model, skip_layers=sorted(skipped))
@@ -194,22 +195,31 @@ def _check_model(model):
             f"Model '{model.name}' has no input shape yet. Start it with "
             "keras.Input(shape) or call it on data before converting it."
         )
-    quantized = [layer.name for layer in graph.all_layers(model) if is_quantizing(layer)]
-    if quantized:
-        raise ValueError(
-            f"Model '{model.name}' is already a quantization network (it has quantized "
-            f"layers: {', '.join(quantized[:5])}{', ...' if len(quantized) > 5 else ''}). "
-            "Convert the float model instead, or train this one as it is."
-        )
+    check_float_model(model, "convert_quant_network")
 
 
-def _check_layer_names(model, layer_num_bits):
-    """Raises `ValueError` for a `layer_num_bits` key that names no layer."""
-    names = [layer.name for layer in model.layers]
-    unknown = [name for name in layer_num_bits if name not in names]
-    if unknown:
+def _check_layer_names(inlined, decomposed, skipped, layer_num_bits):
+    """Raises `ValueError` for a `layer_num_bits` key that names no layer of
+    the model as it is quantized (after decompositions: `'mha_query'`, not
+    `'mha'`), or a layer that `skip_layers` keeps in float."""
+    names = [layer.name for layer in decomposed.layers]
+    invalid = f"Received an invalid value for `layer_num_bits`: model '{inlined.name}'"
+    received = f"Received: layer_num_bits={layer_num_bits!r}"
+    for name in layer_num_bits:
+        if name in skipped:
+            raise ValueError(
+                f"{invalid} keeps '{name}' in float (`skip_layers`): it has no quantizer for "
+                f"a width. Remove it from one of the two. {received}"
+            )
+        if name in names:
+            continue
+        rewritten = name in {layer.name for layer in inlined.layers}
+        parts = [n for n in names if n.startswith(f"{name}_")] if rewritten else []
+        if parts:
+            raise ValueError(
+                f"{invalid} quantizes '{name}' as the layers it is rewritten as: give "
+                f"their widths ({', '.join(repr(p) for p in parts)}). {received}"
+            )
         raise ValueError(
-            f"Received an invalid value for `layer_num_bits`: model '{model.name}' has no "
-            f"layer named {', '.join(repr(n) for n in unknown)}. Its layers: "
-            f"{', '.join(names)}. Received: layer_num_bits={layer_num_bits!r}"
+            f"{invalid} has no layer named {name!r}. Its layers: {', '.join(names)}. {received}"
         )

@@ -34,6 +34,7 @@ from keras_qat.layers.conv1d import Conv1DBnAct, DepthwiseConv1DBnAct
 from keras_qat.layers.conv2d import Conv2DBnAct, DepthwiseConv2DBnAct
 from keras_qat.layers.conv2d_transpose import Conv2DTransposeBnAct
 from keras_qat.layers.dense import DenseBnAct
+from keras_qat.quantizer_roles import check_float_model
 from keras_qat.transforms.clones import Clones
 from keras_qat.transforms.inline import inline_nested_models
 from keras_qat.transforms.selection import selected_layer_names
@@ -70,6 +71,14 @@ def unfusable_reason(layer):
     """Why a Conv2D / Dense / (Separable/Depthwise)Conv2D layer cannot become
     a fusion layer (an attribute and what to do), or None when it can."""
     config = layer.get_config()
+    if isinstance(layer, L.Conv2DTranspose) and tuple(config.get("dilation_rate", (1, 1))) != (
+        1,
+        1,
+    ):
+        return (
+            f"dilation_rate={tuple(config['dilation_rate'])}: TFLite's TRANSPOSE_CONV has no "
+            "dilation; keep the layer in float with skip_layers"
+        )
     if config.get("data_format") == "channels_first":
         return (
             "data_format='channels_first': TFLite's integer kernels are channels-last; "
@@ -368,6 +377,7 @@ def fuse(model, skip_layers=None):
     ['InputLayer', 'Conv2DBnAct', 'Flatten', 'DenseBnAct']
     """
     graph.functional_graph(model)  # a clear error for other models
+    check_float_model(model, "fuse")
     model = inline_nested_models(model)
     graph_view = graph.Graph(model)
     plan, absorbed = _plan(graph_view, selected_layer_names(model, skip_layers))

@@ -148,6 +148,20 @@ class Placement:
                 return True
         return False
 
+    def reads_as_indices(self, operation):
+        """Whether every consumer of `operation` reads its values as indices
+        or flags (token ids, 0 / 1 attention masks: `int8_rules.reads_indices`),
+        which no grid may round."""
+        consumers = self.graph.consumers(operation)
+        return bool(consumers) and all(
+            int8_rules.reads_indices(c, self.operand_index(c, operation)) for c in consumers
+        )
+
+    def operand_index(self, consumer, operation):
+        """The position of `operation`'s output among `consumer`'s inputs."""
+        producers = self.graph.producers(consumer)
+        return producers.index(operation) if operation in producers else 0
+
     # Quantizers.
 
     def feeds_matmul_rhs(self, operation):
@@ -234,8 +248,10 @@ class Placement:
         layer = graph.producer(tensor) if isinstance(tensor, keras.KerasTensor) else None
         if not isinstance(layer, keras.layers.InputLayer) or not is_float(tensor):
             return tensor
+        original = self.input_layers[layer.name]
+        if self.reads_as_indices(original):
+            return tensor
         if id(tensor) not in self.quantized_inputs:
-            original = self.input_layers[layer.name]
             self.quantized_inputs[id(tensor)] = self.apply_quantizer(
                 self.fake_quant(layer.name, zero_centred=self.feeds_matmul_rhs(original)),
                 tensor,
