@@ -80,12 +80,13 @@ def export_tflite(
             `strip_tflite_names`).
         pack_int4: Whether weights of 2 to 4 bits are stored as INT4, two
             values a byte (True), or as int8 tensors holding the same levels
-            (False). TFLite 2.21 runs INT4 convolutions and fully connected
-            ops on its built-in kernels only, not with XNNPACK, the default
-            CPU delegate: on x86 the int8-stored 4-bit ResNet-20 ran 4.3x
-            faster (and 3.5x faster than the float model, where INT4 was
-            0.8x) and matched the Keras model more closely (see
-            docs/known-limits.md), at about 1.8x the size.
+            (False). Only convolutions, depthwise convolutions and dense
+            layers take INT4 weights; transposed convolutions, embedding
+            tables and layer norms store theirs as int8 either way. TFLite
+            2.21 runs INT4 ops on its built-in kernels only, not with
+            XNNPACK, the default CPU delegate, so int8 storage runs faster
+            and matches the Keras model more closely, at a larger size
+            (docs/measurements.md, docs/known-limits.md).
         activations: `"int8"`, or `"int16"` for TFLite's 16x8 mode (int16
             activations, int8 weights, int64 biases), from a network
             converted with `num_bits=[8, 16], symmetric=[True, True],

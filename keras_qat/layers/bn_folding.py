@@ -82,7 +82,9 @@ def folded_call(layer, inputs, training, input_scale):
     quantizer = layer.weight_quantizer
     step = quantizer.steps(tf.convert_to_tensor(quantizer.step))  # before this call's count
     values = read_fold_values(layer)
-    weights = quantizer.quantize_weights(folded_kernel(layer, values), training)
+    weights = quantizer.quantize_weights(
+        folded_kernel(layer, values), training, int4_storage=layer.int4_storage
+    )
     outputs = tf.cast(layer.kernel_op(inputs, tf.cast(weights.values, inputs.dtype)), tf.float32)
     # The deployed map: the folded bias on the int32 grid.
     bias = bias_on_grid(folded_bias(layer, values), input_scale, weights.scale)

@@ -50,6 +50,8 @@ class Conv2DTransposeBnAct(FusionLayer):
     TensorShape([2, 16, 16, 4])
     """
 
+    int4_storage = False  # TRANSPOSE_CONV takes no INT4 weights (int8 storage)
+
     def __init__(
         self,
         filters,

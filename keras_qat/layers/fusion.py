@@ -77,6 +77,7 @@ class FusionLayer(keras.layers.Layer):
     """
 
     quantized = False  # the kernel is fake-quantized (the Quant... layers)
+    int4_storage = True  # the int8 op can store 4-bit weights as INT4 (pack_int4)
     folded = False  # the BatchNorm is folded into the kernel (Quant...BnFoldAct)
 
     def __init__(
@@ -220,7 +221,9 @@ class FusionLayer(keras.layers.Layer):
         and a training BatchNorm, which cancels it, is computed without it
         (`batch_statistics.train_without_bias`).
         """
-        weights = self.weight_quantizer.quantize_weights(self.kernel(), training)
+        weights = self.weight_quantizer.quantize_weights(
+            self.kernel(), training, int4_storage=self.int4_storage
+        )
         outputs = self.kernel_op(inputs, tf.cast(weights.values, inputs.dtype))
         use_bias = self.linear_layer.use_bias
         bias = self.linear_layer.bias if use_bias else None

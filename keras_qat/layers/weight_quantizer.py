@@ -77,12 +77,16 @@ class WeightQuantizer(Quantizer):
         fallback_low = tf.where(tf.equal(fallback_low, 0.0), -1.0, fallback_low)
         return tf.where(empty, fallback_low, low), tf.where(empty, -fallback_low, high)
 
-    def quantize_weights(self, kernel, training=False):
+    def quantize_weights(self, kernel, training=False, int4_storage=False):
         """Fake-quantizes `kernel` (float32) once the quant delay has passed.
 
         A training call counts a step. Kernels are small, so both versions
         are computed and one is selected (`tf.where`, not `tf.cond`): no
         control flow, and the gradient of the chosen one flows.
+        `int4_storage`: whether the int8 op that takes these weights can
+        store them as INT4 (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED; not
+        TRANSPOSE_CONV, GATHER or the MUL / ADD of a layer norm), for an
+        export with `pack_int4`.
 
         Returns:
             `QuantizedWeights(values, scale, active)`.
@@ -95,7 +99,8 @@ class WeightQuantizer(Quantizer):
         quantized = self.quantize_kernel(kernel, min_val, max_val, training)
         scale = self.grid_scale(min_val, max_val)
         if is_tracing_for_export() and not training:
-            return QuantizedWeights(self._on_export_grid(quantized, scale), scale, True)
+            on_grid = self._on_export_grid(quantized, scale, int4_storage)
+            return QuantizedWeights(on_grid, scale, True)
         if active is True:
             return QuantizedWeights(quantized, scale, True)
         return QuantizedWeights(
@@ -114,7 +119,7 @@ class WeightQuantizer(Quantizer):
         channel's largest weight would stop training."""
         return self.fake_quant(kernel, min_val, max_val, clip_gradient=False)
 
-    def _on_export_grid(self, quantized, scale):
+    def _on_export_grid(self, quantized, scale, int4_storage):
         """Quantized weights as the TFLite converter must see them.
 
         The converter stores fake-quantized weights of 4 bits as INT4 and of
@@ -122,10 +127,12 @@ class WeightQuantizer(Quantizer):
         other int8 levels). A symmetric k-bit grid is a subset of the 4- or
         8-bit grid of the same scale, so k-bit weights are traced as a 4-bit
         (k < 4, when INT4 is wanted) or 8-bit fake quant whose range gives
-        that scale: the stored levels are the trained ones, exactly.
+        that scale: the stored levels are the trained ones, exactly. Where
+        the op takes no INT4 operand (`int4_storage=False`), 4-bit and
+        narrower weights are stored as int8 with their levels.
         """
         bits = self.num_bits
-        carrier = 4 if bits <= 4 and packs_int4() else 8
+        carrier = 4 if bits <= 4 and packs_int4() and int4_storage else 8
         if bits in (carrier, 8) or bits > 8 or not (self.symmetric and self.narrow_range):
             return quantized
         bound = (2 ** (carrier - 1) - 1) * scale
