@@ -19,7 +19,11 @@ from keras_qat.export.litert import (
     strip_tflite_names,
 )
 from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
-from keras_qat.layers.attention_mask import AttentionScoreMask, QuantAttentionScoreMask
+from keras_qat.layers.attention_mask import (
+    AttentionScoreMask,
+    AttentionWeightMask,
+    QuantAttentionScoreMask,
+)
 from keras_qat.layers.conv1d import Conv1DBnAct, DepthwiseConv1DBnAct
 from keras_qat.layers.conv2d import Conv2DBnAct, DepthwiseConv2DBnAct
 from keras_qat.layers.conv2d_transpose import Conv2DTransposeBnAct
@@ -56,6 +60,7 @@ __version__ = "0.2.0.dev0"
 
 __all__ = [
     "AttentionScoreMask",
+    "AttentionWeightMask",
     "Conv1DBnAct",
     "Conv2DBnAct",
     "Conv2DTransposeBnAct",

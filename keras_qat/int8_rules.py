@@ -35,7 +35,7 @@ import keras
 
 from keras_qat import graph
 from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
-from keras_qat.layers.attention_mask import AttentionScoreMask
+from keras_qat.layers.attention_mask import AttentionScoreMask, AttentionWeightMask
 
 L = keras.layers
 
@@ -111,6 +111,7 @@ GRID_KEEPING_LAYERS = (
     L.Cropping1D,
     L.Cropping2D,
     L.Identity,
+    AttentionWeightMask,  # SELECT_V2 of the weights and 0, which lies on their grid
 )
 
 # Layers whose inputs and output share one grid: an attention mask is a
@@ -237,7 +238,7 @@ def reads_indices(operation, operand=0):
     would round them onto other rows, or other flags."""
     if isinstance(operation, L.Embedding):
         return True
-    if isinstance(operation, AttentionScoreMask):
+    if isinstance(operation, (AttentionScoreMask, AttentionWeightMask)):
         return operand == 1
     if isinstance(operation, graph.CAST_OPERATION):
         dtype = keras.backend.standardize_dtype(operation.dtype)

@@ -17,36 +17,36 @@ sys.path.insert(
 import models  # noqa: E402
 
 
-def output_step(qmodel):
-    layer = [layer for layer in qmodel.layers if isinstance(layer, kq.FakeQuant)][-1]
+def output_step(qat_model):
+    layer = [layer for layer in qat_model.layers if isinstance(layer, kq.FakeQuant)][-1]
     return float(nudged_range(*quant_range(layer.min.numpy(), layer.max.numpy()))[2])
 
 
 @pytest.mark.parametrize("name", ["lenet5", "resnet20"])
 def test_xla_training_and_inference_match_the_graph_within_one_step(name):
     build, shape = models.NETWORKS[name]
-    qmodel = kq.convert_quant_network(build(), per_channel=[True, False])
+    qat_model = kq.convert_quant_network(build(), per_channel=[True, False])
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (16,) + shape).astype("float32")
     y = rng.integers(0, 10, 16)
-    qmodel.compile(
+    qat_model.compile(
         optimizer=keras.optimizers.SGD(1e-3),
         jit_compile=True,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    losses = [float(qmodel.train_on_batch(x, y)) for _ in range(3)]
+    losses = [float(qat_model.train_on_batch(x, y)) for _ in range(3)]
     assert np.all(np.isfinite(losses))
     assert all(
-        layer.step.numpy() == 3 for layer in qmodel.layers if isinstance(layer, kq.FakeQuant)
+        layer.step.numpy() == 3 for layer in qat_model.layers if isinstance(layer, kq.FakeQuant)
     )
-    graph = tf.function(lambda t: qmodel(t, training=False))(x).numpy()
-    xla = tf.function(lambda t: qmodel(t, training=False), jit_compile=True)(x).numpy()
+    graph = tf.function(lambda t: qat_model(t, training=False))(x).numpy()
+    xla = tf.function(lambda t: qat_model(t, training=False), jit_compile=True)(x).numpy()
     # XLA's fake-quant kernel rounds some near-ties the other way (float32
     # arithmetic in a different order): at most one output step apart; the
     # untrained ResNet-20 carries such a step through 20 layers, which grew to
     # two on an AMD EPYC (docs/known-limits.md on deep untrained networks).
     steps = 1 if name == "lenet5" else 2
-    assert np.max(np.abs(graph - xla)) <= steps * output_step(qmodel) * 1.001
+    assert np.max(np.abs(graph - xla)) <= steps * output_step(qat_model) * 1.001
 
 
 def small_model():
@@ -59,14 +59,14 @@ def small_model():
 
 def train_ranges(policy, weights, data):
     keras.config.set_dtype_policy(policy)
-    qmodel = kq.convert_quant_network(small_model(), per_channel=[True, False])
-    qmodel.set_weights(weights)
-    qmodel.compile(optimizer=keras.optimizers.SGD(1e-2), loss="mse")
-    losses = [float(qmodel.train_on_batch(x, y)) for x, y in data]
-    output = qmodel(data[0][0], training=False)
+    qat_model = kq.convert_quant_network(small_model(), per_channel=[True, False])
+    qat_model.set_weights(weights)
+    qat_model.compile(optimizer=keras.optimizers.SGD(1e-2), loss="mse")
+    losses = [float(qat_model.train_on_batch(x, y)) for x, y in data]
+    output = qat_model(data[0][0], training=False)
     ranges = [
         (layer.min.numpy(), layer.max.numpy(), layer.min.dtype)
-        for layer in qmodel.layers
+        for layer in qat_model.layers
         if isinstance(layer, kq.FakeQuant)
     ]
     keras.config.set_dtype_policy("float32")
@@ -99,20 +99,51 @@ def test_xla_trains_the_real_world_layers():
     operations and fixed-range softmax under jit_compile."""
     from test_fuse import image_patterns
 
-    qmodel = kq.convert_quant_network(image_patterns(), per_channel=[True, False])
+    qat_model = kq.convert_quant_network(image_patterns(), per_channel=[True, False])
     rng = np.random.default_rng(2)
     x = rng.uniform(0, 255, (16, 16, 16, 3)).astype("float32")
-    qmodel.compile(
+    qat_model.compile(
         optimizer=keras.optimizers.SGD(1e-3), jit_compile=True, loss="categorical_crossentropy"
     )
     losses = [
-        float(qmodel.train_on_batch(x, keras.utils.to_categorical(rng.integers(0, 5, 16), 5)))
+        float(qat_model.train_on_batch(x, keras.utils.to_categorical(rng.integers(0, 5, 16), 5)))
         for _ in range(3)
     ]
     assert np.all(np.isfinite(losses))
-    pooling = qmodel.get_layer("average_pooling")
+    pooling = qat_model.get_layer("average_pooling")
     assert isinstance(pooling, kq.QuantAveragePooling2D) and pooling.quantizer.step.numpy() == 3
-    logits = keras.Model(qmodel.inputs, qmodel.get_layer("logits_quant").output)
+    logits = keras.Model(qat_model.inputs, qat_model.get_layer("logits_quant").output)
     graph = tf.function(lambda t: logits(t, training=False))(x).numpy()
     xla = tf.function(lambda t: logits(t, training=False), jit_compile=True)(x).numpy()
     assert np.max(np.abs(graph - xla)) <= output_step(logits) * 1.001
+
+
+def test_a_mixed_precision_model_exports_like_its_float32_twin():
+    from test_bit_widths import tflite_weight_levels
+
+    def build():
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+        x = keras.layers.Flatten()(x)
+        return keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+
+    options = dict(per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False])
+    x = np.random.default_rng(3).uniform(-1, 1, (32, 8, 8, 3)).astype("float32")
+    keras.config.set_dtype_policy("mixed_float16")
+    mixed = kq.convert_quant_network(build(), **options)
+    mixed.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    for _ in range(2):
+        mixed.train_on_batch(x, np.zeros((32, 2)))
+    keras.config.set_dtype_policy("float32")
+    twin = kq.convert_quant_network(build(), **options)
+    twin.set_weights(mixed.get_weights())
+    mixed_bytes, twin_bytes = kq.export_tflite(mixed), kq.export_tflite(twin)
+    for which in (0, 1):  # the conv, and the dense (a 1x1 conv with per-channel weights)
+        mixed_levels, mixed_detail = tflite_weight_levels(mixed_bytes, "CONV_2D", which)
+        twin_levels, twin_detail = tflite_weight_levels(twin_bytes, "CONV_2D", which)
+        np.testing.assert_array_equal(mixed_levels, twin_levels)
+        np.testing.assert_array_equal(
+            mixed_detail["quantization_parameters"]["scales"],
+            twin_detail["quantization_parameters"]["scales"],
+        )
+    np.testing.assert_array_equal(kq.run_tflite(mixed_bytes, x)[0], kq.run_tflite(twin_bytes, x)[0])

@@ -34,10 +34,29 @@ NETWORKS = {
     "MobileNetV3Small": (64, {}),  # Rescaling, hard-swish, SE Multiply, x + 3 ops
 }
 
-# TFLite's int8 HARD_SWISH kernel (XNNPACK's, in 16-bit fixed point) is one
-# step off on 0.4 % of its outputs, measured on a lone op; MobileNetV3Small
-# has 19 of them, and the network amplifies those differences as well.
-KERNEL_ERROR_SLACK = {"MobileNetV3Small": 2.0}
+# How much worse than the XLA yardstick the int8 model may agree with the
+# Keras model: (top-1, in images of the 128 below XLA's; mean difference,
+# as a factor of XLA's). This test's own numbers (`-m slow -s` prints
+# them), 2026-12-06, 2 CPU cores, TensorFlow 2.21:
+#
+#   network           top-1 int8 / XLA   images below   mean steps int8 / XLA   ratio
+#   MobileNetV2       118 / 121            3             4.15 /  5.34           0.78
+#   MobileNetV3Small  108 / 120           12             3.77 /  2.16           1.74
+#   ResNet50          120 / 116           -4             5.59 /  8.44           0.66
+#   ResNet50V2        118 /  99          -19             7.31 / 14.70           0.50
+#
+# The allowances are those plus a margin: 3 images (none below XLA's
+# where int8 agreed better), and 25 % on the ratio, rounded up to 0.1.
+# MobileNetV3Small's is the largest: TFLite's int8 HARD_SWISH kernel
+# (XNNPACK's, in 16-bit fixed point) is one step off on 0.4 % of its
+# outputs, measured on a lone op; the network has 19 of them and amplifies
+# those differences as well.
+ALLOWED_BELOW_XLA = {
+    "MobileNetV2": (6, 1.0),
+    "MobileNetV3Small": (15, 2.2),
+    "ResNet50": (3, 0.9),
+    "ResNet50V2": (3, 0.7),
+}
 
 
 def set_batchnorm_statistics(model, x):
@@ -53,10 +72,10 @@ def set_batchnorm_statistics(model, x):
         layer.momentum = momentum
 
 
-def xla_agreement(keras_out, qmodel, x, scale):
-    """Top-1 agreement and mean difference (in output steps) of `qmodel`
+def xla_agreement(keras_out, qat_model, x, scale):
+    """Top-1 agreement and mean difference (in output steps) of `qat_model`
     under XLA with its outputs `keras_out` without XLA."""
-    xla = tf.function(lambda batch: qmodel(batch, training=False), jit_compile=True)
+    xla = tf.function(lambda batch: qat_model(batch, training=False), jit_compile=True)
     xla_out = np.concatenate([xla(x[i : i + 32]).numpy() for i in range(0, len(x), 32)])
     top1 = np.mean(xla_out.argmax(1) == keras_out.argmax(1))
     return top1, np.abs(xla_out - keras_out).mean() / scale
@@ -74,19 +93,19 @@ def test_application_converts_trains_saves_and_exports(name, tmp_path):
     if name == "MobileNetV3Small":
         x *= 255  # it rescales its own input
     set_batchnorm_statistics(model, x[:64])
-    qmodel = kq.convert_quant_network(model, **EXPORTABLE)
-    qmodel.compile(
+    qat_model = kq.convert_quant_network(model, **EXPORTABLE)
+    qat_model.compile(
         optimizer=keras.optimizers.SGD(1e-4),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
     )
-    qmodel.fit(
+    qat_model.fit(
         x[:16], keras.utils.to_categorical(rng.integers(0, 10, 16), 10), batch_size=8, verbose=0
     )
     path = str(tmp_path / f"{name}.keras")
-    qmodel.save(path)
+    qat_model.save(path)
     loaded = keras.saving.load_model(path)
     keras_out = loaded.predict(x, verbose=0)
-    np.testing.assert_array_equal(keras_out, qmodel.predict(x, verbose=0))
+    np.testing.assert_array_equal(keras_out, qat_model.predict(x, verbose=0))
     tflite_bytes = kq.export_tflite(loaded)  # raises if a float compute op is left
     assert_integer_model(
         tflite_bytes, ["CONV_2D"], per_channel_ops=("CONV_2D", "DEPTHWISE_CONV_2D")
@@ -98,7 +117,7 @@ def test_application_converts_trains_saves_and_exports(name, tmp_path):
     assert len(np.unique(keras_out.argmax(1))) >= 2
     xla_top1, xla_mean_steps = xla_agreement(keras_out, loaded, x, report["output_scale"])
     print(name, report, "XLA top-1", xla_top1, "XLA mean steps", xla_mean_steps)
-    slack = KERNEL_ERROR_SLACK.get(name, 1.0)
-    assert report["top1_agreement"] >= xla_top1 - 0.08 * slack, (report, xla_top1)
+    images, factor = ALLOWED_BELOW_XLA[name]
+    assert report["top1_agreement"] >= xla_top1 - images / len(x), (report, xla_top1)
     mean_steps = report["mean_abs_diff"] / report["output_scale"]
-    assert mean_steps <= slack * (1.5 * xla_mean_steps + 1), (report, xla_mean_steps)
+    assert mean_steps <= factor * xla_mean_steps, (report, xla_mean_steps)

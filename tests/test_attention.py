@@ -55,11 +55,11 @@ def test_decomposition_computes_what_the_layer_computes(cross, attention_args):
 def test_encoder_block_trains_saves_and_exports_to_int8(tmp_path):
     model = encoder_block()
     x = batch(model, 256, seed=1)
-    qmodel = calibrate(kq.convert_quant_network(model), x, steps=3)
+    qat_model = calibrate(kq.convert_quant_network(model), x, steps=3)
     path = str(tmp_path / "block.keras")
-    qmodel.save(path)
+    qat_model.save(path)
     loaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qat_model.predict(x, verbose=0))
     tflite_bytes = kq.export_tflite(loaded)
     assert_integer_model(
         tflite_bytes, ["FULLY_CONNECTED", "BATCH_MATMUL", "SOFTMAX", "GELU", "RSQRT", "MEAN"]
@@ -153,9 +153,9 @@ def test_masked_keys_get_no_weight_in_the_int8_model():
     range itself they got up to 12 %)."""
     model = masked_attention(None, causal=True)
     x = masked_batch(model, 256, seed=2)
-    qmodel = calibrate(kq.convert_quant_network(model), x, steps=3)
-    tflite_scores = kq.run_tflite(kq.export_tflite(qmodel), x)[0][1]
-    keras_scores = qmodel.predict(x, verbose=0)[1]
+    qat_model = calibrate(kq.convert_quant_network(model), x, steps=3)
+    tflite_scores = kq.run_tflite(kq.export_tflite(qat_model), x)[0][1]
+    keras_scores = qat_model.predict(x, verbose=0)[1]
     future = ~np.tri(8, dtype=bool)
     for scores in (keras_scores, tflite_scores):
         assert np.all(scores[..., future] == 0), scores[..., future].max()
@@ -165,11 +165,11 @@ def test_masked_keys_get_no_weight_in_the_int8_model():
 def test_masked_attention_exports_to_int8_like_the_keras_model(mask, causal, tmp_path):
     model = masked_attention(mask, causal)
     x = masked_batch(model, 256, seed=1)
-    qmodel = calibrate(kq.convert_quant_network(model), x, steps=3)
+    qat_model = calibrate(kq.convert_quant_network(model), x, steps=3)
     path = str(tmp_path / "masked.keras")
-    qmodel.save(path)
+    qat_model.save(path)
     loaded = keras.saving.load_model(path)
-    for a, b in zip(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0)):
+    for a, b in zip(loaded.predict(x, verbose=0), qat_model.predict(x, verbose=0)):
         np.testing.assert_array_equal(a, b)
     tflite_bytes = kq.export_tflite(loaded)
     assert "SELECT_V2" in assert_integer_model(tflite_bytes, ["BATCH_MATMUL", "SOFTMAX"])
@@ -196,3 +196,71 @@ def test_attention_that_cannot_be_quantized_yet_is_listed():
     )
     with pytest.raises(ValueError, match=r"'axes' \(MultiHeadAttention: attention_axes"):
         kq.convert_quant_network(axes)
+
+
+def test_attention_over_one_axis_of_a_4d_input_is_refused():
+    images = keras.Input((4, 3, 8))
+    attended = L.MultiHeadAttention(2, 4, attention_axes=(1,), name="rows")(images, images)
+    model = keras.Model(images, L.Dense(2)(L.Flatten()(attended)))
+    with pytest.raises(ValueError, match=r"'rows' \(MultiHeadAttention: a 4D query"):
+        kq.convert_quant_network(model)
+
+
+def test_regularizers_reach_the_decomposed_projections():
+    inputs = keras.Input((5, 8))
+    attention = L.MultiHeadAttention(
+        2,
+        4,
+        kernel_regularizer=keras.regularizers.L2(0.1),
+        bias_regularizer=keras.regularizers.L1(0.2),
+        activity_regularizer=keras.regularizers.L2(0.3),
+        kernel_constraint=keras.constraints.NonNeg(),
+    )
+    model = keras.Model(inputs, attention(inputs, inputs))
+    x = batch(model, 4)
+    decomposed = decompose_attention(model)
+    model(x)
+    decomposed(x)
+    np.testing.assert_allclose(
+        sorted(float(v) for v in decomposed.losses),
+        sorted(float(v) for v in model.losses),
+        rtol=1e-5,
+    )
+    assert len(model.losses) == 12  # kernel, bias and output of the 4 projections
+    dense = [layer for layer in decomposed.layers if isinstance(layer, L.Dense)]
+    assert all(isinstance(layer.kernel_constraint, keras.constraints.NonNeg) for layer in dense)
+
+
+@pytest.mark.parametrize(
+    "layer_args, call_args",
+    [(dict(dropout=0.1), {}), ({}, dict(return_attention_scores=True)), ({}, {})],
+    ids=["dropout", "scores_returned", "dot_product_path"],
+)
+def test_fully_masked_queries_match_keras_on_each_attention_path(layer_args, call_args):
+    inputs, mask = keras.Input((5, 8)), keras.Input((5, 5))
+    attended = L.MultiHeadAttention(2, 4, **layer_args)(
+        inputs, inputs, attention_mask=mask, **call_args
+    )
+    model = keras.Model([inputs, mask], attended)
+    rng = np.random.default_rng(0)
+    keep = (rng.random((4, 5, 5)) > 0.4).astype("float32")
+    keep[:, 2, :] = 0  # query 2 is padding: every key excluded
+    x = [rng.normal(size=(4, 5, 8)).astype("float32"), keep]
+    expected = keras.tree.flatten(model.predict(x, verbose=0))
+    got = keras.tree.flatten(decompose_attention(model).predict(x, verbose=0))
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, atol=1e-5)
+
+
+def test_masked_softmax_path_exports_its_zeroed_weights_to_int8():
+    inputs, mask = keras.Input((5, 8)), keras.Input((5, 5))
+    attended = L.MultiHeadAttention(2, 4, dropout=0.1)(inputs, inputs, attention_mask=mask)
+    qat = kq.convert_quant_network(keras.Model([inputs, mask], attended))
+    rng = np.random.default_rng(1)
+    keep = (rng.random((64, 5, 5)) > 0.4).astype("float32")
+    keep[:, 2, :] = 0
+    x = [rng.normal(size=(64, 5, 8)).astype("float32"), keep]
+    qat(x, training=True)
+    tflite_bytes = kq.export_tflite(qat)
+    assert_integer_model(tflite_bytes, ["SELECT_V2"])
+    assert kq.compare_tflite(qat, tflite_bytes, x)["max_diff_steps"] <= 1.001

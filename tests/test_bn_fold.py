@@ -6,10 +6,11 @@ import tensorflow as tf
 
 import keras_qat as kq
 from keras_qat import Conv2DBnAct, DenseBnAct, QuantConv2DBnFoldAct, QuantDenseBnFoldAct
-from keras_qat.export.inspect import float_ops
+from keras_qat.export.interpreter import float_ops
 from keras_qat.layers import bn_folding
 
 EPS = 1e-3
+EXPORTABLE = dict(per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False])
 
 
 def randomize(layer, rng, channels, zero_gamma=False, tiny_variance=False):
@@ -208,19 +209,19 @@ def folded_model():
 
 def test_convert_folds_by_default_and_freezing_survives_save_load(tmp_path):
     model = folded_model()
-    qmodel = kq.convert_quant_network(model, freeze_bn=2)
-    kinds = [type(layer).__name__ for layer in qmodel.layers]
+    qat_model = kq.convert_quant_network(model, freeze_bn=2)
+    kinds = [type(layer).__name__ for layer in qat_model.layers]
     assert kinds.count("QuantConv2DBnFoldAct") == 2 and "QuantDenseBnFoldAct" in kinds
     unfolded = kq.convert_quant_network(model, bn_fold=False)
     assert "QuantConv2DBnFoldAct" not in [type(layer).__name__ for layer in unfolded.layers]
     rng = np.random.default_rng(6)
     x = rng.standard_normal((8, 10, 10, 3)).astype("float32")
     y = rng.standard_normal((8, 4)).astype("float32")
-    qmodel.compile(optimizer="sgd", loss="mse")
+    qat_model.compile(optimizer="sgd", loss="mse")
     for _ in range(2):
-        qmodel.train_on_batch(x, y)
+        qat_model.train_on_batch(x, y)
     path = str(tmp_path / "folded.keras")
-    qmodel.save(path)
+    qat_model.save(path)
     loaded = keras.saving.load_model(path)
     conv = [layer for layer in loaded.layers if isinstance(layer, QuantConv2DBnFoldAct)][0]
     assert conv.weight_quantizer.step.numpy() == 2 and conv.freeze_bn == 2
@@ -233,7 +234,7 @@ def test_convert_folds_by_default_and_freezing_survives_save_load(tmp_path):
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_folded_model_exports_to_int8(per_channel):
     model = folded_model()
-    qmodel = kq.convert_quant_network(
+    qat_model = kq.convert_quant_network(
         model,
         per_channel=[per_channel, False],
         symmetric=[True, False],
@@ -242,12 +243,46 @@ def test_folded_model_exports_to_int8(per_channel):
     )
     rng = np.random.default_rng(7)
     x = rng.standard_normal((128, 10, 10, 3)).astype("float32")
-    qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    qat_model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
     for _ in range(5):
-        qmodel.train_on_batch(x, rng.standard_normal((128, 4)).astype("float32"))
-    tflite_bytes = kq.export_tflite(qmodel)  # per-tensor weights too: the BN is already folded
+        qat_model.train_on_batch(x, rng.standard_normal((128, 4)).astype("float32"))
+    tflite_bytes = kq.export_tflite(qat_model)  # per-tensor weights too: the BN is already folded
     assert float_ops(tflite_bytes) == []
-    report = kq.compare_tflite(qmodel, tflite_bytes, x)
+    report = kq.compare_tflite(qat_model, tflite_bytes, x)
     assert report["within_one_step"] >= 0.99 and report["top1_agreement_unambiguous"] >= 0.999, (
         report
     )
+
+
+def fit_and_compare(qat_model, x, outputs):
+    """Two training steps, then the int8 model's report on `x`."""
+    qat_model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    for _ in range(2):
+        qat_model.train_on_batch(x, np.zeros((len(x), outputs)))
+    return kq.compare_tflite(qat_model, kq.export_tflite(qat_model), x)
+
+
+def test_batchnorm_without_center_or_scale_folds_and_exports():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = keras.layers.BatchNormalization(center=False, scale=False)(x)
+    x = keras.layers.Flatten()(keras.layers.ReLU()(x))
+    model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    qat_model = kq.convert_quant_network(model, **EXPORTABLE)
+    assert isinstance(qat_model.layers[2], QuantConv2DBnFoldAct)
+    data = np.random.default_rng(8).uniform(-1, 1, (32, 8, 8, 3)).astype("float32")
+    report = fit_and_compare(qat_model, data, 2)
+    assert report["within_one_step"] == 1.0, report
+
+
+def test_a_grouped_convolution_folds_and_exports_exactly():
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(6, 3, groups=2, name="grouped")(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+    qat_model = kq.convert_quant_network(model, **EXPORTABLE)
+    layer = qat_model.get_layer("grouped")
+    assert isinstance(layer, QuantConv2DBnFoldAct) and layer.conv.groups == 2
+    data = np.random.default_rng(9).uniform(-1, 1, (32, 8, 8, 4)).astype("float32")
+    report = fit_and_compare(qat_model, data, 3)
+    assert report["within_one_step"] == 1.0, report

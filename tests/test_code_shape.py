@@ -68,3 +68,26 @@ def test_class_hierarchies_are_shallow():
                 deep[name] = [c.__name__ for c in own]
     assert deep == {}
     assert issubclass(kq.QuantConv2DBnFoldAct, keras.layers.Layer)
+
+
+MAX_MODULE_LINES = 500
+
+
+def test_no_module_is_longer_than_500_lines():
+    long_modules = {
+        str(path.relative_to(PACKAGE)): n
+        for path in PACKAGE.rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert long_modules == {}
+
+
+def test_no_module_is_named_like_a_standard_library_module():
+    import sys
+
+    shadowing = [
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if path.stem in sys.stdlib_module_names
+    ]
+    assert shadowing == []

@@ -1,3 +1,5 @@
+import pathlib
+
 import keras
 import numpy as np
 import pytest
@@ -47,9 +49,11 @@ def train(model, x, y, steps, **compile_kwargs):
 
 
 def test_sequential_layout():
-    qmodel = convert_quant_network(lenet(), per_channel=[True, False])
-    assert not isinstance(qmodel, keras.Sequential) and not qmodel.compiled  # one Functional path
-    assert [type(layer).__name__ for layer in qmodel.layers] == [
+    qat_model = convert_quant_network(lenet(), per_channel=[True, False])
+    assert (
+        not isinstance(qat_model, keras.Sequential) and not qat_model.compiled
+    )  # one Functional path
+    assert [type(layer).__name__ for layer in qat_model.layers] == [
         "InputLayer",
         "FakeQuant",
         "QuantConv2DBnFoldAct",
@@ -62,14 +66,14 @@ def test_sequential_layout():
         "QuantDenseBnAct",
         "FakeQuant",
     ]
-    assert qmodel.layers[1].name == "image_quant"
-    assert qmodel.layers[2].weight_quantizer.per_channel and not qmodel.layers[3].per_channel
+    assert qat_model.layers[1].name == "image_quant"
+    assert qat_model.layers[2].weight_quantizer.per_channel and not qat_model.layers[3].per_channel
 
 
-def consumers(qmodel):
+def consumers(qat_model):
     """Layer name -> classes of the layers that consume its output."""
     follows = {}
-    for layer in qmodel.layers:
+    for layer in qat_model.layers:
         for node in layer._inbound_nodes:
             for tensor in node.input_tensors:
                 follows.setdefault(tensor._keras_history.operation.name, []).append(type(layer))
@@ -88,10 +92,10 @@ def consumers_of(layer):
 def test_functional_layout_puts_fake_quant_after_merges():
     model = branchy()
     model.compile("adam", "mse")
-    qmodel = convert_quant_network(model)
-    assert not qmodel.compiled
-    follows = consumers(qmodel)
-    for layer in qmodel.layers:
+    qat_model = convert_quant_network(model)
+    assert not qat_model.compiled
+    follows = consumers(qat_model)
+    for layer in qat_model.layers:
         if isinstance(
             layer,
             (
@@ -104,17 +108,17 @@ def test_functional_layout_puts_fake_quant_after_merges():
             assert follows.get(layer.name) == [FakeQuant], layer.name
     # The Add feeds only a ReLU (fused by integer kernels) and the ReLU only a
     # Concatenate (whose inputs are written on its grid): each rounds once, later.
-    add = [layer for layer in qmodel.layers if isinstance(layer, keras.layers.Add)][0]
-    relu = [layer for layer in qmodel.layers if isinstance(layer, keras.layers.ReLU)][0]
+    add = [layer for layer in qat_model.layers if isinstance(layer, keras.layers.Add)][0]
+    relu = [layer for layer in qat_model.layers if isinstance(layer, keras.layers.ReLU)][0]
     assert follows[add.name] == [keras.layers.ReLU]
     assert follows[relu.name] == [QuantConcatenate]
     # The concatenation quantizes itself with one shared range: the ReLU output
     # on it, and the conv output (already quantized, used by the Add too) not again.
-    concat = [layer for layer in qmodel.layers if isinstance(layer, QuantConcatenate)][0]
+    concat = [layer for layer in qat_model.layers if isinstance(layer, QuantConcatenate)][0]
     assert follows[concat.name] == [keras.layers.GlobalAveragePooling2D]
     assert concat.quantize_inputs == [True, False]
     # input, 2 convs, pooling, dense
-    assert sum(isinstance(layer, FakeQuant) for layer in qmodel.layers) == 5
+    assert sum(isinstance(layer, FakeQuant) for layer in qat_model.layers) == 5
 
 
 @pytest.mark.parametrize(
@@ -131,14 +135,14 @@ def test_only_relu_and_relu6_fuse_into_a_merge(activation, fused):
     inputs = keras.Input((6,))
     a, b = DenseBnAct(4)(inputs), DenseBnAct(4)(inputs)
     merged = keras.layers.Multiply()([a, b])
-    qmodel = convert_quant_network(keras.Model(inputs, activation(merged)))
-    multiply = [layer for layer in qmodel.layers if isinstance(layer, keras.layers.Multiply)][0]
+    qat_model = convert_quant_network(keras.Model(inputs, activation(merged)))
+    multiply = [layer for layer in qat_model.layers if isinstance(layer, keras.layers.Multiply)][0]
     # The merge is not rounded on a grid of its own: a fused activation is a
     # clamp of the one rounding, which the FakeQuant after it applies.
-    (quantizer,) = [layer for layer in qmodel.layers if multiply.name in consumers_of(layer)]
+    (quantizer,) = [layer for layer in qat_model.layers if multiply.name in consumers_of(layer)]
     assert isinstance(quantizer, FakeQuant)
     assert (quantizer.activation is not None) == fused
-    assert any(type(layer) is type(activation) for layer in qmodel.layers) == (not fused)
+    assert any(type(layer) is type(activation) for layer in qat_model.layers) == (not fused)
 
 
 @pytest.mark.parametrize("bn_fold", [False, True])
@@ -154,17 +158,17 @@ def test_delayed_quantization_gives_the_float_outputs(build, bn_fold):
     )
     float_model = keras.models.clone_model(model)
     float_model.set_weights(model.get_weights())
-    qmodel = convert_quant_network(model, quant_delay=100, bn_fold=bn_fold)
+    qat_model = convert_quant_network(model, quant_delay=100, bn_fold=bn_fold)
     if bn_fold:  # folding rearranges the float arithmetic: equal to float tolerance
         np.testing.assert_allclose(
-            qmodel.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5
+            qat_model.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5
         )
     else:  # exactly the float model's computation
-        np.testing.assert_array_equal(qmodel.predict(x, verbose=0), model.predict(x, verbose=0))
+        np.testing.assert_array_equal(qat_model.predict(x, verbose=0), model.predict(x, verbose=0))
     train(float_model, x, y, 3)
-    train(qmodel, x, y, 3)
+    train(qat_model, x, y, 3)
     np.testing.assert_allclose(
-        qmodel.predict(x, verbose=0), float_model.predict(x, verbose=0), rtol=1e-4, atol=1e-5
+        qat_model.predict(x, verbose=0), float_model.predict(x, verbose=0), rtol=1e-4, atol=1e-5
     )
 
 
@@ -190,16 +194,16 @@ def test_outputs_lie_on_the_grid_after_the_delay(build):
         .astype("float32")
     )
     y = np.zeros((16,) + tuple(model.outputs[0].shape[1:]), "float32")
-    qmodel = convert_quant_network(model, quant_delay=2, num_bits=(4, 4))
-    train(qmodel, x, y, 3)
-    fake_quants = [layer for layer in qmodel.layers if isinstance(layer, FakeQuant)]
+    qat_model = convert_quant_network(model, quant_delay=2, num_bits=(4, 4))
+    train(qat_model, x, y, 3)
+    fake_quants = [layer for layer in qat_model.layers if isinstance(layer, FakeQuant)]
     assert all(layer.step.numpy() == 3 for layer in fake_quants)
     # A FakeQuant that feeds a quantized layer also outputs its grid.
     outputs = [
         layer.output[0] if isinstance(layer.output, (list, tuple)) else layer.output
         for layer in fake_quants
     ]
-    probe = keras.Model(qmodel.inputs, outputs)
+    probe = keras.Model(qat_model.inputs, outputs)
     for layer, values in zip(fake_quants, probe.predict(x, verbose=0)):
         assert on_grid(values, layer), layer.name
         assert len(np.unique(values)) <= 16
@@ -237,6 +241,42 @@ def test_unsupported_layers_are_listed_together():
         assert part in message
 
 
+def supported_class_names():
+    from keras_qat import int8_rules
+    from keras_qat.layers.quantized import QUANTIZED_FORMS
+    from keras_qat.transforms import support
+    from keras_qat.transforms.fuse import fusable_classes
+
+    tables = (
+        tuple(fusable_classes()),
+        tuple(QUANTIZED_FORMS),
+        tuple(d.layer_class for d in support.DECOMPOSITIONS),
+        support.QUANTIZED_KERAS_LAYERS,
+        int8_rules.ROUNDING_LAYERS,
+        int8_rules.SHARED_GRID_LAYERS,
+        int8_rules.GRID_KEEPING_LAYERS,
+        int8_rules.ROUNDING_OPERATIONS,
+        int8_rules.GRID_KEEPING_OPERATIONS,
+    )
+    return {c.__name__ for table in tables for c in table}
+
+
+def test_the_refusal_message_lists_every_supported_class_from_the_tables():
+    inputs = keras.Input((4,))
+    outputs = keras.layers.UnitNormalization(name="unit_norm")(inputs)
+    with pytest.raises(ValueError) as error:
+        convert_quant_network(keras.Model(inputs, outputs))
+    supported = str(error.value).split("Supported: ", 1)[1]
+    missing = [name for name in supported_class_names() if name not in supported]
+    assert missing == []
+
+
+def test_docs_list_every_supported_class():
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "conversion.md").read_text()
+    missing = sorted(name for name in supported_class_names() if name not in text)
+    assert missing == []
+
+
 def test_subclassed_model_is_rejected_with_advice():
     class Net(keras.Model):
         def __init__(self):
@@ -257,37 +297,36 @@ def test_unbuilt_sequential_is_rejected():
         convert_quant_network(keras.Sequential([DenseBnAct(2)]))
 
 
+def test_converting_a_quantization_network_again_is_refused():
+    inputs = keras.Input((4,))
+    qat_model = convert_quant_network(keras.Model(inputs, keras.layers.Dense(2)(inputs)))
+    with pytest.raises(ValueError, match="already a quantization network"):
+        convert_quant_network(qat_model)
+
+
 @pytest.mark.parametrize(
-    "kwargs, name",
+    "layer, match",
     [
-        (dict(num_bits=(8, 8, 8)), "num_bits"),
-        (dict(num_bits="8"), "num_bits"),
-        (dict(num_bits=(1, 8)), "num_bits"),
-        (dict(num_bits=(8, 17)), "num_bits"),
-        (dict(quant_delay=-1), "quant_delay"),
-        (dict(quant_delay=(0, -5)), "quant_delay"),
-        (dict(per_channel=(True, True)), "per_channel"),
-        (dict(per_channel=True), "per_channel"),
-        (dict(symmetric="yes"), "symmetric"),
-        (dict(narrow_range=[True]), "narrow_range"),
-        (dict(freeze_bn=-3), "freeze_bn"),
-        (dict(bn_fold="no"), "bn_fold"),
+        (keras.layers.Conv2D(4, 3, data_format="channels_first"), "data_format='channels_first'"),
+        (keras.layers.Dense(2, lora_rank=2), "lora_rank=2"),
     ],
+    ids=["channels_first", "lora"],
 )
-def test_invalid_options_name_the_argument(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        convert_quant_network(lenet(), **kwargs)
+def test_an_unsupported_attribute_is_named(layer, match):
+    inputs = keras.Input((3, 8, 8) if isinstance(layer, keras.layers.Conv2D) else (4,))
+    with pytest.raises(ValueError, match=match):
+        convert_quant_network(keras.Model(inputs, layer(inputs)))
 
 
 def test_pairs_reach_weights_and_activations():
-    qmodel = convert_quant_network(
+    qat_model = convert_quant_network(
         lenet(),
         num_bits=(4, 6),
         symmetric=(True, False),
         narrow_range=(True, False),
         quant_delay=(3, 5),
     )
-    conv, act = qmodel.layers[2].weight_quantizer, qmodel.layers[3]
+    conv, act = qat_model.layers[2].weight_quantizer, qat_model.layers[3]
     assert (conv.num_bits, conv.symmetric, conv.narrow_range, conv.quant_delay) == (
         4,
         True,
@@ -304,14 +343,14 @@ def test_average_pooling_shares_its_input_range_unless_the_input_is_used_elsewhe
     b = Conv2DBnAct(4, 3, padding="same", name="also_added")(inputs)
     pooled_b = keras.layers.AveragePooling2D(2, name="pool_b")(b)
     c = keras.layers.Add()([keras.layers.MaxPooling2D(2)(b), pooled_b, a])
-    qmodel = convert_quant_network(keras.Model(inputs, c))
-    names = {layer.name for layer in qmodel.layers}
+    qat_model = convert_quant_network(keras.Model(inputs, c))
+    names = {layer.name for layer in qat_model.layers}
     assert (
-        type(qmodel.get_layer("pool_a")).__name__ == "QuantAveragePooling2D"
+        type(qat_model.get_layer("pool_a")).__name__ == "QuantAveragePooling2D"
         and "only_pooled_quant" not in names
     )
     assert (
-        type(qmodel.get_layer("pool_b")) is keras.layers.AveragePooling2D
+        type(qat_model.get_layer("pool_b")) is keras.layers.AveragePooling2D
         and "also_added_quant" in names
     )
 
@@ -321,9 +360,22 @@ def test_softmax_and_sigmoid_layers_get_the_fixed_int8_ranges():
     x = DenseBnAct(4)(inputs)
     probabilities = keras.layers.Softmax(name="probabilities")(x)
     gate = keras.layers.Activation("sigmoid", name="gate")(x)
-    qmodel = convert_quant_network(keras.Model(inputs, [probabilities, gate]))
-    assert qmodel.get_layer("probabilities_quant").fixed_range == (0.0, 255 / 256)
-    assert qmodel.get_layer("gate_quant").fixed_range == (0.0, 255 / 256)
+    qat_model = convert_quant_network(keras.Model(inputs, [probabilities, gate]))
+    assert qat_model.get_layer("probabilities_quant").fixed_range == (0.0, 255 / 256)
+    assert qat_model.get_layer("gate_quant").fixed_range == (0.0, 255 / 256)
+
+
+def test_integer_image_input_is_quantized_after_its_rescaling():
+    inputs = keras.Input((8, 8, 3), dtype="uint8")
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
+    qat_model = convert_quant_network(model)
+    kinds = [type(layer).__name__ for layer in qat_model.layers[:4]]
+    assert kinds == ["InputLayer", "Rescaling", "FakeQuant", "QuantConv2DBnAct"]
+    x = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3)).astype("uint8")
+    train(qat_model, x, np.zeros((32, 2)), 2)
+    assert qat_model.layers[2].max.numpy() > 0.9
 
 
 def _conv_dense_model():
@@ -334,24 +386,24 @@ def _conv_dense_model():
 
 
 def test_default_options_are_tflites_int8_scheme_and_export():
-    qmodel = convert_quant_network(_conv_dense_model())
+    qat_model = convert_quant_network(_conv_dense_model())
     conv, dense = (
-        qmodel.get_layer("conv").weight_quantizer,
-        qmodel.get_layer("dense").weight_quantizer,
+        qat_model.get_layer("conv").weight_quantizer,
+        qat_model.get_layer("dense").weight_quantizer,
     )
     assert (conv.symmetric, conv.narrow_range, conv.per_channel) == (True, True, True)
     assert (dense.symmetric, dense.narrow_range, dense.per_channel) == (True, True, False)
-    activations = [layer for layer in qmodel.layers if isinstance(layer, FakeQuant)]
+    activations = [layer for layer in qat_model.layers if isinstance(layer, FakeQuant)]
     assert all(not (q.symmetric or q.narrow_range or q.per_channel) for q in activations)
     x = np.random.default_rng(0).uniform(-1, 1, (16, 8, 8, 3)).astype("float32")
-    qmodel.compile(optimizer="sgd", loss="mse")
-    qmodel.fit(x, np.zeros((16, 5)), verbose=0)
-    report = kq.compare_tflite(qmodel, kq.export_tflite(qmodel), x)
+    qat_model.compile(optimizer="sgd", loss="mse")
+    qat_model.fit(x, np.zeros((16, 5)), verbose=0)
+    report = kq.compare_tflite(qat_model, kq.export_tflite(qat_model), x)
     assert report["within_one_step"] == 1.0, report
 
 
 def test_mindspores_example_call_means_what_it_means_in_mindspore():
-    qmodel = convert_quant_network(
+    qat_model = convert_quant_network(
         _conv_dense_model(),
         quant_delay=900,
         bn_fold=False,
@@ -359,7 +411,7 @@ def test_mindspores_example_call_means_what_it_means_in_mindspore():
         symmetric=[False, False],
     )
     for name in ("conv", "dense"):
-        quantizer = qmodel.get_layer(name).weight_quantizer
+        quantizer = qat_model.get_layer(name).weight_quantizer
         assert (quantizer.symmetric, quantizer.narrow_range, quantizer.per_channel) == (
             False,
             False,
@@ -371,7 +423,7 @@ def test_mindspores_example_call_means_what_it_means_in_mindspore():
 def test_per_tensor_dense_weights_become_per_channel_before_an_unfolded_batchnorm():
     inputs = keras.Input((6,))
     x = keras.layers.BatchNormalization()(keras.layers.Dense(4, name="dense")(inputs))
-    qmodel = convert_quant_network(keras.Model(inputs, x), bn_fold=False)
-    assert qmodel.get_layer("dense").weight_quantizer.per_channel
-    qmodel = convert_quant_network(keras.Model(inputs, x))  # folded: per tensor is exact
-    assert not qmodel.get_layer("dense").weight_quantizer.per_channel
+    qat_model = convert_quant_network(keras.Model(inputs, x), bn_fold=False)
+    assert qat_model.get_layer("dense").weight_quantizer.per_channel
+    qat_model = convert_quant_network(keras.Model(inputs, x))  # folded: per tensor is exact
+    assert not qat_model.get_layer("dense").weight_quantizer.per_channel

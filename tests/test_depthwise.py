@@ -127,7 +127,7 @@ def test_plain_depthwise_model_converts_trains_and_exports(bn_fold, tmp_path):
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(5)(x)
     model = keras.Model(inputs, outputs)
-    qmodel = kq.convert_quant_network(
+    qat_model = kq.convert_quant_network(
         model,
         bn_fold=bn_fold,
         per_channel=[True, False],
@@ -135,17 +135,17 @@ def test_plain_depthwise_model_converts_trains_and_exports(bn_fold, tmp_path):
         narrow_range=[True, False],
     )
     expected = QuantDepthwiseConv2DBnFoldAct if bn_fold else QuantDepthwiseConv2DBnAct
-    assert sum(type(layer) is expected for layer in qmodel.layers) == 1
+    assert sum(type(layer) is expected for layer in qat_model.layers) == 1
     rng = np.random.default_rng(3)
     x = rng.uniform(-1, 1, (128, 10, 10, CHANNELS)).astype("float32")
-    qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
-    qmodel.fit(
+    qat_model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    qat_model.fit(
         x, rng.standard_normal((128, 5)).astype("float32"), batch_size=32, epochs=1, verbose=0
     )
     path = str(tmp_path / "depthwise.keras")
-    qmodel.save(path)
+    qat_model.save(path)
     loaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qat_model.predict(x, verbose=0))
     tflite_bytes = kq.export_tflite(loaded)
     interpreter = kq.tflite_interpreter(tflite_bytes, default_delegates=False)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
@@ -225,13 +225,13 @@ def test_dilated_depthwise_exports_to_one_int8_op(bn_fold):
     x = keras.layers.DepthwiseConv2D(3, dilation_rate=2, depth_multiplier=MULTIPLIER)(inputs)
     model = keras.Model(inputs, keras.layers.ReLU()(keras.layers.BatchNormalization()(x)))
     x = np.random.default_rng(4).uniform(-1, 1, (128, 8, 12, CHANNELS)).astype("float32")
-    qmodel = kq.convert_quant_network(model, bn_fold=bn_fold)
-    qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
-    qmodel.fit(x, np.zeros((128, 4, 8, 6), "float32"), batch_size=64, verbose=0)
-    tflite_bytes = kq.export_tflite(qmodel)
+    qat_model = kq.convert_quant_network(model, bn_fold=bn_fold)
+    qat_model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    qat_model.fit(x, np.zeros((128, 4, 8, 6), "float32"), batch_size=64, verbose=0)
+    tflite_bytes = kq.export_tflite(qat_model)
     interpreter = kq.tflite_interpreter(tflite_bytes, default_delegates=False)
     ops = [op["op_name"] for op in interpreter._get_ops_details()]
     assert ops == ["QUANTIZE", "DEPTHWISE_CONV_2D", "DEQUANTIZE"], ops
     tflite_out, scale = kq.run_tflite(tflite_bytes, x)
-    steps = np.abs(qmodel.predict(x, verbose=0) - tflite_out) / scale
+    steps = np.abs(qat_model.predict(x, verbose=0) - tflite_out) / scale
     assert np.mean(steps < 0.5) >= 0.999 and steps.max() <= 1.001

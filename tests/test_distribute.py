@@ -3,16 +3,14 @@
 conftest.py splits the CPU into two logical devices for MirroredStrategy.
 """
 
-import json
 import os
-import socket
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from worker_ports import run_workers
 
 import keras_qat as kq
 from keras_qat import Conv2DBnAct, DenseBnAct, FakeQuant
@@ -106,43 +104,16 @@ def test_checkpoint_from_two_replicas_resumes_on_one(tmp_path):
     assert_same_state(state(resumed), state(straight))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_multi_worker_mirrored_equals_single_device(tmp_path):
-    ports = [free_port(), free_port()]
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    workers = []
-    for index in range(2):
-        env = dict(
-            os.environ,
-            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-            TF_CPP_MIN_LOG_LEVEL="3",
-            PYTHONPATH=HERE,
-        )
-        out = tmp_path / f"worker{index}.npz"
-        workers.append(
-            subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "multi_worker_train.py"), str(out)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    try:
-        logs = [worker.communicate(timeout=240)[0] for worker in workers]
-    finally:
-        for worker in workers:  # stop by itself, free the ports, whatever happened
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
-    for worker, log in zip(workers, logs):
-        assert worker.returncode == 0, log[-3000:]
+    script = os.path.join(HERE, "multi_worker_train.py")
+    codes, logs = run_workers(
+        lambda index: [sys.executable, script, str(tmp_path / f"worker{index}.npz")],
+        timeout=240,
+        env=dict(TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=HERE),
+    )
+    for code, log in zip(codes, logs):
+        assert code == 0, log[-3000:]
     import multi_worker_train
 
     single = multi_worker_train.train(tf.distribute.get_strategy())  # one device, same loop

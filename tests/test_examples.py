@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from worker_ports import run_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -100,52 +101,28 @@ def test_a_bad_bit_width_flag_fails_before_training(tmp_path):
 @pytest.mark.slow
 def test_lenet_example_with_two_workers(tmp_path):
     """--strategy=multi_worker: two processes on 127.0.0.1, the chief reports."""
-    import socket
-
     data_dir, out_dir = tmp_path / "data", tmp_path / "out"
     data_dir.mkdir()
     write_dataset(str(data_dir), 256, 100, compress=False)
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(ROOT, "examples", "lenet_quant.py"),
-                "--strategy=multi_worker",
-                f"--data_dir={data_dir}",
-                f"--output_dir={out_dir}",
-                "--float_epochs=1",
-                "--qat_epochs=1",
-                "--quant_delay=2",
-                "--batch_size=32",
-                "--export_tflite",
-                "--noper_channel_weights",
-            ],
-            env=dict(
-                os.environ,
-                TF_CPP_MIN_LOG_LEVEL="3",
-                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        logs = [worker.communicate(timeout=400)[0] for worker in workers]
-    finally:
-        for worker in workers:  # stop by itself and free the ports
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
-    for worker, log in zip(workers, logs):
-        assert worker.returncode == 0, log[-3000:]
+    codes, logs = run_workers(
+        lambda index: [
+            sys.executable,
+            os.path.join(ROOT, "examples", "lenet_quant.py"),
+            "--strategy=multi_worker",
+            f"--data_dir={data_dir}",
+            f"--output_dir={out_dir}",
+            "--float_epochs=1",
+            "--qat_epochs=1",
+            "--quant_delay=2",
+            "--batch_size=32",
+            "--export_tflite",
+            "--noper_channel_weights",
+        ],
+        timeout=400,
+        env=dict(TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    for code, log in zip(codes, logs):
+        assert code == 0, log[-3000:]
     results = json.loads((out_dir / "results.json").read_text())
     assert results["replicas"] == 2 and results["strategy"] == "multi_worker"
     assert results["within_one_step"] >= 0.99
@@ -287,3 +264,19 @@ def test_resnet_export_needs_8_bit_activations(tmp_path):
     )
     assert result.returncode != 0
     assert "--export_tflite needs 8-bit activations" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "script, flag, message",
+    [
+        ("lenet_quant.py", "--batch_size=0", "batch_size"),
+        ("lenet_quant.py", "--num_bits=4,20", "--num_bits takes widths from 2 to 16"),
+        ("resnet_quant.py", "--bn_fold=maybe", "--bn_fold takes true and / or false"),
+        ("vit_quant.py", "--dataset=cifar", "dataset"),
+    ],
+)
+def test_a_bad_flag_fails_before_any_data_or_training(tmp_path, script, flag, message):
+    result = run_example(script, f"--output_dir={tmp_path}", "--data_dir=/nonexistent", flag)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "No such file" not in result.stderr and "missing" not in result.stderr.lower()

@@ -4,21 +4,23 @@ import pytest
 import tensorflow as tf
 
 import keras_qat as kq
-from keras_qat.export.inspect import TensorProbe, _agreement, float_ops, tflite_interpreter
+from keras_qat.export.interpreter import TensorProbe, _agreement, float_ops, tflite_interpreter
 
 EXPORTABLE = dict(symmetric=[True, False], narrow_range=[True, False])
 
 
-def calibrate(qmodel, x, steps=4, seed=0):
+def calibrate(qat_model, x, steps=4, seed=0):
     """A few training steps: ranges learn, weights move a little. `x` is a
     batch or a list of batches (one per input); every output is trained."""
     rng = np.random.default_rng(seed)
     n = len(x[0] if isinstance(x, list) else x)
-    y = [rng.standard_normal((n,) + tuple(t.shape[1:])).astype("float32") for t in qmodel.outputs]
-    qmodel.compile(optimizer=keras.optimizers.SGD(1e-3), loss=["mse"] * len(y))
+    y = [
+        rng.standard_normal((n,) + tuple(t.shape[1:])).astype("float32") for t in qat_model.outputs
+    ]
+    qat_model.compile(optimizer=keras.optimizers.SGD(1e-3), loss=["mse"] * len(y))
     for _ in range(steps):
-        qmodel.train_on_batch(x, y if len(y) > 1 else y[0])
-    return qmodel
+        qat_model.train_on_batch(x, y if len(y) > 1 else y[0])
+    return qat_model
 
 
 def ops_and_tensors(tflite_bytes):
@@ -51,6 +53,10 @@ def assert_integer_model(tflite_bytes, compute_ops, per_channel_ops=()):
                 )
             else:
                 assert n_scales == 1
+        elif op["op_name"] == "CAST" and all(
+            tensors[i]["dtype"] in (np.int32, np.int64, np.bool_) for i in op["outputs"]
+        ):
+            continue  # float token ids or 0 / 1 masks made indices or flags: no float compute
         elif op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "SHAPE", "STRIDED_SLICE", "PACK"):
             for index in list(op["inputs"]) + list(op["outputs"]):
                 if index >= 0:
@@ -62,7 +68,7 @@ def assert_integer_model(tflite_bytes, compute_ops, per_channel_ops=()):
     return names
 
 
-def assert_parity(qmodel, tflite_bytes, x):
+def assert_parity(qat_model, tflite_bytes, x):
     """The issue's parity: top-1 >= 99.9 %, >= 99 % within one output step.
 
     These models are untrained, so some rows have their two largest outputs
@@ -70,7 +76,7 @@ def assert_parity(qmodel, tflite_bytes, x):
     top-1 is required on the other rows, and every disagreement must be
     such a near-tie.
     """
-    report = kq.compare_tflite(qmodel, tflite_bytes, x)
+    report = kq.compare_tflite(qat_model, tflite_bytes, x)
     assert report["within_one_step"] >= 0.99, report
     assert report["max_diff_steps"] <= 2.001, report
     assert report["top1_agreement_unambiguous"] >= 0.999, report
@@ -113,13 +119,13 @@ def conv_model(per_channel, has_bn=True, bn_fold=True):
 def test_conv_and_dense_export_to_int8(per_channel):
     x = np.random.default_rng(0).uniform(-1, 1, (256, 12, 12, 3)).astype("float32")
     # Per-tensor weights cannot absorb an unfolded BatchNorm (see below).
-    qmodel = calibrate(conv_model(per_channel, has_bn=per_channel, bn_fold=False), x)
-    tflite_bytes = kq.export_tflite(qmodel)
+    qat_model = calibrate(conv_model(per_channel, has_bn=per_channel, bn_fold=False), x)
+    tflite_bytes = kq.export_tflite(qat_model)
     pc_ops = ("CONV_2D",) if per_channel else ()
     names = assert_integer_model(tflite_bytes, ["CONV_2D"], pc_ops)
     # A per-channel Dense is exported as a 1x1 CONV_2D, per tensor as FULLY_CONNECTED.
     assert ("FULLY_CONNECTED" in names) != per_channel
-    assert_parity(qmodel, tflite_bytes, x)
+    assert_parity(qat_model, tflite_bytes, x)
 
 
 def test_dense_without_bias_non_relu_activation_and_offset_input():
@@ -127,12 +133,12 @@ def test_dense_without_bias_non_relu_activation_and_offset_input():
     x = kq.DenseBnAct(32, use_bias=False, activation="sigmoid")(inputs)
     x = kq.DenseBnAct(24, activation="leaky_relu")(x)
     outputs = kq.DenseBnAct(10, use_bias=False)(x)
-    qmodel = kq.convert_quant_network(keras.Model(inputs, outputs), **EXPORTABLE)
+    qat_model = kq.convert_quant_network(keras.Model(inputs, outputs), **EXPORTABLE)
     x = np.random.default_rng(1).uniform(2.0, 5.0, (512, 16)).astype("float32")  # not centred on 0
-    calibrate(qmodel, x)
-    tflite_bytes = kq.export_tflite(qmodel)
+    calibrate(qat_model, x)
+    tflite_bytes = kq.export_tflite(qat_model)
     assert_integer_model(tflite_bytes, ["FULLY_CONNECTED", "LOGISTIC", "LEAKY_RELU"])
-    assert_parity(qmodel, tflite_bytes, x)
+    assert_parity(qat_model, tflite_bytes, x)
 
 
 def merge_model(shared_input):
@@ -155,15 +161,15 @@ def merge_model(shared_input):
 
 
 def test_merges_with_different_ranges():
-    qmodel = merge_model(shared_input=False)
+    qat_model = merge_model(shared_input=False)
     x = np.random.default_rng(2).standard_normal((256, 8, 8, 4)).astype("float32")
-    calibrate(qmodel, x)
-    tflite_bytes = kq.export_tflite(qmodel)
+    calibrate(qat_model, x)
+    tflite_bytes = kq.export_tflite(qat_model)
     names = assert_integer_model(
         tflite_bytes, ["ADD", "CONCATENATION", "CONV_2D", "MEAN"], ("CONV_2D",)
     )
     assert "QUANTIZE" not in names[1:]  # every operand is written on the shared grid
-    assert_parity(qmodel, tflite_bytes, x)
+    assert_parity(qat_model, tflite_bytes, x)
 
 
 def test_requantized_concat_input_is_within_one_step():
@@ -171,13 +177,13 @@ def test_requantized_concat_input_is_within_one_step():
     # (SaturatingRoundingDoublingHighMul on a small integer, then a rounding
     # shift), which moves values up to about 1/16 step below a tie upwards;
     # the simulated model rounds once. Those values differ by one step.
-    qmodel = merge_model(shared_input=True)
+    qat_model = merge_model(shared_input=True)
     x = np.random.default_rng(2).standard_normal((256, 8, 8, 4)).astype("float32")
-    calibrate(qmodel, x)
-    tflite_bytes = kq.export_tflite(qmodel)
+    calibrate(qat_model, x)
+    tflite_bytes = kq.export_tflite(qat_model)
     names = assert_integer_model(tflite_bytes, ["ADD", "CONCATENATION"], ("CONV_2D",))
     assert names.count("QUANTIZE") == 2  # the input, and `a` onto the concatenation's grid
-    report = kq.compare_tflite(qmodel, tflite_bytes, x)
+    report = kq.compare_tflite(qat_model, tflite_bytes, x)
     assert report["within_one_step"] >= 0.97 and report["max_diff_steps"] <= 2.001, report
     assert report["top1_agreement_unambiguous"] >= 0.999, report
 
@@ -185,12 +191,12 @@ def test_requantized_concat_input_is_within_one_step():
 @pytest.mark.parametrize("io_type", [tf.int8, tf.uint8])
 def test_integer_input_and_output(io_type):
     x = np.random.default_rng(3).uniform(-1, 1, (128, 12, 12, 3)).astype("float32")
-    qmodel = calibrate(conv_model(True), x)
-    tflite_bytes = kq.export_tflite(qmodel, input_type=io_type, output_type=io_type)
+    qat_model = calibrate(conv_model(True), x)
+    tflite_bytes = kq.export_tflite(qat_model, input_type=io_type, output_type=io_type)
     interpreter = tflite_interpreter(tflite_bytes)
     assert interpreter.get_input_details()[0]["dtype"] == io_type.as_numpy_dtype
     assert interpreter.get_output_details()[0]["dtype"] == io_type.as_numpy_dtype
-    assert_parity(qmodel, tflite_bytes, x)
+    assert_parity(qat_model, tflite_bytes, x)
 
 
 @pytest.mark.parametrize("bits, pack_int4", [(4, True), (4, False), (2, True), (2, False)])
@@ -199,11 +205,11 @@ def test_low_bit_weights_stay_on_their_grid(bits, pack_int4):
     inputs = keras.Input((12, 12, 3))
     h = kq.Conv2DBnAct(8, 3, activation="relu")(inputs)
     outputs = kq.DenseBnAct(10)(keras.layers.Flatten()(h))
-    qmodel = kq.convert_quant_network(
+    qat_model = kq.convert_quant_network(
         keras.Model(inputs, outputs), num_bits=(bits, 8), per_channel=[True, False], **EXPORTABLE
     )
-    calibrate(qmodel, x)
-    tflite_bytes = kq.export_tflite(qmodel, pack_int4=pack_int4)
+    calibrate(qat_model, x)
+    tflite_bytes = kq.export_tflite(qat_model, pack_int4=pack_int4)
     # The stored levels, times their scales, are the Keras model's
     # fake-quantized weights: symmetric narrow b-bit levels, |level| <= 2**(b-1) - 1.
     ops, tensors = ops_and_tensors(tflite_bytes)
@@ -215,7 +221,7 @@ def test_low_bit_weights_stay_on_their_grid(bits, pack_int4):
             scales = tensors[op["inputs"][1]]["quantization_parameters"]["scales"]
             assert np.all(np.abs(levels) <= 2 ** (bits - 1) - 1), np.unique(levels)
             stored.append(levels * scales.reshape(-1, *([1] * (levels.ndim - 1))))
-    conv, dense = (layer for layer in qmodel.layers if getattr(layer, "quantized", False))
+    conv, dense = (layer for layer in qat_model.layers if getattr(layer, "quantized", False))
     expected = [
         np.moveaxis(conv.weight_quantizer.quantize_weights(conv.kernel()).values.numpy(), -1, 0),
         dense.weight_quantizer.quantize_weights(dense.kernel()).values.numpy().T,
@@ -235,7 +241,7 @@ def test_low_bit_weights_stay_on_their_grid(bits, pack_int4):
     ]
     storage = schema.TensorType.INT4 if pack_int4 else schema.TensorType.INT8
     assert types.count(storage) == 2, types
-    assert_parity(qmodel, tflite_bytes, x)
+    assert_parity(qat_model, tflite_bytes, x)
 
 
 def test_pack_int4_must_be_a_bool():
@@ -246,11 +252,11 @@ def test_pack_int4_must_be_a_bool():
 
 def test_saved_model_export_also_converts(tmp_path):
     x = np.random.default_rng(5).uniform(-1, 1, (64, 12, 12, 3)).astype("float32")
-    qmodel = calibrate(conv_model(False, has_bn=False), x)
+    qat_model = calibrate(conv_model(False, has_bn=False), x)
     path = str(tmp_path / "saved")
-    qmodel.export(path, verbose=False)  # the plain SavedModel, with its quant-delay conditions
+    qat_model.export(path, verbose=False)  # the plain SavedModel, with its quant-delay conditions
     reloaded = tf.saved_model.load(path)
-    np.testing.assert_allclose(reloaded.serve(x), qmodel.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(reloaded.serve(x), qat_model.predict(x, verbose=0), atol=1e-6)
     converter = tf.lite.TFLiteConverter.from_saved_model(path)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     assert len(converter.convert()) > 0
@@ -283,20 +289,20 @@ def test_export_refuses_what_int8_cannot_run():
 
 def test_writes_path_and_float_baseline_is_float(tmp_path):
     x = np.random.default_rng(6).uniform(-1, 1, (32, 12, 12, 3)).astype("float32")
-    qmodel = calibrate(conv_model(True), x)
+    qat_model = calibrate(conv_model(True), x)
     path = tmp_path / "m.tflite"
-    tflite_bytes = kq.export_tflite(qmodel, str(path))
+    tflite_bytes = kq.export_tflite(qat_model, str(path))
     assert path.read_bytes() == tflite_bytes
-    float_bytes = kq.export_float_tflite(keras.Model(qmodel.inputs, qmodel.outputs))
+    float_bytes = kq.export_float_tflite(keras.Model(qat_model.inputs, qat_model.outputs))
     assert float_ops(float_bytes)  # the baseline computes in float
 
 
 def test_strip_names_keeps_the_model_and_drops_its_strings(tmp_path):
     x = np.random.default_rng(5).uniform(-1, 1, (64, 12, 12, 3)).astype("float32")
-    qmodel = calibrate(conv_model(True, has_bn=True, bn_fold=True), x)
-    named = kq.export_tflite(qmodel)
+    qat_model = calibrate(conv_model(True, has_bn=True, bn_fold=True), x)
+    named = kq.export_tflite(qat_model)
     path = tmp_path / "stripped.tflite"
-    stripped = kq.export_tflite(qmodel, str(path), strip_names=True)
+    stripped = kq.export_tflite(qat_model, str(path), strip_names=True)
     assert path.read_bytes() == stripped
     assert len(stripped) < len(named)
     _, tensors = ops_and_tensors(stripped)
@@ -316,15 +322,17 @@ def test_real_world_patterns_export_to_int8(activation, tmp_path):
 
     rng = np.random.default_rng(6)
     model = randomize_bns(image_patterns(activation), rng)
-    qmodel = kq.convert_quant_network(model, per_channel=[True, False], **EXPORTABLE)
+    qat_model = kq.convert_quant_network(model, per_channel=[True, False], **EXPORTABLE)
     x = rng.uniform(0, 255, (256, 16, 16, 3)).astype("float32")
-    qmodel.compile(optimizer=keras.optimizers.SGD(1e-4), loss="categorical_crossentropy")
-    qmodel.fit(x, keras.utils.to_categorical(rng.integers(0, 5, 256), 5), batch_size=64, verbose=0)
+    qat_model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="categorical_crossentropy")
+    qat_model.fit(
+        x, keras.utils.to_categorical(rng.integers(0, 5, 256), 5), batch_size=64, verbose=0
+    )
     path = str(tmp_path / "patterns.keras")
-    qmodel.save(path)
+    qat_model.save(path)
     loaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
-    tflite_bytes = kq.export_tflite(qmodel)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qat_model.predict(x, verbose=0))
+    tflite_bytes = kq.export_tflite(qat_model)
     names = assert_integer_model(
         tflite_bytes,
         ["CONV_2D", "DEPTHWISE_CONV_2D", "MUL", "ADD", "SUB", "AVERAGE_POOL_2D", "SOFTMAX", "PAD"],
@@ -334,10 +342,10 @@ def test_real_world_patterns_export_to_int8(activation, tmp_path):
     assert ("LOGISTIC" in names) == (activation == "swish")
     # Up to the logits, within one step of every FakeQuant; the softmax
     # output (step 1/256) moves by several steps per step of its logits.
-    logits = keras.Model(qmodel.inputs, qmodel.get_layer("logits_quant").output)
+    logits = keras.Model(qat_model.inputs, qat_model.get_layer("logits_quant").output)
     report = kq.compare_tflite(logits, kq.export_tflite(logits), x)
     assert report["within_one_step"] >= 0.99 and report["max_diff_steps"] <= 2.001, report
-    report = kq.compare_tflite(qmodel, tflite_bytes, x)
+    report = kq.compare_tflite(qat_model, tflite_bytes, x)
     assert report["top1_agreement_unambiguous"] >= 0.999, report
 
 
@@ -347,18 +355,18 @@ def test_hard_sigmoid_exports_as_two_int8_ops():
     x = kq.Conv2DBnAct(6, 1)(x)
     x = keras.layers.Activation("hard_sigmoid")(x)
     outputs = kq.DenseBnAct(4)(keras.layers.Flatten()(x))
-    qmodel = kq.convert_quant_network(
+    qat_model = kq.convert_quant_network(
         keras.Model(inputs, outputs), per_channel=[True, False], **EXPORTABLE
     )
-    assert sum(isinstance(layer, kq.QuantHardSigmoid) for layer in qmodel.layers) == 2
+    assert sum(isinstance(layer, kq.QuantHardSigmoid) for layer in qat_model.layers) == 2
     x = np.random.default_rng(7).uniform(-4, 4, (256, 8, 8, 3)).astype("float32")
-    calibrate(qmodel, x)
-    tflite_bytes = kq.export_tflite(qmodel)  # raises if the ADD / MUL stayed float
+    calibrate(qat_model, x)
+    tflite_bytes = kq.export_tflite(qat_model)  # raises if the ADD / MUL stayed float
     names = assert_integer_model(
         tflite_bytes, ["CONV_2D", "ADD", "MUL"], per_channel_ops=("CONV_2D",)
     )
     assert names.count("ADD") == 2 and names.count("MUL") == 2
-    assert_parity(qmodel, tflite_bytes, x)
+    assert_parity(qat_model, tflite_bytes, x)
     # Keras' hard_sigmoid, with relu6(x + 3) on the fixed [0, 6] grid.
     import reference
 
@@ -375,18 +383,18 @@ def test_swish_exports_as_logistic_and_mul_with_the_sigmoid_rounded():
     x = kq.Conv2DBnAct(6, 1)(x)
     x = keras.layers.Activation("silu")(x)
     outputs = kq.DenseBnAct(4)(keras.layers.Flatten()(x))
-    qmodel = kq.convert_quant_network(
+    qat_model = kq.convert_quant_network(
         keras.Model(inputs, outputs), per_channel=[True, False], **EXPORTABLE
     )
-    assert sum(isinstance(layer, kq.QuantSwish) for layer in qmodel.layers) == 2
+    assert sum(isinstance(layer, kq.QuantSwish) for layer in qat_model.layers) == 2
     x = np.random.default_rng(8).uniform(-4, 4, (256, 8, 8, 3)).astype("float32")
-    calibrate(qmodel, x)
-    tflite_bytes = kq.export_tflite(qmodel)
+    calibrate(qat_model, x)
+    tflite_bytes = kq.export_tflite(qat_model)
     names = assert_integer_model(
         tflite_bytes, ["CONV_2D", "LOGISTIC", "MUL"], per_channel_ops=("CONV_2D",)
     )
     assert names.count("LOGISTIC") == 2 and names.count("MUL") == 2
-    assert_parity(qmodel, tflite_bytes, x)
+    assert_parity(qat_model, tflite_bytes, x)
 
     # A lone swish: TFLite's LOGISTIC writes the sigmoid on its int8 grid
     # before the MUL. With the sigmoid in float, 14 % of outputs differed.
@@ -487,12 +495,12 @@ def test_int4_convolution_differs_from_exact_rounding_only_near_ties():
     rng = np.random.default_rng(7)
     inputs = keras.Input((3, 3, 1))
     outputs = kq.Conv2DBnAct(8, 3, padding="valid")(inputs)
-    qmodel = kq.convert_quant_network(
+    qat_model = kq.convert_quant_network(
         keras.Model(inputs, outputs), num_bits=(4, 8), per_channel=[True, False], **EXPORTABLE
     )
-    calibrate(qmodel, rng.uniform(0, 1, (64, 3, 3, 1)).astype("float32"))
+    calibrate(qat_model, rng.uniform(0, 1, (64, 3, 3, 1)).astype("float32"))
     x = rng.uniform(0, 1, (2000, 3, 3, 1)).astype("float32")
-    accumulator, multiplier, zero, output = _requantization_inputs(kq.export_tflite(qmodel), x)
+    accumulator, multiplier, zero, output = _requantization_inputs(kq.export_tflite(qat_model), x)
     exact = accumulator * multiplier + zero
     inside = (output > -128) & (output < 127)
     differs = inside & (output != np.floor(exact + 0.5))

@@ -135,26 +135,26 @@ def test_bn_after_an_activated_conv_becomes_its_own_affine_layer():
 def test_plain_models_convert_train_save_and_load(tmp_path):
     rng = np.random.default_rng(2)
     model = randomize_bns(plain_sequential(), rng)
-    qmodel = kq.convert_quant_network(model, quant_delay=100, bn_fold=True)
+    qat_model = kq.convert_quant_network(model, quant_delay=100, bn_fold=True)
     # Leaky ReLU and sigmoid are not fused by integer kernels: quantized before and after.
-    activations = [layer for layer in qmodel.layers if isinstance(layer, L.Activation)]
+    activations = [layer for layer in qat_model.layers if isinstance(layer, L.Activation)]
     assert len(activations) == 2
     for layer in activations:
-        index = qmodel.layers.index(layer)
-        assert isinstance(qmodel.layers[index - 1], kq.FakeQuant)
-        assert isinstance(qmodel.layers[index + 1], kq.FakeQuant)
+        index = qat_model.layers.index(layer)
+        assert isinstance(qat_model.layers[index - 1], kq.FakeQuant)
+        assert isinstance(qat_model.layers[index + 1], kq.FakeQuant)
     x = rng.standard_normal((8, 10, 10, 3)).astype("float32")
     # Still delayed: the folded quantization network computes the original.
     np.testing.assert_allclose(
-        qmodel.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-5
+        qat_model.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-5
     )
-    qmodel.compile(optimizer="sgd", loss="mse")
-    qmodel.train_on_batch(x, rng.standard_normal((8, 3)).astype("float32"))
+    qat_model.compile(optimizer="sgd", loss="mse")
+    qat_model.train_on_batch(x, rng.standard_normal((8, 3)).astype("float32"))
     path = str(tmp_path / "plain.keras")
-    qmodel.save(path)
+    qat_model.save(path)
     loaded = keras.saving.load_model(path)
     np.testing.assert_allclose(
-        loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0), rtol=1e-6, atol=1e-6
+        loaded.predict(x, verbose=0), qat_model.predict(x, verbose=0), rtol=1e-6, atol=1e-6
     )
 
 
@@ -247,3 +247,68 @@ def test_skipped_layers_are_not_fused():
     kinds = [type(layer).__name__ for layer in fused.layers]
     assert kinds[:5] == ["InputLayer", "Conv2DBnAct", "BatchNormalization", "ReLU", "Conv2DBnAct"]
     assert "DenseBnAct" not in kinds
+
+
+def test_fusion_keeps_regularizers_constraints_and_dtype():
+    rng = np.random.default_rng(6)
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(
+        4,
+        3,
+        kernel_regularizer=keras.regularizers.L2(0.1),
+        kernel_constraint=keras.constraints.MaxNorm(0.5, axis=[0, 1, 2]),
+        name="conv",
+    )(inputs)
+    x = L.BatchNormalization(
+        gamma_regularizer=keras.regularizers.L2(0.2),
+        beta_regularizer=keras.regularizers.L1(0.3),
+        beta_constraint=keras.constraints.NonNeg(),
+    )(x)
+    x = L.Dense(3, dtype="float64", name="wide")(L.Flatten()(L.ReLU()(x)))
+    outputs = L.Dense(2, activity_regularizer=keras.regularizers.L2(0.4))(x)
+    model = keras.Model(inputs, outputs)
+    x_data = rng.uniform(-1, 1, (4, 8, 8, 3)).astype("float32")
+    model(x_data)
+    fused = kq.fuse(model)
+    fused(x_data)
+    assert len(fused.losses) == len(model.losses) == 4
+    np.testing.assert_allclose(
+        sorted(float(v) for v in fused.losses), sorted(float(v) for v in model.losses), rtol=1e-5
+    )
+    conv = fused.get_layer("conv")
+    assert isinstance(conv.conv.kernel_constraint, keras.constraints.MaxNorm)
+    assert isinstance(conv.bn.beta_constraint, keras.constraints.NonNeg)
+    assert fused.get_layer("wide").dtype_policy.name == "float64"
+    qat_model = kq.convert_quant_network(
+        model, per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False]
+    )
+    qat_model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+    for _ in range(3):
+        qat_model.train_on_batch(x_data, np.ones((4, 2)))
+    kernel = qat_model.get_layer("conv").conv.kernel.numpy()
+    assert np.sqrt((kernel**2).sum(axis=(0, 1, 2))).max() <= 0.5 + 1e-5  # the constraint acted
+
+
+def test_activity_regularizer_keeps_a_layer_from_absorbing_what_follows():
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, activity_regularizer=keras.regularizers.L2(0.1))(inputs)
+    x = L.BatchNormalization()(x)
+    model = keras.Model(inputs, x)
+    fused = kq.fuse(model)
+    x_data = np.random.default_rng(7).uniform(-1, 1, (4, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(fused(x_data), model(x_data), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(fused.losses[0]), float(model.losses[0]), rtol=1e-5)
+
+
+def test_fuse_refuses_a_quantization_network():
+    inputs = keras.Input((4,))
+    qat = kq.convert_quant_network(keras.Model(inputs, keras.layers.Dense(2)(inputs)))
+    with pytest.raises(ValueError, match="already a quantization network.*`fuse` takes"):
+        kq.fuse(qat)
+
+
+def test_a_dilated_transposed_convolution_is_refused_with_the_reason():
+    inputs = keras.Input((6, 6, 3))
+    outputs = keras.layers.Conv2DTranspose(4, 3, dilation_rate=2, name="up")(inputs)
+    with pytest.raises(ValueError, match=r"'up' \(Conv2DTranspose: dilation_rate=\(2, 2\)"):
+        kq.convert_quant_network(keras.Model(inputs, outputs))

@@ -8,17 +8,17 @@ from reference import f32, fake_quant, nudge
 
 import keras_qat as kq
 from keras_qat import quantizers
-from keras_qat.export.inspect import tflite_interpreter
+from keras_qat.export.interpreter import tflite_interpreter
 
 EXPORTABLE = dict(per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False])
 
 
 def input_grid_sources(layer):
-    """The layer whose `input_grid` output each call of `layer` receives
+    """The layer whose `input_scale` output each call of `layer` receives
     (None for a call without one)."""
     sources = []
     for node in layer._inbound_nodes:
-        grid = node.arguments.kwargs.get("input_grid")
+        grid = node.arguments.kwargs.get("input_scale")
         sources.append(None if grid is None else grid._keras_history.operation)
     return sources
 
@@ -66,19 +66,19 @@ def dense_model(units=16, inputs=4, has_bn=False):
     return model
 
 
-def calibrate(qmodel, x, steps=1):
+def calibrate(qat_model, x, steps=1):
     """Training calls with a zero learning rate: ranges (and statistics) only."""
-    qmodel.compile(optimizer=keras.optimizers.SGD(0.0), loss=["mse"] * len(qmodel.outputs))
+    qat_model.compile(optimizer=keras.optimizers.SGD(0.0), loss=["mse"] * len(qat_model.outputs))
     n = len(x[0]) if isinstance(x, list) else len(x)
-    y = [np.zeros((n,) + tuple(out.shape[1:]), f32) for out in qmodel.outputs]
+    y = [np.zeros((n,) + tuple(out.shape[1:]), f32) for out in qat_model.outputs]
     for _ in range(steps):
-        qmodel.train_on_batch(x, y)
+        qat_model.train_on_batch(x, y)
 
 
-def reference_dense(qmodel, x, kernel, bias, round_bias=True):
+def reference_dense(qat_model, x, kernel, bias, round_bias=True):
     """numpy: fake-quantized input @ per-channel symmetric int8 kernel + bias
     (rounded to input scale x weight scale when `round_bias`)."""
-    fq = qmodel.get_layer("x_quant")
+    fq = qat_model.get_layer("x_quant")
     lo, hi = fq.min.numpy(), fq.max.numpy()
     x_q = fake_quant(x, lo, hi)
     input_scale = nudge(lo, hi, 8, False)[2]
@@ -98,15 +98,15 @@ def reference_dense(qmodel, x, kernel, bias, round_bias=True):
 
 def test_dense_adds_bias_on_the_accumulator_grid():
     x = np.random.default_rng(2).uniform(-1, 1, (64, 4)).astype(f32)
-    qmodel = kq.convert_quant_network(dense_model(), bn_fold=False, **EXPORTABLE)
-    calibrate(qmodel, x)
-    layer = qmodel.get_layer("dense")
-    assert input_grid_sources(layer) == [qmodel.get_layer("x_quant")]
-    got = keras.Model(qmodel.inputs, layer.output).predict(x, verbose=0)
+    qat_model = kq.convert_quant_network(dense_model(), bn_fold=False, **EXPORTABLE)
+    calibrate(qat_model, x)
+    layer = qat_model.get_layer("dense")
+    assert input_grid_sources(layer) == [qat_model.get_layer("x_quant")]
+    got = keras.Model(qat_model.inputs, layer.output).predict(x, verbose=0)
     kernel, bias = layer.dense.kernel.numpy(), layer.dense.bias.numpy()
-    expected, step = reference_dense(qmodel, x, kernel, bias)
+    expected, step = reference_dense(qat_model, x, kernel, bias)
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
-    float_bias, _ = reference_dense(qmodel, x, kernel, bias, round_bias=False)
+    float_bias, _ = reference_dense(qat_model, x, kernel, bias, round_bias=False)
     assert np.abs(float_bias - expected).max() > 10 * 1e-6  # the rounding is visible
     assert np.abs(float_bias - expected).max() <= 0.5 * step.max() * (1 + 1e-5)
 
@@ -114,9 +114,9 @@ def test_dense_adds_bias_on_the_accumulator_grid():
 def test_folded_batchnorm_bias_is_rounded():
     x = np.random.default_rng(3).uniform(-1, 1, (64, 4)).astype(f32)
     float_model = dense_model(has_bn=True)
-    qmodel = kq.convert_quant_network(float_model, bn_fold=True, **EXPORTABLE)
-    calibrate(qmodel, x)
-    layer = qmodel.get_layer("dense")
+    qat_model = kq.convert_quant_network(float_model, bn_fold=True, **EXPORTABLE)
+    calibrate(qat_model, x)
+    layer = qat_model.get_layer("dense")
     assert isinstance(layer, kq.QuantDenseBnFoldAct)
     bn = layer.bn  # moving statistics as calibration left them
     sigma = np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
@@ -125,21 +125,21 @@ def test_folded_batchnorm_bias_is_rounded():
     bias = (bn.beta.numpy() + gain * (layer.dense.bias.numpy() - bn.moving_mean.numpy())).astype(
         f32
     )
-    expected, _ = reference_dense(qmodel, x, kernel, bias)
-    got = keras.Model(qmodel.inputs, layer.output).predict(x, verbose=0)
+    expected, _ = reference_dense(qat_model, x, kernel, bias)
+    got = keras.Model(qat_model.inputs, layer.output).predict(x, verbose=0)
     np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
-    float_bias, _ = reference_dense(qmodel, x, kernel, bias, round_bias=False)
+    float_bias, _ = reference_dense(qat_model, x, kernel, bias, round_bias=False)
     assert np.abs(float_bias - expected).max() > 1e-5
 
 
 def test_bias_stays_float_while_the_input_is_not_quantized():
     x = np.random.default_rng(4).uniform(-1, 1, (64, 4)).astype(f32)
-    qmodel = kq.convert_quant_network(
+    qat_model = kq.convert_quant_network(
         dense_model(), bn_fold=False, quant_delay=(0, 5), **EXPORTABLE
     )
-    calibrate(qmodel, x, steps=2)  # activations still delayed
-    layer = qmodel.get_layer("dense")
-    got = keras.Model(qmodel.inputs, layer.output).predict(x, verbose=0)
+    calibrate(qat_model, x, steps=2)  # activations still delayed
+    layer = qat_model.get_layer("dense")
+    got = keras.Model(qat_model.inputs, layer.output).predict(x, verbose=0)
     kernel = layer.dense.kernel.numpy()
     w_q = np.stack(
         [
@@ -155,9 +155,9 @@ def test_bias_stays_float_while_the_input_is_not_quantized():
         axis=1,
     )
     np.testing.assert_allclose(got, x @ w_q + layer.dense.bias.numpy(), atol=1e-6, rtol=0)
-    calibrate(qmodel, x, steps=4)  # past the delay: rounded
-    got = keras.Model(qmodel.inputs, layer.output).predict(x, verbose=0)
-    expected, _ = reference_dense(qmodel, x, kernel, layer.dense.bias.numpy())
+    calibrate(qat_model, x, steps=4)  # past the delay: rounded
+    got = keras.Model(qat_model.inputs, layer.output).predict(x, verbose=0)
+    expected, _ = reference_dense(qat_model, x, kernel, layer.dense.bias.numpy())
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
 
 
@@ -169,12 +169,12 @@ def test_grid_source_walks_through_layers_that_keep_the_grid():
     x = keras.layers.Flatten(name="flat")(x)
     x = keras.layers.Dropout(0.5, name="drop")(x)
     x = keras.layers.Dense(3, name="dense")(x)
-    qmodel = kq.convert_quant_network(keras.Model(inp, x), **EXPORTABLE)
-    assert input_grid_sources(qmodel.get_layer("dense")) == [qmodel.get_layer("conv_quant")]
+    qat_model = kq.convert_quant_network(keras.Model(inp, x), **EXPORTABLE)
+    assert input_grid_sources(qat_model.get_layer("dense")) == [qat_model.get_layer("conv_quant")]
     # The conv's input comes straight from the model input's FakeQuant.
-    input_quant = qmodel.layers[1]
+    input_quant = qat_model.layers[1]
     assert isinstance(input_quant, kq.FakeQuant) and input_grid_sources(
-        qmodel.get_layer("conv")
+        qat_model.get_layer("conv")
     ) == [input_quant]
 
 
@@ -214,22 +214,22 @@ def test_shared_layer_called_without_input_grids_keeps_its_float_bias():
 
 def test_grid_source_is_found_again_after_loading(tmp_path):
     x = np.random.default_rng(7).uniform(-1, 1, (64, 4)).astype(f32)
-    qmodel = kq.convert_quant_network(dense_model(), bn_fold=False, **EXPORTABLE)
-    calibrate(qmodel, x)
+    qat_model = kq.convert_quant_network(dense_model(), bn_fold=False, **EXPORTABLE)
+    calibrate(qat_model, x)
     path = str(tmp_path / "model.keras")
-    qmodel.save(path)
+    qat_model.save(path)
     loaded = keras.saving.load_model(path)
     assert input_grid_sources(loaded.get_layer("dense")) == [loaded.get_layer("x_quant")]
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qat_model.predict(x, verbose=0))
 
 
 def test_tflite_bias_is_the_rounded_keras_bias():
     """The int32 bias in the TFLite model is the Keras layer's bias / step,
     and the Keras model's outputs land on TFLite's levels."""
     x = np.random.default_rng(8).uniform(-1, 1, (4096, 4)).astype(f32)
-    qmodel = kq.convert_quant_network(dense_model(units=64), bn_fold=False, **EXPORTABLE)
-    calibrate(qmodel, x)
-    tflite_bytes = kq.export_tflite(qmodel)
+    qat_model = kq.convert_quant_network(dense_model(units=64), bn_fold=False, **EXPORTABLE)
+    calibrate(qat_model, x)
+    tflite_bytes = kq.export_tflite(qat_model)
     interpreter = tflite_interpreter(tflite_bytes, default_delegates=False)
     (op,) = [
         op
@@ -237,12 +237,12 @@ def test_tflite_bias_is_the_rounded_keras_bias():
         if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED")
     ]
     tflite_bias = interpreter.get_tensor(op["inputs"][2])
-    layer = qmodel.get_layer("dense")
+    layer = qat_model.get_layer("dense")
     bias = layer.dense.bias.numpy()
-    _, step = reference_dense(qmodel, x, layer.dense.kernel.numpy(), bias)
+    _, step = reference_dense(qat_model, x, layer.dense.kernel.numpy(), bias)
     np.testing.assert_array_equal(tflite_bias, round_half_away(bias / step).astype(np.int32))
 
     tflite_out, scale = kq.run_tflite(tflite_bytes, x)
-    keras_out = qmodel.predict(x, verbose=0)
+    keras_out = qat_model.predict(x, verbose=0)
     exact = np.mean(np.abs(keras_out - tflite_out) < 0.5 * scale)
     assert exact >= 0.9999, exact

@@ -94,13 +94,15 @@ def test_layer_normalization_exports_to_int8_ops(axis):
     norm.gamma.assign(rng.uniform(0.5, 1.5, 16))
     norm.beta.assign(rng.uniform(-0.3, 0.3, 16))
     x = ln_batch(rng, (256, 6, 16))
-    qmodel = calibrate(kq.convert_quant_network(model), x, steps=3)
-    assert [type(layer).__name__ for layer in qmodel.layers].count("QuantLayerNormalization") == 1
-    tflite_bytes = kq.export_tflite(qmodel)
+    qat_model = calibrate(kq.convert_quant_network(model), x, steps=3)
+    assert [type(layer).__name__ for layer in qat_model.layers].count(
+        "QuantLayerNormalization"
+    ) == 1
+    tflite_bytes = kq.export_tflite(qat_model)
     ops = assert_integer_model(tflite_bytes, ["MEAN", "SUB", "MUL", "RSQRT", "ADD"])
     assert "FULLY_CONNECTED" in ops
     tflite_out, scale = kq.run_tflite(tflite_bytes, x)
-    steps = np.abs(qmodel.predict(x, verbose=0) - tflite_out) / scale
+    steps = np.abs(qat_model.predict(x, verbose=0) - tflite_out) / scale
     # Measured: about 99.6 % exact and 99.98 % within one step; the rest
     # are TFLite's RSQRT and MEAN rounding apart (docs/known-limits.md).
     assert np.mean(steps < 0.5) >= 0.98 and np.mean(steps < 1.5) >= 0.998, (
@@ -117,11 +119,11 @@ def test_a_row_of_equal_values_saturates_as_tflites_rsqrt_does():
     model = keras.Model(inputs, L.LayerNormalization()(inputs))
     x = ln_batch(rng, (128, 4, 16))
     x[:8, 0] = 0.5  # constant rows
-    qmodel = calibrate(kq.convert_quant_network(model), x, steps=2)
-    out = qmodel.predict(x, verbose=0)
+    qat_model = calibrate(kq.convert_quant_network(model), x, steps=2)
+    out = qat_model.predict(x, verbose=0)
     assert np.all(np.isfinite(out))
-    layer = qmodel.layers[2]
+    layer = qat_model.layers[2]
     assert float(layer.inverse_std_quant.max.numpy()) > 0  # it learned a range
-    tflite_bytes = kq.export_tflite(qmodel)
+    tflite_bytes = kq.export_tflite(qat_model)
     tflite_out, scale = kq.run_tflite(tflite_bytes, x)
     np.testing.assert_allclose(tflite_out[:8, 0], out[:8, 0], atol=1.001 * scale)

@@ -115,20 +115,20 @@ def data(n=64, seed=0):
 
 def learned_network(optimizer=None, jit_compile="auto", batch_norm=True, **options):
     keras.utils.set_random_seed(0)
-    qmodel = kq.convert_quant_network(small_cnn(batch_norm), range_learning=True, **options)
-    qmodel.compile(
+    qat_model = kq.convert_quant_network(small_cnn(batch_norm), range_learning=True, **options)
+    qat_model.compile(
         optimizer=optimizer or keras.optimizers.Adam(1e-2),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit_compile,
     )
-    return qmodel
+    return qat_model
 
 
 def test_conversion_places_learned_quantizers_and_refuses_bad_values():
-    qmodel = learned_network()
-    kinds = {type(layer).__name__ for layer in qmodel.layers}
+    qat_model = learned_network()
+    kinds = {type(layer).__name__ for layer in qat_model.layers}
     assert "LearnedFakeQuant" in kinds and "FakeQuant" not in kinds
-    for layer in qmodel.layers:
+    for layer in qat_model.layers:
         if hasattr(layer, "weight_quantizer"):
             assert type(layer.weight_quantizer).__name__ == "LearnedWeightQuantizer"
     half = kq.convert_quant_network(small_cnn(), range_learning=(True, False))
@@ -137,23 +137,23 @@ def test_conversion_places_learned_quantizers_and_refuses_bad_values():
         kq.convert_quant_network(small_cnn(), range_learning=(True, "yes"))
 
 
-def steps_of(qmodel):
+def steps_of(qat_model):
     """The learned steps, in the order of the model's weights."""
-    return [np.exp(w.numpy()) for w in qmodel.weights if w.path.endswith("log_scale")]
+    return [np.exp(w.numpy()) for w in qat_model.weights if w.path.endswith("log_scale")]
 
 
 def test_learned_ranges_train_save_and_resume_exactly(tmp_path):
     x, y = data()
-    qmodel = learned_network()
-    qmodel.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
-    before = steps_of(qmodel)
+    qat_model = learned_network()
+    qat_model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    before = steps_of(qat_model)
     path = str(tmp_path / "learned.keras")
-    qmodel.save(path)
+    qat_model.save(path)
     loaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
-    for model in (qmodel, loaded):
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qat_model.predict(x, verbose=0))
+    for model in (qat_model, loaded):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
-    after, resumed = steps_of(qmodel), steps_of(loaded)
+    after, resumed = steps_of(qat_model), steps_of(loaded)
     assert len(after) == 8  # 3 kernels, 5 activation grids
     assert any(not np.allclose(b, a) for b, a in zip(before, after))  # the steps learn
     for ours, theirs in zip(resumed, after):
@@ -162,13 +162,13 @@ def test_learned_ranges_train_save_and_resume_exactly(tmp_path):
 
 def test_a_step_never_reaches_zero_with_a_huge_learning_rate():
     x, y = data()
-    qmodel = learned_network()
-    qmodel.compile(
+    qat_model = learned_network()
+    qat_model.compile(
         optimizer=keras.optimizers.SGD(1e6),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    qmodel.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    steps = np.concatenate([np.ravel(v) for v in steps_of(qmodel)])
+    qat_model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    steps = np.concatenate([np.ravel(v) for v in steps_of(qat_model)])
     assert np.all(steps >= MIN_STEP * 0.999) and np.all(steps <= MAX_STEP * 1.001), steps
     assert np.any(np.isclose(steps, MIN_STEP, rtol=1e-3) | np.isclose(steps, MAX_STEP, rtol=1e-3))
 
@@ -181,9 +181,9 @@ def test_learned_ranges_train_under_xla_and_mirrored_strategy():
     x, y = data()
 
     def trained(**options):
-        qmodel = learned_network(keras.optimizers.SGD(0.05), batch_norm=False, **options)
-        qmodel.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False)
-        return steps_of(qmodel)
+        qat_model = learned_network(keras.optimizers.SGD(0.05), batch_norm=False, **options)
+        qat_model.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False)
+        return steps_of(qat_model)
 
     expected = trained()
     compiled = trained(jit_compile=True)
@@ -196,9 +196,9 @@ def test_learned_ranges_train_under_xla_and_mirrored_strategy():
 
 def test_the_learned_steps_are_the_exported_scales():
     x, y = data(128)
-    qmodel = learned_network()
-    qmodel.fit(x, y, batch_size=32, epochs=2, verbose=0)
-    tflite_bytes = kq.export_tflite(qmodel)
+    qat_model = learned_network()
+    qat_model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    tflite_bytes = kq.export_tflite(qat_model)
     assert_integer_model(tflite_bytes, ["CONV_2D"], ["CONV_2D"])
     interpreter = kq.tflite_interpreter(tflite_bytes, default_delegates=False)
     scales = [
@@ -206,9 +206,9 @@ def test_the_learned_steps_are_the_exported_scales():
         for t in interpreter.get_tensor_details()
         if len(t["quantization_parameters"]["scales"])
     ]
-    learned = [np.ravel(v) for v in steps_of(qmodel)]
+    learned = [np.ravel(v) for v in steps_of(qat_model)]
     for step in learned:  # each learned step (vector) is some tensor's scales
         assert any(s.shape == step.shape and np.allclose(s, step, rtol=1e-6) for s in scales), step
     tflite_out, scale = kq.run_tflite(tflite_bytes, x)
-    steps = np.abs(qmodel.predict(x, verbose=0) - tflite_out) / scale
+    steps = np.abs(qat_model.predict(x, verbose=0) - tflite_out) / scale
     assert np.mean(steps < 0.5) >= 0.99 and steps.max() <= 1.001

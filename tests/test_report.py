@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import keras_qat as kq
-from keras_qat.layers.modes import quantization_bypassed
+from keras_qat.layers.call_context import quantization_bypassed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
 import models  # noqa: E402
@@ -66,7 +66,9 @@ def test_quant_report_rows_are_in_graph_order_with_every_column(damaged_lenet):
     assert order[:4] == ["image_quant", "conv1/kernel", "conv1_quant", "conv2/kernel"]
     assert order[-1] == "fc3_quant" and len(order) == 11  # 5 kernels, 6 activation grids
     columns = report.columns()
-    assert list(columns) == list(kq.report.COLUMNS) and all(len(v) == 11 for v in columns.values())
+    assert list(columns) == list(kq.report_table.COLUMNS) and all(
+        len(v) == 11 for v in columns.values()
+    )
     assert json.loads(report.to_json())[0]["tensor"] == "image_quant"
     table = str(report).splitlines()
     assert len(table) == 12 and all(name in str(report) for name in order)
@@ -223,3 +225,74 @@ def test_range_logger_warns_of_a_range_that_clips_the_samples(tmp_path):
     logger = kq.callbacks.QuantRangeLogger(tmp_path, x=10 * x, warn_clipped=0.05)
     with pytest.warns(UserWarning, match=r"'small_quant' clips \d+\.\d% of the sample values"):
         qat.fit(x, np.zeros((16, 2)), epochs=1, verbose=0, callbacks=[logger])
+
+
+def small_qat_model(train=True):
+    inputs = keras.Input((6,), name="x")
+    hidden = L.Dense(8, activation="relu", name="hidden")(inputs)
+    model = keras.Model(inputs, L.Dense(3, name="head")(hidden))
+    qat = kq.convert_quant_network(model)
+    x = np.random.default_rng(0).normal(size=(40, 6)).astype("float32")
+    if train:
+        qat(x, training=True)
+    return model, qat, x
+
+
+def test_sensitivity_refuses_a_metric_that_is_not_finite():
+    _, qat, x = small_qat_model()
+    with pytest.raises(ValueError, match="The metric is nan"):
+        kq.sensitivity(qat, x, np.zeros(40, int), metric=lambda y, p: float("nan"), verbose=0)
+
+
+def test_sensitivity_refuses_targets_of_another_length_or_shape():
+    _, qat, x = small_qat_model()
+    with pytest.raises(ValueError, match=r"targets `y` for \[1\] rows and inputs `x` for 40"):
+        kq.sensitivity(qat, x, np.zeros(1, int), verbose=0)
+    with pytest.raises(ValueError, match=r"one-hot targets of the outputs' shape \(40, 3\)"):
+        kq.sensitivity(qat, x, np.zeros((40, 5)), verbose=0)
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\)"):
+        kq.sensitivity(qat, x, np.full(40, 7), verbose=0)
+
+
+def test_sensitivity_and_quant_report_refuse_a_float_model():
+    model, _, x = small_qat_model()
+    with pytest.raises(ValueError, match="has no quantizers"):
+        kq.sensitivity(model, x, np.zeros(40, int), verbose=0)
+    with pytest.raises(ValueError, match="has no quantizers"):
+        kq.quant_report(model, x)
+
+
+def test_quant_report_refuses_a_batch_size_that_is_not_positive():
+    _, qat, x = small_qat_model()
+    with pytest.raises(ValueError, match="Received: batch_size=0"):
+        kq.quant_report(qat, x, batch_size=0)
+
+
+def test_quant_report_warns_of_an_untrained_model():
+    _, qat, x = small_qat_model(train=False)
+    with pytest.warns(UserWarning, match="have no range yet"):
+        kq.quant_report(qat, x)
+
+
+def test_quant_report_refuses_another_models_tflite_model():
+    _, qat, x = small_qat_model()
+    inputs = keras.Input((6,), name="other_input")  # no tensor named as the model's
+    other = kq.convert_quant_network(keras.Model(inputs, L.Dense(4, name="other")(inputs)))
+    other(x, training=True)
+    with pytest.raises(ValueError, match="is not an export of model"):
+        kq.quant_report(qat, x, tflite_model=kq.export_tflite(other))
+
+
+def test_range_logger_checks_its_arguments_and_samples_before_training(tmp_path):
+    with pytest.raises(ValueError, match="Received: log_dir=None"):
+        kq.callbacks.QuantRangeLogger(None)
+    model, qat, x = small_qat_model()
+    logger = kq.callbacks.QuantRangeLogger(str(tmp_path), x=np.zeros((4, 7), "float32"))
+    qat.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match=r"does not fit the model's inputs"):
+        qat.fit(x, np.zeros((40, 3)), epochs=1, verbose=0, callbacks=[logger])
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.warns(UserWarning, match="has no quantizers"):
+        model.fit(
+            x, np.zeros((40, 3)), verbose=0, callbacks=[kq.callbacks.QuantRangeLogger(tmp_path)]
+        )

@@ -17,6 +17,7 @@ from test_bn_fold import numpy_fake_quant_kernel
 from test_export import assert_integer_model, calibrate
 
 import keras_qat as kq
+from keras_qat.layers.call_context import quantization_bypassed
 
 L = keras.layers
 NARROW = dict(symmetric=True, narrow_range=True)
@@ -181,7 +182,7 @@ def test_per_channel_transposed_conv_ranges_are_per_output_channel():
 def test_quant_embedding_gathers_the_fake_quantized_table():
     layer = kq.QuantEmbedding(7, 3, weight_quantizer=dict(num_bits=4, **NARROW))
     ids = np.array([[0, 6, 2], [3, 3, 1]])
-    outputs, grid = layer(ids, return_grid=True)
+    outputs, grid = layer(ids, return_scale=True)
     table = layer.embeddings.numpy()
     bound = np.abs(table).max()
     q_table = reference.fake_quant(table, -bound, bound, 4, True, True)
@@ -193,11 +194,13 @@ def test_quant_embedding_gathers_the_fake_quantized_table():
 
 def lone_export(layer, x, per_channel=None):
     inputs = keras.Input(x.shape[1:], dtype=x.dtype)
-    qmodel = kq.convert_quant_network(keras.Model(inputs, layer(inputs)), per_channel=per_channel)
-    calibrate(qmodel, x, steps=2)
-    tflite_bytes = kq.export_tflite(qmodel)
+    qat_model = kq.convert_quant_network(
+        keras.Model(inputs, layer(inputs)), per_channel=per_channel
+    )
+    calibrate(qat_model, x, steps=2)
+    tflite_bytes = kq.export_tflite(qat_model)
     tflite_out, scale = kq.run_tflite(tflite_bytes, x)
-    steps = np.abs(qmodel.predict(x, verbose=0) - tflite_out) / scale
+    steps = np.abs(qat_model.predict(x, verbose=0) - tflite_out) / scale
     return tflite_bytes, steps
 
 
@@ -224,11 +227,11 @@ def test_lone_depthwise_and_separable_conv1d_export_to_int8(layer, bn_fold):
     inputs = keras.Input((16, 4))
     model = keras.Model(inputs, L.ReLU()(L.BatchNormalization()(layer()(inputs))))
     x = np.random.default_rng(12).uniform(-1, 1, (256, 16, 4)).astype("float32")
-    qmodel = calibrate(kq.convert_quant_network(model, bn_fold=bn_fold), x, steps=3)
-    tflite_bytes = kq.export_tflite(qmodel)
+    qat_model = calibrate(kq.convert_quant_network(model, bn_fold=bn_fold), x, steps=3)
+    tflite_bytes = kq.export_tflite(qat_model)
     assert_integer_model(tflite_bytes, ["DEPTHWISE_CONV_2D"], ["DEPTHWISE_CONV_2D", "CONV_2D"])
     tflite_out, scale = kq.run_tflite(tflite_bytes, x)
-    steps = np.abs(qmodel.predict(x, verbose=0) - tflite_out) / scale
+    steps = np.abs(qat_model.predict(x, verbose=0) - tflite_out) / scale
     # Unfolded, the converter folds the BatchNorm into weights it re-rounds
     # per channel: close, not exact (as for Dense and Conv2D).
     assert np.mean(steps < 0.5) >= 0.999 and steps.max() <= 1.001, (
@@ -269,14 +272,14 @@ def test_quant_bilinear_upsampling_rounds_half_up_on_its_input_grid():
     rng = np.random.default_rng(13)
     grid = 0.05
     x = (rng.integers(-128, 128, (2, 5, 6, 3)) * grid).astype("float32")
-    outputs = kq.QuantUpSampling2D(2, interpolation="bilinear")(x, input_grid=grid).numpy()
+    outputs = kq.QuantUpSampling2D(2, interpolation="bilinear")(x, input_scale=grid).numpy()
     exact = tf.image.resize(x.astype("float64") / grid, (10, 12), "bilinear").numpy()
     expected = np.floor(np.round(exact * 16) / 16 + 0.5) * grid  # the reference: half up
     np.testing.assert_allclose(outputs, expected, atol=1e-5)
     assert np.mean(np.abs(exact * grid - expected) > 1e-6) > 0.1  # the rounding matters
     # No grid (a quant delay): the float resize.
     float_resize = L.UpSampling2D(2, interpolation="bilinear")(x)
-    zero = kq.QuantUpSampling2D(2, interpolation="bilinear")(x, input_grid=0.0)
+    zero = kq.QuantUpSampling2D(2, interpolation="bilinear")(x, input_scale=0.0)
     np.testing.assert_array_equal(zero, float_resize)
 
 
@@ -314,18 +317,18 @@ def test_sequence_model_trains_saves_and_exports_to_int8(tmp_path):
     ids = rng.integers(0, 50, (256, 24)).astype("int32")
     labels = (ids[:, :12].mean(1) > ids[:, 12:].mean(1)).astype("int32")  # which half is larger
     model = sequence_model()
-    qmodel = kq.convert_quant_network(model)
-    names = [type(layer).__name__ for layer in qmodel.layers]
+    qat_model = kq.convert_quant_network(model)
+    names = [type(layer).__name__ for layer in qat_model.layers]
     assert names.count("QuantEmbedding") == 1 and "QuantConv1DBnFoldAct" in names
-    qmodel.compile(
+    qat_model.compile(
         optimizer=keras.optimizers.Adam(3e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    qmodel.fit(ids, labels, epochs=3, batch_size=32, verbose=0)
+    qat_model.fit(ids, labels, epochs=3, batch_size=32, verbose=0)
     path = str(tmp_path / "sequence.keras")
-    qmodel.save(path)
+    qat_model.save(path)
     loaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(loaded.predict(ids, verbose=0), qmodel.predict(ids, verbose=0))
+    np.testing.assert_array_equal(loaded.predict(ids, verbose=0), qat_model.predict(ids, verbose=0))
     tflite_bytes = kq.export_tflite(loaded)
     assert_integer_model(
         tflite_bytes, ["GATHER", "CONV_2D", "MEAN", "FULLY_CONNECTED"], ["CONV_2D"]
@@ -348,15 +351,15 @@ def unet():
 
 def test_unet_with_transposed_conv_and_upsampling_exports_to_int8():
     x = np.random.default_rng(8).uniform(0, 1, (64, 16, 16, 1)).astype("float32")
-    qmodel = calibrate(kq.convert_quant_network(unet()), x)
-    tflite_bytes = kq.export_tflite(qmodel)
+    qat_model = calibrate(kq.convert_quant_network(unet()), x)
+    tflite_bytes = kq.export_tflite(qat_model)
     assert_integer_model(tflite_bytes, ["TRANSPOSE_CONV", "CONV_2D", "CONCATENATION"], ["CONV_2D"])
     pixels = lambda a: a.reshape(-1, 2)  # noqa: E731  per-pixel "classes"
-    report = kq.compare_tflite(qmodel, tflite_bytes, x)
+    report = kq.compare_tflite(qat_model, tflite_bytes, x)
     # One-step differences of TRANSPOSE_CONV (above) reach the output
     # through one more convolution.
     assert report["max_diff_steps"] <= 2.001 and report["within_one_step"] >= 0.99, report
-    keras_out = pixels(qmodel.predict(x, verbose=0))
+    keras_out = pixels(qat_model.predict(x, verbose=0))
     tflite_out = pixels(kq.run_tflite(tflite_bytes, x)[0])
     # Pixels whose two outputs are more than 2 steps apart (not near-ties,
     # in this untrained network) get the same class.
@@ -383,10 +386,10 @@ def test_what_cannot_be_quantized_yet_is_listed_with_the_reason():
     with pytest.raises(ValueError, match=r"'tokens' \(Embedding: mask_zero=True"):
         kq.convert_quant_network(masked)
     transposed = keras.Model(inputs, L.Conv2DTranspose(2, 2, name="up")(inputs))
-    qmodel = kq.convert_quant_network(transposed, per_channel=[True, False])
-    calibrate(qmodel, np.ones((4, 4, 4, 3), "float32"), steps=1)
+    qat_model = kq.convert_quant_network(transposed, per_channel=[True, False])
+    calibrate(qat_model, np.ones((4, 4, 4, 3), "float32"), steps=1)
     with pytest.raises(ValueError, match="'up'.*per-channel weights.*TRANSPOSE_CONV"):
-        kq.export_tflite(qmodel)
+        kq.export_tflite(qat_model)
 
 
 def test_quant_dense_on_sequences_is_the_matmul_of_the_fake_quantized_kernel():
@@ -406,15 +409,32 @@ def test_dense_on_sequences_exports_exactly(bn_fold):
     inputs = keras.Input((7, 6))
     x = L.BatchNormalization()(L.Dense(8)(inputs))
     model = keras.Model(inputs, L.Dense(5, activation="relu")(x))
-    qmodel = kq.convert_quant_network(model, bn_fold=bn_fold)
+    qat_model = kq.convert_quant_network(model, bn_fold=bn_fold)
     x = np.random.default_rng(10).uniform(-1, 1, (128, 7, 6)).astype("float32")
-    calibrate(qmodel, x)
-    tflite_bytes = kq.export_tflite(qmodel)
+    calibrate(qat_model, x)
+    tflite_bytes = kq.export_tflite(qat_model)
     # With bn_fold=False the first dense has per-channel weights: a 1x1 CONV_2D.
     ops = assert_integer_model(tflite_bytes, ["FULLY_CONNECTED"], [] if bn_fold else ["CONV_2D"])
     assert ("CONV_2D" in ops) != bn_fold
     tflite_out, scale = kq.run_tflite(tflite_bytes, x)
-    steps = np.abs(qmodel.predict(x, verbose=0) - tflite_out) / scale
+    steps = np.abs(qat_model.predict(x, verbose=0) - tflite_out) / scale
     # Unfolded, the BatchNorm is folded by the converter into weights it
     # re-rounds per channel: close, not exact.
     assert np.mean(steps < 0.5) >= (0.999 if bn_fold else 0.99) and steps.max() <= 1.001
+
+
+def test_float_token_ids_are_not_quantized():
+    ids = keras.Input((5,), name="ids")  # float32, Keras' default
+    x = L.GlobalAveragePooling1D()(L.Embedding(20, 8, name="emb")(ids))
+    model = keras.Model(ids, L.Dense(3)(x))
+    qat_model = kq.convert_quant_network(model)
+    assert "ids_quant" not in [layer.name for layer in qat_model.layers]
+    tokens = np.random.default_rng(0).integers(0, 20, (64, 5)).astype("float32")
+    with quantization_bypassed():  # the float model's rows: the ids are not rounded
+        np.testing.assert_allclose(
+            qat_model.predict(tokens, verbose=0), model.predict(tokens, verbose=0), atol=1e-6
+        )
+    calibrate(qat_model, tokens, steps=2)
+    tflite_bytes = kq.export_tflite(qat_model)  # the CAST of the ids is no float op
+    report = kq.compare_tflite(qat_model, tflite_bytes, tokens)
+    assert report["max_diff_steps"] <= 1.001

@@ -25,10 +25,10 @@ BATCH_MATMUL_ROUNDS_LIKE_KERAS = tuple(map(int, tf.__version__.split(".")[:2])) 
 def export_steps(model, x):
     """The quantization network of `model`, its int8 TFLite model, and how
     many output steps the two differ by, per element."""
-    qmodel = calibrate(kq.convert_quant_network(model), x, steps=2)
-    tflite_bytes = kq.export_tflite(qmodel)
+    qat_model = calibrate(kq.convert_quant_network(model), x, steps=2)
+    tflite_bytes = kq.export_tflite(qat_model)
     tflite_out, scale = kq.run_tflite(tflite_bytes, x)
-    return qmodel, tflite_bytes, np.abs(qmodel.predict(x, verbose=0) - tflite_out) / scale
+    return qat_model, tflite_bytes, np.abs(qat_model.predict(x, verbose=0) - tflite_out) / scale
 
 
 def attention_scores_model():
@@ -46,8 +46,8 @@ def attention_scores_model():
 
 
 def test_transformer_operations_are_quantized_where_int8_kernels_round():
-    qmodel = kq.convert_quant_network(attention_scores_model())
-    view = graph.Graph(qmodel)
+    qat_model = kq.convert_quant_network(attention_scores_model())
+    view = graph.Graph(qat_model)
     rounding = {"Matmul": 2, "Multiply": 1, "Softmax": 1, "Gelu": 1, "Mean": 1}
     moving = {"Transpose": 1, "Reshape": 1, "GetItem": 1}
     for op in view.operations:
@@ -65,7 +65,7 @@ def test_transformer_operations_are_quantized_where_int8_kernels_round():
     # The second operands of the matmuls (k through the transpose, v) are on
     # zero-centred grids: TFLite's BATCH_MATMUL ignores their zero point.
     for name, zero_centred in (("k_quant", True), ("v_quant", True), ("q_quant", False)):
-        layer = qmodel.get_layer(name)
+        layer = qat_model.get_layer(name)
         assert (layer.symmetric and layer.narrow_range) == zero_centred, name
 
 
@@ -88,18 +88,18 @@ def test_lone_gelu_operation_matches_tflites_kernel(approximate):
     inputs = keras.Input((64,))
     model = keras.Model(inputs, ops.gelu(inputs, approximate=approximate))
     x = np.random.default_rng(1).uniform(-4, 4, (512, 64)).astype("float32")
-    qmodel, tflite_bytes, steps = export_steps(model, x)
+    qat_model, tflite_bytes, steps = export_steps(model, x)
     assert "GELU" in assert_integer_model(tflite_bytes, ["GELU"])
     assert np.mean(steps < 0.5) >= 0.999 and steps.max() <= 1.001
     # The Keras model: gelu of the fake-quantized input, then fake-quantized.
-    fq_in, fq_out = qmodel.layers[1], qmodel.layers[-1]
+    fq_in, fq_out = qat_model.layers[1], qat_model.layers[-1]
     q_in = reference.fake_quant(x, float(fq_in.min.numpy()), float(fq_in.max.numpy()))
     expected = reference.fake_quant(
         np.asarray(ops.gelu(q_in, approximate=approximate)),
         float(fq_out.min.numpy()),
         float(fq_out.max.numpy()),
     )
-    assert np.mean(np.isclose(qmodel.predict(x, verbose=0), expected, atol=1e-6)) >= 0.999
+    assert np.mean(np.isclose(qat_model.predict(x, verbose=0), expected, atol=1e-6)) >= 0.999
 
 
 def test_lone_batch_matmul_of_two_activations_is_exact():
@@ -110,13 +110,13 @@ def test_lone_batch_matmul_of_two_activations_is_exact():
         rng.uniform(-1, 1, (256, 4, 5)).astype("float32"),
         rng.uniform(0, 2, (256, 5, 3)).astype("float32"),
     ]
-    qmodel = kq.convert_quant_network(model)
-    qmodel.compile(optimizer="sgd", loss="mse")
-    qmodel.train_on_batch(x, np.zeros((256, 4, 3), "float32"))
-    tflite_bytes = kq.export_tflite(qmodel)
+    qat_model = kq.convert_quant_network(model)
+    qat_model.compile(optimizer="sgd", loss="mse")
+    qat_model.train_on_batch(x, np.zeros((256, 4, 3), "float32"))
+    tflite_bytes = kq.export_tflite(qat_model)
     assert "BATCH_MATMUL" in assert_integer_model(tflite_bytes, ["BATCH_MATMUL"])
     tflite_out, scale = kq.run_tflite(tflite_bytes, x)
-    steps = np.abs(qmodel.predict(x, verbose=0) - tflite_out) / scale
+    steps = np.abs(qat_model.predict(x, verbose=0) - tflite_out) / scale
     exact = 0.999 if BATCH_MATMUL_ROUNDS_LIKE_KERAS else 0.995
     assert np.mean(steps < 0.5) >= exact and steps.max() <= 1.001
 
@@ -189,7 +189,7 @@ def test_einsum_dense_becomes_the_dense_it_computes(case):
 @pytest.mark.parametrize("case", EINSUM_CASES[2:5], ids=["heads", "one bias axis", "merge heads"])
 def test_einsum_dense_exports_to_an_exact_int8_fully_connected(case):
     x = np.random.default_rng(7).uniform(-1, 1, (256,) + case[3]).astype("float32")
-    qmodel, tflite_bytes, steps = export_steps(einsum_model(*case), x)
+    qat_model, tflite_bytes, steps = export_steps(einsum_model(*case), x)
     assert "FULLY_CONNECTED" in assert_integer_model(tflite_bytes, ["FULLY_CONNECTED"])
     assert np.mean(steps < 0.5) >= 0.999 and steps.max() <= 1.001, (
         np.mean(steps < 0.5),
@@ -207,3 +207,33 @@ def test_einsum_dense_of_another_form_is_listed_with_the_reason():
     summed = keras.layers.EinsumDense("abc,cd->ad", 3, name="summed")(inputs)
     with pytest.raises(ValueError, match=r"'summed' \(EinsumDense: equation 'abc,cd->ad'"):
         kq.convert_quant_network(keras.Model(inputs, summed))
+
+
+def test_softmax_over_the_last_axis_by_number_converts_and_over_several_axes_is_refused():
+    inputs = keras.Input((3, 4, 5))
+    last = keras.ops.softmax(keras.layers.Reshape((12, 5))(inputs), axis=2)
+    kq.convert_quant_network(keras.Model(inputs, last))
+    several = keras.layers.Softmax(axis=(1, 2), name="several")(inputs)
+    with pytest.raises(ValueError, match=r"'several' \(Softmax: axis=\(1, 2\): TFLite's SOFTMAX"):
+        kq.convert_quant_network(keras.Model(inputs, several))
+
+
+def test_1d_padding_and_cropping_keep_their_inputs_grid_and_export():
+    inputs = keras.Input((10, 4))
+    x = keras.layers.Conv1D(6, 3, activation="relu")(inputs)
+    x = keras.layers.Cropping1D((1, 3))(keras.layers.ZeroPadding1D(2)(x))
+    qat = kq.convert_quant_network(keras.Model(inputs, keras.layers.Conv1D(3, 3)(x)))
+    data = np.random.default_rng(0).normal(size=(32, 10, 4)).astype("float32")
+    qat(data, training=True)
+    assert kq.compare_tflite(qat, kq.export_tflite(qat), data)["max_diff_steps"] <= 1.001
+
+
+def test_a_float_attention_mask_input_is_not_quantized_and_exports():
+    inputs, mask = keras.Input((5, 8), name="x"), keras.Input((5, 5), name="mask")
+    attended = keras.layers.MultiHeadAttention(2, 4)(inputs, inputs, attention_mask=mask)
+    qat = kq.convert_quant_network(keras.Model([inputs, mask], attended))
+    assert "mask_quant" not in [layer.name for layer in qat.layers]
+    rng = np.random.default_rng(0)
+    data = [rng.normal(size=(32, 5, 8)).astype("f4"), (rng.random((32, 5, 5)) > 0.3).astype("f4")]
+    qat(data, training=True)
+    assert kq.compare_tflite(qat, kq.export_tflite(qat), data)["max_diff_steps"] <= 1.001

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_qat import graph
+from keras_qat.export.io_order import output_order
 from keras_qat.export.quiet import quiet
 
 # Ops that only convert between float and integer at the model's edges.
@@ -129,18 +130,10 @@ def _io_quantization(interpreter, detail):
     return 0.0, 0
 
 
-def _output_order(name):
-    """The sort key of a signature output in the Keras model's flat output
-    order: `output_<n>` by `n` (a single output or a list), other names (a
-    dict's keys) by name, as `keras.tree.flatten` orders a dict."""
-    prefix, _, number = name.rpartition("_")
-    return (0, int(number), "") if prefix == "output" and number.isdigit() else (1, 0, name)
-
-
 def signature_inputs(interpreter, signature):
-    """`(names, details)` of a signature's inputs in the model's input order
-    (the Keras model's: the order of the subgraph's inputs), not the
-    signature's own alphabetical order."""
+    """`(names, details)` of a signature's inputs in the order of the
+    subgraph's inputs (the Keras model's, for a model from `export_tflite`:
+    `keras_qat.export.io_order`), not the signature's alphabetical order."""
     details = interpreter.get_signature_runner(signature).get_input_details()
     position = {d["index"]: i for i, d in enumerate(interpreter.get_input_details())}
     names = sorted(details, key=lambda name: position[details[name]["index"]])
@@ -169,7 +162,7 @@ class _Runner:
             self.runner = runner
             self.input_names, self.inputs = signature_inputs(self.interpreter, self.signature)
             outputs = runner.get_output_details()
-            names = sorted(outputs, key=_output_order)
+            names = sorted(outputs, key=output_order)
             self.outputs = [outputs[name] for name in names]
             self._output_names = names
         self.scales = [_io_quantization(self.interpreter, d) for d in self.outputs]

@@ -21,6 +21,7 @@ from keras_qat import graph
 from keras_qat.export import int16
 from keras_qat.export.checks import check_activation_type, check_exportable
 from keras_qat.export.interpreter import float_ops
+from keras_qat.export.io_order import in_keras_order
 from keras_qat.export.quiet import quiet
 from keras_qat.layers.call_context import tracing_for_export
 from keras_qat.transforms.clones import Clones, clone
@@ -153,7 +154,11 @@ def export_tflite(
             f"{', '.join(left)}. Pass allow_float_ops=True to accept a "
             "partly float model."
         )
-    return _finish(tflite_bytes, path, strip_names)
+    return _finish(in_keras_order(tflite_bytes, _input_names(qat_model)), path, strip_names)
+
+
+def _input_names(model):
+    return [graph.producer(tensor).name for tensor in model.inputs]
 
 
 def _check_activations(activations, input_type, output_type):
@@ -299,4 +304,4 @@ def export_float_tflite(model, path=None, strip_names=False, verbose=None):
         saved_model = os.path.join(directory, "saved_model")
         _save_for_conversion(model, saved_model)
         tflite_bytes = tf.lite.TFLiteConverter.from_saved_model(saved_model).convert()
-    return _finish(tflite_bytes, path, strip_names)
+    return _finish(in_keras_order(tflite_bytes, _input_names(model)), path, strip_names)

@@ -32,6 +32,31 @@ def _large_negative(dtype):
     return -3e4 if keras.backend.standardize_dtype(dtype) == "float16" else -1e9
 
 
+def kept_positions(inputs, causal):
+    """`(scores, keep)` of `scores` or `[scores, attention_mask]`: where the
+    scores are kept (boolean, broadcastable to the scores; with `causal`,
+    query `i` keeps keys `j <= i` only), or None when nothing is excluded."""
+    scores, mask = (inputs, None) if not isinstance(inputs, (list, tuple)) else inputs
+    if mask is not None:
+        mask = ops.cast(mask, "bool")
+        if len(mask.shape) == len(scores.shape) - 1:
+            mask = ops.expand_dims(mask, -3)  # the same mask for every head
+        elif len(mask.shape) != len(scores.shape):
+            raise ValueError(
+                "`attention_mask` must have the shape (batch, queries, keys) or "
+                f"the scores' shape {tuple(scores.shape)}. Received: "
+                f"attention_mask.shape={tuple(mask.shape)}"
+            )
+    if causal:
+        shape = ops.shape(scores)
+        lower = ops.greater_equal(
+            ops.expand_dims(ops.arange(shape[-2]), -1),
+            ops.expand_dims(ops.arange(shape[-1]), 0),
+        )
+        mask = lower if mask is None else ops.logical_and(mask, lower)
+    return scores, mask
+
+
 @keras.saving.register_keras_serializable(package="keras_qat")
 class AttentionScoreMask(keras.layers.Layer):
     """Sets the attention scores that a mask excludes to a large negative
@@ -63,25 +88,7 @@ class AttentionScoreMask(keras.layers.Layer):
     def keep(self, inputs):
         """The scores and where they are kept (boolean, broadcastable to
         the scores), or None when nothing is excluded."""
-        scores, mask = (inputs, None) if not isinstance(inputs, (list, tuple)) else inputs
-        if mask is not None:
-            mask = ops.cast(mask, "bool")
-            if len(mask.shape) == len(scores.shape) - 1:
-                mask = ops.expand_dims(mask, -3)  # the same mask for every head
-            elif len(mask.shape) != len(scores.shape):
-                raise ValueError(
-                    "`attention_mask` must have the shape (batch, queries, keys) or "
-                    f"the scores' shape {tuple(scores.shape)}. Received: "
-                    f"attention_mask.shape={tuple(mask.shape)}"
-                )
-        if self.causal:
-            shape = ops.shape(scores)
-            causal = ops.greater_equal(
-                ops.expand_dims(ops.arange(shape[-2]), -1),
-                ops.expand_dims(ops.arange(shape[-1]), 0),
-            )
-            mask = causal if mask is None else ops.logical_and(mask, causal)
-        return scores, mask
+        return kept_positions(inputs, self.causal)
 
     def call(self, inputs):
         scores, keep = self.keep(inputs)
@@ -175,4 +182,52 @@ class QuantAttentionScoreMask(AttentionScoreMask):
     def get_config(self):
         config = super().get_config()
         config["quantizer"] = keras.saving.serialize_keras_object(self.quantizer)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class AttentionWeightMask(keras.layers.Layer):
+    """Sets the attention weights that a mask excludes to 0.
+
+    `MultiHeadAttention` with `dropout > 0` or `return_attention_scores=True`
+    computes a masked softmax (Keras' `Softmax` layer with a mask), which
+    multiplies the weights by the mask: an excluded key gets exactly 0, and
+    a query whose keys are all excluded (padding) gets a row of zeros, not
+    the uniform row of a plain softmax. In the int8 model this is a
+    SELECT_V2 of the weights and 0, which lies on the softmax's grid: the
+    output keeps its input's grid.
+
+    Called on `[weights, attention_mask]`, or on `weights` alone with
+    `causal=True`; masks as in `AttentionScoreMask`.
+
+    Args:
+        causal: Whether to exclude the keys after each query too.
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Example:
+
+    >>> weights = np.full((1, 1, 2, 2), 0.5, "float32")
+    >>> mask = np.array([[[True, False], [False, False]]])
+    >>> AttentionWeightMask()([weights, mask])[0, 0].numpy().tolist()
+    [[0.5, 0.0], [0.0, 0.0]]
+    """
+
+    def __init__(self, causal=False, **kwargs):
+        super().__init__(**kwargs)
+        self.causal = check_bool("causal", causal)
+
+    def call(self, inputs):
+        weights, keep = kept_positions(inputs, self.causal)
+        if keep is None:
+            return weights
+        return ops.where(keep, weights, ops.cast(0.0, weights.dtype))
+
+    def compute_output_shape(self, input_shape):
+        if isinstance(input_shape, list) and isinstance(input_shape[0], (list, tuple)):
+            return tuple(input_shape[0])
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config["causal"] = self.causal
         return config

@@ -41,7 +41,7 @@ import math
 import keras
 
 from keras_qat import graph
-from keras_qat.layers.attention_mask import AttentionScoreMask
+from keras_qat.layers.attention_mask import AttentionScoreMask, AttentionWeightMask
 from keras_qat.transforms.decomposition import Decomposition
 
 L = keras.layers
@@ -125,6 +125,20 @@ class _Decomposition:
             self.masks[causal] = AttentionScoreMask(causal, name=f"{self.mha.name}_{suffix}")
         return self.masks[causal]
 
+    def masked_softmax(self, return_attention_scores):
+        """Whether Keras computes this call with its masked softmax (which
+        zeroes excluded weights), not `dot_product_attention`."""
+        return self.dropout.rate > 0.0 or bool(return_attention_scores)
+
+    def weight_mask(self, causal):
+        """The AttentionWeightMask layer of this attention (one per kind)."""
+        if ("weights", causal) not in self.masks:
+            suffix = "causal_weight_mask" if causal else "weight_mask"
+            self.masks[("weights", causal)] = AttentionWeightMask(
+                causal, name=f"{self.mha.name}_{suffix}"
+            )
+        return self.masks[("weights", causal)]
+
     def __call__(
         self,
         query,
@@ -149,6 +163,13 @@ class _Decomposition:
         elif use_causal_mask:
             scores = self.mask(True)(scores)
         attention_scores = self.softmax(scores)
+        if self.masked_softmax(return_attention_scores):  # Keras' path: excluded keys get 0
+            if attention_mask is not None:
+                attention_scores = self.weight_mask(bool(use_causal_mask))(
+                    [attention_scores, attention_mask]
+                )
+            elif use_causal_mask:
+                attention_scores = self.weight_mask(True)(attention_scores)
         weights = self.dropout(attention_scores, training=training)
         context = L.Permute((2, 1, 3))(keras.ops.matmul(weights, v))
         context = L.Reshape((-1, heads * self.value_dim))(context)
