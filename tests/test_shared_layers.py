@@ -61,3 +61,49 @@ def test_a_shared_layer_rounds_its_bias_with_each_calls_input_grid():
     tflite_bytes = kq.export_tflite(qat)
     for report in kq.compare_tflite(qat, tflite_bytes, x):
         assert report["within_one_step"] == 1.0, report
+
+
+def fully_connected_weights(tflite_bytes):
+    """(int8 weights, scales) of each FULLY_CONNECTED op of a TFLite model."""
+    from keras_qat.export.interpreter import tflite_interpreter, tflite_ops
+
+    interpreter = tflite_interpreter(tflite_bytes)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    weights = []
+    for op in tflite_ops(interpreter):
+        if op["op_name"] == "FULLY_CONNECTED":
+            tensor = tensors[op["inputs"][1]]
+            scales = tensor["quantization_parameters"]["scales"]
+            weights.append((interpreter.get_tensor(tensor["index"]), scales))
+    return weights
+
+
+def test_a_shared_layer_and_equal_kernels_export_their_trained_levels():
+    rng = np.random.default_rng(0)
+    a, b = keras.Input((8,), name="a"), keras.Input((8,), name="b")
+    shared, twin_a, twin_b = L.Dense(6, name="shared"), L.Dense(6, name="ta"), L.Dense(6, name="tb")
+    x = L.Concatenate()([shared(a), shared(b), twin_a(a), twin_b(b)])
+    model = keras.Model([a, b], L.Dense(4, name="head")(x))
+    twin_a.set_weights(twin_b.get_weights())  # equal constants, which the converter merges
+    qat = kq.convert_quant_network(model)  # per-tensor dense weights
+    data = [rng.normal(size=(256, 8)).astype("f4"), 2 * rng.normal(size=(256, 8)).astype("f4")]
+    qat(data, training=True)
+    tflite_bytes = kq.export_tflite(qat)
+    kernels = {"shared", "ta", "tb"}
+    for levels, scales in fully_connected_weights(tflite_bytes):
+        assert len(scales) == 1  # per tensor, as trained
+        if levels.shape == (6, 8):  # one of the repeated kernels: the trained levels
+            name = next(n for n in kernels if np.array_equal(levels, _levels(qat, n)))
+            quantizer = qat.get_layer(name).weight_quantizer
+            step = quantizer.grid_scale(*quantizer.range(qat.get_layer(name).quantized_kernel()))
+            np.testing.assert_allclose(scales[0], float(step), rtol=1e-5)
+    report = kq.compare_tflite(qat, tflite_bytes, data)
+    assert report["max_diff_steps"] <= 1.001 and report["within_one_step"] == 1.0
+
+
+def _levels(qat, name):
+    layer = qat.get_layer(name)
+    kernel = layer.quantized_kernel()
+    quantizer = layer.weight_quantizer
+    step = quantizer.grid_scale(*quantizer.range(kernel))
+    return np.round(np.asarray(kernel) / np.asarray(step)).astype(np.int8).T

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_qat import graph
+from keras_qat import graph, quantizer_roles
 from keras_qat.export import int16
 from keras_qat.export.checks import check_activation_type, check_exportable
 from keras_qat.export.interpreter import float_ops
@@ -190,8 +190,9 @@ def _convert(qat_model, input_type, output_type, select_tf_ops, pack_int4, int16
 def _run_converter(qat_model, input_type, output_type, select_tf_ops, pack_int4, int16_activations):
     with tempfile.TemporaryDirectory() as directory:
         saved_model = os.path.join(directory, "saved_model")
-        with tracing_for_export(pack_int4):
-            _save_for_conversion(float32_model(qat_model), saved_model)
+        model = float32_model(qat_model)
+        with tracing_for_export(pack_int4, repeated_weights(model)):
+            _save_for_conversion(model, saved_model)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.inference_input_type = input_type
@@ -219,6 +220,25 @@ def _run_converter(qat_model, input_type, output_type, select_tf_ops, pack_int4,
                     "converts to builtin ops)."
                 ) from error
             raise
+
+
+def repeated_weights(model):
+    """`{id(weight quantizer): group}` for the weights that `model`
+    quantizes more than once with the same values: a layer called several
+    times, or layers with equal weights, which trace to one constant (see
+    `WeightQuantizer._on_export_grid`)."""
+    groups, calls = {}, {}
+    for layer, role, quantizer in quantizer_roles.model_quantizers(model):
+        if quantizer_roles.kind(role) == quantizer_roles.WEIGHTS:
+            values = np.asarray(layer.quantized_weights()[role])
+            key = (values.shape, values.tobytes(), quantizer.num_bits, quantizer.per_channel)
+            groups.setdefault(key, []).append(quantizer)
+            calls[id(quantizer)] = len(graph.node_arguments(layer))
+    repeated = {}
+    for index, members in enumerate(groups.values()):
+        if sum(calls[id(q)] for q in members) > 1:
+            repeated.update({id(q): index for q in members})
+    return repeated
 
 
 def float32_model(model):

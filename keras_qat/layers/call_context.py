@@ -23,31 +23,52 @@ _state = threading.local()
 
 
 @contextlib.contextmanager
-def tracing_for_export(pack_int4=True):
+def tracing_for_export(pack_int4=True, weight_groups=None):
     """Within this context, quantizers quantize unconditionally in inference.
 
     `export_tflite` traces the model inside this context, after checking that
     every delay has passed and every range is calibrated. `pack_int4` says
     whether weights of 2 to 4 bits are traced so that the converter stores
     them as INT4 (True) or as int8 tensors holding the same levels (False).
+    `weight_groups` maps `id(weight quantizer)` to a group of quantizations
+    that would trace to the same constant (a shared layer, equal kernels):
+    each gets its own copy number (`weight_copy`).
     """
-    previous = getattr(_state, "export", False), getattr(_state, "pack_int4", True)
+    previous = [getattr(_state, name, None) for name in _EXPORT_STATE]
     _state.export, _state.pack_int4 = True, pack_int4
+    _state.weight_groups, _state.copies = dict(weight_groups or {}), {}
     try:
         yield
     finally:
-        _state.export, _state.pack_int4 = previous
+        for name, value in zip(_EXPORT_STATE, previous):
+            setattr(_state, name, value)
+
+
+_EXPORT_STATE = ("export", "pack_int4", "weight_groups", "copies")
+
+
+def weight_copy(quantizer):
+    """While tracing for export, how many quantizations of the same weights
+    (`tracing_for_export`'s `weight_groups`) were traced before this one;
+    0 for weights quantized once."""
+    group = (getattr(_state, "weight_groups", None) or {}).get(id(quantizer))
+    if group is None:
+        return 0
+    copy = _state.copies.get(group, 0)
+    _state.copies[group] = copy + 1
+    return copy
 
 
 def is_tracing_for_export():
     """Whether the model is being traced by `export_tflite`."""
-    return getattr(_state, "export", False)
+    return bool(getattr(_state, "export", False))
 
 
 def packs_int4():
     """Whether weights of up to 4 bits are traced for INT4 storage (see
     `tracing_for_export`)."""
-    return getattr(_state, "pack_int4", True)
+    pack_int4 = getattr(_state, "pack_int4", None)
+    return True if pack_int4 is None else pack_int4
 
 
 @contextlib.contextmanager

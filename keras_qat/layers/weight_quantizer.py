@@ -6,8 +6,13 @@ import keras
 import tensorflow as tf
 
 from keras_qat import quantizers
-from keras_qat.layers.call_context import is_tracing_for_export, packs_int4
+from keras_qat.layers.call_context import is_tracing_for_export, packs_int4, weight_copy
 from keras_qat.layers.quantizer import Quantizer
+
+# How much wider each further copy of the same weights is traced for export
+# (see `WeightQuantizer._on_export_grid`): 2**-20, so that 127 levels of up
+# to a few hundred copies still round to themselves.
+COPY_STRETCH = 2.0**-20
 
 QuantizedWeights = collections.namedtuple("QuantizedWeights", "values scale active")
 QuantizedWeights.__doc__ = """A fake-quantized kernel.
@@ -130,12 +135,22 @@ class WeightQuantizer(Quantizer):
         that scale: the stored levels are the trained ones, exactly. Where
         the op takes no INT4 operand (`int4_storage=False`), 4-bit and
         narrower weights are stored as int8 with their levels.
+
+        Weights that the model quantizes more than once with the same values
+        (a shared layer, equal kernels) would trace to one constant used by
+        several ops, which the converter requantizes with scales of its own
+        (the trained levels were lost). Each further copy is traced on a
+        grid `COPY_STRETCH` wider per copy: a distinct constant with the
+        same levels, whose scale differs from the trained one by about 1e-6
+        per copy, relatively.
         """
         bits = self.num_bits
         carrier = 4 if bits <= 4 and packs_int4() and int4_storage else 8
-        if bits in (carrier, 8) or bits > 8 or not (self.symmetric and self.narrow_range):
+        copy = weight_copy(self)
+        regrid = bits not in (carrier, 8) or copy > 0
+        if not regrid or bits > 8 or not (self.symmetric and self.narrow_range):
             return quantized
-        bound = (2 ** (carrier - 1) - 1) * scale
+        bound = (2 ** (carrier - 1) - 1) * scale * (1.0 + copy * COPY_STRETCH)
         return quantizers.fake_quant(
             quantized,
             -bound,
