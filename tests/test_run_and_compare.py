@@ -130,3 +130,12 @@ def test_exported_inputs_and_outputs_are_in_the_keras_models_order():
     outputs, scales = kq.run_tflite(stripped, x)
     for ours, theirs, scale in zip(qat.predict(x, verbose=0), outputs, scales):
         assert np.abs(ours - theirs).max() / scale <= 1.001
+
+
+def test_float_export_of_a_model_with_unnamed_inputs_runs_in_the_keras_order():
+    first, second = keras.Input((4,)), keras.Input((3,))  # tensor names keras_tensor_<n>
+    model = keras.Model([first, second], L.Dense(2)(L.Concatenate()([first, second])))
+    rng = np.random.default_rng(0)
+    x = [rng.normal(size=(8, 4)).astype("f4"), rng.normal(size=(8, 3)).astype("f4")]
+    outputs, _ = kq.run_tflite(kq.export_float_tflite(model), x)
+    np.testing.assert_allclose(outputs, model.predict(x, verbose=0), atol=1e-5)

@@ -32,6 +32,11 @@ def in_keras_order(tflite_bytes, input_names):
     signature = model.signatureDefs[0]
     subgraph = model.subgraphs[signature.subgraphIndex]
     by_name = {t.name.decode(): t.tensorIndex for t in signature.inputs}
+    if sorted(by_name) != sorted(input_names):
+        raise ValueError(
+            f"The TFLite model's inputs {sorted(by_name)} are not the Keras model's "
+            f"{list(input_names)}."
+        )
     inputs = [by_name[name] for name in input_names]
     ordered = sorted(signature.outputs, key=lambda t: output_order(t.name.decode()))
     outputs = [t.tensorIndex for t in ordered]

@@ -158,7 +158,9 @@ def export_tflite(
 
 
 def _input_names(model):
-    return [graph.producer(tensor).name for tensor in model.inputs]
+    """The names `model.export` gives the signature's inputs: the input
+    tensors' names."""
+    return [tensor.name for tensor in model.inputs]
 
 
 def _check_activations(activations, input_type, output_type):
