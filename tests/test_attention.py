@@ -264,3 +264,12 @@ def test_masked_softmax_path_exports_its_zeroed_weights_to_int8():
     tflite_bytes = kq.export_tflite(qat)
     assert_integer_model(tflite_bytes, ["SELECT_V2"])
     assert kq.compare_tflite(qat, tflite_bytes, x)["max_diff_steps"] <= 1.001
+
+
+def test_a_causal_mask_over_an_unknown_length_is_refused_before_export():
+    inputs = keras.Input((None, 8))
+    attended = L.MultiHeadAttention(2, 4, name="causal")(inputs, inputs, use_causal_mask=True)
+    qat = kq.convert_quant_network(keras.Model(inputs, attended))
+    qat(np.random.default_rng(0).normal(size=(4, 6, 8)).astype("float32"), training=True)
+    with pytest.raises(ValueError, match=r"causal_causal_mask.*a causal mask over a sequence of"):
+        kq.check_exportable(qat)

@@ -9,10 +9,12 @@ belong to a kind of layer (the kernel layout and int32 bias of the fusion
 layers, int16 concatenation).
 """
 
+import keras
 import tensorflow as tf
 
 from keras_qat import graph, quantizer_roles
 from keras_qat.layers import bn_folding
+from keras_qat.layers.attention_mask import QuantAttentionScoreMask
 from keras_qat.layers.conv2d_transpose import Conv2DTransposeBnAct
 from keras_qat.layers.embedding import QuantEmbedding
 from keras_qat.layers.fake_quant import FakeQuant
@@ -143,6 +145,24 @@ def _int8_weight_operand_problems(layer, name, activations):
     ]
 
 
+def _causal_mask_problems(layer, name, activations):
+    """A causal mask over a sequence of unknown length: the mask is computed
+    from the run-time shape, which the converter leaves in float around the
+    attention's BATCH_MATMULs."""
+    if not layer.causal:
+        return []
+    lengths = [
+        tuple(keras.tree.flatten(args)[0].shape[-2:]) for args, _ in graph.node_arguments(layer)
+    ]
+    if all(None not in shape for shape in lengths):
+        return []
+    return [
+        f"{name}: a causal mask over a sequence of unknown length {lengths}: TFLite's converter "
+        "cannot make it an int8 op; build the model with keras.Input((length, ...)) of a fixed "
+        "length"
+    ]
+
+
 # Rules of kinds of layers, beyond their quantizers' roles.
 LAYER_RULES = (
     (lambda layer: isinstance(layer, FusionLayer) and layer.quantized, _fusion_layer_problems),
@@ -151,6 +171,7 @@ LAYER_RULES = (
         lambda layer: isinstance(layer, (QuantEmbedding, QuantLayerNormalization)),
         _int8_weight_operand_problems,
     ),
+    (lambda layer: isinstance(layer, QuantAttentionScoreMask), _causal_mask_problems),
 )
 
 
