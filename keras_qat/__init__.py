@@ -47,7 +47,11 @@ from keras_qat.layers.quantized import (
     QuantDepthwiseConv2DBnFoldAct,
 )
 from keras_qat.layers.resize import QuantResizing, QuantUpSampling2D
-from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
+from keras_qat.layers.shared_range import (
+    QuantAveragePooling1D,
+    QuantAveragePooling2D,
+    QuantConcatenate,
+)
 from keras_qat.layers.weight_quantizer import WeightQuantizer
 from keras_qat.quantizers import fake_quant
 from keras_qat.report import quant_report
@@ -71,6 +75,7 @@ __all__ = [
     "LearnedFakeQuant",
     "LearnedWeightQuantizer",
     "QuantAttentionScoreMask",
+    "QuantAveragePooling1D",
     "QuantAveragePooling2D",
     "QuantConcatenate",
     "QuantConv1DBnAct",

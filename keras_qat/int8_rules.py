@@ -116,7 +116,7 @@ GRID_KEEPING_LAYERS = (
 
 # Layers whose inputs and output share one grid: an attention mask is a
 # SELECT_V2 of the scores and a constant, which int8 kernels take on one grid.
-SHARED_GRID_LAYERS = (L.Concatenate, L.AveragePooling2D, AttentionScoreMask)
+SHARED_GRID_LAYERS = (L.Concatenate, L.AveragePooling1D, L.AveragePooling2D, AttentionScoreMask)
 
 
 def activation_name(activation):

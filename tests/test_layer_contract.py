@@ -62,6 +62,10 @@ LAYERS = {
         lambda: kq.QuantAveragePooling2D(2, quantizer=dict(ema=False)),
         IMAGES,
     ),
+    "QuantAveragePooling1D": (
+        lambda: kq.QuantAveragePooling1D(3, quantizer=dict(ema=False)),
+        SEQUENCES,
+    ),
     "Conv1DBnAct": (lambda: kq.Conv1DBnAct(4, 3, padding="causal", has_bn=True), SEQUENCES),
     "QuantConv1DBnAct": (
         lambda: kq.QuantConv1DBnAct(4, 3, strides=2, weight_quantizer=dict(per_channel=True)),

@@ -43,6 +43,7 @@ def other_cases():
         (lambda: kq.QuantLayerNormalization(scale=False), (2, 3, 4)),
         (lambda: kq.QuantConcatenate(), [(2, 3), (2, 2)]),
         (lambda: kq.QuantAveragePooling2D(2), (1, 4, 4, 2)),
+        (lambda: kq.QuantAveragePooling1D(2), (1, 6, 2)),
         (lambda: kq.QuantSwish(), (2, 3)),
         (lambda: kq.QuantHardSigmoid(), (2, 3)),
         (lambda: kq.AttentionScoreMask(causal=True), scores),

@@ -438,3 +438,18 @@ def test_float_token_ids_are_not_quantized():
     tflite_bytes = kq.export_tflite(qat_model)  # the CAST of the ids is no float op
     report = kq.compare_tflite(qat_model, tflite_bytes, tokens)
     assert report["max_diff_steps"] <= 1.001
+
+
+def test_average_pooling_1d_shares_its_input_range_rounds_like_the_kernel_and_exports():
+    inputs = keras.Input((12, 4))
+    x = L.Conv1D(6, 3, padding="same", name="conv")(inputs)
+    outputs = L.AveragePooling1D(2, name="pool")(x)  # even windows: a tie a quarter of the time
+    qat_model = kq.convert_quant_network(keras.Model(inputs, outputs))
+    assert isinstance(qat_model.get_layer("pool"), kq.QuantAveragePooling1D)
+    assert "conv_quant" not in [layer.name for layer in qat_model.layers]  # the pool's range
+    data = np.random.default_rng(0).normal(size=(64, 12, 4)).astype("float32")
+    calibrate(qat_model, data, steps=2)
+    tflite_bytes = kq.export_tflite(qat_model)
+    assert_integer_model(tflite_bytes, ["AVERAGE_POOL_2D"], per_channel_ops=["CONV_2D"])
+    # The averages, ties included, as XNNPACK's kernel rounds them.
+    assert kq.compare_tflite(qat_model, tflite_bytes, data)["max_diff_steps"] < 0.01

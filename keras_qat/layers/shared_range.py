@@ -95,8 +95,89 @@ class QuantConcatenate(keras.layers.Concatenate):
         return config
 
 
+def pool_on_shared_grid(layer, pool, inputs, training, return_scale):
+    """What a shared-range average pooling computes: `pool` (the Keras
+    layer's average) of its input quantized with `layer.quantizer`, rounded
+    to the same grid as the int8 kernel rounds it (the output's scale too
+    with `return_scale`)."""
+    quantizer = layer.quantizer
+    min_val, max_val, active = quantizer.observe(inputs, training)
+    pooled = pool(quantizer.quantize_with(inputs, min_val, max_val, active, training))
+    if is_tracing_for_export():  # the converter reads the range from a fake quant
+        outputs = quantizer.quantize_with(pooled, min_val, max_val, active)
+    else:
+        outputs = pooled if active is False else round_average(quantizer, pooled, min_val, max_val)
+        if active is not True and active is not False:
+            outputs = tf.where(active, outputs, pooled)
+    if return_scale:
+        return outputs, quantizer.output_scale(min_val, max_val, active)
+    return outputs
+
+
+def round_average(quantizer, pooled, min_val, max_val):
+    """`pooled` (averages of on-grid values) rounded to the grid half away
+    from zero in signed integers, as int8 AVERAGE_POOL_2D rounds;
+    straight-through gradient."""
+    low, high = quantizers.quant_range(min_val, max_val, quantizer.symmetric)
+    nudged_min, _, scale = quantizers.nudged_range(
+        low, high, quantizer.num_bits, quantizer.narrow_range
+    )
+    offset = 2.0 ** (quantizer.num_bits - 1)  # level -> signed integer
+    signed = (tf.cast(pooled, tf.float32) - nudged_min) / scale - offset
+    # Averages are multiples of 1 / window size: only ties lie within
+    # 1e-3 of a half, and float error must not move them below it.
+    rounded = quantizers.round_half_away_from_zero(signed, tie_tolerance=1e-3)
+    on_grid = tf.cast((rounded + offset) * scale + nudged_min, pooled.dtype)
+    return pooled + tf.stop_gradient(on_grid - pooled)
+
+
+class SharedRangePooling:
+    """What the shared-range average poolings add to Keras' layer (the
+    class before it in their bases): a `quantizer` holding the shared range,
+    and `pool_on_shared_grid` as their call."""
+
+    def __init__(
+        self,
+        pool_size,
+        strides=None,
+        padding="valid",
+        data_format=None,
+        quantizer=None,
+        **kwargs,
+    ):
+        super().__init__(
+            pool_size, strides=strides, padding=padding, data_format=data_format, **kwargs
+        )
+        self.quantizer = FakeQuant.get(quantizer, "quantizer")
+        self.built = False  # some Keras releases build stateless pooling layers at once
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if not self.quantizer.built:  # built when loaded
+            self.quantizer.build(input_shape)
+
+    def call(self, inputs, training=False, return_scale=False):
+        return pool_on_shared_grid(self, super().call, inputs, training, return_scale)
+
+    def unquantized_output(self, inputs):
+        """The average of `inputs`, not rounded."""
+        return super().call(inputs)
+
+    def quantizers(self):
+        """`{"output": quantizer}`: the shared range (`keras_qat.quantizer_roles`)."""
+        return {"output": self.quantizer}
+
+    def compute_output_spec(self, inputs, training=False, return_scale=False):
+        return with_scale_spec(super().compute_output_spec(inputs), return_scale)
+
+    def get_config(self):
+        config = super().get_config()
+        config["quantizer"] = keras.saving.serialize_keras_object(self.quantizer)
+        return config
+
+
 @keras.saving.register_keras_serializable(package="keras_qat")
-class QuantAveragePooling2D(keras.layers.AveragePooling2D):
+class QuantAveragePooling2D(SharedRangePooling, keras.layers.AveragePooling2D):
     """`AveragePooling2D` whose input and output share one range.
 
     TFLite's int8 AVERAGE_POOL_2D writes its output on its input's grid
@@ -123,68 +204,23 @@ class QuantAveragePooling2D(keras.layers.AveragePooling2D):
     TensorShape([1, 2, 2, 2])
     """
 
-    def __init__(
-        self,
-        pool_size,
-        strides=None,
-        padding="valid",
-        data_format=None,
-        quantizer=None,
-        **kwargs,
-    ):
-        super().__init__(
-            pool_size, strides=strides, padding=padding, data_format=data_format, **kwargs
-        )
-        self.quantizer = FakeQuant.get(quantizer, "quantizer")
-        self.built = False  # some Keras releases build stateless pooling layers at once
 
-    def build(self, input_shape):
-        super().build(input_shape)
-        if not self.quantizer.built:  # built when loaded
-            self.quantizer.build(input_shape)
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantAveragePooling1D(SharedRangePooling, keras.layers.AveragePooling1D):
+    """`AveragePooling1D` whose input and output share one range.
 
-    def call(self, inputs, training=False, return_scale=False):
-        quantizer = self.quantizer
-        min_val, max_val, active = quantizer.observe(inputs, training)
-        pooled = super().call(quantizer.quantize_with(inputs, min_val, max_val, active, training))
-        if is_tracing_for_export():  # the converter reads the range from a fake quant
-            outputs = quantizer.quantize_with(pooled, min_val, max_val, active)
-        else:
-            outputs = pooled if active is False else self.round_average(pooled, min_val, max_val)
-            if active is not True and active is not False:
-                outputs = tf.where(active, outputs, pooled)
-        if return_scale:
-            return outputs, quantizer.output_scale(min_val, max_val, active)
-        return outputs
+    In the int8 model a 1D average pooling is an AVERAGE_POOL_2D between
+    reshapes, which rounds as `QuantAveragePooling2D` describes.
 
-    def unquantized_output(self, inputs):
-        """The average of `inputs`, not rounded."""
-        return keras.layers.AveragePooling2D.call(self, inputs)
+    Args:
+        pool_size, strides, padding, data_format: As in `AveragePooling1D`.
+        quantizer: The shared range: a `FakeQuant`, a dict of its options,
+            or None for the defaults.
+        **kwargs: Base layer keyword arguments, such as `name`.
 
-    def round_average(self, pooled, min_val, max_val):
-        """`pooled` (averages of on-grid values) rounded to the grid half
-        away from zero in signed integers; straight-through gradient."""
-        quantizer = self.quantizer
-        low, high = quantizers.quant_range(min_val, max_val, quantizer.symmetric)
-        nudged_min, _, scale = quantizers.nudged_range(
-            low, high, quantizer.num_bits, quantizer.narrow_range
-        )
-        offset = 2.0 ** (quantizer.num_bits - 1)  # level -> signed integer
-        signed = (tf.cast(pooled, tf.float32) - nudged_min) / scale - offset
-        # Averages are multiples of 1 / window size: only ties lie within
-        # 1e-3 of a half, and float error must not move them below it.
-        rounded = quantizers.round_half_away_from_zero(signed, tie_tolerance=1e-3)
-        on_grid = tf.cast((rounded + offset) * scale + nudged_min, pooled.dtype)
-        return pooled + tf.stop_gradient(on_grid - pooled)
+    Example:
 
-    def quantizers(self):
-        """`{"output": quantizer}`: the shared range (`keras_qat.quantizer_roles`)."""
-        return {"output": self.quantizer}
-
-    def compute_output_spec(self, inputs, training=False, return_scale=False):
-        return with_scale_spec(super().compute_output_spec(inputs), return_scale)
-
-    def get_config(self):
-        config = super().get_config()
-        config["quantizer"] = keras.saving.serialize_keras_object(self.quantizer)
-        return config
+    >>> layer = QuantAveragePooling1D(2)
+    >>> layer(np.ones((1, 6, 3), "float32"), training=True).shape
+    TensorShape([1, 3, 3])
+    """

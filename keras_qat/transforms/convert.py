@@ -53,8 +53,8 @@ def convert_quant_network(
     - a `Concatenate` becomes a `QuantConcatenate`, which quantizes all its
       inputs with one shared range (TFLite requires one scale for all
       operands of a concatenation);
-    - an `AveragePooling2D` whose input has no other consumer becomes a
-      `QuantAveragePooling2D`: input and output share one range and the
+    - an `AveragePooling1D` / `AveragePooling2D` whose input has no other consumer becomes a
+      `QuantAveragePooling1D` / `2D`: input and output share one range and the
       average is rounded as TFLite's int8 kernel rounds it;
     - each standalone `ReLU`, `LeakyReLU`, `Activation` and `Softmax`.
       Sigmoid, softmax and tanh outputs get the fixed ranges of TFLite's

@@ -28,7 +28,7 @@ from keras_qat.transforms.support import is_float, is_integer_cast
 _GRID_PASSING_LAYERS = (
     int8_rules.GRID_KEEPING_LAYERS
     + int8_rules.GRID_KEEPING_OPERATIONS
-    + (keras.layers.AveragePooling2D,)
+    + (keras.layers.AveragePooling1D, keras.layers.AveragePooling2D)
 )
 
 

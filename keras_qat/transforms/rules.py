@@ -20,9 +20,19 @@ from keras_qat.layers.layer_norm import QuantLayerNormalization
 from keras_qat.layers.learned_range import LearnedWeightQuantizer
 from keras_qat.layers.quantized import has_quantized_form, quantized_class
 from keras_qat.layers.resize import QuantResizing, QuantUpSampling2D
-from keras_qat.layers.shared_range import QuantAveragePooling2D, QuantConcatenate
+from keras_qat.layers.shared_range import (
+    QuantAveragePooling1D,
+    QuantAveragePooling2D,
+    QuantConcatenate,
+)
 from keras_qat.transforms.clones import clone
 from keras_qat.transforms.support import is_integer_cast
+
+# Average poolings and their shared-range forms.
+_AVERAGE_POOLINGS = {
+    keras.layers.AveragePooling1D: QuantAveragePooling1D,
+    keras.layers.AveragePooling2D: QuantAveragePooling2D,
+}
 
 
 def _place_skipped(placement, layer, args, kwargs):
@@ -90,16 +100,17 @@ def _place_score_mask(placement, layer, args, kwargs):
 
 
 def _is_shared_grid_pooling(placement, operation):
-    return isinstance(operation, keras.layers.AveragePooling2D) and placement.unrounded(
+    return type(operation) in _AVERAGE_POOLINGS and placement.unrounded(
         placement.graph.producers(operation)[0]
     )
 
 
 def _place_shared_grid_pooling(placement, layer, args, kwargs):
-    """A QuantAveragePooling2D: input and output on one grid."""
+    """A QuantAveragePooling1D / 2D: input and output on one grid."""
+    quantized = _AVERAGE_POOLINGS[type(layer)]
     new = placement.clones.of(
         layer,
-        lambda: QuantAveragePooling2D(
+        lambda: quantized(
             **layer.get_config(),
             quantizer=placement.shared_quantizer(layer),
         ),
