@@ -32,6 +32,13 @@ def _large_negative(dtype):
     return -3e4 if keras.backend.standardize_dtype(dtype) == "float16" else -1e9
 
 
+def scores_shape(input_shape):
+    """The shape of the scores (or weights) among a mask layer's inputs."""
+    if isinstance(input_shape, list) and isinstance(input_shape[0], (list, tuple)):
+        return tuple(input_shape[0])
+    return tuple(input_shape)
+
+
 def kept_positions(inputs, causal):
     """`(scores, keep)` of `scores` or `[scores, attention_mask]`: where the
     scores are kept (boolean, broadcastable to the scores; with `causal`,
@@ -97,9 +104,7 @@ class AttentionScoreMask(keras.layers.Layer):
         return ops.where(keep, scores, ops.cast(_large_negative(scores.dtype), scores.dtype))
 
     def compute_output_shape(self, input_shape):
-        if isinstance(input_shape, list) and isinstance(input_shape[0], (list, tuple)):
-            return tuple(input_shape[0])
-        return tuple(input_shape)
+        return scores_shape(input_shape)
 
     def get_config(self):
         config = super().get_config()
@@ -223,9 +228,7 @@ class AttentionWeightMask(keras.layers.Layer):
         return ops.where(keep, weights, ops.cast(0.0, weights.dtype))
 
     def compute_output_shape(self, input_shape):
-        if isinstance(input_shape, list) and isinstance(input_shape[0], (list, tuple)):
-            return tuple(input_shape[0])
-        return tuple(input_shape)
+        return scores_shape(input_shape)
 
     def get_config(self):
         config = super().get_config()
