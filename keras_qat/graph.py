@@ -16,7 +16,7 @@ The rest of the package sees:
   topological order, restricted to that model;
 - `rebuild(model, call)`: a new Functional model, built by calling
   `call(operation, *args, **kwargs)` for every node of the old graph;
-- small helpers: `node_arguments`, `all_layers`, `pack_inputs`, `clone_lambda`.
+- small helpers: `node_arguments`, `arguments_between`, `all_layers`, `pack_inputs`, `clone_lambda`.
 """
 
 import keras
@@ -38,6 +38,20 @@ MATMUL_OPERATION = _numpy_ops.Matmul
 MEAN_OPERATION = _numpy_ops.Mean
 GELU_OPERATION = _nn_ops.Gelu
 SOFTMAX_OPERATION = _nn_ops.Softmax
+# `keras.ops.pad` (PAD in TFLite: int8 pads with the zero point, 0.0).
+PAD_OPERATION = _numpy_ops.Pad
+# Keras operations that Keras layers compute too (`keras.ops.relu(x)` in a
+# custom layer's call is a `ReLU` layer): activation name by class.
+ACTIVATION_OPERATIONS = {
+    _nn_ops.Relu: "relu",
+    _nn_ops.Relu6: "relu6",
+    _nn_ops.Sigmoid: "sigmoid",
+    _numpy_ops.Tanh: "tanh",
+    _nn_ops.Silu: "silu",
+    _nn_ops.HardSigmoid: "hard_sigmoid",
+    _nn_ops.HardSilu: "hard_silu",
+}
+CONCATENATE_OPERATION = _numpy_ops.Concatenate
 MOVING_OPERATIONS = (
     _numpy_ops.Reshape,
     _numpy_ops.Transpose,
@@ -86,6 +100,28 @@ def producer(tensor):
 def node_arguments(layer):
     """`(args, kwargs)` of each call of `layer` in the graphs it is part of."""
     return [(node.arguments.args, node.arguments.kwargs) for node in layer._inbound_nodes]
+
+
+def arguments_between(inputs, outputs):
+    """`(operation, value)` for every non-symbolic argument (a constant, a
+    variable) of the operations that compute symbolic `outputs` from
+    symbolic `inputs`."""
+    stop = {id(t) for t in inputs}
+    seen, found = set(), []
+    pending = [t for t in keras.tree.flatten(outputs) if isinstance(t, keras.KerasTensor)]
+    while pending:
+        tensor = pending.pop()
+        history = getattr(tensor, "_keras_history", None)
+        if id(tensor) in stop or id(tensor) in seen or history is None:
+            continue
+        seen.add(id(tensor))
+        node = history.operation._inbound_nodes[history.node_index]
+        for value in keras.tree.flatten((node.arguments.args, node.arguments.kwargs)):
+            if isinstance(value, keras.KerasTensor):
+                pending.append(value)
+            else:
+                found.append((history.operation, value))
+    return found
 
 
 def all_layers(model):
@@ -211,10 +247,11 @@ def rebuild(model, call):
 
 
 def run_graph(model, inputs, call):
-    """Runs `model`'s graph on `inputs` (a flat list of tensors) with
-    `call(operation, *args, **kwargs)` at every node; returns its outputs.
-    Used to inline a nested model into the graph being built."""
-    graph = functional_graph(model)
+    """Runs the graph of `model` (a model or a `keras.Function`) on `inputs`
+    (a flat list of tensors) with `call(operation, *args, **kwargs)` at
+    every node; returns its outputs. Used to inline a nested model, or a
+    traced layer, into the graph being built."""
+    graph = functional_graph(model) if isinstance(model, keras.Model) else model
     return graph._run_through_graph(
         keras.tree.flatten(inputs), operation_fn=lambda op: op, call_fn=call
     )

@@ -88,7 +88,7 @@ ROUNDING_OPERATIONS = (
 
 # Keras operations whose output lies on their input's grid: a cast between
 # float types (mixed precision) keeps the values.
-GRID_KEEPING_OPERATIONS = (graph.CAST_OPERATION,) + graph.MOVING_OPERATIONS
+GRID_KEEPING_OPERATIONS = (graph.CAST_OPERATION, graph.PAD_OPERATION) + graph.MOVING_OPERATIONS
 
 # Layers whose output lies on their input's grid: they move or select values
 # (or, like Dropout, are the identity in inference).
@@ -196,6 +196,8 @@ def unsupported_reason(layer):
             "recurrent layers have no int8 form here; keep it in float with "
             f"skip_layers=[{layer.name!r}] and export with allow_float_ops=True"
         )
+    if isinstance(layer, graph.PAD_OPERATION):
+        return _pad_reason(layer)
     if isinstance(layer, (L.Softmax, graph.SOFTMAX_OPERATION)) and not _over_last_axis(layer):
         return f"axis={layer.axis}: TFLite's SOFTMAX is over the last axis; transpose first"
     if type(layer) is L.LayerNormalization:
@@ -227,6 +229,19 @@ def unsupported_reason(layer):
         bilinear = config.get("interpolation") == "bilinear"
         if bilinear and config.get("data_format") == "channels_first":
             return "data_format='channels_first': bilinear resizing is quantized channels-last"
+    return None
+
+
+def _pad_reason(pad):
+    """Why a `keras.ops.pad` has no int8 form, or None: int8 PAD fills with
+    the zero point, which is 0.0, so only constant padding with 0 keeps the
+    grid."""
+    if pad.mode != "constant":
+        return f"mode={pad.mode!r}: only constant padding with 0 is quantized"
+    for _, kwargs in graph.node_arguments(pad):
+        value = kwargs.get("constant_values")
+        if value not in (None, 0, 0.0):
+            return f"constant_values={value!r}: only constant padding with 0 is quantized"
     return None
 
 

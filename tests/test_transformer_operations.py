@@ -2,12 +2,14 @@
 (`keras.ops.matmul`, `mean`, `gelu`, `softmax`, reshape, transpose,
 slicing): placed where TFLite's int8 kernels round, and exported."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
 import reference
 import tensorflow as tf
-from test_export import assert_integer_model, calibrate
+from test_export import assert_integer_model, calibrate, ops_and_tensors
 
 import keras_qat as kq
 from keras_qat import graph
@@ -237,3 +239,41 @@ def test_a_float_attention_mask_input_is_not_quantized_and_exports():
     data = [rng.normal(size=(32, 5, 8)).astype("f4"), (rng.random((32, 5, 5)) > 0.3).astype("f4")]
     qat(data, training=True)
     assert kq.compare_tflite(qat, kq.export_tflite(qat), data)["max_diff_steps"] <= 1.001
+
+
+def test_an_integer_padding_mask_made_into_an_attention_mask_is_not_quantized():
+    # keras-hub's encoders do this: expand_dims, then a cast to int32.
+    inputs, padding = keras.Input((5, 8), name="x"), keras.Input((5,), dtype="int32", name="pad")
+    mask = ops.cast(ops.expand_dims(padding, axis=1), "int32")
+    attended = keras.layers.MultiHeadAttention(2, 4)(inputs, inputs, attention_mask=mask)
+    qat = kq.convert_quant_network(keras.Model([inputs, padding], attended))
+    rng = np.random.default_rng(0)
+    data = [rng.normal(size=(32, 5, 8)).astype("f4"), (rng.random((32, 5)) > 0.3).astype("i4")]
+    qat(data, training=True)
+    assert kq.compare_tflite(qat, kq.export_tflite(qat), data)["max_diff_steps"] <= 1.001
+
+
+def test_zero_padding_with_keras_pad_keeps_its_inputs_grid_and_exports():
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = ops.pad(x, [[0, 0], [1, 1], [2, 0], [0, 0]])
+    qat = kq.convert_quant_network(keras.Model(inputs, keras.layers.Conv2D(3, 3)(x)))
+    data = np.random.default_rng(0).normal(size=(32, 6, 6, 3)).astype("float32")
+    qat(data, training=True)
+    tflite_bytes = kq.export_tflite(qat)
+    assert "PAD" in [op["op_name"] for op in ops_and_tensors(tflite_bytes)[0]]
+    assert kq.compare_tflite(qat, tflite_bytes, data)["max_diff_steps"] <= 1.001
+
+
+@pytest.mark.parametrize(
+    "pad_args, reason",
+    [
+        ({"mode": "reflect"}, "mode='reflect': only constant padding with 0"),
+        ({"constant_values": 1.0}, "constant_values=1.0: only constant padding with 0"),
+    ],
+)
+def test_padding_with_other_values_is_refused_with_the_reason(pad_args, reason):
+    inputs = keras.Input((6, 6, 3))
+    x = ops.pad(inputs, [[0, 0], [1, 1], [1, 1], [0, 0]], **pad_args)
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        kq.convert_quant_network(keras.Model(inputs, keras.layers.Conv2D(3, 3)(x)))

@@ -53,3 +53,34 @@ class Clones:
                 target.copy_weights_from(source)
             elif source.weights:
                 target.set_weights(source.get_weights())
+
+
+class UniqueNames:
+    """Names of the layers of a model being built from `model`'s: a layer
+    keeps its name unless another layer has it, then it becomes
+    `<prefix>_<name>` (with a numeric suffix if that is taken too)."""
+
+    def __init__(self, model):
+        self._owners = {
+            layer.name: id(layer) for layer in model.layers if not isinstance(layer, keras.Model)
+        }
+        self._assigned = {}
+
+    def name_for(self, layer, prefix):
+        """The name of `layer`'s copy (the same each time it is asked)."""
+        if id(layer) in self._assigned:
+            return self._assigned[id(layer)]
+        self._assigned[id(layer)] = name = self._new_name(layer, prefix)
+        return name
+
+    def _new_name(self, layer, prefix):
+        name = layer.name
+        if self._owners.setdefault(name, id(layer)) == id(layer):
+            return name
+        base = name = f"{prefix}_{layer.name}"
+        suffix = 1
+        while name in self._owners:
+            suffix += 1
+            name = f"{base}_{suffix}"
+        self._owners[name] = id(layer)
+        return name

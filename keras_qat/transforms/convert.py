@@ -15,8 +15,9 @@ from keras_qat.quantizer_roles import check_float_model
 from keras_qat.transforms.fuse import fuse, has_fusable_layers
 from keras_qat.transforms.inline import inline_nested_models
 from keras_qat.transforms.place import Placement
-from keras_qat.transforms.selection import selected_layer_names
-from keras_qat.transforms.support import DECOMPOSITIONS, check_supported
+from keras_qat.transforms.selection import layer_selector, selected_layer_names
+from keras_qat.transforms.support import DECOMPOSITIONS, check_supported, needs_tracing
+from keras_qat.transforms.tracing import trace_layers
 
 
 def convert_quant_network(
@@ -174,6 +175,8 @@ def convert_quant_network(
     )
     _check_model(model)
     model = inline_nested_models(model)
+    kept_in_float = layer_selector(skip_layers)
+    model = trace_layers(model, lambda op: needs_tracing(op) and not kept_in_float(op))
     skipped = selected_layer_names(model, skip_layers)
     inlined = model
     for decomposition in DECOMPOSITIONS:

@@ -12,33 +12,12 @@ numeric suffix if that is taken too).
 import keras
 
 from keras_qat import graph
-from keras_qat.transforms.clones import Clones, clone
+from keras_qat.transforms.clones import Clones, UniqueNames, clone
 
 
 def has_nested_models(model):
     """Whether any layer of `model` is itself a model."""
     return any(isinstance(layer, keras.Model) for layer in model.layers)
-
-
-class _UniqueNames:
-    """Names of the flat model's layers: kept unless taken."""
-
-    def __init__(self, model):
-        self._owners = {
-            layer.name: id(layer) for layer in model.layers if not isinstance(layer, keras.Model)
-        }
-
-    def name_for(self, layer, prefix):
-        name = layer.name
-        if self._owners.setdefault(name, id(layer)) == id(layer):
-            return name
-        base = name = f"{prefix}_{layer.name}"
-        suffix = 1
-        while name in self._owners:
-            suffix += 1
-            name = f"{base}_{suffix}"
-        self._owners[name] = id(layer)
-        return name
 
 
 def inline_nested_models(model):
@@ -65,7 +44,7 @@ def inline_nested_models(model):
     """
     if not has_nested_models(model):
         return model
-    names = _UniqueNames(model)
+    names = UniqueNames(model)
     clones = Clones()
 
     def call_in(prefix):

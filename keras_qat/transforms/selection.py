@@ -21,17 +21,9 @@ def selected_layer_names(model, selectors, argument="skip_layers"):
     """
     if selectors is None:
         return set()
-    if isinstance(selectors, (str, type)) or callable(selectors):
-        selectors = [selectors]
-    if not isinstance(selectors, (list, tuple, set)):
-        raise ValueError(
-            f"Received an invalid value for `{argument}`, expected layer names, layer "
-            f"classes or a predicate `layer -> bool`, or a list of them. "
-            f"Received: {argument}={selectors!r}"
-        )
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     names = set()
-    for selector in selectors:
+    for selector in _as_list(selectors, argument):
         if isinstance(selector, keras.layers.Layer):
             raise ValueError(
                 f"Received a layer object in `{argument}`; pass its name "
@@ -56,3 +48,36 @@ def selected_layer_names(model, selectors, argument="skip_layers"):
                 f"Received: {argument}={selectors!r}"
             )
     return names
+
+
+def _as_list(selectors, argument):
+    if isinstance(selectors, (str, type)) or callable(selectors):
+        return [selectors]
+    if not isinstance(selectors, (list, tuple, set)):
+        raise ValueError(
+            f"Received an invalid value for `{argument}`, expected layer names, layer "
+            f"classes or a predicate `layer -> bool`, or a list of them. "
+            f"Received: {argument}={selectors!r}"
+        )
+    return list(selectors)
+
+
+def layer_selector(selectors, argument="skip_layers"):
+    """`layer -> bool`: whether `selectors` (as in `selected_layer_names`)
+    choose a layer; names are not checked here."""
+    if selectors is None:
+        return lambda layer: False
+    selectors = _as_list(selectors, argument)
+
+    def selects(layer):
+        for selector in selectors:
+            if isinstance(selector, str) and layer.name == selector:
+                return True
+            if isinstance(selector, type) and isinstance(layer, selector):
+                return True
+            if callable(selector) and not isinstance(selector, (str, type, keras.layers.Layer)):
+                if selector(layer):
+                    return True
+        return False
+
+    return selects

@@ -32,11 +32,16 @@ def is_float(tensor):
 
 
 def is_integer_cast(operation, graph_view):
-    """A Rescaling, Normalization or cast that turns an integer tensor (an
-    integer model input, such as uint8 images) into a float one."""
-    casts = _INTEGER_CASTS + int8_rules.GRID_KEEPING_OPERATIONS
+    """A Rescaling, Normalization or cast to floats that turns an integer
+    tensor (an integer model input, such as uint8 images) into a float one.
+    Other operations on integer tensors (an `expand_dims` of an int32
+    padding mask) keep them integers: nothing rounds them."""
     inputs = graph_view.input_tensors(operation)
-    return isinstance(operation, casts) and bool(inputs) and not is_float(inputs[0])
+    if not inputs or is_float(inputs[0]):
+        return False
+    if isinstance(operation, graph.CAST_OPERATION):
+        return keras.backend.standardize_dtype(operation.dtype).startswith(("float", "bfloat"))
+    return isinstance(operation, _INTEGER_CASTS)
 
 
 def float64_constant(operation):
@@ -75,6 +80,25 @@ def is_supported(operation, graph_view):
     )
 
 
+def needs_tracing(operation):
+    """Whether `operation` is a layer that conversion knows only through its
+    `call`: a class of neither Keras nor keras_qat, nor a subclass of a
+    class that a table lists."""
+    if not isinstance(operation, keras.layers.Layer) or isinstance(operation, keras.Model):
+        return False
+    if type(operation).__module__.split(".")[0] in ("keras", "keras_qat"):
+        return False
+    known = (
+        QUANTIZED_KERAS_LAYERS
+        + fusable_classes()
+        + int8_rules.ROUNDING_LAYERS
+        + int8_rules.GRID_KEEPING_LAYERS
+        + int8_rules.SHARED_GRID_LAYERS
+    )
+    decomposed = any(d.matches(operation) for d in DECOMPOSITIONS)
+    return not isinstance(operation, known) and not decomposed
+
+
 def check_supported(model, skipped):
     """Raises one `ValueError` listing every layer of `model` (not named in
     `skipped`) that cannot be converted, with the reason where one is known."""
@@ -93,6 +117,10 @@ def check_supported(model, skipped):
         )
 
 
+# Keras operations that tracing turns into the Keras layers computing them.
+_LAYER_OPERATIONS = tuple(graph.ACTIVATION_OPERATIONS) + (graph.CONCATENATE_OPERATION,)
+
+
 def _names(classes):
     return ", ".join(c.__name__ for c in classes)
 
@@ -109,6 +137,7 @@ def supported_summary():
         ("grid-keeping layers", _names(int8_rules.GRID_KEEPING_LAYERS)),
         ("rounding Keras operations", _names(int8_rules.ROUNDING_OPERATIONS)),
         ("grid-keeping Keras operations", _names(int8_rules.GRID_KEEPING_OPERATIONS)),
+        ("Keras operations converted as their layers", _names(_LAYER_OPERATIONS)),
     )
     return "; ".join(f"{kind}: {names}" for kind, names in parts)
 

@@ -1,0 +1,205 @@
+"""Layers that conversion does not know, replaced by the graph their `call`
+builds.
+
+A custom layer (a keras-hub `TransformerEncoder`, a residual block written
+as a `Layer` subclass) is a graph of its sub-layers and Keras operations
+run by Python code. Calling its `call` on symbolic tensors records that
+graph: the sub-layers' calls and the operations between them become nodes,
+as in any Functional model, and placement treats them like any others.
+Tracing repeats until no unknown layer is left (a block made of blocks).
+
+Keras operations that a Keras layer computes too (`keras.ops.relu`,
+`sigmoid`, `silu`, `concatenate`, ...) become that layer, so that fusion and
+placement see a `ReLU` after a BatchNorm as they do in a Functional model.
+
+The traced model computes what the layer computes, with copies of its
+sub-layers' weights, their `trainable` flags and dtype policies. Three
+things cannot be traced, and conversion names the layer and the reason:
+
+- a `call` that fails on symbolic tensors (Python code that needs values,
+  such as a batch size read with `ops.shape(x)[0]`);
+- a trainable weight used directly in an operation (`x + self.table`):
+  the graph would hold it as a constant, and training would not move it;
+- a tensor computed from trainable weights outside the graph (a sub-layer
+  called on a weight, such as `self.embedding(self.position_ids)`), for the
+  same reason.
+
+Non-trainable weights and other constants that `call` uses become NumPy
+constants of the graph.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_qat import graph
+from keras_qat.transforms.clones import Clones, UniqueNames, clone
+
+# How deep blocks nest before tracing gives up (a layer that calls itself).
+_MAX_DEPTH = 32
+
+
+class UntraceableLayerError(ValueError):
+    """A layer whose `call` cannot be recorded as a graph (the reason says
+    why)."""
+
+    def __init__(self, layer, reason):
+        self.layer = layer
+        self.reason = reason
+        super().__init__(f"'{layer.name}' ({layer.__class__.__name__}): {reason}")
+
+
+def trace_layers(model, needs_tracing):
+    """Returns `model` with every layer for which `needs_tracing(layer)`
+    holds replaced by the graph its `call` builds, recursively.
+
+    Args:
+        model: A flat Functional model (nested models inlined).
+        needs_tracing: `layer -> bool`, whether a layer is unknown to
+            conversion (and not kept in float).
+
+    Returns:
+        `model` itself when no layer needs tracing, else a new Functional
+        model with copies of the weights. The layers of a traced layer keep
+        their names unless taken: then `<traced layer>_<name>`.
+
+    Raises:
+        ValueError: listing every layer that cannot be traced, with the
+            reason and what to do.
+    """
+    operations = graph.Graph(model).operations
+    if not any(needs_tracing(op) or layer_form(op, op.name) for op in operations):
+        return model
+    clones, names, errors = Clones(), UniqueNames(model), []
+
+    def call_in(prefix, depth):
+        def call(operation, *args, **kwargs):
+            args, kwargs = keras.tree.map_structure(_as_constant, (args, kwargs))
+            as_layer = layer_form(operation, names.name_for(operation, prefix))
+            if as_layer is not None:
+                return as_layer(*args, **kwargs)
+            if not needs_tracing(operation):
+                layer = clones.of(
+                    operation, lambda: clone(operation, name=names.name_for(operation, prefix))
+                )
+                return layer(*args, **kwargs)
+            if depth == _MAX_DEPTH:
+                raise ValueError(
+                    f"Layer '{operation.name}' nests layers more than {_MAX_DEPTH} levels "
+                    "deep (or calls itself); it cannot be traced."
+                )
+            try:
+                block = trace_call(operation, args, kwargs)
+            except UntraceableLayerError as error:
+                errors.append(str(error))
+                return operation(*args, **kwargs)
+            inputs = [t for t in keras.tree.flatten((args, kwargs)) if _is_symbolic(t)]
+            return graph.run_graph(block, inputs, call_in(operation.name, depth + 1))
+
+        return call
+
+    traced = graph.rebuild(model, call_in(model.name, 0))
+    if errors:
+        raise ValueError(
+            f"`convert_quant_network` cannot trace these layers of model '{model.name}' "
+            f"into layers and operations it quantizes: {'; '.join(errors)}. Keep them in "
+            "float with `skip_layers` (names, classes or a predicate)."
+        )
+    clones.copy_weights()
+    return traced
+
+
+def layer_form(operation, name):
+    """The Keras layer, named `name`, that computes what a Keras operation
+    computes (`keras.ops.relu` -> `ReLU`, `keras.ops.concatenate` ->
+    `Concatenate`), so that fusion and placement see the layer; or None."""
+    if type(operation) in graph.ACTIVATION_OPERATIONS:
+        activation = graph.ACTIVATION_OPERATIONS[type(operation)]
+        if activation == "relu":
+            return keras.layers.ReLU(name=name)
+        if activation == "relu6":
+            return keras.layers.ReLU(max_value=6.0, name=name)
+        return keras.layers.Activation(activation, name=name)
+    if type(operation) is graph.CONCATENATE_OPERATION:
+        return keras.layers.Concatenate(axis=operation.axis, name=name)
+    return None
+
+
+def _is_symbolic(value):
+    return isinstance(value, keras.KerasTensor)
+
+
+def trace_call(layer, args, kwargs):
+    """Calls `layer.call` on new symbolic inputs like `args` and `kwargs`
+    and checks the graph it records.
+
+    Returns:
+        A `keras.Function` from the symbolic tensors of `(args, kwargs)`,
+        flattened, to the call's outputs.
+
+    Raises:
+        UntraceableLayerError: when `call` fails on symbolic tensors, or the
+            graph uses trainable weights outside it.
+    """
+    args, kwargs = keras.tree.map_structure(_placeholder, (args, kwargs))
+    watched = [v.value for v in layer.trainable_variables]
+    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+        tape.watch(watched)
+        try:
+            outputs = layer.call(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any failure is reported with the layer
+            raise UntraceableLayerError(
+                layer,
+                f"its `call` fails on symbolic tensors ({type(error).__name__}: "
+                f"{_first_line(error)})",
+            ) from error
+    inputs = [t for t in keras.tree.flatten((args, kwargs)) if _is_symbolic(t)]
+    for operation, constant in _constants(outputs, inputs):
+        _check_constant(layer, operation, constant, tape, watched)
+    return keras.Function(inputs, outputs, name=layer.name)
+
+
+def _placeholder(value):
+    """A new `keras.Input` like a symbolic tensor (other values as they are)."""
+    if not _is_symbolic(value):
+        return value
+    return keras.Input(batch_shape=value.shape, dtype=value.dtype, sparse=value.sparse)
+
+
+def _first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else "no message"
+
+
+def _constants(outputs, inputs):
+    """`(operation, value)` for every non-symbolic tensor or variable that an
+    operation between `inputs` and `outputs` takes."""
+    return [
+        (operation, value)
+        for operation, value in graph.arguments_between(inputs, outputs)
+        if isinstance(value, (keras.Variable, tf.Tensor, tf.Variable))
+    ]
+
+
+def _check_constant(layer, operation, value, tape, watched):
+    if isinstance(value, keras.Variable):
+        if value.trainable:
+            raise UntraceableLayerError(
+                layer,
+                f"{operation.__class__.__name__} '{operation.name}' uses its trainable weight "
+                f"'{value.path}' directly, which a traced graph would hold as a constant",
+            )
+        return
+    if watched and any(g is not None for g in tape.gradient(value, watched)):
+        raise UntraceableLayerError(
+            layer,
+            f"{operation.__class__.__name__} '{operation.name}' takes a tensor computed "
+            "from trainable weights outside the graph (a sub-layer called on a weight), "
+            "which a traced graph would hold as a constant",
+        )
+
+
+def _as_constant(value):
+    """A variable or eager tensor of a traced call as a NumPy constant."""
+    if isinstance(value, (keras.Variable, tf.Tensor, tf.Variable)):
+        return np.asarray(keras.ops.convert_to_numpy(value))
+    return value

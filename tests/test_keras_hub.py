@@ -1,0 +1,93 @@
+"""keras-hub models, at tiny configurations with random weights: their
+custom blocks are traced (`keras_qat.transforms.tracing`) and the int8
+model matches the Keras one; what cannot be traced yet is refused with the
+layer and the reason."""
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+from test_export import calibrate
+
+import keras_qat as kq
+from keras_qat.export.interpreter import float_ops
+
+COMPUTE_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV"}
+
+
+def mobilenet_v3():
+    return keras_hub.models.MobileNetBackbone(
+        stackwise_expansion=[[1], [4]],
+        stackwise_num_blocks=[1, 1],
+        stackwise_num_filters=[[8], [16]],
+        stackwise_kernel_size=[[3], [3]],
+        stackwise_num_strides=[[2], [2]],
+        stackwise_se_ratio=[[0.25], [None]],
+        stackwise_activation=[["relu"], ["hard_swish"]],
+        stackwise_padding=[[1], [1]],
+        output_num_filters=32,
+        depthwise_filters=8,
+        depthwise_stride=2,
+        depthwise_residual=False,
+        squeeze_and_excite=0.5,
+        last_layer_filter=32,
+        input_num_filters=8,
+        image_shape=(32, 32, 3),
+    )
+
+
+def text_encoder():
+    """Two keras-hub TransformerEncoders (post- and pre-normalization) with
+    an int32 padding mask, on embedded tokens."""
+    tokens = keras.Input((10,), dtype="int32", name="token_ids")
+    padding = keras.Input((10,), dtype="int32", name="padding_mask")
+    x = keras.layers.Embedding(50, 16)(tokens)
+    x = keras_hub.layers.TransformerEncoder(32, 2, name="block_0")(x, padding_mask=padding)
+    x = keras_hub.layers.TransformerEncoder(32, 2, normalize_first=True, name="block_1")(
+        x, padding_mask=padding
+    )
+    outputs = keras.layers.Dense(5, name="logits")(keras.layers.GlobalAveragePooling1D()(x))
+    return keras.Model([tokens, padding], outputs)
+
+
+def inputs_for(model, n, seed=0):
+    rng = np.random.default_rng(seed)
+    batch = []
+    for tensor in model.inputs:
+        shape = (n,) + tuple(tensor.shape[1:])
+        if tensor.name == "token_ids":
+            batch.append(rng.integers(0, 50, shape).astype("int32"))
+        elif "int" in str(tensor.dtype):
+            batch.append((rng.random(shape) > 0.2).astype("int32"))
+        else:
+            batch.append(rng.standard_normal(shape).astype("float32"))
+    return batch if len(batch) > 1 else batch[0]
+
+
+@pytest.mark.parametrize("build", [mobilenet_v3, text_encoder])
+def test_keras_hub_blocks_convert_train_and_export_with_parity(build):
+    model = build()
+    qat_model = calibrate(kq.convert_quant_network(model), inputs_for(model, 32), steps=2)
+    layer_classes = {type(layer).__module__ for layer in qat_model.layers}
+    assert not any(module.startswith("keras_hub") for module in layer_classes)
+    tflite_model = kq.export_tflite(qat_model)
+    assert not set(float_ops(tflite_model)) & COMPUTE_OPS
+    result = kq.compare_tflite(qat_model, tflite_model, inputs_for(model, 64, seed=1))
+    # Issue 34's target: a mean difference of at most one output step, the
+    # same top-1 wherever two outputs are not within a step. Layer norms put
+    # a few outputs 2-3 steps apart (as in test_attention's encoder block:
+    # TFLite lowers them to nine int8 ops, docs/measurements.md).
+    assert result["mean_abs_diff"] <= result["output_scale"]
+    assert result["top1_agreement_unambiguous"] == 1.0
+    assert result["max_diff_steps"] <= 3.001 and result["within_one_step"] >= 0.95, result
+
+
+def test_a_keras_hub_layer_that_reads_the_batch_size_is_refused_with_the_reason():
+    model = keras_hub.models.ViTBackbone(
+        image_shape=(16, 16, 3), patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16
+    )
+    with pytest.raises(ValueError) as error:
+        kq.convert_quant_network(model)
+    message = str(error.value)
+    assert "'vit_patching_and_embedding' (ViTPatchingAndEmbedding): its `call` fails" in message
+    assert "skip_layers" in message

@@ -1,0 +1,206 @@
+"""Custom layers are converted through the graph their `call` builds, or
+refused with the layer and the reason."""
+
+import keras
+import numpy as np
+import pytest
+from test_fuse import randomize_bns
+
+import keras_qat as kq
+from keras_qat.export.interpreter import float_ops
+from keras_qat.transforms.tracing import trace_layers
+
+L = keras.layers
+OFF = 10**6  # a quant_delay that no test reaches: every quantizer is off
+
+
+class ResidualBlock(L.Layer):
+    """conv-BN-ReLU, conv-BN, plus the input, ReLU: a block written as a
+    Layer subclass, as users and keras-hub write them."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.conv_1 = L.Conv2D(filters, 3, padding="same", use_bias=False, name="conv_1")
+        self.bn_1 = L.BatchNormalization(name="bn_1")
+        self.conv_2 = L.Conv2D(filters, 3, padding="same", use_bias=False, name="conv_2")
+        self.bn_2 = L.BatchNormalization(name="bn_2")
+
+    def call(self, inputs, training=None):
+        x = keras.ops.relu(self.bn_1(self.conv_1(inputs), training=training))
+        x = self.bn_2(self.conv_2(x), training=training)
+        return keras.ops.relu(x + inputs)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+class Stage(L.Layer):
+    """Blocks made of blocks: two ResidualBlocks."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = [ResidualBlock(filters, name=f"block_{i}") for i in range(2)]
+
+    def call(self, inputs):
+        for block in self.blocks:
+            inputs = block(inputs)
+        return inputs
+
+
+def network(stage_trainable=True):
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(6, 3, padding="same", name="stem")(inputs)
+    x = ResidualBlock(6, name="first")(x)
+    stage = Stage(6, name="stage")
+    stage.trainable = stage_trainable
+    x = stage(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(4, name="logits")(x), name="net")
+
+
+def images(n=16, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 8, 8, 3)).astype("float32")
+
+
+def test_custom_blocks_become_their_layers_and_compute_the_same():
+    model = randomize_bns(network(), np.random.default_rng(1))
+    qat_model = kq.convert_quant_network(model, quant_delay=OFF)
+    classes = {type(layer) for layer in kq.transforms.convert.graph.all_layers(qat_model)}
+    assert not classes & {ResidualBlock, Stage}
+    names = [layer.name for layer in qat_model.layers]
+    assert len(names) == len(set(names))
+    # Sub-layers keep their names where free, else take their block's as a prefix.
+    assert {"conv_1", "block_0_conv_1", "block_1_conv_1"} <= set(names)
+    x = images()
+    np.testing.assert_allclose(
+        qat_model.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_traced_blocks_train_and_export_to_int8_with_parity():
+    model = randomize_bns(network(), np.random.default_rng(2))
+    qat_model = kq.convert_quant_network(model)
+    x, y = images(32), np.random.default_rng(3).standard_normal((32, 4)).astype("float32")
+    qat_model.compile("adam", "mse")
+    before = [w.numpy().copy() for w in qat_model.trainable_weights]
+    qat_model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert all(
+        not np.array_equal(b, w.numpy()) for b, w in zip(before, qat_model.trainable_weights)
+    )
+    tflite_model = kq.export_tflite(qat_model)
+    assert not set(float_ops(tflite_model)) & {"CONV_2D", "FULLY_CONNECTED", "ADD"}
+    result = kq.compare_tflite(qat_model, tflite_model, x)
+    assert result["max_diff_steps"] <= 1.0 + 1e-4
+    assert result["top1_agreement_unambiguous"] == 1.0
+
+
+def test_a_frozen_block_stays_frozen():
+    qat_model = kq.convert_quant_network(network(stage_trainable=False))
+    layers = {layer.name: layer for layer in qat_model.layers}
+    frozen = [
+        layer
+        for name, layer in layers.items()
+        if name.startswith("block_") and not isinstance(layer, kq.FakeQuant)
+    ]
+    assert frozen and not any(layer.trainable for layer in frozen)
+    assert layers["conv_1"].trainable and layers["conv_1"].trainable_weights
+
+
+def test_skip_layers_keeps_a_custom_layer_whole_in_float():
+    qat_model = kq.convert_quant_network(network(), skip_layers=["stage"])
+    assert isinstance(qat_model.get_layer("stage"), Stage)
+    assert "conv_1" in [layer.name for layer in qat_model.layers]
+
+
+def test_a_model_without_custom_layers_is_returned_as_it_is():
+    model = keras.Sequential([keras.Input((4,)), L.Dense(2)])
+    assert trace_layers(model, lambda layer: False) is model
+
+
+class BatchSized(L.Layer):
+    """Reads the batch size, which symbolic tensors do not have."""
+
+    def call(self, inputs):
+        return inputs * keras.ops.ones((keras.ops.shape(inputs)[0], 1, 1))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+class Scaled(L.Layer):
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, inputs):
+        return inputs * self.scale
+
+
+class PositionTable(L.Layer):
+    """Adds rows of an embedding table looked up outside the graph."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.table = L.Embedding(5, 4)
+        self.positions = np.arange(5)[None]
+
+    def call(self, inputs):
+        return inputs + self.table(self.positions)
+
+
+class FixedOffset(L.Layer):
+    """A non-trainable weight used in an operation: a constant of the graph."""
+
+    def build(self, input_shape):
+        self.offset = self.add_weight(
+            shape=(input_shape[-1],), initializer="random_normal", trainable=False
+        )
+
+    def call(self, inputs):
+        return inputs - self.offset
+
+
+def sequence_model(layer):
+    inputs = keras.Input((5, 4))
+    x = L.Dense(4, name="projection")(inputs)
+    return keras.Model(inputs, L.Dense(3, name="head")(layer(x)))
+
+
+@pytest.mark.parametrize(
+    "layer, reason",
+    [
+        (BatchSized(name="odd"), "its `call` fails on symbolic tensors"),
+        (Scaled(name="odd"), "uses its trainable weight 'odd/"),
+        (PositionTable(name="odd"), "takes a tensor computed from trainable weights outside"),
+    ],
+)
+def test_a_layer_that_cannot_be_traced_is_named_with_the_reason(layer, reason):
+    with pytest.raises(ValueError) as error:
+        kq.convert_quant_network(sequence_model(layer))
+    message = str(error.value)
+    assert f"'odd' ({type(layer).__name__}): " in message
+    assert reason in message
+    assert "skip_layers" in message
+    # Kept in float, it converts.
+    qat_model = kq.convert_quant_network(sequence_model(layer), skip_layers=["odd"])
+    assert type(qat_model.get_layer("odd")) is type(layer)
+
+
+def test_a_non_trainable_weight_becomes_a_constant_of_the_graph():
+    model = sequence_model(FixedOffset(name="offset"))
+    qat_model = kq.convert_quant_network(model, quant_delay=OFF)
+    x = np.random.default_rng(0).standard_normal((8, 5, 4)).astype("float32")
+    # Within the constant's int8 step (it is stored on its own int8 grid).
+    np.testing.assert_allclose(
+        qat_model.predict(x, verbose=0), model.predict(x, verbose=0), rtol=0, atol=2e-3
+    )
+    assert "offset" not in [layer.name for layer in qat_model.layers]
+
+
+def test_a_traced_model_saves_and_loads(tmp_path):
+    qat_model = kq.convert_quant_network(network())
+    path = str(tmp_path / "traced.keras")
+    qat_model.save(path)
+    loaded = keras.saving.load_model(path)
+    x = images(4)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), qat_model.predict(x, verbose=0))
