@@ -16,7 +16,8 @@ The rest of the package sees:
   topological order, restricted to that model;
 - `rebuild(model, call)`: a new Functional model, built by calling
   `call(operation, *args, **kwargs)` for every node of the old graph;
-- small helpers: `node_arguments`, `arguments_between`, `all_layers`, `pack_inputs`, `clone_lambda`.
+- small helpers: `node_arguments`, `consumer_operations`, `arguments_between`,
+  `all_layers`, `pack_inputs`, `clone_lambda`.
 """
 
 import keras
@@ -100,6 +101,11 @@ def producer(tensor):
 def node_arguments(layer):
     """`(args, kwargs)` of each call of `layer` in the graphs it is part of."""
     return [(node.arguments.args, node.arguments.kwargs) for node in layer._inbound_nodes]
+
+
+def consumer_operations(operation):
+    """The operations that take an output of `operation`, in every graph."""
+    return [node.operation for node in operation._outbound_nodes]
 
 
 def arguments_between(inputs, outputs):

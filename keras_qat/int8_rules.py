@@ -232,16 +232,23 @@ def unsupported_reason(layer):
     return None
 
 
+_MAX_POOLINGS = (L.MaxPooling1D, L.MaxPooling2D)
+
+
 def _pad_reason(pad):
-    """Why a `keras.ops.pad` has no int8 form, or None: int8 PAD fills with
-    the zero point, which is 0.0, so only constant padding with 0 keeps the
-    grid."""
+    """Why a `keras.ops.pad` has no int8 form, or None. Int8 PAD fills with
+    the zero point, which is 0.0, so constant padding with 0 keeps the grid;
+    padding with -inf becomes the grid's lowest value, the same for a max
+    pooling after it (pre-activation ResNets pad so before pooling)."""
+    reason = "only constant padding with 0 (or -inf before max pooling) is quantized"
     if pad.mode != "constant":
-        return f"mode={pad.mode!r}: only constant padding with 0 is quantized"
+        return f"mode={pad.mode!r}: {reason}"
+    max_pooled = all(isinstance(op, _MAX_POOLINGS) for op in graph.consumer_operations(pad))
     for _, kwargs in graph.node_arguments(pad):
         value = kwargs.get("constant_values")
-        if value not in (None, 0, 0.0):
-            return f"constant_values={value!r}: only constant padding with 0 is quantized"
+        if value in (None, 0, 0.0) or (value == float("-inf") and max_pooled):
+            continue
+        return f"constant_values={value!r}: {reason}"
     return None
 
 

@@ -270,10 +270,23 @@ def test_zero_padding_with_keras_pad_keeps_its_inputs_grid_and_exports():
     [
         ({"mode": "reflect"}, "mode='reflect': only constant padding with 0"),
         ({"constant_values": 1.0}, "constant_values=1.0: only constant padding with 0"),
+        ({"constant_values": float("-inf")}, "constant_values=-inf: only constant padding"),
     ],
 )
 def test_padding_with_other_values_is_refused_with_the_reason(pad_args, reason):
     inputs = keras.Input((6, 6, 3))
-    x = ops.pad(inputs, [[0, 0], [1, 1], [1, 1], [0, 0]], **pad_args)
+    x = ops.pad(inputs, [[0, 0], [1, 1], [1, 1], [0, 0]], **pad_args)  # then a conv
     with pytest.raises(ValueError, match=re.escape(reason)):
         kq.convert_quant_network(keras.Model(inputs, keras.layers.Conv2D(3, 3)(x)))
+
+
+def test_padding_with_minus_infinity_before_max_pooling_exports_exactly():
+    # keras-hub's pre-activation ResNet pads so before its stem's pooling.
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    x = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], constant_values=float("-inf"))
+    x = keras.layers.MaxPooling2D(3, strides=2)(x)
+    qat = kq.convert_quant_network(keras.Model(inputs, keras.layers.Conv2D(3, 1)(x)))
+    data = np.random.default_rng(0).normal(size=(32, 6, 6, 3)).astype("float32")
+    qat(data, training=True)
+    assert kq.compare_tflite(qat, kq.export_tflite(qat), data)["max_diff_steps"] <= 1.001
