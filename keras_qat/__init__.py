@@ -59,6 +59,7 @@ from keras_qat.report_table import QuantReport
 from keras_qat.sensitivity import SensitivityResult, sensitivity
 from keras_qat.transforms.convert import convert_quant_network
 from keras_qat.transforms.fuse import fuse
+from keras_qat.transforms.tracing import as_functional
 
 __version__ = "0.2.0.dev0"
 
@@ -99,6 +100,7 @@ __all__ = [
     "QuantUpSampling2D",
     "SensitivityResult",
     "WeightQuantizer",
+    "as_functional",
     "callbacks",
     "check_exportable",
     "compare_tflite",

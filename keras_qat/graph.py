@@ -87,8 +87,9 @@ def functional_graph(model):
     raise ValueError(
         f"Model '{model.name}' of class {model.__class__.__name__} is a "
         "subclassed model, which has no graph of layers that keras_qat could "
-        "rewrite. Rebuild it as a Functional model (keras.Model(inputs, "
-        "outputs)) from the same layers."
+        "rewrite. Trace its `call` into a Functional model with the same layers "
+        "first: `kq.as_functional(model, keras.Input(shape))` (or a sample batch "
+        "instead of the Input)."
     )
 
 

@@ -16,7 +16,7 @@ MAX_CODE_LINES = 40
 # Private names of Keras objects that keras_qat reads (see keras_qat/graph.py).
 KERAS_PRIVATE = re.compile(
     r"keras\.src|_keras_history|_inbound_nodes|_outbound_nodes|_run_through_graph"
-    r"|_functional\b|_flatten_layers|_nodes_by_depth|_inputs_struct|_outputs_struct"
+    r"|(?<!\w)_functional\b|_flatten_layers|_nodes_by_depth|_inputs_struct|_outputs_struct"
 )
 
 

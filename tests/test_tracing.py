@@ -204,3 +204,40 @@ def test_a_traced_model_saves_and_loads(tmp_path):
     loaded = keras.saving.load_model(path)
     x = images(4)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), qat_model.predict(x, verbose=0))
+
+
+class SubclassedNet(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.stem = L.Conv2D(6, 3, padding="same", name="stem")
+        self.block = ResidualBlock(6, name="block")
+        self.pool = L.GlobalAveragePooling2D(name="pool")
+        self.logits = L.Dense(4, name="logits")
+
+    def call(self, inputs):
+        return self.logits(self.pool(self.block(self.stem(inputs))))
+
+
+def test_a_subclassed_model_is_refused_with_the_way_to_trace_it():
+    model = SubclassedNet()
+    model(images(2))
+    with pytest.raises(ValueError, match=r"kq\.as_functional\(model, keras\.Input\(shape\)\)"):
+        kq.convert_quant_network(model)
+
+
+@pytest.mark.parametrize("given", ["sample batch", "keras.Input"])
+def test_a_subclassed_model_converts_through_as_functional(given):
+    model = SubclassedNet()
+    x = images(8)
+    expected = model.predict(x, verbose=0)
+    inputs = x if given == "sample batch" else keras.Input((8, 8, 3))
+    functional = kq.as_functional(model, inputs)
+    assert functional.input_shape == (None, 8, 8, 3)
+    np.testing.assert_allclose(functional.predict(x, verbose=0), expected, rtol=1e-6, atol=1e-6)
+    qat_model = kq.convert_quant_network(functional, quant_delay=OFF)
+    np.testing.assert_allclose(qat_model.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_as_functional_refuses_what_is_not_an_input_or_a_batch():
+    with pytest.raises(ValueError, match=r"Received an invalid value for `inputs`.*Received: 3"):
+        kq.as_functional(SubclassedNet(), 3)

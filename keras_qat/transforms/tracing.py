@@ -125,6 +125,59 @@ def layer_form(operation, name):
     return None
 
 
+def as_functional(model, inputs):
+    """A Functional model that computes what a subclassed model computes.
+
+    The model's `call` is run on symbolic inputs, as `convert_quant_network`
+    traces a custom layer; the result shares the model's layers (and so its
+    weights), and converts like any Functional model.
+
+    Args:
+        model: A `keras.Model` subclass with its own `call`.
+        inputs: What `call` takes: a `keras.Input`, a sample batch (a NumPy
+            array; its first axis is the batch, which becomes `None`), or a
+            list or dict of them.
+
+    Returns:
+        A Functional model named like `model`.
+
+    Raises:
+        ValueError: for an input that is neither a `keras.Input` nor an
+            array, or a `call` that cannot be traced (with the reason).
+
+    Example:
+
+    >>> class Net(keras.Model):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.hidden = keras.layers.Dense(8, activation="relu")
+    ...         self.logits = keras.layers.Dense(2)
+    ...     def call(self, x):
+    ...         return self.logits(self.hidden(x))
+    >>> functional = as_functional(Net(), keras.Input((4,)))
+    >>> [type(layer).__name__ for layer in functional.layers]
+    ['InputLayer', 'Dense', 'Dense']
+    """
+    symbolic = keras.tree.map_structure(_input_like, inputs)
+    if not model.built:
+        model(symbolic)  # creates the weights
+    traced = trace_call(model, (symbolic,), {})
+    inputs = keras.tree.pack_sequence_as(symbolic, traced.inputs)
+    return keras.Model(inputs, traced.outputs, name=model.name)
+
+
+def _input_like(value):
+    if isinstance(value, keras.KerasTensor):
+        return value
+    if isinstance(value, (np.ndarray, tf.Tensor)) and len(value.shape) >= 1:
+        dtype = keras.backend.standardize_dtype(value.dtype)
+        return keras.Input(shape=tuple(value.shape[1:]), dtype=dtype)
+    raise ValueError(
+        "Received an invalid value for `inputs`: expected `keras.Input`s or sample batches "
+        f"(arrays with a batch axis), or a list or dict of them. Received: {value!r}"
+    )
+
+
 def _is_symbolic(value):
     return isinstance(value, keras.KerasTensor)
 
