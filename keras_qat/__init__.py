@@ -24,6 +24,7 @@ from keras_qat.layers.attention_mask import (
     AttentionWeightMask,
     QuantAttentionScoreMask,
 )
+from keras_qat.layers.batch_broadcast import BatchBroadcast
 from keras_qat.layers.conv1d import Conv1DBnAct, DepthwiseConv1DBnAct
 from keras_qat.layers.conv2d import Conv2DBnAct, DepthwiseConv2DBnAct
 from keras_qat.layers.conv2d_transpose import Conv2DTransposeBnAct
@@ -52,6 +53,7 @@ from keras_qat.layers.shared_range import (
     QuantAveragePooling2D,
     QuantConcatenate,
 )
+from keras_qat.layers.weight_operand import WeightOperand
 from keras_qat.layers.weight_quantizer import WeightQuantizer
 from keras_qat.quantizers import fake_quant
 from keras_qat.report import quant_report
@@ -66,6 +68,7 @@ __version__ = "0.2.0.dev0"
 __all__ = [
     "AttentionScoreMask",
     "AttentionWeightMask",
+    "BatchBroadcast",
     "Conv1DBnAct",
     "Conv2DBnAct",
     "Conv2DTransposeBnAct",
@@ -99,6 +102,7 @@ __all__ = [
     "QuantSwish",
     "QuantUpSampling2D",
     "SensitivityResult",
+    "WeightOperand",
     "WeightQuantizer",
     "as_functional",
     "callbacks",

@@ -16,7 +16,8 @@ The rest of the package sees:
   topological order, restricted to that model;
 - `rebuild(model, call)`: a new Functional model, built by calling
   `call(operation, *args, **kwargs)` for every node of the old graph;
-- small helpers: `node_arguments`, `consumer_operations`, `arguments_between`,
+- small helpers: `node_arguments`, `function_nodes`, `node_constants`, `own_weight_attributes`,
+  `consumer_operations`, `arguments_between`,
   `all_layers`, `pack_inputs`, `clone_lambda`.
 """
 
@@ -39,6 +40,10 @@ MATMUL_OPERATION = _numpy_ops.Matmul
 MEAN_OPERATION = _numpy_ops.Mean
 GELU_OPERATION = _nn_ops.Gelu
 SOFTMAX_OPERATION = _nn_ops.Softmax
+# Operations whose arguments may hold the batch size in traced code.
+RESHAPE_OPERATION = _numpy_ops.Reshape
+BROADCAST_TO_OPERATION = _numpy_ops.BroadcastTo
+TILE_OPERATION = _numpy_ops.Tile
 # `keras.ops.pad` (PAD in TFLite: int8 pads with the zero point, 0.0).
 PAD_OPERATION = _numpy_ops.Pad
 # Keras operations that Keras layers compute too (`keras.ops.relu(x)` in a
@@ -54,6 +59,8 @@ ACTIVATION_OPERATIONS = {
 }
 CONCATENATE_OPERATION = _numpy_ops.Concatenate
 MOVING_OPERATIONS = (
+    _core_ops.ConvertToTensor,
+    _core_ops.Slice,
     _numpy_ops.Reshape,
     _numpy_ops.Transpose,
     _numpy_ops.ExpandDims,
@@ -102,6 +109,53 @@ def producer(tensor):
 def node_arguments(layer):
     """`(args, kwargs)` of each call of `layer` in the graphs it is part of."""
     return [(node.arguments.args, node.arguments.kwargs) for node in layer._inbound_nodes]
+
+
+class NodeView:
+    """One call in a graph: its operation and the shapes of its first input
+    and first output."""
+
+    def __init__(self, node):
+        self.operation = node.operation
+        self.arguments = (node.arguments.args, node.arguments.kwargs)
+        inputs, outputs = node.input_tensors, node.output_tensors
+        self.input_shape = tuple(inputs[0].shape) if inputs else ()
+        self.output_shape = tuple(outputs[0].shape) if outputs else ()
+
+
+def node_constants(node_view):
+    """The non-symbolic array arguments (constants) of a call, in order."""
+    return [
+        value
+        for value in keras.tree.flatten(node_view.arguments)
+        if not isinstance(value, keras.KerasTensor) and hasattr(value, "shape")
+    ]
+
+
+def function_nodes(function):
+    """The calls of a `keras.Function` (or model), inputs excluded, in
+    topological order."""
+    by_depth = function._nodes_by_depth
+    return [
+        NodeView(node)
+        for depth in sorted(by_depth, reverse=True)
+        for node in by_depth[depth]
+        if node.operation is not None and not node.is_input
+    ]
+
+
+def own_weight_attributes(layer):
+    """`{attribute: value}` for the weights that `layer` holds itself in
+    attributes (`self.scale`), not through a sub-layer, and the tensors it
+    holds (`self.position_ids`)."""
+    inner = {id(w) for sub in layer._flatten_layers(include_self=False) for w in sub.weights}
+    own = {id(w) for w in layer.weights if id(w) not in inner}
+    return {
+        name: value
+        for name, value in vars(layer).items()
+        if (isinstance(value, keras.Variable) and id(value) in own)
+        or (keras.ops.is_tensor(value) and not isinstance(value, keras.KerasTensor))
+    }
 
 
 def consumer_operations(operation):

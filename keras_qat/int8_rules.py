@@ -36,6 +36,7 @@ import keras
 from keras_qat import graph
 from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
 from keras_qat.layers.attention_mask import AttentionScoreMask, AttentionWeightMask
+from keras_qat.layers.batch_broadcast import BatchBroadcast
 
 L = keras.layers
 
@@ -112,6 +113,7 @@ GRID_KEEPING_LAYERS = (
     L.Cropping2D,
     L.Identity,
     AttentionWeightMask,  # SELECT_V2 of the weights and 0, which lies on their grid
+    BatchBroadcast,  # BROADCAST_TO
 )
 
 # Layers whose inputs and output share one grid: an attention mask is a
@@ -206,14 +208,8 @@ def unsupported_reason(layer):
             return f"axis={config['axis']}: only the last axis is quantized"
         if config.get("rms_scaling"):
             return "rms_scaling=True: not quantized"
-    if type(layer) is L.Embedding:
-        config = layer.get_config()
-        if config.get("mask_zero"):
-            return (
-                "mask_zero=True: the layers after it would compute with the mask, "
-                "which int8 kernels do not; build the model without the mask"
-            )
-        return keras_quantization_reason(layer)
+    if type(layer) in EMBEDDINGS:
+        return _embedding_reason(layer)
     if isinstance(layer, (L.UpSampling2D, L.Resizing)):
         config = layer.get_config()
         if config.get("interpolation") not in ("nearest", "bilinear"):
@@ -233,6 +229,35 @@ def unsupported_reason(layer):
 
 
 _MAX_POOLINGS = (L.MaxPooling1D, L.MaxPooling2D)
+
+# Embeddings quantized as a QuantEmbedding: Keras' own, and its reversible
+# form (keras-hub's token embeddings) when only looked up (`reverse=False`).
+EMBEDDINGS = (L.Embedding,) + (
+    (L.ReversibleEmbedding,) if hasattr(L, "ReversibleEmbedding") else ()
+)
+
+
+def _embedding_reason(layer):
+    """Why an embedding has no QuantEmbedding form, or None."""
+    if _reversible_embedding_reason(layer):
+        return _reversible_embedding_reason(layer)
+    if layer.get_config().get("mask_zero"):
+        return (
+            "mask_zero=True: the layers after it would compute with the mask, "
+            "which int8 kernels do not; build the model without the mask"
+        )
+    return keras_quantization_reason(layer)
+
+
+def _reversible_embedding_reason(layer):
+    """Why a ReversibleEmbedding has no QuantEmbedding form, or None."""
+    if type(layer) is L.Embedding:
+        return None
+    if not layer.get_config().get("tie_weights", True):
+        return "tie_weights=False: only a tied table is quantized"
+    if any(kwargs.get("reverse") for _, kwargs in graph.node_arguments(layer)):
+        return "called with reverse=True (logits from the table): not quantized"
+    return None
 
 
 def _pad_reason(pad):

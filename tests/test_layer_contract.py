@@ -118,6 +118,7 @@ LAYERS = {
     "QuantResizing": (lambda: kq.QuantResizing(5, 7, interpolation="bilinear"), IMAGES),
     "QuantHardSigmoid": (lambda: kq.QuantHardSigmoid(), VECTORS),
     "QuantSwish": (lambda: kq.QuantSwish(quantizer=dict(quant_delay=1)), VECTORS),
+    "WeightOperand": (lambda: kq.WeightOperand((1, 3), initializer="ones"), VECTORS),
 }
 
 
@@ -127,7 +128,12 @@ def test_every_exported_layer_is_covered():
         for name in kq.__all__
         if isinstance(getattr(kq, name), type) and issubclass(getattr(kq, name), keras.layers.Layer)
     }
-    tested_below = {"QuantConcatenate", "WeightQuantizer", "LearnedWeightQuantizer"}
+    tested_below = {
+        "QuantConcatenate",
+        "BatchBroadcast",
+        "WeightQuantizer",
+        "LearnedWeightQuantizer",
+    }
     assert exported - set(LAYERS) == tested_below
 
 
@@ -227,6 +233,23 @@ def test_quant_concatenate_contract(tmp_path):
     np.testing.assert_array_equal(
         loaded.predict([VECTORS, VECTORS], verbose=0), model.predict([VECTORS, VECTORS], verbose=0)
     )
+
+
+def test_batch_broadcast_contract(tmp_path):
+    row, reference = keras.Input((1, 4)), keras.Input((5, 4))
+    layer = kq.BatchBroadcast()
+    model = keras.Model([row, reference], layer([row, reference]))
+    assert kq.BatchBroadcast.from_config(layer.get_config()).get_config() == layer.get_config()
+    rows = np.arange(4, dtype="float32").reshape(1, 1, 4)
+    references = np.zeros((3, 5, 4), "float32")
+    expected = np.repeat(rows, 3, axis=0)
+    np.testing.assert_array_equal(model([rows, references]).numpy(), expected)
+    xla = tf.function(lambda a, b: model([a, b]), jit_compile=True)
+    np.testing.assert_array_equal(xla(rows, references).numpy(), expected)
+    path = str(tmp_path / "broadcast.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(loaded([rows, references]).numpy(), expected)
 
 
 @pytest.mark.parametrize("cls", [kq.WeightQuantizer, kq.LearnedWeightQuantizer])

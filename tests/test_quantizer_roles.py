@@ -51,6 +51,8 @@ def other_cases():
         (lambda: kq.QuantAttentionScoreMask(causal=True), scores),
         (lambda: kq.QuantUpSampling2D(interpolation="bilinear"), (1, 2, 2, 1)),
         (lambda: kq.QuantResizing(4, 4), (1, 2, 2, 1)),
+        (lambda: kq.WeightOperand((1, 3)), (2, 3)),
+        (lambda: kq.BatchBroadcast(), [(1, 1, 3), (2, 5, 3)]),
     ]
 
 

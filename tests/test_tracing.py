@@ -166,12 +166,23 @@ def sequence_model(layer):
     return keras.Model(inputs, L.Dense(3, name="head")(layer(x)))
 
 
+class RowNumbers(L.Layer):
+    """Multiplies each example by its row number: no graph for any batch
+    size computes that from a traced constant."""
+
+    def call(self, inputs):
+        rows = keras.ops.arange(keras.ops.shape(inputs)[0], dtype="float32")
+        return inputs * keras.ops.reshape(rows, (-1, 1, 1))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
 @pytest.mark.parametrize(
     "layer, reason",
     [
-        (BatchSized(name="odd"), "its `call` fails on symbolic tensors"),
-        (Scaled(name="odd"), "uses its trainable weight 'odd/"),
         (PositionTable(name="odd"), "takes a tensor computed from trainable weights outside"),
+        (RowNumbers(name="odd"), "takes a constant whose shape depends on the batch size"),
     ],
 )
 def test_a_layer_that_cannot_be_traced_is_named_with_the_reason(layer, reason):
@@ -184,6 +195,37 @@ def test_a_layer_that_cannot_be_traced_is_named_with_the_reason(layer, reason):
     # Kept in float, it converts.
     qat_model = kq.convert_quant_network(sequence_model(layer), skip_layers=["odd"])
     assert type(qat_model.get_layer("odd")) is type(layer)
+
+
+def sequences(n, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 5, 4)).astype("float32")
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_a_layer_that_reads_the_batch_size_converts_for_any_batch_size(n):
+    model = sequence_model(BatchSized(name="batch_sized"))
+    qat_model = kq.convert_quant_network(model, quant_delay=OFF)
+    x = sequences(n)
+    np.testing.assert_allclose(
+        qat_model.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_weight_used_in_an_operation_trains_and_exports_as_a_constant_operand():
+    model = sequence_model(Scaled(name="scaled"))
+    start = np.linspace(0.5, 1.5, 4).astype("float32")
+    model.get_layer("scaled").scale.assign(start)
+    qat_model = kq.convert_quant_network(model)
+    operand = qat_model.get_layer("scaled_scale")
+    assert isinstance(operand, kq.WeightOperand) and operand.trainable_weights
+    np.testing.assert_array_equal(operand.value.numpy(), start)
+    x, y = sequences(32), np.random.default_rng(1).standard_normal((32, 5, 3)).astype("f4")
+    qat_model.compile("adam", "mse")
+    qat_model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert not np.allclose(operand.value.numpy(), start)
+    tflite_model = kq.export_tflite(qat_model)
+    assert float_ops(tflite_model) == []
+    assert kq.compare_tflite(qat_model, tflite_model, x)["max_diff_steps"] <= 1.001
 
 
 def test_a_non_trainable_weight_becomes_a_constant_of_the_graph():

@@ -290,3 +290,17 @@ def test_padding_with_minus_infinity_before_max_pooling_exports_exactly():
     data = np.random.default_rng(0).normal(size=(32, 6, 6, 3)).astype("float32")
     qat(data, training=True)
     assert kq.compare_tflite(qat, kq.export_tflite(qat), data)["max_diff_steps"] <= 1.001
+
+
+def test_an_add_of_three_tensors_is_rounded_after_each_pair_and_exports_all_int8():
+    # Keras adds them one by one; TFLite's ADD takes two (BERT adds three embeddings).
+    inputs = [keras.Input((6,), name=f"x{i}") for i in range(3)]
+    outputs = keras.layers.Dense(4)(keras.layers.Add(name="sum")(inputs))
+    qat = kq.convert_quant_network(keras.Model(inputs, outputs))
+    assert "sum_1_quant" in [layer.name for layer in qat.layers]
+    rng = np.random.default_rng(0)
+    data = [rng.normal(size=(32, 6)).astype("float32") for _ in range(3)]
+    qat(data, training=True)
+    tflite_bytes = kq.export_tflite(qat)
+    assert [op["op_name"] for op in ops_and_tensors(tflite_bytes)[0]].count("ADD") == 2
+    assert kq.compare_tflite(qat, tflite_bytes, data)["max_diff_steps"] <= 1.001

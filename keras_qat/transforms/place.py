@@ -19,6 +19,7 @@ from keras_qat import graph, int8_rules, quantizers
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.learned_range import LearnedFakeQuant
 from keras_qat.layers.quantized import has_quantized_form
+from keras_qat.layers.weight_operand import WeightOperand
 from keras_qat.transforms import rules
 from keras_qat.transforms.clones import Clones
 from keras_qat.transforms.support import is_float, is_integer_cast
@@ -52,6 +53,7 @@ class Placement:
         self.bits_used = set()  # (layer name, 0 weights / 1 activations)
         self.scales = {}  # id(new tensor) -> the scale of its grid (a tensor)
         self.quantized_inputs = {}  # id(new model input) -> its FakeQuant output
+        self._constant = {}  # id(operation) -> whether it computes from weight operands only
         self.input_layers = {  # the rebuilt model's inputs keep these names
             layer.name: layer for layer in self.graph.input_layers
         }
@@ -117,6 +119,24 @@ class Placement:
             or isinstance(operation, int8_rules.ROUNDING_LAYERS + int8_rules.ROUNDING_OPERATIONS)
             or self.is_skipped(operation)  # a float result
             or is_integer_cast(operation, self.graph)
+        )
+
+    def is_constant(self, operation):
+        """Whether `operation` computes from weight operands only (a traced
+        layer's own weights): the converter folds such a subgraph into one
+        constant, stored on the int8 grid of its own range."""
+        if id(operation) not in self._constant:
+            producers = self.graph.producers(operation)
+            self._constant[id(operation)] = isinstance(operation, WeightOperand) or (
+                bool(producers) and all(self.is_constant(p) for p in producers)
+            )
+        return self._constant[id(operation)]
+
+    def feeds_non_constant(self, operation):
+        """Whether a constant `operation`'s result meets other tensors (or is
+        a model output): where the folded constant is quantized."""
+        return self.graph.is_output(operation) or any(
+            not self.is_constant(c) for c in self.graph.consumers(operation)
         )
 
     def rounded_by_consumers(self, operation):

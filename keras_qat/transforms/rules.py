@@ -26,7 +26,13 @@ from keras_qat.layers.shared_range import (
     QuantConcatenate,
 )
 from keras_qat.transforms.clones import clone
-from keras_qat.transforms.support import is_integer_cast
+from keras_qat.transforms.support import is_float, is_integer_cast
+
+# Merge layers whose TFLite op takes two operands.
+_BINARY_MERGES = (keras.layers.Add, keras.layers.Multiply)
+
+# ReversibleEmbedding's options that a looked-up table does not need.
+_REVERSIBLE_ONLY = ("tie_weights", "reverse_dtype", "logit_soft_cap")
 
 # Average poolings and their shared-range forms.
 _AVERAGE_POOLINGS = {
@@ -71,6 +77,17 @@ def _place_rounding_operation(placement, operation, args, kwargs):
     on), then a FakeQuant (with softmax's fixed range)."""
     outputs = clone(operation)(*(_on_int8_grid(arg) for arg in args), **kwargs)
     return placement.quantize_output(operation, outputs, int8_rules.fixed_output_range(operation))
+
+
+def _place_constant(placement, operation, args, kwargs):
+    """A weight operand, or an operation on weight operands only (a slice of
+    a position table, `1 + scale`): computed as it is, since the converter
+    folds them into one constant; where that constant meets other tensors
+    it is stored on the int8 grid of its own range (a FakeQuant)."""
+    outputs = placement.clones.of(operation)(*args, **kwargs)
+    if not is_float(outputs) or not placement.feeds_non_constant(operation):
+        return outputs
+    return placement.quantize_output(operation, outputs)
 
 
 def _place_concatenation(placement, layer, args, kwargs):
@@ -189,8 +206,23 @@ def _place_rounding_layer(placement, layer, args, kwargs):
         layer,
         (lambda: _two_op_activation(placement, layer)) if is_two_op else None,
     )
+    if isinstance(layer, _BINARY_MERGES) and len(args[0]) > 2:
+        args = (_merged_but_last(placement, layer, args[0]),) + tuple(args[1:])
     outputs = new(*args, **kwargs)
     return placement.quantize_output(layer, outputs, int8_rules.fixed_output_range(layer))
+
+
+def _merged_but_last(placement, layer, inputs):
+    """TFLite's ADD and MUL take two operands, and Keras merges more one by
+    one: the inputs but the last merged so, each partial result rounded
+    (`<name>_<k>` then its FakeQuant); the last pair is the layer's."""
+    merged = inputs[0]
+    for index, operand in enumerate(inputs[1:-1], start=1):
+        name = f"{layer.name}_{index}"
+        partial = type(layer)(name=name, dtype=layer.dtype_policy)([merged, operand])
+        quantizer = placement.fake_quant(name, layer_name=layer.name)
+        merged = placement.apply_quantizer(quantizer, partial, False)
+    return [merged, inputs[-1]]
 
 
 def _two_op_activation(placement, layer):
@@ -215,9 +247,8 @@ def _place_embedding(placement, layer, args, kwargs):
     output keeps the table's grid (GATHER), so no FakeQuant follows."""
     options = placement.weight_options(layer)
     options["per_channel"] = False
-    new = placement.clones.of(
-        layer, lambda: QuantEmbedding(**layer.get_config(), weight_quantizer=options)
-    )
+    config = {k: v for k, v in layer.get_config().items() if k not in _REVERSIBLE_ONLY}
+    new = placement.clones.of(layer, lambda: QuantEmbedding(**config, weight_quantizer=options))
     return placement.apply_quantizer(new, args[0], placement.needs_scale(layer))
 
 
@@ -251,6 +282,7 @@ def _place_grid_keeping(placement, layer, args, kwargs):
 
 PLACEMENT_RULES = (
     (lambda placement, op: placement.is_skipped(op), _place_skipped),
+    (lambda placement, op: placement.is_constant(op), _place_constant),
     (_casts_integer_input, place_integer_cast),
     (
         lambda placement, op: isinstance(op, int8_rules.ROUNDING_OPERATIONS),
@@ -262,7 +294,7 @@ PLACEMENT_RULES = (
     (lambda placement, op: has_quantized_form(op), _place_fusion),
     (_moves_into_fake_quant, _place_fused_activation),
     (lambda placement, op: isinstance(op, int8_rules.ROUNDING_LAYERS), _place_rounding_layer),
-    (lambda placement, op: type(op) is keras.layers.Embedding, _place_embedding),
+    (lambda placement, op: type(op) in int8_rules.EMBEDDINGS, _place_embedding),
     (
         lambda placement, op: type(op) is keras.layers.LayerNormalization,
         _place_layer_normalization,

@@ -13,6 +13,7 @@ import numpy as np
 
 from keras_qat import graph, int8_rules
 from keras_qat.layers.quantized import QUANTIZED_FORMS, has_quantized_form
+from keras_qat.layers.weight_operand import WeightOperand
 from keras_qat.transforms import attention, einsum_dense
 from keras_qat.transforms.fuse import fusable_classes, unfusable_reason
 
@@ -20,7 +21,7 @@ from keras_qat.transforms.fuse import fusable_classes, unfusable_reason
 DECOMPOSITIONS = (attention.DECOMPOSITION, einsum_dense.DECOMPOSITION)
 
 # Keras layers that placement replaces by a quantized form of their own.
-QUANTIZED_KERAS_LAYERS = (keras.layers.Embedding, keras.layers.LayerNormalization)
+QUANTIZED_KERAS_LAYERS = int8_rules.EMBEDDINGS + (keras.layers.LayerNormalization,)
 
 # Layers that turn an integer model input (uint8 images, ...) into floats.
 _INTEGER_CASTS = (keras.layers.Rescaling, keras.layers.Normalization)
@@ -76,7 +77,7 @@ def is_supported(operation, graph_view):
         int8_rules.ROUNDING_LAYERS
         + int8_rules.GRID_KEEPING_LAYERS
         + int8_rules.SHARED_GRID_LAYERS
-        + (keras.layers.InputLayer,),
+        + (keras.layers.InputLayer, WeightOperand),
     )
 
 

@@ -28,11 +28,15 @@ Non-trainable weights and other constants that `call` uses become NumPy
 constants of the graph.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_qat import graph
+from keras_qat.layers.weight_operand import WeightOperand
+from keras_qat.transforms.batch_size import TRACE_BATCH_SIZES, BatchSizeError, batch_free
 from keras_qat.transforms.clones import Clones, UniqueNames, clone
 
 # How deep blocks nest before tracing gives up (a layer that calls itself).
@@ -186,37 +190,88 @@ def trace_call(layer, args, kwargs):
     """Calls `layer.call` on new symbolic inputs like `args` and `kwargs`
     and checks the graph it records.
 
+    The call is traced at two batch sizes and the graphs compared, so that
+    code reading the batch size gives a graph for any batch size
+    (`keras_qat.transforms.batch_size`).
+
     Returns:
         A `keras.Function` from the symbolic tensors of `(args, kwargs)`,
         flattened, to the call's outputs.
 
     Raises:
         UntraceableLayerError: when `call` fails on symbolic tensors, or the
-            graph uses trainable weights outside it.
+            graph uses trainable weights outside it, or depends on the batch
+            size in a way no graph for any batch size can hold.
     """
-    args, kwargs = keras.tree.map_structure(_placeholder, (args, kwargs))
+    traced, other = (_trace_at(layer, args, kwargs, size) for size in TRACE_BATCH_SIZES)
+    inputs = [_placeholder(t) for t in keras.tree.flatten((args, kwargs)) if _is_symbolic(t)]
+    try:
+        outputs = batch_free(traced, other, inputs)
+    except BatchSizeError as error:
+        raise UntraceableLayerError(layer, str(error)) from error
+    return keras.Function(inputs, outputs, name=layer.name)
+
+
+def _trace_at(layer, args, kwargs, batch_size):
+    """`layer.call` traced on inputs of batch size `batch_size`, as a
+    `keras.Function` of the symbolic tensors of `(args, kwargs)`."""
+    args, kwargs = keras.tree.map_structure(
+        lambda value: _placeholder(value, batch_size), (args, kwargs)
+    )
+    inputs = [t for t in keras.tree.flatten((args, kwargs)) if _is_symbolic(t)]
     watched = [v.value for v in layer.trainable_variables]
     with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
         tape.watch(watched)
-        try:
-            outputs = layer.call(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - any failure is reported with the layer
-            raise UntraceableLayerError(
-                layer,
-                f"its `call` fails on symbolic tensors ({type(error).__name__}: "
-                f"{_first_line(error)})",
-            ) from error
-    inputs = [t for t in keras.tree.flatten((args, kwargs)) if _is_symbolic(t)]
+        with _weights_as_operands(layer, inputs[0]):
+            try:
+                outputs = layer.call(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - any failure is reported with the layer
+                raise UntraceableLayerError(
+                    layer,
+                    f"its `call` fails on symbolic tensors ({type(error).__name__}: "
+                    f"{_first_line(error)})",
+                ) from error
     for operation, constant in _constants(outputs, inputs):
         _check_constant(layer, operation, constant, tape, watched)
     return keras.Function(inputs, outputs, name=layer.name)
 
 
-def _placeholder(value):
-    """A new `keras.Input` like a symbolic tensor (other values as they are)."""
+@contextlib.contextmanager
+def _weights_as_operands(layer, anchor):
+    """While `layer.call` is traced, each of its own weights held in an
+    attribute (`self.scale`, not a sub-layer's), and each tensor it holds
+    (`self.position_ids`), is the output of a `WeightOperand` holding a
+    copy, placed in the graph by `anchor`."""
+    swapped = {}
+    for name, variable in graph.own_weight_attributes(layer).items():
+        trainable = getattr(variable, "trainable", False) and layer.trainable
+        operand = WeightOperand(
+            variable.shape,
+            weight_dtype=keras.backend.standardize_dtype(variable.dtype),
+            trainable=trainable,
+            dtype=layer.dtype_policy,
+            name=f"{layer.name}_{name.strip('_')}",
+        )
+        tensor = operand(anchor)
+        operand.value.assign(variable)
+        swapped[name] = variable
+        object.__setattr__(layer, name, tensor)
+    try:
+        yield
+    finally:
+        for name, variable in swapped.items():
+            object.__setattr__(layer, name, variable)
+
+
+def _placeholder(value, batch_size=None):
+    """A new `keras.Input` like a symbolic tensor, with an unknown batch
+    axis given `batch_size` (other values as they are)."""
     if not _is_symbolic(value):
         return value
-    return keras.Input(batch_shape=value.shape, dtype=value.dtype, sparse=value.sparse)
+    shape = tuple(value.shape)
+    if batch_size is not None and shape and shape[0] is None:
+        shape = (batch_size,) + shape[1:]
+    return keras.Input(batch_shape=shape, dtype=value.dtype, sparse=value.sparse)
 
 
 def _first_line(error):
