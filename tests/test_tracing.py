@@ -283,3 +283,24 @@ def test_a_subclassed_model_converts_through_as_functional(given):
 def test_as_functional_refuses_what_is_not_an_input_or_a_batch():
     with pytest.raises(ValueError, match=r"Received an invalid value for `inputs`.*Received: 3"):
         kq.as_functional(SubclassedNet(), 3)
+
+
+class UnconfigurableBlock(ResidualBlock):
+    """keras-hub's LlamaTransformerDecoder has a `get_config` that raises;
+    tracing does not need one."""
+
+    def get_config(self):
+        raise AttributeError("no attribute 'rope_scaling_factor'")
+
+
+def test_a_custom_layer_without_a_working_config_inside_a_nested_model_is_traced():
+    inner_inputs = keras.Input((8, 8, 6))
+    inner = keras.Model(inner_inputs, UnconfigurableBlock(6, name="block")(inner_inputs))
+    inputs = keras.Input((8, 8, 3))
+    x = inner(L.Conv2D(6, 3, padding="same", name="stem")(inputs))
+    model = keras.Model(inputs, L.Dense(4, name="logits")(L.GlobalAveragePooling2D()(x)))
+    qat_model = kq.convert_quant_network(model, quant_delay=OFF)
+    x = images(4)
+    np.testing.assert_allclose(
+        qat_model.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-4
+    )

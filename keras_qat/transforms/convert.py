@@ -174,9 +174,12 @@ def convert_quant_network(
         layer_num_bits=layer_num_bits,
     )
     _check_model(model)
-    model = inline_nested_models(model)
     kept_in_float = layer_selector(skip_layers)
-    model = trace_layers(model, lambda op: needs_tracing(op) and not kept_in_float(op))
+
+    def traced(operation):
+        return needs_tracing(operation) and not kept_in_float(operation)
+
+    model = trace_layers(inline_nested_models(model, keep=traced), traced)
     skipped = selected_layer_names(model, skip_layers)
     inlined = model
     for decomposition in DECOMPOSITIONS:

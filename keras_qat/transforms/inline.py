@@ -20,11 +20,14 @@ def has_nested_models(model):
     return any(isinstance(layer, keras.Model) for layer in model.layers)
 
 
-def inline_nested_models(model):
+def inline_nested_models(model, keep=lambda layer: False):
     """Returns `model` with every nested model replaced by its layers.
 
     Args:
         model: A Functional or built Sequential model.
+        keep: `layer -> bool`, the layers to use as they are rather than
+            copy (custom layers that tracing replaces anyway; some do not
+            survive `get_config` / `from_config`).
 
     Returns:
         `model` itself when nothing is nested, else a new Functional model
@@ -51,6 +54,8 @@ def inline_nested_models(model):
         def call(operation, *args, **kwargs):
             if isinstance(operation, keras.Model):
                 return graph.run_graph(operation, args[0], call_in(operation.name))
+            if keep(operation):
+                return operation(*args, **kwargs)
             layer = clones.of(
                 operation, lambda: clone(operation, name=names.name_for(operation, prefix))
             )

@@ -26,7 +26,7 @@ from keras_qat.layers.shared_range import (
     QuantConcatenate,
 )
 from keras_qat.transforms.clones import clone
-from keras_qat.transforms.support import is_float, is_integer_cast
+from keras_qat.transforms.support import computes_integers, is_float, is_integer_cast
 
 # Merge layers whose TFLite op takes two operands.
 _BINARY_MERGES = (keras.layers.Add, keras.layers.Multiply)
@@ -275,6 +275,11 @@ def _place_bilinear_resize(placement, layer, args, kwargs):
     return placement.keep_scale(args[0], new(args[0], **placement.scale_of(args[0])))
 
 
+def _place_integer_operation(placement, operation, args, kwargs):
+    """An operation on integer or boolean tensors (a mask): as it is."""
+    return placement.clones.of(operation)(*args, **kwargs)
+
+
 def _place_grid_keeping(placement, layer, args, kwargs):
     """Kept as it is; its output lies on its input's grid."""
     return placement.keep_scale(args[0], placement.clones.of(layer)(*args, **kwargs))
@@ -284,6 +289,7 @@ PLACEMENT_RULES = (
     (lambda placement, op: placement.is_skipped(op), _place_skipped),
     (lambda placement, op: placement.is_constant(op), _place_constant),
     (_casts_integer_input, place_integer_cast),
+    (lambda placement, op: computes_integers(op, placement.graph), _place_integer_operation),
     (
         lambda placement, op: isinstance(op, int8_rules.ROUNDING_OPERATIONS),
         _place_rounding_operation,

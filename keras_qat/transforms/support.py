@@ -45,6 +45,16 @@ def is_integer_cast(operation, graph_view):
     return isinstance(operation, _INTEGER_CASTS)
 
 
+def computes_integers(operation, graph_view):
+    """A Keras operation on integer or boolean tensors only (masks built
+    from padding masks: `minimum`, `expand_dims`, comparisons), other than
+    a cast to floats: TFLite computes it in int32 / bool, nothing rounds."""
+    if isinstance(operation, keras.layers.Layer) or is_integer_cast(operation, graph_view):
+        return False
+    inputs = graph_view.input_tensors(operation)
+    return bool(inputs) and not any(is_float(t) for t in inputs)
+
+
 def float64_constant(operation):
     """Whether a Keras operation has a float64 NumPy constant (`x *
     np.sqrt(d)`), which makes Keras compute it, and what follows, in
@@ -60,7 +70,7 @@ def float64_constant(operation):
 def is_supported(operation, graph_view):
     """Whether placement knows what the int8 model does with `operation`
     (after inlining, decomposition and fusion)."""
-    if is_integer_cast(operation, graph_view):
+    if is_integer_cast(operation, graph_view) or computes_integers(operation, graph_view):
         return True
     if int8_rules.unsupported_reason(operation) is not None or float64_constant(operation):
         return False
