@@ -241,10 +241,21 @@ def test_a_float_attention_mask_input_is_not_quantized_and_exports():
     assert kq.compare_tflite(qat, kq.export_tflite(qat), data)["max_diff_steps"] <= 1.001
 
 
-def test_an_integer_padding_mask_made_into_an_attention_mask_is_not_quantized():
-    # keras-hub's encoders do this: expand_dims, then a cast to int32.
+@pytest.mark.parametrize(
+    "make_mask",
+    [
+        # keras-hub's encoders: expand_dims, then a cast to int32.
+        lambda padding: ops.cast(ops.expand_dims(padding, axis=1), "int32"),
+        # keras-hub's decoders merge a padding mask with a causal one by `minimum`.
+        lambda padding: ops.minimum(
+            ops.expand_dims(padding, axis=1), np.tril(np.ones((1, 5, 5), "int32"))
+        ),
+    ],
+    ids=["cast", "minimum"],
+)
+def test_an_integer_padding_mask_made_into_an_attention_mask_is_not_quantized(make_mask):
     inputs, padding = keras.Input((5, 8), name="x"), keras.Input((5,), dtype="int32", name="pad")
-    mask = ops.cast(ops.expand_dims(padding, axis=1), "int32")
+    mask = make_mask(padding)
     attended = keras.layers.MultiHeadAttention(2, 4)(inputs, inputs, attention_mask=mask)
     qat = kq.convert_quant_network(keras.Model([inputs, padding], attended))
     rng = np.random.default_rng(0)
@@ -304,16 +315,3 @@ def test_an_add_of_three_tensors_is_rounded_after_each_pair_and_exports_all_int8
     tflite_bytes = kq.export_tflite(qat)
     assert [op["op_name"] for op in ops_and_tensors(tflite_bytes)[0]].count("ADD") == 2
     assert kq.compare_tflite(qat, tflite_bytes, data)["max_diff_steps"] <= 1.001
-
-
-def test_operations_on_integer_masks_are_kept_as_they_are():
-    # keras-hub's decoders merge a padding mask with a causal one by `minimum`.
-    inputs, padding = keras.Input((5, 8), name="x"), keras.Input((5,), dtype="int32", name="pad")
-    causal = np.tril(np.ones((1, 5, 5), "int32"))
-    mask = ops.minimum(ops.expand_dims(padding, axis=1), causal)
-    attended = keras.layers.MultiHeadAttention(2, 4)(inputs, inputs, attention_mask=mask)
-    qat = kq.convert_quant_network(keras.Model([inputs, padding], attended))
-    rng = np.random.default_rng(0)
-    data = [rng.normal(size=(32, 5, 8)).astype("f4"), (rng.random((32, 5)) > 0.3).astype("i4")]
-    qat(data, training=True)
-    assert kq.compare_tflite(qat, kq.export_tflite(qat), data)["max_diff_steps"] <= 1.001
