@@ -50,6 +50,9 @@ L = keras.layers
 # (besides query, value, key, attention_mask, use_causal_mask,
 # return_attention_scores and training), when they are set.
 _UNSUPPORTED_CALL_ARGUMENTS = ("query_mask", "value_mask", "key_mask")
+# Call arguments of keras-hub's CachedMultiHeadAttention (a subclass): a
+# cache for step-by-step generation, not quantized.
+_CACHE_ARGUMENTS = ("cache", "cache_update_index")
 
 # Options of MultiHeadAttention that it passes to its four projections
 # (EinsumDense layers), carried into the Dense layers that replace them (the
@@ -87,6 +90,9 @@ def unsupported_reason(layer):
                 f"a {rank}D query: attention over one sequence axis of (batch, sequence, "
                 "features) inputs only; reshape to 3D first"
             )
+        cached = [name for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None]
+        if cached:
+            return f"called with {', '.join(cached)}: a generation cache is not quantized"
         used = [name for name in _UNSUPPORTED_CALL_ARGUMENTS if kwargs.get(name) is not None]
         if len(args) > 3 or used:
             return (
@@ -99,14 +105,15 @@ def unsupported_reason(layer):
 class _Decomposition:
     """The layers of one MultiHeadAttention and the copy of its weights."""
 
-    def __init__(self, mha):
+    def __init__(self, mha, prefix=None):
         config = mha.get_config()
         self.mha = mha
+        self.prefix = prefix or mha.name
         self.heads = config["num_heads"]
         self.key_dim = config["key_dim"]
         self.value_dim = config["value_dim"] or self.key_dim
         use_bias = config["use_bias"]
-        name = mha.name
+        name = self.prefix
         common = dict(use_bias=use_bias, dtype=mha.dtype_policy, trainable=mha.trainable)
         common.update({key: config[key] for key in _CARRIED_OPTIONS if config.get(key) is not None})
         width = mha.output_dense.kernel.shape[-1]
@@ -122,7 +129,7 @@ class _Decomposition:
         """The AttentionScoreMask layer of this attention (one per kind)."""
         if causal not in self.masks:
             suffix = "causal_mask" if causal else "mask"
-            self.masks[causal] = AttentionScoreMask(causal, name=f"{self.mha.name}_{suffix}")
+            self.masks[causal] = AttentionScoreMask(causal, name=f"{self.prefix}_{suffix}")
         return self.masks[causal]
 
     def masked_softmax(self, return_attention_scores):
@@ -135,7 +142,7 @@ class _Decomposition:
         if ("weights", causal) not in self.masks:
             suffix = "causal_weight_mask" if causal else "weight_mask"
             self.masks[("weights", causal)] = AttentionWeightMask(
-                causal, name=f"{self.mha.name}_{suffix}"
+                causal, name=f"{self.prefix}_{suffix}"
             )
         return self.masks[("weights", causal)]
 

@@ -23,9 +23,10 @@ class Decomposition:
         matches: `operation -> bool`, whether the decomposition is for it.
         unsupported_reason: `layer -> str or None`, why a matching layer
             cannot be rewritten (its option and what to do), or None.
-        build: `layer -> rewritten`, where `rewritten(*args, **kwargs)`
-            computes the layer's call on symbolic tensors and
-            `rewritten.copy_weights()` copies its weights once built.
+        build: `(layer, prefix) -> rewritten`, where `rewritten(*args,
+            **kwargs)` computes the layer's call on symbolic tensors (its
+            layers named `<prefix>_...`) and `rewritten.copy_weights()`
+            copies its weights once built.
     """
 
     def __init__(self, layer_class, matches, unsupported_reason, build):
@@ -47,12 +48,14 @@ class Decomposition:
         in `skipped`) rewritten; other layers cloned with their weights.
         A layer called several times is rewritten once, its graph shared."""
         clones, rewritten = Clones(), {}
+        taken = {layer.name for layer in model.layers}
 
         def call(operation, *args, **kwargs):
             if operation.name in skipped or not self.applies(operation):
                 return clones.of(operation)(*args, **kwargs)
             if id(operation) not in rewritten:
-                rewritten[id(operation)] = self.build(operation)
+                prefix = _free_prefix(operation.name, taken)
+                rewritten[id(operation)] = self.build(operation, prefix)
             return rewritten[id(operation)](*args, **kwargs)
 
         new_model = graph.rebuild(model, call)
@@ -60,6 +63,34 @@ class Decomposition:
         for layer_graph in rewritten.values():
             layer_graph.copy_weights()
         return new_model
+
+
+# The suffixes of the layers a decomposition makes (`<prefix>_query`, ...).
+_PART_SUFFIXES = (
+    "query",
+    "key",
+    "value",
+    "output",
+    "softmax",
+    "dropout",
+    "mask",
+    "causal_mask",
+    "weight_mask",
+    "causal_weight_mask",
+    "flatten",
+    "reshape",
+)
+
+
+def _free_prefix(name, taken):
+    """`name`, or `<name>_<k>` when a part named `<name>_<suffix>` would
+    take another layer's name (keras-hub names an attention
+    `self_attention` and the dropout after it `self_attention_dropout`)."""
+    prefix, k = name, 1
+    while any(f"{prefix}_{suffix}" in taken for suffix in _PART_SUFFIXES):
+        k += 1
+        prefix = f"{name}_{k}"
+    return prefix
 
 
 def has_operation(model, predicate, skipped=()):

@@ -93,7 +93,7 @@ def unsupported_reason(layer):
 class _Decomposition:
     """The Reshape / Dense / Reshape of one EinsumDense and its weights."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, prefix=None):
         config = layer.get_config()
         self.layer = layer
         self.axes = _equation(layer)
@@ -102,7 +102,7 @@ class _Decomposition:
         self.kept = [-1 if shape[c] is None else shape[c] for c in self.axes.prefix[1:]]
         self.new_shape = [shape[c] for c in self.axes.new]
         self.contracted_shape = [shape[c] for c in self.axes.contracted]
-        name = layer.name
+        name = prefix or layer.name
         self.dense = L.Dense(
             math.prod(self.new_shape),
             activation=config["activation"],

@@ -29,6 +29,8 @@ constants of the graph.
 """
 
 import contextlib
+import functools
+import inspect
 
 import keras
 import numpy as np
@@ -83,9 +85,13 @@ def trace_layers(model, needs_tracing):
             if as_layer is not None:
                 return as_layer(*args, **kwargs)
             if not needs_tracing(operation):
-                layer = clones.of(
-                    operation, lambda: clone(operation, name=names.name_for(operation, prefix))
-                )
+                name = names.name_for(operation, prefix)
+                if _is_cached_attention(operation):
+                    kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_ARGUMENTS}
+                    return clones.of(operation, lambda: _plain_attention(operation, name))(
+                        *args, **kwargs
+                    )
+                layer = clones.of(operation, lambda: clone(operation, name=name))
                 return layer(*args, **kwargs)
             if depth == _MAX_DEPTH:
                 raise ValueError(
@@ -203,12 +209,13 @@ def trace_call(layer, args, kwargs):
             graph uses trainable weights outside it, or depends on the batch
             size in a way no graph for any batch size can hold.
     """
-    traced, other = (_trace_at(layer, args, kwargs, size) for size in TRACE_BATCH_SIZES)
-    inputs = [_placeholder(t) for t in keras.tree.flatten((args, kwargs)) if _is_symbolic(t)]
-    try:
-        outputs = batch_free(traced, other, inputs)
-    except BatchSizeError as error:
-        raise UntraceableLayerError(layer, str(error)) from error
+    with _symbolic_cached_attention(layer):
+        traced, other = (_trace_at(layer, args, kwargs, size) for size in TRACE_BATCH_SIZES)
+        inputs = [_placeholder(t) for t in keras.tree.flatten((args, kwargs)) if _is_symbolic(t)]
+        try:
+            outputs = batch_free(traced, other, inputs)
+        except BatchSizeError as error:
+            raise UntraceableLayerError(layer, str(error)) from error
     return keras.Function(inputs, outputs, name=layer.name)
 
 
@@ -234,6 +241,51 @@ def _trace_at(layer, args, kwargs, batch_size):
     for operation, constant in _constants(outputs, inputs):
         _check_constant(layer, operation, constant, tape, watched)
     return keras.Function(inputs, outputs, name=layer.name)
+
+
+@contextlib.contextmanager
+def _symbolic_cached_attention(layer):
+    """While `layer.call` is traced, its attention sub-layers of subclasses
+    with a generation cache (keras-hub's `CachedMultiHeadAttention`) take a
+    symbolic call without a cache: Keras' `MultiHeadAttention` computes
+    the output spec, and its `compute_output_spec` takes no `cache`."""
+    patched = []
+    for sub in graph.all_layers(layer):
+        if isinstance(sub, keras.layers.MultiHeadAttention) and "compute_output_spec" not in vars(
+            sub
+        ):
+            spec = functools.partial(_spec_without_cache, sub)
+            object.__setattr__(sub, "compute_output_spec", spec)
+            patched.append(sub)
+    try:
+        yield
+    finally:
+        for sub in patched:
+            object.__delattr__(sub, "compute_output_spec")
+
+
+# Call arguments of keras-hub's CachedMultiHeadAttention beyond Keras' own.
+_CACHE_ARGUMENTS = ("cache", "cache_update_index")
+
+
+def _is_cached_attention(operation):
+    return isinstance(operation, keras.layers.MultiHeadAttention) and (
+        type(operation) is not keras.layers.MultiHeadAttention
+    )
+
+
+def _plain_attention(layer, name):
+    """A Keras `MultiHeadAttention` with the options of a subclass that
+    adds a generation cache (traced calls pass none); weights copied later."""
+    known = inspect.signature(keras.layers.MultiHeadAttention.__init__).parameters
+    config = {k: v for k, v in layer.get_config().items() if k in known or k in ("dtype",)}
+    return keras.layers.MultiHeadAttention.from_config({**config, "name": name})
+
+
+def _spec_without_cache(layer, *args, cache=None, cache_update_index=None, **kwargs):
+    if cache is not None or cache_update_index is not None:
+        raise ValueError(f"'{layer.name}' is called with a generation cache: not traced")
+    return keras.layers.MultiHeadAttention.compute_output_spec(layer, *args, **kwargs)
 
 
 @contextlib.contextmanager
