@@ -85,14 +85,10 @@ def trace_layers(model, needs_tracing):
             if as_layer is not None:
                 return as_layer(*args, **kwargs)
             if not needs_tracing(operation):
-                name = names.name_for(operation, prefix)
+                copy = _copy(operation, clones, names.name_for(operation, prefix))
                 if _is_cached_attention(operation):
                     kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_ARGUMENTS}
-                    return clones.of(operation, lambda: _plain_attention(operation, name))(
-                        *args, **kwargs
-                    )
-                layer = clones.of(operation, lambda: clone(operation, name=name))
-                return layer(*args, **kwargs)
+                return copy(*args, **kwargs)
             if depth == _MAX_DEPTH:
                 raise ValueError(
                     f"Layer '{operation.name}' nests layers more than {_MAX_DEPTH} levels "
@@ -117,6 +113,14 @@ def trace_layers(model, needs_tracing):
         )
     clones.copy_weights()
     return traced
+
+
+def _copy(operation, clones, name):
+    """The copy of a layer (or Keras operation) in the traced model: a
+    cached attention as a plain `MultiHeadAttention`."""
+    if _is_cached_attention(operation):
+        return clones.of(operation, lambda: _plain_attention(operation, name))
+    return clones.of(operation, lambda: clone(operation, name=name))
 
 
 def layer_form(operation, name):
