@@ -17,14 +17,19 @@ The rest of the package sees:
 - `rebuild(model, call)`: a new Functional model, built by calling
   `call(operation, *args, **kwargs)` for every node of the old graph;
 - small helpers: `node_arguments`, `function_nodes`, `node_constants`, `own_weight_attributes`,
-  `consumer_operations`, `arguments_between`,
+  `consumer_operations`, `arguments_between`, `non_tensor_outputs_recorded`,
   `all_layers`, `pack_inputs`, `clone_lambda`.
 """
 
+import contextlib
+
 import keras
+from keras.src.layers import layer as _layer_module
 from keras.src.ops import core as _core_ops
 from keras.src.ops import nn as _nn_ops
+from keras.src.ops import node as _node
 from keras.src.ops import numpy as _numpy_ops
+from keras.src.ops import operation as _operation_module
 
 # Keras operations that `+`, `-` and `*` on symbolic tensors create (for
 # example `x + 3.0` in a Functional model): graph nodes that are not layers.
@@ -104,6 +109,30 @@ def producer(tensor):
     """The operation that produced a symbolic `KerasTensor`, or None."""
     history = getattr(tensor, "_keras_history", None)
     return None if history is None else history.operation
+
+
+@contextlib.contextmanager
+def non_tensor_outputs_recorded():
+    """Within it, a symbolic call of a layer that returns values that are
+    not tensors (a block returning `(x, None)`) is recorded in the graph
+    (Keras refuses it): each such value stands as an unused placeholder
+    tensor in the node's outputs, so that they line up with what the call
+    returns; the caller still receives the value."""
+    modules = [m for m in (_layer_module, _operation_module) if getattr(m, "Node", None)]
+    for module in modules:
+        module.Node = _node_of_any_outputs
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.Node = _node.Node
+
+
+def _node_of_any_outputs(operation, call_args=None, call_kwargs=None, outputs=None):
+    recorded = keras.tree.map_structure(
+        lambda v: v if isinstance(v, keras.KerasTensor) else keras.KerasTensor(()), outputs
+    )
+    return _node.Node(operation, call_args, call_kwargs, recorded)
 
 
 def node_arguments(layer):

@@ -201,6 +201,43 @@ def sequences(n, seed=0):
     return np.random.default_rng(seed).standard_normal((n, 5, 4)).astype("float32")
 
 
+class WithScores(L.Layer):
+    """Returns `(outputs, None)` without scores, as keras-hub's DeiT blocks
+    do: a symbolic call that Keras refuses to record."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = L.Dense(4, name="dense")
+
+    def call(self, inputs, return_scores=False):
+        return self.dense(inputs), (inputs if return_scores else None)
+
+
+class Encoder(L.Layer):
+    """Two WithScores blocks; returns a constant (an empty tensor) too."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = [WithScores(name=f"block_{i}") for i in range(2)]
+
+    def call(self, inputs):
+        for block in self.blocks:
+            inputs, scores = block(inputs)
+        assert scores is None  # the caller still receives None
+        return inputs, keras.ops.zeros((0, 4))
+
+
+def test_blocks_returning_none_and_constants_are_traced():
+    model = sequence_model(lambda x: Encoder(name="encoder")(x)[0])
+    qat_model = kq.convert_quant_network(model, quant_delay=OFF)
+    classes = {type(layer) for layer in qat_model.layers}
+    assert not classes & {Encoder, WithScores} and kq.QuantDenseBnAct in classes
+    x = sequences(4)
+    np.testing.assert_allclose(
+        qat_model.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5
+    )
+
+
 @pytest.mark.parametrize("n", [1, 8])
 def test_a_layer_that_reads_the_batch_size_converts_for_any_batch_size(n):
     model = sequence_model(BatchSized(name="batch_sized"))

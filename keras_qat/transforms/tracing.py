@@ -100,7 +100,8 @@ def trace_layers(model, needs_tracing):
                 errors.append(str(error))
                 return operation(*args, **kwargs)
             inputs = [t for t in keras.tree.flatten((args, kwargs)) if _is_symbolic(t)]
-            return graph.run_graph(block, inputs, call_in(operation.name, depth + 1))
+            tensors = graph.run_graph(block.function, inputs, call_in(operation.name, depth + 1))
+            return block.outputs_from(tensors)
 
         return call
 
@@ -176,8 +177,8 @@ def as_functional(model, inputs):
     if not model.built:
         model(symbolic)  # creates the weights
     traced = trace_call(model, (symbolic,), {})
-    inputs = keras.tree.pack_sequence_as(symbolic, traced.inputs)
-    return keras.Model(inputs, traced.outputs, name=model.name)
+    inputs = keras.tree.pack_sequence_as(symbolic, traced.function.inputs)
+    return keras.Model(inputs, traced.outputs_from(traced.function.outputs), name=model.name)
 
 
 def _input_like(value):
@@ -196,6 +197,34 @@ def _is_symbolic(value):
     return isinstance(value, keras.KerasTensor)
 
 
+class TracedCall:
+    """A layer's call recorded as a graph.
+
+    Attributes:
+        function: A `keras.Function` from the symbolic tensors of the call's
+            arguments, flattened, to the symbolic tensors it returns, as a
+            list.
+        outputs: What the call returns, with `_TENSOR` for each of those
+            tensors and other values (None, constants) as they are.
+    """
+
+    def __init__(self, function, outputs):
+        self.function = function
+        self.outputs = outputs
+
+    def outputs_from(self, tensors):
+        """The call's outputs, with `tensors` (the function's outputs on
+        other inputs) in place of its symbolic tensors."""
+        tensors = iter(tensors)
+        return keras.tree.map_structure(
+            lambda v: next(tensors) if v is _TENSOR else v, self.outputs
+        )
+
+
+# Stands for a symbolic output of a traced call in `TracedCall.outputs`.
+_TENSOR = "<traced tensor>"
+
+
 def trace_call(layer, args, kwargs):
     """Calls `layer.call` on new symbolic inputs like `args` and `kwargs`
     and checks the graph it records.
@@ -205,27 +234,49 @@ def trace_call(layer, args, kwargs):
     (`keras_qat.transforms.batch_size`).
 
     Returns:
-        A `keras.Function` from the symbolic tensors of `(args, kwargs)`,
-        flattened, to the call's outputs.
+        A `TracedCall`.
 
     Raises:
         UntraceableLayerError: when `call` fails on symbolic tensors, or the
             graph uses trainable weights outside it, or depends on the batch
             size in a way no graph for any batch size can hold.
     """
-    with _symbolic_cached_attention(layer):
-        traced, other = (_trace_at(layer, args, kwargs, size) for size in TRACE_BATCH_SIZES)
+    with _symbolic_cached_attention(layer), graph.non_tensor_outputs_recorded():
+        (traced, outputs), (other, other_outputs) = (
+            _trace_at(layer, args, kwargs, size) for size in TRACE_BATCH_SIZES
+        )
         inputs = [_placeholder(t) for t in keras.tree.flatten((args, kwargs)) if _is_symbolic(t)]
         try:
-            outputs = batch_free(traced, other, inputs)
+            tensors = batch_free(traced, other, inputs)
         except BatchSizeError as error:
             raise UntraceableLayerError(layer, str(error)) from error
-    return keras.Function(inputs, outputs, name=layer.name)
+    structure = _output_structure(layer, outputs, other_outputs)
+    return TracedCall(keras.Function(inputs, tensors, name=layer.name), structure)
+
+
+def _output_structure(layer, outputs, other_outputs):
+    """The call's outputs with `_TENSOR` for symbolic tensors; values that
+    are not tensors must be equal at both batch sizes."""
+    structure = keras.tree.map_structure(lambda v: _TENSOR if _is_symbolic(v) else v, outputs)
+    for value, other in zip(keras.tree.flatten(outputs), keras.tree.flatten(other_outputs)):
+        if not _is_symbolic(value) and not _same_value(value, other):
+            raise UntraceableLayerError(
+                layer, "its `call` returns a value that depends on the batch size"
+            )
+    return structure
+
+
+def _same_value(value, other):
+    if value is None or other is None:
+        return value is other
+    value, other = np.asarray(value), np.asarray(other)
+    return value.shape == other.shape and np.array_equal(value, other)
 
 
 def _trace_at(layer, args, kwargs, batch_size):
-    """`layer.call` traced on inputs of batch size `batch_size`, as a
-    `keras.Function` of the symbolic tensors of `(args, kwargs)`."""
+    """`layer.call` traced on inputs of batch size `batch_size`: a
+    `keras.Function` from the symbolic tensors of `(args, kwargs)` to the
+    symbolic tensors the call returns, and what it returns."""
     args, kwargs = keras.tree.map_structure(
         lambda value: _placeholder(value, batch_size), (args, kwargs)
     )
@@ -242,9 +293,10 @@ def _trace_at(layer, args, kwargs, batch_size):
                     f"its `call` fails on symbolic tensors ({type(error).__name__}: "
                     f"{_first_line(error)})",
                 ) from error
-    for operation, constant in _constants(outputs, inputs):
+    tensors = [t for t in keras.tree.flatten(outputs) if _is_symbolic(t)]
+    for operation, constant in _constants(tensors, inputs):
         _check_constant(layer, operation, constant, tape, watched)
-    return keras.Function(inputs, outputs, name=layer.name)
+    return keras.Function(inputs, tensors, name=layer.name), outputs
 
 
 @contextlib.contextmanager
@@ -255,9 +307,7 @@ def _symbolic_cached_attention(layer):
     the output spec, and its `compute_output_spec` takes no `cache`."""
     patched = []
     for sub in graph.all_layers(layer):
-        if isinstance(sub, keras.layers.MultiHeadAttention) and "compute_output_spec" not in vars(
-            sub
-        ):
+        if _is_cached_attention(sub) and "compute_output_spec" not in vars(sub):
             spec = functools.partial(_spec_without_cache, sub)
             object.__setattr__(sub, "compute_output_spec", spec)
             patched.append(sub)
