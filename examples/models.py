@@ -63,6 +63,31 @@ def resnet20(input_shape=(32, 32, 3), num_classes=10, depth=20, width=16):
     return keras.Model(inputs, outputs, name=f"resnet{depth}")
 
 
+def mobilenet_v2_tiny(input_shape=(28, 28, 1), num_classes=10, width=16):
+    """A MobileNetV2-style depthwise network (Sandler et al. 2018): a
+    strided stem, then inverted residual blocks (1x1 expansion, 3x3
+    depthwise, 1x1 linear projection; BatchNorm and ReLU6 after each but the
+    projection, an `Add` shortcut where the shape stays), pooling and a
+    Dense classifier."""
+    inputs = keras.Input(input_shape, name="image")
+    x = kq.Conv2DBnAct(
+        width, 3, strides=2, padding="same", has_bn=True, activation="relu6", name="stem"
+    )(inputs)
+    for index, (filters, strides) in enumerate([(16, 1), (24, 2), (24, 1), (32, 2), (32, 1)]):
+        name = f"block{index}"
+        y = kq.Conv2DBnAct(
+            4 * x.shape[-1], 1, has_bn=True, activation="relu6", name=f"{name}_expand"
+        )(x)
+        y = kq.DepthwiseConv2DBnAct(
+            3, strides=strides, padding="same", has_bn=True, activation="relu6", name=f"{name}_dw"
+        )(y)
+        y = kq.Conv2DBnAct(filters, 1, has_bn=True, name=f"{name}_project")(y)
+        x = keras.layers.Add(name=f"{name}_add")([x, y]) if y.shape == x.shape else y
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = kq.DenseBnAct(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="mobilenet_v2_tiny")
+
+
 # name -> (builder, input shape), for the benchmarks.
 NETWORKS = {
     "lenet5": (lenet5, (28, 28, 1)),

@@ -11,6 +11,7 @@ if _keras.config.backend() != "tensorflow":
     )
 
 from keras_qat import callbacks
+from keras_qat.calibration import calibrate
 from keras_qat.export.checks import check_exportable
 from keras_qat.export.interpreter import compare_tflite, run_tflite, tflite_interpreter
 from keras_qat.export.litert import (
@@ -105,6 +106,7 @@ __all__ = [
     "WeightOperand",
     "WeightQuantizer",
     "as_functional",
+    "calibrate",
     "callbacks",
     "check_exportable",
     "compare_tflite",

@@ -10,7 +10,10 @@ answer, decided when the model is traced:
 - `quantization_bypassed(quantizers)`: those quantizers (all of them with
   `None`) pass their inputs through in inference, so that a report
   can compare a model with its float self, one layer at a time if need be
-  (`quant_report`, `sensitivity`).
+  (`quant_report`, `sensitivity`);
+- `calibrating(method)`: in inference, activation quantizers set their
+  ranges from the batch and every quantizer passes its input through, so
+  that ranges are those of the float model (`keras_qat.calibrate`).
 
 Both are read when a call is traced: a `tf.function` traced outside the
 context (such as a compiled `predict`) keeps what it traced.
@@ -102,3 +105,33 @@ class _All:
 
 
 ALL = _All()
+
+
+# How `calibrating` sets ranges from batches.
+CALIBRATION_METHODS = ("min_max", "moving_average")
+
+
+@contextlib.contextmanager
+def calibrating(method):
+    """Within this context, inference calls calibrate: each activation
+    quantizer updates its range from the batch (`method`: `"min_max"`, the
+    running min and max, or `"moving_average"`, its training update) and
+    every quantizer passes its input through.
+
+    Unlike the other contexts, this one holds for every thread: a
+    `MirroredStrategy` traces each replica's call in a thread of its own.
+    """
+    global _calibration
+    previous, _calibration = _calibration, method
+    try:
+        yield
+    finally:
+        _calibration = previous
+
+
+_calibration = None
+
+
+def calibration_method():
+    """The method of the enclosing `calibrating` context, or None."""
+    return _calibration

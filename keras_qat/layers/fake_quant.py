@@ -11,6 +11,7 @@ from keras_qat.config import (
     check_fraction,
     check_int,
 )
+from keras_qat.layers.call_context import calibration_method
 from keras_qat.layers.quantizer import Quantizer, across_replicas
 
 
@@ -154,12 +155,13 @@ class FakeQuant(Quantizer):
         value, also what an all-zero or empty batch gives)."""
         return tf.reduce_any(tf.not_equal(self.min, self.max))
 
-    def update_range(self, x):
+    def update_range(self, x, running_min_max=False):
         """Updates the range from batch `x`; returns the new `(min, max)`.
 
         The first batch with a non-empty range sets it, later ones update it
-        by moving average. A batch (or, per channel, a channel) with a
-        non-finite value leaves it as it is.
+        by moving average (or, with `running_min_max`, widen it to their min
+        and max). A batch (or, per channel, a channel) with a non-finite
+        value leaves it as it is.
         """
         if self.fixed_range is not None:
             return self.min, self.max
@@ -174,13 +176,29 @@ class FakeQuant(Quantizer):
         low, high = tf.convert_to_tensor(self.min), tf.convert_to_tensor(self.max)
         first = tf.equal(low, high)  # still [0, 0]: the range contains 0
         updated = []
-        for variable, old, value in ((self.min, low, batch_min), (self.max, high, batch_max)):
-            if self.ema:
+        for variable, old, value, widest in (
+            (self.min, low, batch_min, tf.minimum),
+            (self.max, high, batch_max, tf.maximum),
+        ):
+            if running_min_max:
+                value = tf.where(first, value, widest(old, value))
+            elif self.ema:
                 decay = self.ema_decay
                 value = tf.where(first, value, decay * old + (1.0 - decay) * value)
             updated.append(tf.where(finite, value, old))
             variable.assign(updated[-1])
         return tuple(updated)
+
+    def calibrate_range(self, x, method):
+        """Updates the range from batch `x` in calibration (`method`:
+        `"min_max"` or `"moving_average"`, see `keras_qat.calibrate`)."""
+        self.update_range(x, running_min_max=method == "min_max")
+
+    def reset_range(self):
+        """Back to no range (`[0, 0]`), unless the range is fixed."""
+        if self.fixed_range is None:
+            self.min.assign(tf.zeros_like(self.min))
+            self.max.assign(tf.zeros_like(self.max))
 
     def _batch_range(self, x):
         """`(min, max)` of the batch as this layer quantizes it: of
@@ -196,14 +214,19 @@ class FakeQuant(Quantizer):
         """Returns `(min, max, active)` for quantizing this call's inputs.
 
         A training call first updates the range from `inputs` and counts a
-        step. `active` is a boolean tensor (quantize, or pass through during
-        the quant delay, or in inference while there is no range), or Python
-        `True` while the model is traced for export and in training calls
-        without a quant delay.
+        step; an inference call while calibrating (`call_context.calibrating`)
+        updates the range and passes `inputs` through. `active` is a boolean
+        tensor (quantize, or pass through during the quant delay, or in
+        inference while there is no range), or Python `True` while the model
+        is traced for export and in training calls without a quant delay.
         """
         if training:
             min_val, max_val = self.update_range(inputs)
             return min_val, max_val, self.advance(training)
+        method = calibration_method()
+        if method is not None:
+            self.calibrate_range(inputs, method)
+            return self.min, self.max, False
         active = self.advance(training)
         if active is not True and active is not False and self.fixed_range is None:
             active = tf.logical_and(active, self.has_range())

@@ -229,6 +229,11 @@ class LearnedWeightQuantizer(WeightQuantizer):
         ready = self.initialized > 0
         return tf.where(ready, low, kernel_low), tf.where(ready, high, kernel_high)
 
+    def reset_range(self):
+        """Back to the kernel's own range until the next training call sets
+        the step from it."""
+        self.initialized.assign(0.0)
+
     def prepare(self, kernel, training):
         """Sets the step from the kernel at the first training call."""
         if not training:
@@ -321,16 +326,35 @@ class LearnedFakeQuant(FakeQuant):
         """Sets the step and zero point from the first finite batch; later
         batches leave them to the optimizer. Returns the range."""
         batch_min, batch_max = across_replicas(*(tf.stop_gradient(v) for v in self._batch_range(x)))
+        self._start_from(batch_min, batch_max, tf.logical_not(self.has_range()))
+        return self.min, self.max
+
+    def calibrate_range(self, x, method):
+        """In calibration, with either method, the step and zero point of
+        the min and max over the batches so far: where learning starts."""
+        batch_min, batch_max = across_replicas(*self._batch_range(x))
+        ready = self.has_range()
+        low = tf.where(ready, tf.minimum(self.min, batch_min), batch_min)
+        high = tf.where(ready, tf.maximum(self.max, batch_max), batch_max)
+        self._start_from(low, high, True)
+
+    def _start_from(self, batch_min, batch_max, where):
+        """Sets the step and zero point of the grid over `[batch_min,
+        batch_max]` where `where` and that grid is usable (finite, not
+        empty)."""
         low, high = quantizers.quant_range(batch_min, batch_max, self.symmetric)
         nudged_min, _, step = quantizers.nudged_range(low, high, self.num_bits, self.narrow_range)
         usable = tf.logical_and(tf.math.is_finite(step), step > 0)
-        first = tf.logical_and(usable, tf.logical_not(self.has_range()))
+        chosen = tf.logical_and(usable, where)
         qmin, _ = quantizers.quant_levels(self.num_bits, self.narrow_range)
         zero = tf.round(qmin - nudged_min / tf.where(usable, step, 1.0))
-        _set_step(self, tf.where(usable, step, 1.0), first)
-        self.zero_point.assign(tf.where(first, zero, self.zero_point))
+        _set_step(self, tf.where(usable, step, 1.0), chosen)
+        self.zero_point.assign(tf.where(chosen, zero, self.zero_point))
         self.initialized.assign(tf.where(usable, 1.0, self.initialized))
-        return self.min, self.max
+
+    def reset_range(self):
+        """Back to no range: the next batch sets the step."""
+        self.initialized.assign(0.0)
 
     def quantize_with(self, x, min_val, max_val, active, training=False):
         """In training, LSQ's fake quant with the learned step; else the

@@ -11,7 +11,11 @@ import tensorflow as tf
 
 from keras_qat import quantizers
 from keras_qat.config import DEFAULT_NUM_BITS, check_bool, check_int, check_num_bits
-from keras_qat.layers.call_context import is_bypassed, is_tracing_for_export
+from keras_qat.layers.call_context import (
+    calibration_method,
+    is_bypassed,
+    is_tracing_for_export,
+)
 
 
 def across_replicas(batch_min, batch_max):
@@ -93,8 +97,9 @@ class Quantizer(keras.layers.Layer):
         The result is Python `True` while the model is traced for export
         and in training calls without a quant delay (no run-time choice, so
         no control flow), Python `False` in inference while quantization is
-        bypassed (`call_context.quantization_bypassed`), else a boolean tensor: the
-        delay has passed (counted before this call).
+        bypassed (`call_context.quantization_bypassed`) or calibrating
+        (`call_context.calibrating`), else a boolean tensor: the delay has
+        passed (counted before this call).
         """
         if training:
             if self.quant_delay == 0:
@@ -105,9 +110,19 @@ class Quantizer(keras.layers.Layer):
             return self.steps(before) >= self.quant_delay
         if is_tracing_for_export():
             return True
-        if is_bypassed(self):
+        if is_bypassed(self) or calibration_method() is not None:
             return False
         return self.steps() >= self.quant_delay
+
+    def reset_range(self):
+        """Forgets what the range learned from data (a hook for quantizers
+        that keep one; nothing here: a kernel's range is its own)."""
+
+    def end_delay(self):
+        """Counts the quant delay as passed: quantizes from the next call."""
+        delay = self.quant_delay * self.calls_per_step
+        if delay:
+            self.step.assign(tf.maximum(self.step, tf.constant(delay, self.step.dtype)))
 
     def fake_quant(self, x, min_val, max_val, axis=-1, clip_gradient=True):
         """`quantizers.fake_quant` with this quantizer's grid options."""
