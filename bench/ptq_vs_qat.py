@@ -16,7 +16,8 @@ same test set:
 At W8A8 and at 4-bit weights (W4A8; the converter has no 4-bit weight PTQ,
 so `kq calibrate` is the PTQ baseline there). QAT's recovery is the
 fraction of PTQ's accuracy loss that QAT wins back:
-`(QAT - PTQ) / (float - PTQ)`, shown where PTQ loses more than 0.5 points.
+`(QAT - PTQ) / (float - PTQ)`, shown where PTQ loses more than 0.1 points
+(the target: at least 80 % where it loses more than 0.5).
 
 Usage:
     python bench/ptq_vs_qat.py [--networks lenet5,mobilenet_v2_tiny] [--limit_train 0]
@@ -148,10 +149,10 @@ def measure(name):
 def with_recovery(row):
     """`recovery`: the fraction of PTQ's loss that QAT wins back, where the
     PTQ (the converter's at 8 bits, keras-qat's calibration at 4) loses
-    more than 0.5 points."""
+    more than 0.1 points (less is within the noise of one training run)."""
     ptq = row.get("converter_ptq", row["kq_calibrate"])
     loss = row["float"] - ptq
-    row["recovery"] = (row["kq_qat"] - ptq) / loss if loss > 0.005 else None
+    row["recovery"] = (row["kq_qat"] - ptq) / loss if loss > 0.001 else None
     return row
 
 

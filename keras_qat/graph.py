@@ -26,6 +26,7 @@ import contextlib
 import keras
 from keras.src.layers import layer as _layer_module
 from keras.src.ops import core as _core_ops
+from keras.src.ops import math as _math_ops
 from keras.src.ops import nn as _nn_ops
 from keras.src.ops import node as _node
 from keras.src.ops import numpy as _numpy_ops
@@ -71,7 +72,24 @@ MOVING_OPERATIONS = (
     _numpy_ops.ExpandDims,
     _numpy_ops.Squeeze,
     _numpy_ops.GetItem,
+    _numpy_ops.Repeat,  # RESHAPE, TILE, RESHAPE in TFLite
 )
+# Keras operations of normalizations (RMSNorm) whose int8 kernels round
+# onto a grid of their own: RSQRT, SQRT, DIV.
+RSQRT_OPERATION = _math_ops.Rsqrt
+SQRT_OPERATION = _numpy_ops.Sqrt
+DIVIDE_OPERATION = _numpy_ops.Divide
+# Keras operations that tracing records as others (transforms/operation_forms.py).
+SQUARE_OPERATION = _numpy_ops.Square
+POWER_OPERATION = _numpy_ops.Power
+NEGATIVE_OPERATION = _numpy_ops.Negative
+RECIPROCAL_OPERATION = _numpy_ops.Reciprocal
+MOVEAXIS_OPERATION = _numpy_ops.Moveaxis
+SPLIT_OPERATION = _numpy_ops.Split
+STACK_OPERATION = _numpy_ops.Stack
+EINSUM_OPERATION = _numpy_ops.Einsum
+WHERE_OPERATION = _numpy_ops.Where
+ZEROS_LIKE_OPERATION = _numpy_ops.ZerosLike
 
 
 def is_functional(model):
@@ -109,6 +127,15 @@ def producer(tensor):
     """The operation that produced a symbolic `KerasTensor`, or None."""
     history = getattr(tensor, "_keras_history", None)
     return None if history is None else history.operation
+
+
+def producer_arguments(tensor):
+    """The positional arguments of the call that produced a symbolic
+    `KerasTensor`, or `()`."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return ()
+    return history.operation._inbound_nodes[history.node_index].arguments.args
 
 
 @contextlib.contextmanager

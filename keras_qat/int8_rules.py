@@ -85,6 +85,9 @@ ROUNDING_OPERATIONS = (
     graph.MEAN_OPERATION,
     graph.GELU_OPERATION,
     graph.SOFTMAX_OPERATION,
+    graph.RSQRT_OPERATION,
+    graph.SQRT_OPERATION,
+    graph.DIVIDE_OPERATION,
 )
 
 # Keras operations whose output lies on their input's grid: a cast between
@@ -253,8 +256,8 @@ def _reversible_embedding_reason(layer):
     """Why a ReversibleEmbedding has no QuantEmbedding form, or None."""
     if type(layer) is L.Embedding:
         return None
-    if not layer.get_config().get("tie_weights", True):
-        return "tie_weights=False: only a tied table is quantized"
+    # Looked up, tied or not, it reads `embeddings` only (an untied
+    # `reverse_embeddings` is left out of the converted model).
     if any(kwargs.get("reverse") for _, kwargs in graph.node_arguments(layer)):
         return "called with reverse=True (logits from the table): not quantized"
     return None

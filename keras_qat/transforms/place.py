@@ -16,6 +16,7 @@ zero-centred; and it makes the quantizers with the options of
 import keras
 
 from keras_qat import graph, int8_rules, quantizers
+from keras_qat.layers.attention_mask import AttentionScoreMask
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.learned_range import LearnedFakeQuant
 from keras_qat.layers.quantized import has_quantized_form
@@ -26,6 +27,7 @@ from keras_qat.transforms.support import is_float, is_integer_cast
 
 # Layers through which a grid reaches a consumer: an average pooling that
 # stays as it is (its input has other consumers) keeps its input's grid too.
+_GRID_KEEPING = int8_rules.GRID_KEEPING_LAYERS + int8_rules.GRID_KEEPING_OPERATIONS
 _GRID_PASSING_LAYERS = (
     int8_rules.GRID_KEEPING_LAYERS
     + int8_rules.GRID_KEEPING_OPERATIONS
@@ -141,12 +143,36 @@ class Placement:
 
     def rounded_by_consumers(self, operation):
         """Whether every consumer of `operation` rounds its result onto the
-        consumer's own grid (int8_rules.rounds_for_producer)."""
+        consumer's own grid (int8_rules.rounds_for_producer), or passes it
+        on to attention score masks only (`passes_to_score_masks`)."""
         consumers = self.graph.consumers(operation)
         return (
             bool(consumers)
             and not self.graph.is_output(operation)
-            and all(not self.is_skipped(c) and int8_rules.rounds_for_producer(c) for c in consumers)
+            and all(
+                not self.is_skipped(c)
+                and (int8_rules.rounds_for_producer(c) or self.passes_to_score_masks(c))
+                for c in consumers
+            )
+        )
+
+    def passes_to_score_masks(self, operation):
+        """Whether `operation` keeps its input's grid and passes it only to
+        attention score masks (directly or through more such operations).
+        A score mask quantizes the scores itself, and the converter carries
+        its grid back through RESHAPE and TRANSPOSE to the BATCH_MATMUL
+        (an einsum's scores, reshaped and transposed): that matmul rounds
+        onto it and needs no grid of its own."""
+        if not isinstance(operation, _GRID_KEEPING) or self.is_skipped(operation):
+            return False
+        consumers = self.graph.consumers(operation)
+        return (
+            bool(consumers)
+            and not self.graph.is_output(operation)
+            and all(
+                isinstance(c, AttentionScoreMask) or self.passes_to_score_masks(c)
+                for c in consumers
+            )
         )
 
     def unrounded(self, operation):

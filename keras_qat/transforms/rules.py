@@ -281,8 +281,10 @@ def _place_integer_operation(placement, operation, args, kwargs):
 
 
 def _place_grid_keeping(placement, layer, args, kwargs):
-    """Kept as it is; its output lies on its input's grid."""
-    return placement.keep_scale(args[0], placement.clones.of(layer)(*args, **kwargs))
+    """Kept as it is; its output lies on its (first) input's grid (an
+    `AttentionWeightMask` takes `[weights, mask]`)."""
+    first = keras.tree.flatten(args)[0]
+    return placement.keep_scale(first, placement.clones.of(layer)(*args, **kwargs))
 
 
 PLACEMENT_RULES = (

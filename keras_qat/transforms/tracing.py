@@ -10,7 +10,10 @@ Tracing repeats until no unknown layer is left (a block made of blocks).
 
 Keras operations that a Keras layer computes too (`keras.ops.relu`,
 `sigmoid`, `silu`, `concatenate`, ...) become that layer, so that fusion and
-placement see a `ReLU` after a BatchNorm as they do in a Functional model.
+placement see a `ReLU` after a BatchNorm as they do in a Functional model;
+others are recorded as the operations TFLite's int8 kernels compute
+(`square` as a product, `einsum` as a matmul:
+`keras_qat.transforms.operation_forms`).
 
 The traced model computes what the layer computes, with copies of its
 sub-layers' weights, their `trainable` flags and dtype policies. Three
@@ -40,6 +43,7 @@ from keras_qat import graph
 from keras_qat.layers.weight_operand import WeightOperand
 from keras_qat.transforms.batch_size import TRACE_BATCH_SIZES, BatchSizeError, batch_free
 from keras_qat.transforms.clones import Clones, UniqueNames, clone
+from keras_qat.transforms.operation_forms import quantizable_form
 
 # How deep blocks nest before tracing gives up (a layer that calls itself).
 _MAX_DEPTH = 32
@@ -74,14 +78,14 @@ def trace_layers(model, needs_tracing):
             reason and what to do.
     """
     operations = graph.Graph(model).operations
-    if not any(needs_tracing(op) or layer_form(op, op.name) for op in operations):
+    if not any(needs_tracing(op) or quantizable_form(op, op.name) for op in operations):
         return model
     clones, names, errors = Clones(), UniqueNames(model), []
 
     def call_in(prefix, depth):
         def call(operation, *args, **kwargs):
             args, kwargs = keras.tree.map_structure(_as_constant, (args, kwargs))
-            as_layer = layer_form(operation, names.name_for(operation, prefix))
+            as_layer = quantizable_form(operation, names.name_for(operation, prefix))
             if as_layer is not None:
                 return as_layer(*args, **kwargs)
             if not needs_tracing(operation):
@@ -105,7 +109,8 @@ def trace_layers(model, needs_tracing):
 
         return call
 
-    traced = graph.rebuild(model, call_in(model.name, 0))
+    with _einsum_dense_shapes_inferred():
+        traced = graph.rebuild(model, call_in(model.name, 0))
     if errors:
         raise ValueError(
             f"`convert_quant_network` cannot trace these layers of model '{model.name}' "
@@ -122,22 +127,6 @@ def _copy(operation, clones, name):
     if _is_cached_attention(operation):
         return clones.of(operation, lambda: _plain_attention(operation, name))
     return clones.of(operation, lambda: clone(operation, name=name))
-
-
-def layer_form(operation, name):
-    """The Keras layer, named `name`, that computes what a Keras operation
-    computes (`keras.ops.relu` -> `ReLU`, `keras.ops.concatenate` ->
-    `Concatenate`), so that fusion and placement see the layer; or None."""
-    if type(operation) in graph.ACTIVATION_OPERATIONS:
-        activation = graph.ACTIVATION_OPERATIONS[type(operation)]
-        if activation == "relu":
-            return keras.layers.ReLU(name=name)
-        if activation == "relu6":
-            return keras.layers.ReLU(max_value=6.0, name=name)
-        return keras.layers.Activation(activation, name=name)
-    if type(operation) is graph.CONCATENATE_OPERATION:
-        return keras.layers.Concatenate(axis=operation.axis, name=name)
-    return None
 
 
 def as_functional(model, inputs):
@@ -176,7 +165,8 @@ def as_functional(model, inputs):
     symbolic = keras.tree.map_structure(_input_like, inputs)
     if not model.built:
         model(symbolic)  # creates the weights
-    traced = trace_call(model, (symbolic,), {})
+    with _einsum_dense_shapes_inferred():
+        traced = trace_call(model, (symbolic,), {})
     inputs = keras.tree.pack_sequence_as(symbolic, traced.function.inputs)
     return keras.Model(inputs, traced.outputs_from(traced.function.outputs), name=model.name)
 
@@ -318,6 +308,31 @@ def _symbolic_cached_attention(layer):
             object.__delattr__(sub, "compute_output_spec")
 
 
+@contextlib.contextmanager
+def _einsum_dense_shapes_inferred():
+    """While tracing, an `EinsumDense` declared with `None` in its
+    `output_shape` (keras-hub's attention projections: `(None, heads,
+    head_dim)`) gives the size its equation infers from the input there,
+    as a call on values does: code after it that reads the sequence length
+    (a rotary embedding's `ops.arange(ops.shape(x)[1])`) then sees it."""
+    declared_shape = keras.layers.EinsumDense.compute_output_shape
+
+    def inferred_shape(layer, input_shape):
+        declared = declared_shape(layer, input_shape)
+        inferred = keras.ops.einsum(
+            layer.equation,
+            keras.KerasTensor(tuple(input_shape)),
+            keras.KerasTensor(tuple(layer.kernel.shape)),
+        ).shape
+        return tuple(d if d is not None else i for d, i in zip(declared, inferred))
+
+    keras.layers.EinsumDense.compute_output_shape = inferred_shape
+    try:
+        yield
+    finally:
+        keras.layers.EinsumDense.compute_output_shape = declared_shape
+
+
 # Call arguments of keras-hub's CachedMultiHeadAttention beyond Keras' own.
 _CACHE_ARGUMENTS = ("cache", "cache_update_index")
 
@@ -377,7 +392,9 @@ def _placeholder(value, batch_size=None):
     shape = tuple(value.shape)
     if batch_size is not None and shape and shape[0] is None:
         shape = (batch_size,) + shape[1:]
-    return keras.Input(batch_shape=shape, dtype=value.dtype, sparse=value.sparse)
+    # Dense: Keras marks `dense * constant` as sparse (keras-hub's Gemma
+    # scales its embeddings so), and a sparse placeholder fails dense code.
+    return keras.Input(batch_shape=shape, dtype=value.dtype)
 
 
 def _first_line(error):
