@@ -51,6 +51,7 @@ NETWORKS = {
     "lenet5": (models.lenet5, "mnist", 4, 1e-3),
     "mobilenet_v2_tiny": (models.mobilenet_v2_tiny, "fashion_mnist", 6, 2e-3),
     "resnet20": (lambda: models.resnet20((28, 28, 1)), "fashion_mnist", 6, 2e-3),
+    "vit": (models.vit, "mnist", 5, 2e-3),
 }
 
 flags.DEFINE_list("networks", ["lenet5", "mobilenet_v2_tiny"], f"Of {sorted(NETWORKS)}.")

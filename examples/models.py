@@ -1,6 +1,7 @@
 """Fusion networks used by the examples and benchmarks."""
 
 import keras
+import numpy as np
 
 import keras_qat as kq
 
@@ -86,6 +87,45 @@ def mobilenet_v2_tiny(input_shape=(28, 28, 1), num_classes=10, width=16):
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = kq.DenseBnAct(num_classes, name="logits")(x)
     return keras.Model(inputs, outputs, name="mobilenet_v2_tiny")
+
+
+# The ViT's patch size.
+PATCH = 7
+
+
+def position_encoding(tokens, width):
+    """The fixed sinusoidal encoding of Vaswani et al. 2017, float32."""
+    position = np.arange(tokens)[:, None]
+    rates = 1.0 / 10000 ** (2 * (np.arange(width)[None] // 2) / width)
+    angles = position * rates
+    encoding = np.where(np.arange(width) % 2 == 0, np.sin(angles), np.cos(angles))
+    return encoding.astype("float32")
+
+
+def encoder_block(x, width, heads, name):
+    attended = keras.layers.MultiHeadAttention(heads, width // heads, name=f"{name}_attention")(
+        x, x
+    )
+    x = keras.layers.LayerNormalization(name=f"{name}_norm1")(keras.layers.Add()([x, attended]))
+    hidden = keras.layers.Dense(2 * width, activation="gelu", name=f"{name}_mlp1")(x)
+    mlp = keras.layers.Dense(width, name=f"{name}_mlp2")(hidden)
+    return keras.layers.LayerNormalization(name=f"{name}_norm2")(keras.layers.Add()([x, mlp]))
+
+
+def vit(input_shape=(28, 28, 1), width=64, heads=4, blocks=2, classes=10):
+    """A small vision transformer (`examples/vit_quant.py`): 7x7 patches
+    embedded by a strided Conv2D, a fixed sinusoidal position encoding
+    added, encoder blocks (MultiHeadAttention, LayerNormalization, a GELU
+    MLP, residual Adds), mean pooling and a Dense classifier."""
+    tokens = (input_shape[0] // PATCH) * (input_shape[1] // PATCH)
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(width, PATCH, strides=PATCH, name="patch_embedding")(inputs)
+    x = keras.layers.Reshape((tokens, width))(x)
+    x = x + position_encoding(tokens, width)  # a float32 constant: an int8 ADD
+    for block in range(blocks):
+        x = encoder_block(x, width, heads, f"block{block + 1}")
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, keras.layers.Dense(classes, name="classifier")(x), name="vit")
 
 
 # name -> (builder, input shape), for the benchmarks.

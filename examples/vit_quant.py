@@ -28,6 +28,7 @@ from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import idx_data  # noqa: E402
+from models import vit  # noqa: E402
 
 import keras_qat as kq  # noqa: E402
 
@@ -47,39 +48,6 @@ flags.DEFINE_integer("limit_train", 0, "Use only this many training images (0: a
 flags.DEFINE_integer("limit_test", 0, "Use only this many test images (0: all).")
 flags.DEFINE_integer("seed", 1, "Random seed.")
 FLAGS = flags.FLAGS
-
-PATCH = 7
-
-
-def position_encoding(tokens, width):
-    """The fixed sinusoidal encoding of Vaswani et al. 2017, float32."""
-    position = np.arange(tokens)[:, None]
-    rates = 1.0 / 10000 ** (2 * (np.arange(width)[None] // 2) / width)
-    angles = position * rates
-    encoding = np.where(np.arange(width) % 2 == 0, np.sin(angles), np.cos(angles))
-    return encoding.astype("float32")
-
-
-def encoder_block(x, width, heads, name):
-    attended = keras.layers.MultiHeadAttention(heads, width // heads, name=f"{name}_attention")(
-        x, x
-    )
-    x = keras.layers.LayerNormalization(name=f"{name}_norm1")(keras.layers.Add()([x, attended]))
-    hidden = keras.layers.Dense(2 * width, activation="gelu", name=f"{name}_mlp1")(x)
-    mlp = keras.layers.Dense(width, name=f"{name}_mlp2")(hidden)
-    return keras.layers.LayerNormalization(name=f"{name}_norm2")(keras.layers.Add()([x, mlp]))
-
-
-def vit(input_shape=(28, 28, 1), width=64, heads=4, blocks=2, classes=10):
-    tokens = (input_shape[0] // PATCH) * (input_shape[1] // PATCH)
-    inputs = keras.Input(input_shape)
-    x = keras.layers.Conv2D(width, PATCH, strides=PATCH, name="patch_embedding")(inputs)
-    x = keras.layers.Reshape((tokens, width))(x)
-    x = x + position_encoding(tokens, width)  # a float32 constant: an int8 ADD
-    for block in range(blocks):
-        x = encoder_block(x, width, heads, f"block{block + 1}")
-    x = keras.layers.GlobalAveragePooling1D()(x)
-    return keras.Model(inputs, keras.layers.Dense(classes, name="classifier")(x), name="vit")
 
 
 def train(model, x, y, epochs, learning_rate):

@@ -240,3 +240,6 @@ _REWRITES = {
     graph.STACK_OPERATION: _stack,
     graph.EINSUM_OPERATION: _einsum,
 }
+
+# The Keras operations recorded as others (and a Softmax layer with a mask).
+REWRITTEN_OPERATIONS = tuple(_REWRITES)

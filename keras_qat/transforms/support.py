@@ -16,6 +16,7 @@ from keras_qat.layers.quantized import QUANTIZED_FORMS, has_quantized_form
 from keras_qat.layers.weight_operand import WeightOperand
 from keras_qat.transforms import attention, einsum_dense
 from keras_qat.transforms.fuse import fusable_classes, unfusable_reason
+from keras_qat.transforms.operation_forms import REWRITTEN_OPERATIONS
 
 # Layers rewritten as the graph their int8 model computes, in this order.
 DECOMPOSITIONS = (attention.DECOMPOSITION, einsum_dense.DECOMPOSITION)
@@ -149,6 +150,10 @@ def supported_summary():
         ("rounding Keras operations", _names(int8_rules.ROUNDING_OPERATIONS)),
         ("grid-keeping Keras operations", _names(int8_rules.GRID_KEEPING_OPERATIONS)),
         ("Keras operations converted as their layers", _names(_LAYER_OPERATIONS)),
+        (
+            "Keras operations recorded as the int8 operations that compute them",
+            _names(REWRITTEN_OPERATIONS) + ", a Softmax layer called with a mask",
+        ),
     )
     return "; ".join(f"{kind}: {names}" for kind, names in parts)
 
