@@ -3,6 +3,8 @@ quantization through the same placement and export as QAT)."""
 
 import warnings
 
+import keras
+
 from keras_qat import quantizer_roles
 from keras_qat.layers import call_context
 
@@ -11,8 +13,9 @@ def calibrate(qat_model, data, *, steps=None, batch_size=32, method="min_max", v
     """Sets every range of a quantization network from data, without
     training.
 
-    The model runs in inference on `data` (as `predict` runs it: BatchNorm
-    layers use their moving statistics, nothing is quantized), and each
+    The model runs in inference on `data` (as `predict` runs it, in the
+    model's `tf.distribute` strategy: BatchNorm layers use their moving
+    statistics, nothing is quantized, outputs are not kept), and each
     activation quantizer sets its range from the float values it sees; no
     weight, BatchNorm statistic or optimizer state changes. Then every quant
     delay counts as passed, so that the model quantizes from its next call:
@@ -20,7 +23,8 @@ def calibrate(qat_model, data, *, steps=None, batch_size=32, method="min_max", v
     (PTQ), with the placement and parity checks of a QAT export, and `fit`
     after it is QAT started from calibrated ranges.
 
-    Ranges learned before are forgotten. Weights need no calibration: their
+    Ranges learned before are forgotten (and restored if `predict` fails on
+    `data`). Weights need no calibration: their
     ranges are their own min / max. Learned ranges (`LearnedFakeQuant`)
     start from the min / max of the data with either method; learned weight
     steps are set from the kernels at the next training call.
@@ -61,18 +65,37 @@ def calibrate(qat_model, data, *, steps=None, batch_size=32, method="min_max", v
     """
     quantizers = _quantizers_of(qat_model)
     _check_arguments(method, steps)
+    saved = [(variable, variable.numpy()) for q in quantizers for variable in q.weights]
     for quantizer in quantizers:
         quantizer.reset_range()
-    qat_model.predict_function = None  # traced again, calibrating
     try:
         with call_context.calibrating(method):
-            qat_model.predict(data, steps=steps, batch_size=batch_size, verbose=verbose)
-    finally:
-        qat_model.predict_function = None
+            _summary(qat_model).predict(data, steps=steps, batch_size=batch_size, verbose=verbose)
+    except BaseException:  # bad data, an interrupt: the ranges as they were
+        for variable, value in saved:
+            variable.assign(value)
+        raise
     for quantizer in quantizers:
         quantizer.end_delay()
     _warn_of_missing_ranges(qat_model)
     return qat_model
+
+
+def _summary(qat_model):
+    """A model that runs `qat_model` and returns one mean per example and
+    output: `predict` keeps what it returns, and a language model's logits
+    over a data set would fill the memory. Built in the model's
+    `tf.distribute` strategy, which `predict` then runs it in."""
+    with qat_model.distribute_strategy.scope():
+        outputs = [_mean_per_example(t) for t in keras.tree.flatten(qat_model.output)]
+        return keras.Model(qat_model.input, outputs, name=f"{qat_model.name}_calibration")
+
+
+def _mean_per_example(tensor):
+    values = keras.ops.cast(tensor, "float32")
+    if len(values.shape) < 2:
+        return values
+    return keras.ops.mean(values, axis=tuple(range(1, len(values.shape))))
 
 
 def _quantizers_of(qat_model):

@@ -145,14 +145,14 @@ def non_tensor_outputs_recorded():
     (Keras refuses it): each such value stands as an unused placeholder
     tensor in the node's outputs, so that they line up with what the call
     returns; the caller still receives the value."""
-    modules = [m for m in (_layer_module, _operation_module) if getattr(m, "Node", None)]
-    for module in modules:
+    saved = {m: m.Node for m in (_layer_module, _operation_module) if getattr(m, "Node", None)}
+    for module in saved:
         module.Node = _node_of_any_outputs
     try:
         yield
     finally:
-        for module in modules:
-            module.Node = _node.Node
+        for module, node_class in saved.items():
+            module.Node = node_class
 
 
 def _node_of_any_outputs(operation, call_args=None, call_kwargs=None, outputs=None):

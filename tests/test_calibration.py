@@ -167,6 +167,14 @@ def test_invalid_arguments_are_refused(kwargs, message):
         kq.calibrate(qat_model, images(4), **kwargs)
 
 
+def test_ranges_are_kept_when_the_data_does_not_fit_the_model():
+    qat_model = kq.calibrate(kq.convert_quant_network(float_model()), images(16), verbose=0)
+    before = activation_ranges(qat_model)
+    with pytest.raises(ValueError):
+        kq.calibrate(qat_model, np.zeros((4, 5, 5, 1), "float32"), verbose=0)
+    assert activation_ranges(qat_model) == before
+
+
 def test_a_float_model_is_refused():
     with pytest.raises(ValueError, match="has no quantizers: calibrate sets"):
         kq.calibrate(float_model(), images(4))

@@ -58,6 +58,14 @@ def rms_norm(x):
     return llama + gemma
 
 
+def where_per_position(x, mask):
+    """Zeros where a position is padded in any example: a condition of
+    shape (6, 1, 1) for `x` of shape (batch, 6, 2, 4), broadcast as `where`
+    broadcasts it (leading axes first)."""
+    padded = ops.reshape(ops.logical_not(ops.all(mask > 0, axis=0)), (6, 1, 1))
+    return ops.reshape(ops.where(padded, ops.zeros_like(x), x), (-1, 6, 8))
+
+
 CASES = {
     "square_power_negative": lambda x: ops.square(x) + ops.power(x, 2) - (-x),
     "moveaxis": lambda x: ops.reshape(ops.moveaxis(heads(x), (1, 2), (2, 1)), (-1, 6, 8)),
@@ -86,6 +94,7 @@ CASES = {
         ),
         (-1, 6, 12),
     ),
+    "where_zeros_lower_rank": lambda x, mask: where_per_position(heads(x), mask),
     "where_zeros": lambda x, mask: ops.where(mask[..., None] < 1, ops.zeros_like(x), x),
     "masked_softmax": lambda x, mask: L.Softmax(name="softmax")(
         ops.einsum("bqhd,bkhd->bhqk", heads(x), heads(x)), mask[:, None, None, :] > 0
@@ -97,7 +106,7 @@ def model_of(case):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6, 8), name="x")
     x = L.Dense(8, name="projection")(inputs)
-    if case in ("where_zeros", "masked_softmax", "grouped_masked_softmax"):
+    if "where" in case or "masked" in case:
         mask = keras.Input((6,), dtype="int32", name="mask")
         y = Block(CASES[case], name="block")(x, mask)
         inputs = [inputs, mask]

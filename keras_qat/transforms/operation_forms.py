@@ -88,7 +88,8 @@ def _square(operation, name):
 
 def _power(operation, name):
     def power(x, exponent):
-        if np.ndim(exponent) == 0 and not keras.ops.is_tensor(exponent) and exponent == 2:
+        square = np.ndim(exponent) == 0 and not keras.ops.is_tensor(exponent) and exponent == 2
+        if square and _is_floating(x):
             return keras.ops.multiply(x, x)
         return keras.ops.power(x, exponent)
 
@@ -96,7 +97,19 @@ def _power(operation, name):
 
 
 def _negative(operation, name):
-    return lambda x: keras.ops.multiply(x, -1.0)
+    def negative(x):
+        return keras.ops.multiply(x, -1.0) if _is_floating(x) else keras.ops.negative(x)
+
+    return negative
+
+
+def _is_floating(value):
+    """Whether a tensor or constant has a floating dtype (a Python float
+    does; an int does not), so that a rewrite keeps the dtype Keras gives."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return isinstance(value, float)
+    return "float" in keras.backend.standardize_dtype(dtype)
 
 
 def _reciprocal(operation, name):
@@ -145,10 +158,10 @@ def _stack(operation, name):
 
 
 def _einsum(operation, name):
-    def einsum(*operands):
-        plan = matmul_plan(operation.subscripts) if len(operands) == 2 else None
+    def einsum(*operands, **kwargs):
+        plan = matmul_plan(operation.subscripts) if len(operands) == 2 and not kwargs else None
         if plan is None or not all(isinstance(t, keras.KerasTensor) for t in operands):
-            return keras.ops.einsum(operation.subscripts, *operands)
+            return keras.ops.einsum(operation.subscripts, *operands, **kwargs)
         left, right = (_transposed(t, order) for t, order in zip(operands, plan[:2]))
         batch = plan[3]
         inner = tuple(left.shape[1:batch])
@@ -210,13 +223,31 @@ def _where(operation, name):
     of `x` where the condition is False (SELECT_V2 of `x` and its zero)."""
 
     def where(condition, x1, x2):
-        if _zeros_like(x1, x2):
-            return AttentionWeightMask(name=name)([x2, keras.ops.logical_not(condition)])
-        if _zeros_like(x2, x1):
-            return AttentionWeightMask(name=name)([x1, condition])
+        if _zeros_like(x1, x2) and _broadcasts_to(condition, x2):
+            keep = keras.ops.logical_not(_with_rank(condition, len(x2.shape)))
+            return AttentionWeightMask(name=name)([x2, keep])
+        if _zeros_like(x2, x1) and _broadcasts_to(condition, x1):
+            return AttentionWeightMask(name=name)([x1, _with_rank(condition, len(x1.shape))])
         return keras.ops.where(condition, x1, x2)
 
     return where
+
+
+def _broadcasts_to(condition, x):
+    """Whether symbolic `condition` broadcasts to `x`'s shape without
+    widening it."""
+    if not isinstance(condition, keras.KerasTensor) or len(condition.shape) > len(x.shape):
+        return False
+    pairs = zip(reversed(condition.shape), reversed(x.shape))
+    return all(c == 1 or c == d for c, d in pairs)
+
+
+def _with_rank(condition, rank):
+    """`condition` with leading axes of size 1 up to `rank`, as `where`
+    broadcasts it."""
+    while len(condition.shape) < rank:
+        condition = keras.ops.expand_dims(condition, 0)
+    return condition
 
 
 def _zeros_like(zeros, tensor):

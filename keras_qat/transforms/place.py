@@ -170,7 +170,8 @@ class Placement:
             bool(consumers)
             and not self.graph.is_output(operation)
             and all(
-                isinstance(c, AttentionScoreMask) or self.passes_to_score_masks(c)
+                (isinstance(c, AttentionScoreMask) and not self.is_skipped(c))
+                or self.passes_to_score_masks(c)
                 for c in consumers
             )
         )

@@ -392,9 +392,11 @@ def _placeholder(value, batch_size=None):
     shape = tuple(value.shape)
     if batch_size is not None and shape and shape[0] is None:
         shape = (batch_size,) + shape[1:]
-    # Dense: Keras marks `dense * constant` as sparse (keras-hub's Gemma
-    # scales its embeddings so), and a sparse placeholder fails dense code.
-    return keras.Input(batch_shape=shape, dtype=value.dtype)
+    # Sparse only for a sparse model input: Keras marks `dense * constant`
+    # as sparse (keras-hub's Gemma scales its embeddings so), and a sparse
+    # placeholder fails dense code.
+    sparse = value.sparse and isinstance(graph.producer(value), keras.layers.InputLayer)
+    return keras.Input(batch_shape=shape, dtype=value.dtype, sparse=sparse)
 
 
 def _first_line(error):
