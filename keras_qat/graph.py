@@ -22,6 +22,7 @@ The rest of the package sees:
 """
 
 import contextlib
+import re
 
 import keras
 from keras.src.layers import layer as _layer_module
@@ -121,6 +122,24 @@ def functional_graph(model):
         "first: `kq.as_functional(model, keras.Input(shape))` (or a sample batch "
         "instead of the Input)."
     )
+
+
+def reserve_names(model):
+    """Makes Keras' automatic names skip every name in `model`.
+
+    Keras names an operation or layer made without a name from a
+    per-process counter (`reshape`, `reshape_1`, ...). A model loaded from a
+    file (or built in another process) holds names that this process's
+    counter has not counted, so a pass that adds `keras.ops.reshape` could
+    name it `reshape` beside the model's own `reshape`, and Keras refuses
+    the rebuilt model ("The name 'reshape' is used 2 times"). Each name
+    `base` or `base_k` moves the counter of `base` past it.
+    """
+    for operation in Graph(model).operations + all_layers(model):
+        match = re.fullmatch(r"(.+)_(\d+)", operation.name)
+        base, index = (match.group(1), int(match.group(2))) if match else (operation.name, 0)
+        while index < 100_000 and keras.backend.get_uid(base) <= index:
+            pass
 
 
 def producer(tensor):

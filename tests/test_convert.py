@@ -427,3 +427,20 @@ def test_per_tensor_dense_weights_become_per_channel_before_an_unfolded_batchnor
     assert qat_model.get_layer("dense").weight_quantizer.per_channel
     qat_model = convert_quant_network(keras.Model(inputs, x))  # folded: per tensor is exact
     assert not qat_model.get_layer("dense").weight_quantizer.per_channel
+
+
+def test_names_of_a_model_from_another_process_are_not_reused():
+    # A model loaded from a file holds names ("reshape", "dense_2") that this
+    # process's automatic naming has not counted; the attention rewrite adds
+    # unnamed reshapes, which Keras named "reshape" beside the model's own.
+    keras.backend.clear_session()  # as in a new process
+    inputs = keras.Input((4, 8))
+    x = keras.layers.Reshape((4, 8), name="reshape")(inputs)
+    x = keras.layers.MultiHeadAttention(2, 4, name="mha")(x, x)
+    x = keras.layers.Dense(3, name="dense_2")(keras.layers.Flatten(name="flatten")(x))
+    model = keras.Model(inputs, x)
+    qat_model = convert_quant_network(model, quant_delay=10**6)
+    names = [layer.name for layer in qat_model.layers]
+    assert len(names) == len(set(names))
+    sample = np.random.default_rng(0).standard_normal((2, 4, 8)).astype("float32")
+    np.testing.assert_allclose(qat_model(sample), model(sample), rtol=1e-5, atol=1e-5)

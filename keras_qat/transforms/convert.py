@@ -174,6 +174,7 @@ def convert_quant_network(
         layer_num_bits=layer_num_bits,
     )
     _check_model(model)
+    graph.reserve_names(model)
     kept_in_float = layer_selector(skip_layers)
 
     def traced(operation):
