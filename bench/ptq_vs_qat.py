@@ -26,9 +26,7 @@ Data: MNIST (`bash scripts/get_data.sh mnist`) for LeNet-5, Fashion-MNIST
 `--mnist_dir` / `--fashion_mnist_dir`.
 """
 
-import json
 import os
-import platform
 import sys
 import time
 
@@ -43,6 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 import idx_data  # noqa: E402
 import models  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 import keras_qat as kq  # noqa: E402
 
@@ -189,19 +188,8 @@ def main(argv):
     print("\n" + HEADER)
     for row in rows:
         print_row(row)
-    os.makedirs(os.path.dirname(FLAGS.output), exist_ok=True)
-    with open(FLAGS.output, "w") as f:
-        json.dump(
-            {
-                "date": time.strftime("%Y-%m-%d"),
-                "machine": platform.processor() or platform.machine(),
-                "flags": {k: FLAGS[k].value for k in ("qat_epochs", "qat_lr", "calibration")},
-                "limit_train": FLAGS.limit_train,
-                "rows": rows,
-            },
-            f,
-            indent=1,
-        )
+    flag_values = {k: FLAGS[k].value for k in ("qat_epochs", "qat_lr", "calibration")}
+    write_results(FLAGS.output, flag_values, rows, limit_train=FLAGS.limit_train)
 
 
 if __name__ == "__main__":

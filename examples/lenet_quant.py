@@ -8,7 +8,8 @@
    layers, asymmetric activations) and QAT-train it from the float weights.
 4. Evaluate (int8-simulated accuracy), save, and print a table.
 5. With --export_tflite: write the int8 TFLite model, evaluate it on the
-   full test set and compare it with the Keras model.
+   full test set and compare it with the Keras model. With --export_onnx
+   the same for a QDQ ONNX model run by ONNX Runtime (the `onnx` extra).
 
 MindSpore's lenet_quant quantizes the weights asymmetrically and per
 channel (`--mindspore_weights`); TFLite's int8 kernels need weight zero
@@ -58,6 +59,11 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("seed", 1, "Random seed.")
 flags.DEFINE_bool("verbose", False, "Show TensorFlow's own logging of the TFLite export.")
 flags.DEFINE_bool("export_tflite", False, "Export, evaluate and compare an int8 TFLite model.")
+flags.DEFINE_bool(
+    "export_onnx",
+    False,
+    "Export a QDQ ONNX model, evaluate it in ONNX Runtime and compare it (needs the onnx extra).",
+)
 flags.DEFINE_bool(
     "per_channel_weights",
     None,
@@ -116,14 +122,31 @@ def export(float_path, qat_path, data):
     }
 
 
+def export_onnx(qat_path, data):
+    """Writes the QDQ ONNX model and measures it in ONNX Runtime."""
+    qat_network = keras.saving.load_model(qat_path)
+    _, (x_test, y_test) = data
+    onnx_path = os.path.join(FLAGS.output_dir, "lenet_int8.onnx")
+    onnx_bytes = kq.export_onnx(qat_network, onnx_path, verbose=FLAGS.verbose)
+    onnx_out, _ = kq.run_onnx(onnx_bytes, x_test)
+    report = kq.compare_onnx(qat_network, onnx_bytes, x_test)
+    return {
+        "onnx_accuracy": float(np.mean(onnx_out.argmax(-1) == y_test)),
+        **{f"onnx_{key}": value for key, value in report.items()},
+        "int8_onnx_bytes": len(onnx_bytes),
+    }
+
+
 def main(argv):
     del argv
     quant_flags.num_bits()  # a bad value fails before training
-    if FLAGS.mindspore_weights and FLAGS.export_tflite:
-        raise app.UsageError(
-            "--mindspore_weights (asymmetric weights) cannot be exported to int8 TFLite, "
-            "whose weights have zero point 0. Received: --mindspore_weights --export_tflite"
-        )
+    for export_flag in ("export_tflite", "export_onnx"):
+        if FLAGS.mindspore_weights and FLAGS[export_flag].value:
+            raise app.UsageError(
+                "--mindspore_weights (asymmetric weights) cannot be exported to int8 TFLite "
+                "or ONNX, whose weights have zero point 0. Received: --mindspore_weights "
+                f"--{export_flag}"
+            )
     keras.utils.set_random_seed(FLAGS.seed)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     strategy = strategies.make_strategy(FLAGS.strategy, FLAGS.tpu)
@@ -140,6 +163,8 @@ def main(argv):
         return
     if FLAGS.export_tflite:
         results.update(export(float_path, qat_path, data))
+    if FLAGS.export_onnx:
+        results.update(export_onnx(qat_path, data))
     with open(os.path.join(FLAGS.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print_table(results, float_path, qat_path)
@@ -206,6 +231,13 @@ def print_table(results, float_path, qat_path):
         print(
             f"model size: float TFLite {results['float_tflite_bytes']} B, int8 TFLite "
             f"{results['int8_tflite_bytes']} B ({results['size_ratio']:.3f}x)"
+        )
+    if FLAGS.export_onnx:
+        print(f"{'int8 ONNX (ONNX Runtime)':<26}{100 * results['onnx_accuracy']:>14.2f}%")
+        print(
+            f"ONNX vs Keras QAT: top-1 agreement {100 * results['onnx_top1_agreement']:.2f} %, "
+            f"{100 * results['onnx_within_one_step']:.2f} % of outputs within one output step "
+            f"(max {results['onnx_max_diff_steps']:.1f} steps); {results['int8_onnx_bytes']} B"
         )
     print(
         f"saved: {float_path}, {qat_path} ({results['replicas']} replica(s), "

@@ -11,6 +11,8 @@
 4. With --export_tflite: export each QAT network to TFLite (weights of up
    to 4 bits as INT4 tensors), evaluate it on the test set and compare it
    with the Keras network (top-1 agreement); activations must be 8-bit.
+   With --export_onnx: the same for a QDQ ONNX model run by ONNX Runtime
+   (the `onnx` extra; 8-bit activations, weights stored as int8).
 
 Data: Fashion-MNIST IDX files, by default from the Debian package
 dataset-fashion-mnist (`bash scripts/get_data.sh fashion_mnist`), or
@@ -18,6 +20,7 @@ dataset-fashion-mnist (`bash scripts/get_data.sh fashion_mnist`), or
 
 Usage:
     python examples/resnet_quant.py [--float_epochs 6] [--qat_epochs 1] [--export_tflite]
+        [--export_onnx]
 """
 
 import collections
@@ -77,6 +80,11 @@ flags.DEFINE_bool(
     "export_tflite", False, "Export each QAT network to TFLite, evaluate and compare it."
 )
 flags.DEFINE_bool(
+    "export_onnx",
+    False,
+    "Export each QAT network to a QDQ ONNX model, evaluate it in ONNX Runtime and compare it.",
+)
+flags.DEFINE_bool(
     "pack_int4",
     True,
     "With --export_tflite: store weights of up to 4 bits as INT4 (false: as int8 tensors of the "
@@ -109,6 +117,11 @@ def main(argv):
             "--export_tflite needs 8-bit activations (TFLite's integer kernels), or 16-bit "
             f"ones with --int16_activations. Received: --num_bits={','.join(FLAGS.num_bits)}"
         )
+    if FLAGS.export_onnx and (quant_flags.num_bits()[1] != 8 or int16()):
+        raise app.UsageError(
+            "--export_onnx needs 8-bit activations. Received: "
+            f"--num_bits={','.join(FLAGS.num_bits)}" + (" --int16_activations" if int16() else "")
+        )
     keras.utils.set_random_seed(FLAGS.seed)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     strategy = strategies.make_strategy(FLAGS.strategy, FLAGS.tpu)
@@ -119,9 +132,11 @@ def main(argv):
         results = train_all(data, strategy, out_dir)
     if not chief:
         return
-    if FLAGS.export_tflite:
-        for bn_fold in bn_fold_modes():
+    for bn_fold in bn_fold_modes():
+        if FLAGS.export_tflite:
             results.update(export(bn_fold, data))
+        if FLAGS.export_onnx:
+            results.update(export_onnx(bn_fold, data))
     with open(os.path.join(FLAGS.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print()
@@ -142,6 +157,13 @@ def main(argv):
                 f"{f'  TFLite, bn_fold={bn_fold}':<28}{100 * results[key + '_accuracy']:>14.2f}%"
                 f"   top-1 agreement with Keras {100 * results[key + '_top1_agreement']:.2f} %,"
                 f" weight tensors {results[key + '_weight_types']}"
+            )
+        if FLAGS.export_onnx:
+            key = f"bn_fold_{bn_fold}_onnx"
+            print(
+                f"{f'  ONNX, bn_fold={bn_fold}':<28}{100 * results[key + '_accuracy']:>14.2f}%"
+                f"   top-1 agreement with Keras {100 * results[key + '_top1_agreement']:.2f} %,"
+                f" max {results[key + '_max_diff_steps']:.1f} output steps (ONNX Runtime)"
             )
     print(
         f"QAT: {results['qat_steps']} steps each; float: {FLAGS.float_epochs} epochs; "
@@ -235,16 +257,33 @@ def export(bn_fold, data):
     report = kq.compare_tflite(network, model, x_test, tie_steps=tie_steps)
     key = f"bn_fold_{bn_fold}_tflite"
     return {
+        **measured(key, outputs, y_test, report, model),
         f"{key}_tie_steps": tie_steps,
-        f"{key}_accuracy": float(np.mean(outputs.argmax(-1) == y_test)),
-        f"{key}_top1_agreement": report["top1_agreement"],
-        f"{key}_top1_agreement_unambiguous": report["top1_agreement_unambiguous"],
-        f"{key}_ambiguous_rows": report["ambiguous_rows"],
-        f"{key}_within_one_step": report["within_one_step"],
-        f"{key}_max_diff_steps": report["max_diff_steps"],
         f"{key}_weight_types": types,
+    }
+
+
+def measured(key, outputs, y_test, report, model):
+    """An exported model's accuracy, agreement with Keras and size, as
+    results.json keys that start with `key`."""
+    entries = ("top1_agreement", "top1_agreement_unambiguous", "ambiguous_rows")
+    entries += ("within_one_step", "max_diff_steps")
+    return {
+        f"{key}_accuracy": float(np.mean(outputs.argmax(-1) == y_test)),
+        **{f"{key}_{entry}": report[entry] for entry in entries},
         f"{key}_bytes": len(model),
     }
+
+
+def export_onnx(bn_fold, data):
+    """Exports the QAT network of `bn_fold` to ONNX and measures it."""
+    name = f"resnet20_qat_bn_fold_{bn_fold}"
+    network = keras.saving.load_model(os.path.join(FLAGS.output_dir, name + ".keras"))
+    model = kq.export_onnx(network, os.path.join(FLAGS.output_dir, name + ".onnx"))
+    _, (x_test, y_test) = data
+    outputs, _ = kq.run_onnx(model, x_test)
+    report = kq.compare_onnx(network, model, x_test)
+    return measured(f"bn_fold_{bn_fold}_onnx", outputs, y_test, report, model)
 
 
 def weight_types(model):

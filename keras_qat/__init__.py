@@ -19,6 +19,7 @@ from keras_qat.export.litert import (
     export_tflite,
     strip_tflite_names,
 )
+from keras_qat.export.onnx_export import compare_onnx, export_onnx, run_onnx
 from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
 from keras_qat.layers.attention_mask import (
     AttentionScoreMask,
@@ -109,13 +110,16 @@ __all__ = [
     "calibrate",
     "callbacks",
     "check_exportable",
+    "compare_onnx",
     "compare_tflite",
     "convert_quant_network",
     "export_float_tflite",
+    "export_onnx",
     "export_tflite",
     "fake_quant",
     "fuse",
     "quant_report",
+    "run_onnx",
     "run_tflite",
     "sensitivity",
     "strip_tflite_names",

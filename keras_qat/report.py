@@ -27,7 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_qat import graph, quantizer_roles, quantizers
-from keras_qat.export.interpreter import TensorProbe, as_input_list
+from keras_qat.export.inputs import as_input_list
+from keras_qat.export.interpreter import TensorProbe
 from keras_qat.layers.call_context import quantization_bypassed
 from keras_qat.report_table import QuantReport
 from keras_qat.transforms.fuse import fuse, has_fusable_layers

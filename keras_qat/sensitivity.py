@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from keras_qat import graph, quantizer_roles
-from keras_qat.export.interpreter import as_input_list
+from keras_qat.export.inputs import as_input_list
 from keras_qat.layers.call_context import quantization_bypassed
 from keras_qat.report import inference_function
 

@@ -82,11 +82,16 @@ def test_lenet_example_end_to_end(tmp_path):
         "--qat_epochs=2",
         "--quant_delay=5",
         "--batch_size=32",
+        "--export_tflite",
+        "--export_onnx",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "QAT (int8 simulated)" in result.stdout
+    assert "QAT (int8 simulated)" in result.stdout and "ONNX vs Keras QAT" in result.stdout
     results = json.loads((out_dir / "results.json").read_text())
     assert results["train_images"] == 640
+    assert results["onnx_within_one_step"] >= 0.99 and results["within_one_step"] >= 0.99
+    assert abs(results["onnx_accuracy"] - results["tflite_accuracy"]) <= 0.01
+    assert (out_dir / "lenet_int8.onnx").exists()
     assert results["qat_accuracy"] > 0.9  # the bars are easy to learn
     assert results["per_channel_weights"] == "conv only"  # keras-qat's default
     assert (out_dir / "lenet_qat.keras").exists()
@@ -221,10 +226,13 @@ def run_resnet_example(tmp_path, *flags):
 
 @pytest.mark.slow
 def test_resnet_example_exports_int4_weights_that_match(tmp_path):
-    results = run_resnet_example(tmp_path, "--num_bits=4,8")
+    results = run_resnet_example(tmp_path, "--num_bits=4,8", "--export_onnx")
     # 21 convolutions and the dense layer, all with 4-bit weights stored as INT4.
     assert results["bn_fold_True_tflite_weight_types"] == {"INT4": 22}
     assert_int4_parity(results, "bn_fold_True_tflite")
+    # ONNX stores the 4-bit levels as int8; ONNX Runtime's int8 kernels.
+    assert results["bn_fold_True_onnx_within_one_step"] >= 0.99, results
+    assert results["bn_fold_True_onnx_top1_agreement_unambiguous"] == 1.0, results
 
 
 def assert_int4_parity(results, key):
@@ -258,12 +266,12 @@ def test_resnet_example_exports_int16_activations(tmp_path):
     assert results["bn_fold_True_tflite_max_diff_steps"] <= 16
 
 
-def test_resnet_export_needs_8_bit_activations(tmp_path):
-    result = run_example(
-        "resnet_quant.py", f"--output_dir={tmp_path}", "--num_bits=4,4", "--export_tflite"
-    )
+@pytest.mark.parametrize("export_flag", ["--export_tflite", "--export_onnx"])
+def test_resnet_export_needs_8_bit_activations(tmp_path, export_flag):
+    flags = [f"--output_dir={tmp_path}", "--num_bits=4,4", export_flag]
+    result = run_example("resnet_quant.py", *flags)
     assert result.returncode != 0
-    assert "--export_tflite needs 8-bit activations" in result.stderr, result.stderr[-2000:]
+    assert f"{export_flag} needs 8-bit activations" in result.stderr, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ import pytest
 import tensorflow as tf
 
 import keras_qat as kq
-from keras_qat.export.interpreter import TensorProbe, _agreement, float_ops, tflite_interpreter
+from keras_qat.export.agreement import agreement
+from keras_qat.export.interpreter import TensorProbe, float_ops, tflite_interpreter
 
 EXPORTABLE = dict(symmetric=[True, False], narrow_range=[True, False])
 
@@ -90,15 +91,15 @@ def test_near_ties_are_rows_within_tie_steps_of_a_flip():
     # apart; TFLite flips the first two rows.
     keras_out = np.array([[1.0, 0.75, 0.0], [1.0, 0.95, 0.0], [1.0, 0.5, 0.0]])
     tflite_out = np.array([[0.8, 0.85, 0.0], [0.95, 1.0, 0.0], [1.0, 0.5, 0.0]])
-    two = _agreement(keras_out, tflite_out, 0.1, tie_steps=2.0)
+    two = agreement(keras_out, tflite_out, 0.1, tie_steps=2.0)
     assert two["top1_agreement"] == pytest.approx(1 / 3)
     assert two["ambiguous_rows"] == pytest.approx(1 / 3)
     assert two["top1_agreement_unambiguous"] == pytest.approx(1 / 2)
-    three = _agreement(keras_out, tflite_out, 0.1, tie_steps=3.0)
+    three = agreement(keras_out, tflite_out, 0.1, tie_steps=3.0)
     assert three["ambiguous_rows"] == pytest.approx(2 / 3)
     assert three["top1_agreement_unambiguous"] == 1.0
     # A float output has no steps, so no near-ties.
-    assert _agreement(keras_out, tflite_out, None, tie_steps=2.0)["ambiguous_rows"] == 0.0
+    assert agreement(keras_out, tflite_out, None, tie_steps=2.0)["ambiguous_rows"] == 0.0
     with pytest.raises(ValueError, match="Received: tie_steps=-1"):
         kq.compare_tflite(None, b"", np.zeros((1, 3)), tie_steps=-1)
 

@@ -10,11 +10,11 @@ way to read it; `tflite_ops` is the one place that calls it.
 
 import warnings
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_qat import graph
+from keras_qat.export.agreement import compare_with_keras
+from keras_qat.export.inputs import as_input_list
 from keras_qat.export.io_order import output_order
 from keras_qat.export.quiet import quiet
 
@@ -254,30 +254,6 @@ def _from_output_type(result, detail, quantization):
     return ((result.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
-def as_input_list(x, names):
-    """`x` (an array, a list in `names` order, or a dict by name) as a list
-    of arrays in `names` order; raises for empty or mismatched inputs."""
-    if isinstance(x, dict):
-        missing = sorted(set(names) - set(x))
-        if missing:
-            raise ValueError(
-                f"Received inputs without {missing}; the model's inputs are {list(names)}. "
-                f"Received: x with keys {sorted(x)}"
-            )
-        x = [x[name] for name in names]
-    elif not isinstance(x, (list, tuple)):
-        x = [x]
-    x = [np.asarray(v) for v in x]
-    if len(x) != len(names):
-        raise ValueError(f"Expected {len(names)} inputs ({list(names)}). Received: {len(x)} inputs")
-    if any(len(v) == 0 for v in x) or len({len(v) for v in x}) != 1:
-        raise ValueError(
-            "Expected non-empty inputs with one batch size. Received batch sizes: "
-            f"{[len(v) for v in x]}"
-        )
-    return x
-
-
 def run_tflite(tflite_bytes, x, batch_size=256, num_threads=None):
     """Runs a TFLite model on float inputs `x`, in batches.
 
@@ -316,36 +292,6 @@ def run_tflite(tflite_bytes, x, batch_size=256, num_threads=None):
     return outputs, scales
 
 
-def _agreement(keras_out, tflite_out, scale, tie_steps):
-    """The comparison of one output (see `compare_tflite`)."""
-    diff = np.abs(keras_out.astype(np.float64) - tflite_out.astype(np.float64))
-    report = {
-        "max_abs_diff": float(diff.max()),
-        "mean_abs_diff": float(diff.mean()),
-        "output_scale": scale or None,
-        "max_diff_steps": float((diff / scale).max()) if scale else None,
-        # float32 outputs: allow 1e-3 step
-        "within_one_step": float(np.mean(diff / scale <= 1.001)) if scale else None,
-    }
-    if keras_out.shape[-1] < 2:  # one unit: no top-1
-        return dict(
-            report, top1_agreement=None, ambiguous_rows=None, top1_agreement_unambiguous=None
-        )
-    agree = keras_out.argmax(-1) == tflite_out.argmax(-1)
-    top2 = np.sort(keras_out, axis=-1)[..., -2:]
-    # Two outputs one step off each, in opposite directions, move the margin
-    # between them by up to two steps. A float output has no steps.
-    margin = top2[..., 1] - top2[..., 0]
-    ambiguous = margin <= (tie_steps + 0.001) * scale if scale else np.zeros_like(agree)
-    clear = agree[~ambiguous]
-    return dict(
-        report,
-        top1_agreement=float(np.mean(agree)),
-        ambiguous_rows=float(np.mean(ambiguous)),
-        top1_agreement_unambiguous=float(np.mean(clear)) if clear.size else 1.0,
-    )
-
-
 def compare_tflite(qat_model, tflite_bytes, x, batch_size=256, tie_steps=2.0):
     """Runs the Keras model and its TFLite model on `x` and compares them.
 
@@ -379,22 +325,10 @@ def compare_tflite(qat_model, tflite_bytes, x, batch_size=256, tie_steps=2.0):
         ValueError: for empty inputs or inputs that do not match the model's,
             or a negative `tie_steps`.
     """
-    if not tie_steps >= 0:
-        raise ValueError(
-            f"Received an invalid value for `tie_steps`, expected a number >= 0. "
-            f"Received: tie_steps={tie_steps!r}"
-        )
-    names = [graph.producer(tensor).name for tensor in qat_model.inputs]
-    inputs = as_input_list(x, names)
-    keras_out = qat_model.predict(
-        graph.pack_inputs(qat_model, inputs), batch_size=batch_size, verbose=0
-    )
-    # By name through the signature; a stripped model has none (by position).
-    tflite_inputs = dict(zip(names, inputs)) if _Runner.has_signature(tflite_bytes) else inputs
-    tflite_out, scales = run_tflite(tflite_bytes, tflite_inputs, batch_size)
-    if len(qat_model.outputs) == 1:
-        return _agreement(np.asarray(keras_out), tflite_out, scales, tie_steps)
-    keras_out = keras.tree.flatten(keras_out)
-    return [
-        _agreement(np.asarray(k), t, s, tie_steps) for k, t, s in zip(keras_out, tflite_out, scales)
-    ]
+
+    def run(names, inputs):
+        # By name through the signature; a stripped model has none (by position).
+        by_name = _Runner.has_signature(tflite_bytes)
+        return run_tflite(tflite_bytes, dict(zip(names, inputs)) if by_name else inputs, batch_size)
+
+    return compare_with_keras(qat_model, x, run, batch_size, tie_steps)

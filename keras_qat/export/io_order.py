@@ -45,3 +45,20 @@ def in_keras_order(tflite_bytes, input_names):
     subgraph.inputs = np.array(inputs, dtype=np.int32)
     subgraph.outputs = np.array(outputs, dtype=np.int32)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def signature_tensor_names(tflite_bytes):
+    """`(inputs, outputs)`: `{tensor name: signature name}` of the
+    signature's inputs and outputs, each in the Keras model's order."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite_bytes))
+    signature = model.signatureDefs[0]
+    tensors = model.subgraphs[signature.subgraphIndex].tensors
+    subgraph = model.subgraphs[signature.subgraphIndex]
+    inputs = {t.tensorIndex: t.name.decode() for t in signature.inputs}
+    outputs = sorted(signature.outputs, key=lambda t: output_order(t.name.decode()))
+    return (
+        {tensors[i].name.decode(): inputs[i] for i in subgraph.inputs},
+        {tensors[t.tensorIndex].name.decode(): t.name.decode() for t in outputs},
+    )
