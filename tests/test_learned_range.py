@@ -11,6 +11,7 @@ from test_export import assert_integer_model
 
 import keras_qat as kq
 from conftest import mirrored_strategy
+from keras_qat import quantizer_roles
 from keras_qat.layers.learned_range import MAX_STEP, MIN_STEP, learned_step_fake_quant
 
 
@@ -98,6 +99,31 @@ def test_learned_quantizers_start_from_the_first_batch_and_use_lsqs_gradient_sca
         kq.LearnedWeightQuantizer(symmetric=False)
 
 
+def test_the_step_rate_moves_the_log_step_that_many_times_faster_and_is_saved():
+    x = tf.constant(np.linspace(-1.0, 2.0, 16, dtype="float32").reshape(2, 8))
+    moves = {}
+    for rate in (1.0, 3.0):
+        fq = kq.LearnedFakeQuant(num_bits=4, step_rate=rate)
+        fq(x, training=True)  # the step of the first batch, whatever the rate
+        start = float(fq.scale.numpy())
+        assert start == pytest.approx(3.0 / 15)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(fq(x * 1.5, training=True) * x)
+        keras.optimizers.Adam(1e-2).apply([tape.gradient(loss, fq.log_scale)], [fq.log_scale])
+        moves[rate] = np.log(float(fq.scale.numpy()) / start)
+    assert abs(moves[1.0]) == pytest.approx(1e-2, rel=1e-2)  # Adam's first update: the rate
+    assert moves[3.0] == pytest.approx(3 * moves[1.0], rel=1e-3)
+    config = kq.LearnedFakeQuant(num_bits=4, step_rate=3).get_config()
+    assert kq.LearnedFakeQuant.from_config(config).step_rate == 3.0
+    del config["step_rate"]  # a file saved before step_rate: log_scale is the plain logarithm
+    assert kq.LearnedFakeQuant.from_config(config).step_rate == 1.0
+    weights = kq.LearnedWeightQuantizer(symmetric=True, step_rate=2)
+    assert kq.LearnedWeightQuantizer.from_config(weights.get_config()).step_rate == 2.0
+    for bad in (0, -1.0, True, "3"):
+        with pytest.raises(ValueError, match=f"Received: step_rate={bad!r}"):
+            kq.LearnedFakeQuant(step_rate=bad)
+
+
 def small_cnn(batch_norm=True):
     inputs = keras.Input((8, 8, 1))
     x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
@@ -138,8 +164,12 @@ def test_conversion_places_learned_quantizers_and_refuses_bad_values():
 
 
 def steps_of(qat_model):
-    """The learned steps, in the order of the model's weights."""
-    return [np.exp(w.numpy()) for w in qat_model.weights if w.path.endswith("log_scale")]
+    """The learned steps, in graph order."""
+    return [
+        quantizer.scale.numpy()
+        for _, _, quantizer in quantizer_roles.model_quantizers(qat_model)
+        if hasattr(quantizer, "log_scale")
+    ]
 
 
 def test_learned_ranges_train_save_and_resume_exactly(tmp_path):

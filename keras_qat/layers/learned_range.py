@@ -48,14 +48,21 @@ from keras_qat.layers.weight_quantizer import WeightQuantizer
 
 MIN_STEP = 1e-8
 MAX_STEP = 1e8
+# How many times faster than the learning rate the log-step moves.
+DEFAULT_STEP_RATE = 1.0
 
 
 def _at_least_min_step(step):
     return tf.maximum(step, MIN_STEP)
 
 
-def _log_step_within_bounds(log_step):
-    return tf.clip_by_value(log_step, math.log(MIN_STEP), math.log(MAX_STEP))
+def _log_step_within_bounds(rate):
+    """The constraint that keeps `exp(rate * log_step)` within the step bounds."""
+
+    def constrain(log_step):
+        return tf.clip_by_value(log_step, math.log(MIN_STEP) / rate, math.log(MAX_STEP) / rate)
+
+    return constrain
 
 
 def zero_level(num_bits, narrow_range, symmetric):
@@ -97,14 +104,15 @@ def learned_step_fake_quant(x, step, zero_point, num_bits=8, narrow_range=False,
         )
 
         def grad(dy):
-            v = x / s
-            inside = tf.logical_and(v >= lowest, v <= highest)
-            step_term = tf.where(
-                inside, tf.floor(v + 0.5) - v, tf.where(v < lowest, lowest, highest)
-            )
+            # From the forward output y: inside the range y / s = round(x / s),
+            # outside it y / s is the bound (qn or qp), so LSQ's step term is
+            # (y - x) / s inside and y / s outside: one pass fewer over x.
+            inside = tf.logical_and(x >= lowest * s, x <= highest * s)
+            dx = tf.where(inside, dy, tf.zeros_like(dy))
             axes = list(range(x.shape.rank - 1)) if per_channel else None
-            d_step = tf.reduce_sum(dy * step_term, axis=axes) * grad_scale
-            return tf.where(inside, dy, tf.zeros_like(dy)), d_step
+            error = y - tf.where(inside, x, tf.zeros_like(x))
+            d_step = tf.reduce_sum(dy * error, axis=axes) / s * grad_scale
+            return dx, d_step
 
         return y, grad
 
@@ -131,31 +139,65 @@ def _log_step_weight(layer, shape):
         dtype="float32",
         trainable=True,
         autocast=False,
-        constraint=_log_step_within_bounds,
+        constraint=_log_step_within_bounds(layer.step_rate),
         aggregation="mean",
     )
 
 
-@tf.custom_gradient
-def _step_of(log_step):
-    """`exp(log_step)`, whose backward pass divides the step's gradient by
-    the step (see the module docstring)."""
-    step = tf.exp(log_step)
+def _step_of(log_step, rate):
+    """`exp(rate * log_step)`, whose backward pass divides the step's
+    gradient by the step (see the module docstring)."""
 
-    def grad(d_step):
-        return d_step / step
+    @tf.custom_gradient
+    def step_of_variable(log_step):
+        step = tf.exp(rate * log_step)
 
-    return step, grad
+        def grad(d_step):
+            return d_step / step
+
+        return step, grad
+
+    return step_of_variable(log_step)
 
 
-def step_of(log_step_variable):
-    """The step of a `log_scale` variable."""
-    return _step_of(tf.convert_to_tensor(log_step_variable, tf.float32))
+def step_of(log_step_variable, rate=1.0):
+    """The step of a `log_scale` variable that holds `log(step) / rate`."""
+    return _step_of(tf.convert_to_tensor(log_step_variable, tf.float32), float(rate))
 
 
 def _set_step(layer, step, where):
     """Sets `layer`'s step to `step` where `where` (its first batch)."""
-    layer.log_scale.assign(tf.where(where, tf.math.log(step), layer.log_scale))
+    log_step = tf.math.log(step) / layer.step_rate
+    layer.log_scale.assign(tf.where(where, log_step, layer.log_scale))
+
+
+def _check_step_rate(step_rate):
+    if (
+        isinstance(step_rate, bool)
+        or not isinstance(step_rate, (int, float))
+        or not (0 < step_rate <= 100)
+    ):
+        raise ValueError(
+            "Received an invalid value for `step_rate`, expected a number in (0, 100]. "
+            f"Received: step_rate={step_rate!r}"
+        )
+    return float(step_rate)
+
+
+class _StepRate:
+    """The `step_rate` argument shared by both learned quantizers: set,
+    saved, and 1 for a file saved before it existed (whose `log_scale` holds
+    the plain logarithm)."""
+
+    def _init_step_rate(self, step_rate):
+        self.step_rate = _check_step_rate(DEFAULT_STEP_RATE if step_rate is None else step_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "step_rate": self.step_rate}
+
+    @classmethod
+    def from_config(cls, config):
+        return super().from_config({"step_rate": 1.0, **config})
 
 
 def _flag_weight(layer):
@@ -171,7 +213,7 @@ def _flag_weight(layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
-class LearnedWeightQuantizer(WeightQuantizer):
+class LearnedWeightQuantizer(_StepRate, WeightQuantizer):
     """A `WeightQuantizer` whose step is learned (LSQ), per tensor or per
     output channel.
 
@@ -198,8 +240,9 @@ class LearnedWeightQuantizer(WeightQuantizer):
     0.1
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, step_rate=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._init_step_rate(step_rate)
         if not self.symmetric:
             raise ValueError(
                 "Learned weight ranges are symmetric (TFLite's int8 weights are). "
@@ -214,7 +257,7 @@ class LearnedWeightQuantizer(WeightQuantizer):
     @property
     def scale(self):
         """The learned step (per channel or not)."""
-        return step_of(self.log_scale)
+        return step_of(self.log_scale, self.step_rate)
 
     def learned_range(self):
         zero = zero_level(self.num_bits, self.narrow_range, True)
@@ -259,7 +302,7 @@ class LearnedWeightQuantizer(WeightQuantizer):
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
-class LearnedFakeQuant(FakeQuant):
+class LearnedFakeQuant(_StepRate, FakeQuant):
     """A `FakeQuant` on activations whose step is learned (LSQ).
 
     The first training batch sets the step and the zero point from its
@@ -280,8 +323,9 @@ class LearnedFakeQuant(FakeQuant):
     (3.0, 85.0)
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, step_rate=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._init_step_rate(step_rate)
         if self.per_channel or self.fixed_range is not None:
             raise ValueError(
                 "Learned activation ranges are per tensor and not fixed. Received: "
@@ -307,7 +351,7 @@ class LearnedFakeQuant(FakeQuant):
     @property
     def scale(self):
         """The learned step."""
-        return step_of(self.log_scale)
+        return step_of(self.log_scale, self.step_rate)
 
     @property
     def min(self):
