@@ -85,6 +85,18 @@ def test_cnn_follows_the_keras_and_the_tflite_model(exported_cnn):
     assert np.abs(onnx_out - tflite_out).max() <= 1.001 * scale
 
 
+def _onnx_layout(tflite_tensor, shape):
+    """A TFLite kernel (O, H, W, I; a depthwise one 1, H, W, O) in ONNX's
+    (O, I, H, W) layout, or a bias as it is; None if neither fits."""
+    if tflite_tensor.ndim == 1:
+        return tflite_tensor
+    for axes in ((0, 3, 1, 2), (3, 0, 1, 2)):
+        moved = np.transpose(tflite_tensor, axes)
+        if moved.shape == shape:
+            return moved
+    return None
+
+
 def test_weights_are_tflites_int8_per_channel_and_biases_its_int32(exported_cnn):
     _, _, onnx_bytes, tflite_bytes = exported_cnn
     model = onnx.load_from_string(onnx_bytes)
@@ -104,9 +116,9 @@ def test_weights_are_tflites_int8_per_channel_and_biases_its_int32(exported_cnn)
             assert dequantize.op_type == "DequantizeLinear"
             integers, scales = values[dequantize.input[0]], values[dequantize.input[1]]
             assert integers.dtype == dtype and scales.shape == (integers.shape[0],)
-            # The same integers with the same per-channel scales as in TFLite.
+            # TFLite's integers with its per-channel scales, in ONNX's layout.
             same = [
-                np.array_equal(np.sort(integers, axis=None), np.sort(t, axis=None))
+                np.array_equal(integers, _onnx_layout(t, integers.shape))
                 for s, t in tflite
                 if s.shape == scales.shape and np.allclose(s, scales, rtol=1e-6)
             ]
@@ -130,11 +142,24 @@ def _zero_point_types(onnx_bytes):
     }
 
 
+def _quantize_zero_points(onnx_bytes):
+    model = onnx.load_from_string(onnx_bytes)
+    values = _initializers(model)
+    return [values[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+
+
 def test_int8_activations_are_kept_on_request(exported_cnn):
     qat, x, uint8_bytes, _ = exported_cnn
     int8_bytes = kq.export_onnx(qat, activation_dtype="int8", opset=13)
     assert _zero_point_types(int8_bytes) == {"int8", "int32"}  # int32: the biases
     assert _zero_point_types(uint8_bytes) == {"uint8", "int8", "int32"}  # int8: the weights
+    # Each activation's uint8 zero point is its int8 one moved by 128: the same values.
+    int8_points = _quantize_zero_points(int8_bytes)
+    uint8_points = _quantize_zero_points(uint8_bytes)
+    assert len(int8_points) == len(uint8_points) >= 8  # the same graph, in the same order
+    for point, moved in zip(int8_points, uint8_points):
+        assert point.dtype == np.int8 and moved.dtype == np.uint8
+        assert int(moved) == int(point) + 128
     int8_out, scale = kq.run_onnx(int8_bytes, x)
     uint8_out, _ = kq.run_onnx(uint8_bytes, x)
     assert np.abs(int8_out - uint8_out).max() <= 1.001 * scale
@@ -146,7 +171,9 @@ def test_transformer_block_exports_with_integer_matrix_products(tmp_path):
     onnx_bytes = kq.export_onnx(qat, tmp_path / "encoder.onnx")
     assert (tmp_path / "encoder.onnx").read_bytes() == onnx_bytes
     report = kq.compare_onnx(qat, str(tmp_path / "encoder.onnx"), x)
-    assert report["mean_abs_diff"] <= report["output_scale"], report
+    # Measured with three seeds: 0-0.03 steps on average, at most 1.
+    assert report["mean_abs_diff"] <= 0.1 * report["output_scale"], report
+    assert report["max_diff_steps"] <= 1.001, report
     assert report["top1_agreement_unambiguous"] == 1.0, report
     ops = _optimized_ops(onnx_bytes, tmp_path)
     assert ops["QLinearMatMul"] >= 2 and ops["MatMul"] == 0 and ops["Conv"] == 0, ops
@@ -283,3 +310,80 @@ def test_average_pooling_ties_round_as_each_runtime_defines():
     keras_out = qat.predict(x, verbose=0)
     for out in (tflite_out, onnx_out):
         assert np.abs(out - keras_out).max() <= 0.5001 * scale
+
+
+def _moving_graph():
+    """x -> QuantizeLinear -> Concat with an int8 constant, and Concat of the
+    quantized tensor with itself -> DequantizeLinear: the integer data
+    movement tf2onnx writes (a class token concatenated to a sequence)."""
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "scale")
+    zero = numpy_helper.from_array(np.array(3, np.int8), "zero")
+    token = numpy_helper.from_array(np.array([[-7, 12], [5, 0]], np.int8), "token")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["xq"], name="q"),
+        helper.make_node("Concat", ["xq", "token"], ["with_token"], axis=1, name="cat_token"),
+        helper.make_node("Concat", ["xq", "xq"], ["twice"], axis=1, name="cat_twice"),
+        helper.make_node("DequantizeLinear", ["with_token", "scale", "zero"], ["a"], name="dq_a"),
+        helper.make_node("DequantizeLinear", ["twice", "scale", "zero"], ["b"], name="dq_b"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "moving",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [
+            helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [2, 5]),
+            helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [2, 6]),
+        ],
+        [scale, zero, token],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_operatorsetid("", 17)])
+
+
+def _run(model, x):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def test_data_movement_rewrite_keeps_constants_and_repeated_operands():
+    """An int8 constant concatenated to a quantized tensor is dequantized
+    with the concatenation's quantization (before: float and int8 operands
+    of one Concat, which ONNX Runtime refused to load), and a tensor read
+    twice by one node gets a DequantizeLinear per read (before: two nodes
+    wrote one name, not a valid graph)."""
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3)).astype("float32")
+    expected = _run(_moving_graph(), x)
+    model = _moving_graph()
+    onnx_graph.requantize_data_movement(model)
+    onnx_graph.activations_as_uint8(model)
+    onnx_graph.remove_unused_initializers(model)
+    onnx.checker.check_model(model, full_check=True)
+    for got, want in zip(_run(model, x), expected):
+        np.testing.assert_array_equal(got, want)
+    concats = [n for n in model.graph.node if n.op_type == "Concat"]
+    produced_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert all(produced_by[i] == "DequantizeLinear" for n in concats for i in n.input)
+
+
+def test_an_output_named_like_an_input_is_renamed(tmp_path):
+    inputs = keras.Input((4,), name="image")
+    model = keras.Model(inputs, {"image": L.Dense(4)(inputs), "cls": L.Dense(2)(inputs)})
+    x = images(32, (4,))
+    qat = kq.convert_quant_network(model)
+    kq.calibrate(qat, x, verbose=0)
+    onnx_bytes = kq.export_onnx(qat)
+    graph = onnx.load_from_string(onnx_bytes).graph
+    assert [i.name for i in graph.input] == ["image"]
+    assert [o.name for o in graph.output] == ["cls", "image_output"]
+    reports = kq.compare_onnx(qat, onnx_bytes, {"image": x})
+    assert [r["max_diff_steps"] <= 1.001 for r in reports] == [True, True], reports
+
+
+def test_run_onnx_refuses_bad_arguments(exported_cnn):
+    _, x, onnx_bytes, _ = exported_cnn
+    for batch_size in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f"Received: batch_size={batch_size!r}"):
+            kq.run_onnx(onnx_bytes, x, batch_size=batch_size)
+    with pytest.raises(ValueError, match="Received: onnx_model=12"):
+        kq.run_onnx(12, x)
+    out, _ = kq.run_onnx(onnx.load_from_string(onnx_bytes), x[:5])  # an onnx.ModelProto
+    assert out.shape == (5, 5)

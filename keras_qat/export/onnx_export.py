@@ -34,7 +34,11 @@ _ACTIVATION_DTYPES = ("uint8", "int8")
 _ONNX_RUNTIME_TYPES = {
     "tensor(int32)": np.int32,
     "tensor(int64)": np.int64,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
 }
 
 
@@ -59,10 +63,11 @@ def export_onnx(qat_model, path=None, *, opset=17, activation_dtype="uint8", ver
     quantized op: int8 weights as int8 initializers with per-channel scales
     where the Keras model has them, int32 biases as TFLite computed them,
     activations with the trained ranges. ONNX Runtime fuses these pairs
-    into its integer kernels (QLinearConv, QLinearMatMul, QLinearAdd, ...).
-    Inputs and outputs are float32, named as the Keras model's (its inputs'
-    names; outputs `output_0`, ... or a dict's keys), the batch size left
-    open.
+    into its integer kernels (QLinearConv, QLinearMatMul, QLinearAdd, ...;
+    measured with the default uint8 activations). Float inputs and the
+    outputs are float32 (integer inputs such as token ids stay integers),
+    named as the Keras model's (its inputs' names; outputs `output_0`, ...
+    or a dict's keys), the batch size left open.
 
     Args:
         qat_model: A trained model from `convert_quant_network`.
@@ -176,7 +181,7 @@ def _as_bytes(onnx_model):
         return onnx_model.SerializeToString()
     raise ValueError(
         "Expected an ONNX model as bytes, a path or an onnx.ModelProto. "
-        f"Received: onnx_model of type {type(onnx_model).__name__}"
+        f"Received: onnx_model={onnx_model!r:.80}"
     )
 
 
@@ -218,8 +223,15 @@ def run_onnx(onnx_model, x, batch_size=256, num_threads=None):
 
     Raises:
         ImportError: without `onnxruntime` (the `onnx` extra).
-        ValueError: for empty inputs or inputs that do not match the model's.
+        ValueError: for empty inputs or inputs that do not match the model's, or
+            a `batch_size` that is not a positive integer.
     """
+    integer = isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool)
+    if not integer or batch_size < 1:
+        raise ValueError(
+            "Received an invalid value for `batch_size`, expected a positive integer. "
+            f"Received: batch_size={batch_size!r}"
+        )
     onnx_bytes = _as_bytes(onnx_model)
     session = _session(onnx_bytes, num_threads)
     names = [value.name for value in session.get_inputs()]

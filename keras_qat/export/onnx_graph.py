@@ -56,26 +56,66 @@ _DATA_MOVEMENT = {
 _COMPUTE = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
 
 
+def _tensor_names(graph):
+    names = {init.name for init in graph.initializer}
+    names.update(value.name for value in list(graph.input) + list(graph.output))
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+    return names
+
+
 def _rename(graph, old, new):
+    """Renames tensor `old` to `new` everywhere; a tensor already named
+    `new` is first renamed out of the way."""
+    if old == new:
+        return
+    names = _tensor_names(graph)
+    if new in names:
+        moved = f"{new}/internal"
+        while moved in names:
+            moved += "_"
+        _rename(graph, new, moved)
     for node in graph.node:
         node.input[:] = [new if name == old else name for name in node.input]
         node.output[:] = [new if name == old else name for name in node.output]
-    for value in list(graph.input) + list(graph.output):
+    for value in list(graph.input) + list(graph.output) + list(graph.initializer):
         if value.name == old:
             value.name = new
 
 
+def _keras_name(onnx_name, names):
+    """The Keras name of ONNX tensor `onnx_name` in `{TFLite tensor name:
+    Keras name}` (tf2onnx may add ":0"), or None."""
+    for tensor, keras_name in names.items():
+        if onnx_name in (tensor, f"{tensor}:0"):
+            return keras_name
+    return None
+
+
 def name_inputs_and_outputs(model, input_names, output_names):
-    """Renames graph inputs and outputs by `{tensor name: Keras name}` and
-    orders the outputs as `output_names` (a dict in Keras' order)."""
+    """Renames graph inputs and outputs by `{TFLite tensor name: Keras
+    name}` and orders the outputs as `output_names` (a dict in Keras'
+    order). An output named like an input (ONNX names each tensor once)
+    takes the suffix `_output`."""
     graph = model.graph
-    for names in (input_names, output_names):
-        for value in list(graph.input) + list(graph.output):
-            for tensor, keras_name in names.items():
-                if value.name in (tensor, f"{tensor}:0"):
-                    _rename(graph, value.name, keras_name)
-    position = {name: i for i, name in enumerate(output_names.values())}
-    ordered = sorted(graph.output, key=lambda value: position.get(value.name, len(position)))
+    inputs = set()
+    for value in graph.input:
+        name = _keras_name(value.name, input_names)
+        if name is not None:
+            _rename(graph, value.name, name)
+            inputs.add(name)
+    order = {}
+    for value in graph.output:
+        name = _keras_name(value.name, output_names)
+        if name is None:
+            continue
+        position = list(output_names.values()).index(name)
+        while name in inputs:
+            name += "_output"
+        _rename(graph, value.name, name)
+        order[name] = position
+    ordered = sorted(graph.output, key=lambda value: order.get(value.name, len(order)))
     del graph.output[:]
     graph.output.extend(ordered)
 
@@ -138,44 +178,58 @@ def requantize_data_movement(model):
     """Each op that moves a quantized integer tensor (see the module's
     docstring) computes on its dequantized values between a
     DequantizeLinear and a QuantizeLinear of the same scale and zero point.
-    Raises if the inputs of one such op have different quantizations."""
+    Its other integer operands (an int8 constant concatenated to it, a row
+    gathered from an int8 table) are dequantized with that quantization,
+    the one TFLite gives all operands of such an op. Raises if the
+    quantized inputs of one such op have different quantizations."""
     graph, values = model.graph, _values(model)
-    quantization = {}  # integer tensor -> (scale, zero point) names
+    quantization = {}  # integer tensor from a QuantizeLinear -> (scale, zero point) names
+    constants = {name for name, value in values.items() if value.dtype in (np.int8, np.uint8)}
     nodes = []
     for node in graph.node:
         if node.op_type == QUANTIZE:
             quantization[node.output[0]] = tuple(node.input[1:3])
         quantized = [name for name in node.input if name in quantization]
         if node.op_type not in _DATA_MOVEMENT or not quantized:
+            if node.op_type in _DATA_MOVEMENT and node.input and node.input[0] in constants:
+                constants.update(node.output)  # a slice or gather of an int8 table
             nodes.append(node)
             continue
-        scale, zero_point = quantization[quantized[0]]
+        shared = quantization[quantized[0]]
         for other in quantized[1:]:
-            if not _same(values, quantization[other], (scale, zero_point)):
+            if not _same(values, quantization[other], shared):
                 raise ValueError(
                     f"ONNX export: '{node.name}' ({node.op_type}) moves integer tensors of "
                     "different quantizations, which it cannot be given one QDQ form for."
                 )
-        for position, name in enumerate(node.input):
-            if name in quantization:
-                dequantized = f"{name}/dequantized_for/{node.name}"
-                nodes.append(
-                    helper.make_node(
-                        DEQUANTIZE, [name, *quantization[name]], [dequantized], name=dequantized
-                    )
-                )
-                node.input[position] = dequantized
+        nodes.extend(_dequantized_operands(node, quantization, constants, shared))
         nodes.append(node)
         for position, name in enumerate(list(node.output)):
             node.output[position] = f"{name}/float"
             nodes.append(
                 helper.make_node(
-                    QUANTIZE, [f"{name}/float", scale, zero_point], [name], name=f"{name}/quantize"
+                    QUANTIZE, [f"{name}/float", *shared], [name], name=f"{name}/quantize"
                 )
             )
-            quantization[name] = (scale, zero_point)
+            quantization[name] = shared
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def _dequantized_operands(node, quantization, constants, shared):
+    """DequantizeLinear nodes for `node`'s integer operands, which it then
+    reads instead (one per operand position)."""
+    added = []
+    for position, name in enumerate(node.input):
+        if name not in quantization and name not in constants:
+            continue
+        dequantized = f"{node.name}/dequantized/{position}"
+        parameters = quantization.get(name, shared)
+        added.append(
+            helper.make_node(DEQUANTIZE, [name, *parameters], [dequantized], name=dequantized)
+        )
+        node.input[position] = dequantized
+    return added
 
 
 def _same(values, a, b):
