@@ -352,7 +352,7 @@ class Graph:
         return sum(node.operation is operation for node in self.nodes)
 
 
-def rebuild(model, call):
+def rebuild(model, call, dtype=None):
     """Runs a model's graph on new inputs with `call` at every node.
 
     Args:
@@ -361,6 +361,7 @@ def rebuild(model, call):
             topological order, with the node's arguments mapped to the new
             tensors; returns the outputs that replace the node's outputs (the
             same structure).
+        dtype: The dtype of every new input, or None for `model`'s.
 
     Returns:
         A new Functional model with inputs like `model`'s (shapes, dtypes,
@@ -370,7 +371,7 @@ def rebuild(model, call):
     inputs = keras.tree.map_structure(
         lambda x: keras.Input(
             batch_shape=x.shape,
-            dtype=x.dtype,
+            dtype=dtype or x.dtype,
             sparse=x.sparse,
             name=producer(x).name,
         ),

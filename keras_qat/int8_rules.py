@@ -32,6 +32,7 @@ and two activations are computed as two int8 ops with a rounding in between
 """
 
 import keras
+import numpy as np
 
 from keras_qat import graph
 from keras_qat.layers.activations import QuantHardSigmoid, QuantSwish
@@ -325,3 +326,21 @@ def normalizes_last_axis(layer):
     except (AttributeError, ValueError):  # not called yet, or shared
         rank = None
     return len(axes) == 1 and (axes[0] == -1 or axes[0] == (rank or 0) - 1)
+
+
+def uint8_pixel_range(rescaling, options):
+    """The range of the uint8 grid that `rescaling` (a `Rescaling` of a
+    uint8 input) maps the 256 integers onto, or None. `x * scale + offset`
+    puts integer `q` on the grid of step `scale` whose level of zero is
+    `-offset / scale`: exactly an 8-bit asymmetric (not narrow) activation
+    grid when that level is an integer from 0 to 255. The TFLite model then
+    takes the uint8 pixels themselves (scale `scale`, that zero point)."""
+    scale, offset = (np.asarray(v, np.float64) for v in (rescaling.scale, rescaling.offset))
+    if scale.size != 1 or offset.size != 1 or not float(scale) > 0:
+        return None
+    if options["num_bits"] != 8 or options["symmetric"] or options["narrow_range"]:
+        return None
+    zero = -float(offset) / float(scale)
+    if not (0 <= zero <= 255 and abs(zero - round(zero)) < 1e-6):
+        return None
+    return (float(offset), float(offset) + 255 * float(scale))

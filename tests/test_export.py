@@ -611,3 +611,48 @@ def test_int16_export_refuses_what_it_cannot_export():
     qat = calibrate(kq.convert_quant_network(joined, **INT16), x)
     with pytest.raises(ValueError, match="no int16 CONCATENATION"):
         kq.export_tflite(qat, activations="int16")
+
+
+def pixel_model(scale, offset):
+    inputs = keras.Input((8, 8, 1), dtype="uint8", name="pixels")
+    x = keras.layers.Rescaling(scale, offset)(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 1)).astype("uint8")
+    qat_model = kq.convert_quant_network(model)
+    kq.calibrate(qat_model, pixels, verbose=0)
+    return qat_model, pixels
+
+
+@pytest.mark.parametrize("scale, offset", [(1 / 255, 0.0), (1 / 128, -1.0)])
+def test_uint8_pixels_export_as_an_all_integer_model_that_takes_them(scale, offset):
+    """`Input(dtype="uint8")` then `Rescaling`: the rescaled pixels are on
+    an exact 8-bit grid, so the TFLite model takes the uint8 pixels
+    themselves (before: CAST and MUL left in float at the input)."""
+    qat_model, pixels = pixel_model(scale, offset)
+    tflite_bytes = kq.export_tflite(qat_model)
+    assert float_ops(tflite_bytes) == []
+    detail = tflite_interpreter(tflite_bytes).get_input_details()[0]
+    assert detail["dtype"] == np.uint8
+    assert detail["quantization"][0] == pytest.approx(scale, rel=1e-6)
+    assert detail["quantization"][1] == round(-offset / scale)
+    report = kq.compare_tflite(qat_model, tflite_bytes, pixels)
+    assert report["max_diff_steps"] <= 1.001, report
+    stripped, _ = kq.run_tflite(kq.strip_tflite_names(tflite_bytes), pixels)
+    np.testing.assert_array_equal(stripped, kq.run_tflite(tflite_bytes, pixels)[0])
+    # The grid after the Rescaling holds every rescaled pixel exactly.
+    rescaled = pixels.astype("float32") * np.float32(scale) + np.float32(offset)
+    quantizer = next(
+        layer for layer in qat_model.layers if getattr(layer, "fixed_range", None) is not None
+    )
+    np.testing.assert_allclose(quantizer(rescaled).numpy(), rescaled, atol=1e-6)
+
+
+def test_pixels_off_an_exact_grid_are_rescaled_in_float():
+    qat_model, pixels = pixel_model(1 / 127.5, -1.0)  # zero point 127.5: no level on 0
+    with pytest.raises(ValueError, match="float compute ops"):
+        kq.export_tflite(qat_model)
+    tflite_bytes = kq.export_tflite(qat_model, allow_float_ops=True)
+    detail = tflite_interpreter(tflite_bytes).get_input_details()[0]
+    assert detail["dtype"] == np.uint8 and detail["quantization"] == (0.0, 0)
+    assert kq.compare_tflite(qat_model, tflite_bytes, pixels)["max_diff_steps"] <= 1.001

@@ -387,3 +387,14 @@ def test_run_onnx_refuses_bad_arguments(exported_cnn):
         kq.run_onnx(12, x)
     out, _ = kq.run_onnx(onnx.load_from_string(onnx_bytes), x[:5])  # an onnx.ModelProto
     assert out.shape == (5, 5)
+
+
+def test_uint8_pixels_are_the_onnx_models_input():
+    from test_export import pixel_model
+
+    qat, pixels = pixel_model(1 / 255, 0.0)
+    onnx_bytes = kq.export_onnx(qat)
+    graph = onnx.load_from_string(onnx_bytes).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    report = kq.compare_onnx(qat, onnx_bytes, pixels)
+    assert report["max_diff_steps"] <= 1.001, report

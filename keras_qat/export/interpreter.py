@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from keras_qat.export import pixel_inputs
 from keras_qat.export.agreement import compare_with_keras
 from keras_qat.export.inputs import as_input_list
 from keras_qat.export.io_order import output_order
@@ -166,10 +167,11 @@ class _Runner:
             self.outputs = [outputs[name] for name in names]
             self._output_names = names
         self.scales = [_io_quantization(self.interpreter, d) for d in self.outputs]
+        self.pixels = pixel_inputs.marked_positions(tflite_bytes)
 
     def run(self, batches):
-        """Float outputs (a list) for one batch of float inputs (a list)."""
-        quantized = [_to_input_type(b, d, self.interpreter) for b, d in zip(batches, self.inputs)]
+        """Float outputs (a list) for one batch of inputs (a list)."""
+        quantized = _to_input_types(batches, self.inputs, self.interpreter, self.pixels)
         if self.signature is not None:
             results = self.runner(**dict(zip(self.input_names, quantized)))
             results = [results[name] for name in self._output_names]
@@ -200,6 +202,7 @@ class TensorProbe:
         self.interpreter = tflite_interpreter(
             tflite_bytes, default_delegates=False, allocate=False, preserve_all_tensors=True
         )
+        self.pixels = pixel_inputs.marked_positions(tflite_bytes)
         signatures = self.interpreter.get_signature_list()
         if signatures:
             _, self.inputs = signature_inputs(self.interpreter, next(iter(signatures)))
@@ -220,8 +223,8 @@ class TensorProbe:
         ]
 
     def run(self, batches):
-        """Runs one batch (a list of float arrays in input order)."""
-        quantized = [_to_input_type(b, d, self.interpreter) for b, d in zip(batches, self.inputs)]
+        """Runs one batch (a list of arrays in input order)."""
+        quantized = _to_input_types(batches, self.inputs, self.interpreter, self.pixels)
         for detail, batch in zip(self.inputs, quantized):
             self.interpreter.resize_tensor_input(detail["index"], batch.shape)
         with quiet():
@@ -234,6 +237,16 @@ class TensorProbe:
     def real_value(self, index, scale, zero_point):
         """Tensor `index` after `run`, dequantized."""
         return (self.interpreter.get_tensor(index).astype(np.float64) - zero_point) * scale
+
+
+def _to_input_types(batches, details, interpreter, pixels):
+    """The model's input tensors for `batches` as the Keras model takes
+    them: pixel inputs (`keras_qat.export.pixel_inputs`) as the integers
+    they are, float values quantized where the input is an integer one."""
+    return [
+        np.asarray(b).astype(d["dtype"]) if i in pixels else _to_input_type(b, d, interpreter)
+        for i, (b, d) in enumerate(zip(batches, details))
+    ]
 
 
 def _to_input_type(batch, detail, interpreter):

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_qat import graph, quantizer_roles
-from keras_qat.export import int16
+from keras_qat.export import int16, pixel_inputs
 from keras_qat.export.checks import check_activation_type, check_exportable
 from keras_qat.export.interpreter import float_ops
 from keras_qat.export.io_order import in_keras_order
@@ -39,7 +39,7 @@ def export_tflite(
     qat_model,
     path=None,
     *,
-    input_type=tf.float32,
+    input_type=None,
     output_type=tf.float32,
     allow_float_ops=False,
     select_tf_ops=False,
@@ -67,7 +67,13 @@ def export_tflite(
         path: Optional file to write the flatbuffer to, a `str` or
             `os.PathLike` in an existing directory.
         input_type: `tf.float32` (a QUANTIZE op at the input), `tf.int8` or
-            `tf.uint8` (integer input, quantized with the input range).
+            `tf.uint8` (integer input, quantized with the input range), or
+            None (the default): `tf.uint8` for a model whose inputs are
+            uint8 images rescaled onto an exact 8-bit grid
+            (`Input(dtype="uint8")`, then `Rescaling(1 / 255)` or any scale
+            and offset whose zero point `-offset / scale` is an integer from
+            0 to 255; `keras_qat.export.pixel_inputs`), whose TFLite input
+            then takes the pixels themselves, else `tf.float32`.
         output_type: `tf.float32`, `tf.int8` or `tf.uint8`.
         allow_float_ops: Whether a model in which the converter left float
             compute ops is returned instead of raising.
@@ -126,6 +132,8 @@ def export_tflite(
     >>> kq.compare_tflite(qat, tflite_bytes, x)["within_one_step"]
     1.0
     """
+    if input_type is None:
+        input_type = tf.uint8 if pixel_inputs.takes_pixels(qat_model) else tf.float32
     for name, value in (("input_type", input_type), ("output_type", output_type)):
         if tf.as_dtype(value) not in (tf.float32, tf.int8, tf.uint8):
             raise ValueError(
@@ -154,7 +162,10 @@ def export_tflite(
             f"{', '.join(left)}. Pass allow_float_ops=True to accept a "
             "partly float model."
         )
-    return _finish(in_keras_order(tflite_bytes, _input_names(qat_model)), path, strip_names)
+    tflite_bytes = in_keras_order(tflite_bytes, _input_names(qat_model))
+    if input_type == tf.uint8 and pixel_inputs.takes_pixels(qat_model):
+        tflite_bytes = pixel_inputs.mark(tflite_bytes, range(len(qat_model.inputs)))
+    return _finish(tflite_bytes, path, strip_names)
 
 
 def _input_names(model):
@@ -193,6 +204,8 @@ def _run_converter(qat_model, input_type, output_type, select_tf_ops, pack_int4,
     with tempfile.TemporaryDirectory() as directory:
         saved_model = os.path.join(directory, "saved_model")
         model = float32_model(qat_model)
+        if input_type == tf.uint8 and pixel_inputs.takes_pixels(model):
+            model = pixel_inputs.from_rescaled_values(model)
         with tracing_for_export(pack_int4, repeated_weights(model)):
             _save_for_conversion(model, saved_model)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)

@@ -172,6 +172,9 @@ def _set_step(layer, step, where):
 
 
 def _check_step_rate(step_rate):
+    """`step_rate` as a float (None: `DEFAULT_STEP_RATE`); raises if it is
+    not a number in (0, 100]."""
+    step_rate = DEFAULT_STEP_RATE if step_rate is None else step_rate
     if (
         isinstance(step_rate, bool)
         or not isinstance(step_rate, (int, float))
@@ -184,20 +187,10 @@ def _check_step_rate(step_rate):
     return float(step_rate)
 
 
-class _StepRate:
-    """The `step_rate` argument shared by both learned quantizers: set,
-    saved, and 1 for a file saved before it existed (whose `log_scale` holds
-    the plain logarithm)."""
-
-    def _init_step_rate(self, step_rate):
-        self.step_rate = _check_step_rate(DEFAULT_STEP_RATE if step_rate is None else step_rate)
-
-    def get_config(self):
-        return {**super().get_config(), "step_rate": self.step_rate}
-
-    @classmethod
-    def from_config(cls, config):
-        return super().from_config({"step_rate": 1.0, **config})
+def _saved_before_step_rate(config):
+    """A config saved before `step_rate` existed holds the plain logarithm
+    of the step: rate 1."""
+    return {"step_rate": 1.0, **config}
 
 
 def _flag_weight(layer):
@@ -213,7 +206,7 @@ def _flag_weight(layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
-class LearnedWeightQuantizer(_StepRate, WeightQuantizer):
+class LearnedWeightQuantizer(WeightQuantizer):
     """A `WeightQuantizer` whose step is learned (LSQ), per tensor or per
     output channel.
 
@@ -242,7 +235,7 @@ class LearnedWeightQuantizer(_StepRate, WeightQuantizer):
 
     def __init__(self, *args, step_rate=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_step_rate(step_rate)
+        self.step_rate = _check_step_rate(step_rate)
         if not self.symmetric:
             raise ValueError(
                 "Learned weight ranges are symmetric (TFLite's int8 weights are). "
@@ -258,6 +251,13 @@ class LearnedWeightQuantizer(_StepRate, WeightQuantizer):
     def scale(self):
         """The learned step (per channel or not)."""
         return step_of(self.log_scale, self.step_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "step_rate": self.step_rate}
+
+    @classmethod
+    def from_config(cls, config):
+        return super().from_config(_saved_before_step_rate(config))
 
     def learned_range(self):
         zero = zero_level(self.num_bits, self.narrow_range, True)
@@ -302,7 +302,7 @@ class LearnedWeightQuantizer(_StepRate, WeightQuantizer):
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
-class LearnedFakeQuant(_StepRate, FakeQuant):
+class LearnedFakeQuant(FakeQuant):
     """A `FakeQuant` on activations whose step is learned (LSQ).
 
     The first training batch sets the step and the zero point from its
@@ -325,7 +325,7 @@ class LearnedFakeQuant(_StepRate, FakeQuant):
 
     def __init__(self, *args, step_rate=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_step_rate(step_rate)
+        self.step_rate = _check_step_rate(step_rate)
         if self.per_channel or self.fixed_range is not None:
             raise ValueError(
                 "Learned activation ranges are per tensor and not fixed. Received: "
@@ -352,6 +352,13 @@ class LearnedFakeQuant(_StepRate, FakeQuant):
     def scale(self):
         """The learned step."""
         return step_of(self.log_scale, self.step_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "step_rate": self.step_rate}
+
+    @classmethod
+    def from_config(cls, config):
+        return super().from_config(_saved_before_step_rate(config))
 
     @property
     def min(self):

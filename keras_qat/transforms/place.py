@@ -289,6 +289,18 @@ class Placement:
             return None
         return name
 
+    def pixel_range(self, operation):
+        """The fixed range of a `Rescaling` of a uint8 model input onto an
+        exact 8-bit grid (`int8_rules.uint8_pixel_range`), else None."""
+        if not isinstance(operation, keras.layers.Rescaling):
+            return None
+        inputs = self.graph.input_tensors(operation)
+        if len(inputs) != 1 or keras.backend.standardize_dtype(inputs[0].dtype) != "uint8":
+            return None
+        if not isinstance(graph.producer(inputs[0]), keras.layers.InputLayer):
+            return None
+        return int8_rules.uint8_pixel_range(operation, self.activation_options(operation.name))
+
     def quantize_model_input(self, tensor):
         """The `FakeQuant` output of a float model input; other values
         (integer inputs among them: see `rules.place_integer_cast`) unchanged."""

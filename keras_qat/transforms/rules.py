@@ -55,9 +55,10 @@ def _casts_integer_input(placement, operation):
 
 def place_integer_cast(placement, operation, args, kwargs):
     """The cast (and scaling) in float, then a FakeQuant: the quantization
-    network's first grid."""
+    network's first grid; uint8 pixels rescaled onto an exact 8-bit grid
+    keep that grid, a fixed range (`int8_rules.uint8_pixel_range`)."""
     outputs = placement.clones.of(operation)(*args, **kwargs)
-    return placement.quantize_output(operation, outputs)
+    return placement.quantize_output(operation, outputs, placement.pixel_range(operation))
 
 
 def _on_int8_grid(constant):
