@@ -656,3 +656,23 @@ def test_pixels_off_an_exact_grid_are_rescaled_in_float():
     detail = tflite_interpreter(tflite_bytes).get_input_details()[0]
     assert detail["dtype"] == np.uint8 and detail["quantization"] == (0.0, 0)
     assert kq.compare_tflite(qat_model, tflite_bytes, pixels)["max_diff_steps"] <= 1.001
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
+def test_a_fixed_range_output_concatenated_is_named_before_the_converter(activation):
+    """TFLite's sigmoid / hard sigmoid / tanh outputs have fixed ranges that
+    TF 2.21's converter does not requantize for a CONCATENATION (before:
+    its "same scale constraint" error from inside the conversion)."""
+    inputs = keras.Input((6,), name="a")
+    gate = keras.layers.Dense(5, activation=activation, name="gate")(inputs)
+    branch = keras.layers.Dense(5, activation="relu")(inputs)
+    joined = keras.layers.Concatenate(name="joined")([branch, gate])
+    qat_model = kq.convert_quant_network(keras.Model(inputs, keras.layers.Dense(3)(joined)))
+    x = np.random.default_rng(0).uniform(-1, 1, (32, 6)).astype("float32")
+    kq.calibrate(qat_model, x, verbose=0)
+    fixed = [layer.name for layer in qat_model.layers if getattr(layer, "fixed_range", None)]
+    assert len(fixed) == 1
+    with pytest.raises(ValueError, match=rf"'joined' .* puts '{fixed[0]}' on its own grid"):
+        kq.check_exportable(qat_model)
+    with pytest.raises(ValueError, match="apply that activation after the concatenation"):
+        kq.export_tflite(qat_model)

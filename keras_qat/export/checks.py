@@ -123,12 +123,45 @@ def _fusion_layer_problems(layer, name, activations):
 
 
 def _concatenation_problems(layer, name, activations):
-    if activations != "int16":
+    if activations == "int16":
+        return [
+            f"{name}: TF 2.21's converter has no int16 CONCATENATION ('tfl.concatenation' "
+            "takes no 16-bit quantized operands)"
+        ]
+    fixed = _fixed_range_inputs(layer)
+    if not fixed:
         return []
     return [
-        f"{name}: TF 2.21's converter has no int16 CONCATENATION ('tfl.concatenation' "
-        "takes no 16-bit quantized operands)"
+        f"{name} puts {', '.join(fixed)} on its own grid, but their ranges are fixed by TFLite's "
+        "kernels (sigmoid, hard sigmoid, tanh, softmax) and TF 2.21's converter does not "
+        "requantize such an output for CONCATENATION (it fails on 'the same scale "
+        "constraint'); apply that activation after the concatenation, or keep the "
+        "concatenation in float with skip_layers"
     ]
+
+
+def _fixed_range_inputs(layer):
+    """The names of the fixed-range `FakeQuant`s whose outputs `layer` (a
+    `QuantConcatenate`) quantizes onto another range."""
+    quantizer = layer.quantizer
+    shared = (float(quantizer.min), float(quantizer.max)) if quantizer.built else None
+    names = []
+    for args, _ in graph.node_arguments(layer):
+        inputs = keras.tree.flatten(args[0] if args else [])
+        flags = layer.quantize_inputs or [True] * len(inputs)
+        for tensor, flag in zip(inputs, flags):
+            producer = _fixed_range_producer(tensor)
+            if flag and producer is not None and producer.fixed_range != shared:
+                names.append(f"'{producer.name}'")
+    return list(dict.fromkeys(names))
+
+
+def _fixed_range_producer(tensor):
+    """The fixed-range `FakeQuant` that computes `tensor`, or None."""
+    producer = graph.producer(tensor) if isinstance(tensor, keras.KerasTensor) else None
+    if isinstance(producer, FakeQuant) and producer.fixed_range is not None:
+        return producer
+    return None
 
 
 def _int8_weight_operand_problems(layer, name, activations):
