@@ -56,13 +56,19 @@ def _at_least_min_step(step):
     return tf.maximum(step, MIN_STEP)
 
 
-def _log_step_within_bounds(rate):
-    """The constraint that keeps `exp(rate * log_step)` within the step bounds."""
+class _LogStepBounds(keras.constraints.Constraint):
+    """Keeps `exp(rate * log_step)` within the step bounds (a `Constraint`
+    instance: Keras 3.10 takes no closure as a constraint)."""
 
-    def constrain(log_step):
-        return tf.clip_by_value(log_step, math.log(MIN_STEP) / rate, math.log(MAX_STEP) / rate)
+    def __init__(self, rate):
+        self.rate = rate
 
-    return constrain
+    def __call__(self, log_step):
+        low, high = math.log(MIN_STEP) / self.rate, math.log(MAX_STEP) / self.rate
+        return tf.clip_by_value(log_step, low, high)
+
+    def get_config(self):
+        return {"rate": self.rate}
 
 
 def zero_level(num_bits, narrow_range, symmetric):
@@ -139,7 +145,7 @@ def _log_step_weight(layer, shape):
         dtype="float32",
         trainable=True,
         autocast=False,
-        constraint=_log_step_within_bounds(layer.step_rate),
+        constraint=_LogStepBounds(layer.step_rate),
         aggregation="mean",
     )
 
