@@ -127,3 +127,36 @@ def test_a_row_of_equal_values_saturates_as_tflites_rsqrt_does():
     tflite_bytes = kq.export_tflite(qat_model)
     tflite_out, scale = kq.run_tflite(tflite_bytes, x)
     np.testing.assert_allclose(tflite_out[:8, 0], out[:8, 0], atol=1.001 * scale)
+
+
+@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre_norm", "post_norm"])
+def test_an_encoder_block_with_untrained_layer_norms_exports(pre_norm):
+    """gamma exactly 1 and beta 0 (fresh, or frozen while the rest trains):
+    two layer norms' gammas are equal constants, which the converter merged
+    and requantized ('tfl.reshape' op quantization parameters violate the
+    same scale constraint, before b2585c9 gave each copy of equal weights
+    its own constant). Exporting right after conversion and a first fit is
+    a normal first step."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 16))
+    if pre_norm:
+        h = L.LayerNormalization()(inputs)
+        x = L.Add()([inputs, L.MultiHeadAttention(2, 8)(h, h)])
+        h = L.LayerNormalization()(x)
+        x = L.Add()([x, L.Dense(16)(L.Dense(32, activation="gelu")(h))])
+    else:
+        a = L.MultiHeadAttention(2, 8)(inputs, inputs)
+        x = L.LayerNormalization()(L.Add()([inputs, a]))
+        f = L.Dense(16)(L.Dense(32, activation="gelu")(x))
+        x = L.LayerNormalization()(L.Add()([x, f]))
+    model = keras.Model(inputs, L.Dense(4)(L.GlobalAveragePooling1D()(x)))
+    x = np.random.default_rng(0).normal(size=(64, 8, 16)).astype("float32")
+    qat_model = kq.convert_quant_network(model)
+    qat_model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    qat_model.fit(x, np.zeros((64, 4)), batch_size=64, epochs=1, verbose=0)
+    for layer in qat_model.layers:
+        if isinstance(layer, QuantLayerNormalization):
+            np.testing.assert_array_equal(layer.gamma.numpy(), 1.0)
+    tflite_bytes = kq.export_tflite(qat_model)
+    report = kq.compare_tflite(qat_model, tflite_bytes, x)
+    assert report["max_diff_steps"] <= 2.001 and report["within_one_step"] >= 0.99, report

@@ -3,6 +3,7 @@ against an independent reference (the raw TF op on numpy-fake-quantized
 weights), each alone against TFLite's int8 kernel, and a sequence model
 and a small U-Net end to end."""
 
+import functools
 import json
 import os
 import subprocess
@@ -250,6 +251,43 @@ def test_lone_conv2d_transpose_is_within_one_step_of_tflites_kernel():
     assert np.mean(steps < 0.5) >= 0.995 and steps.max() <= 1.001, (
         np.mean(steps < 0.5),
         steps.max(),
+    )
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        lambda: [L.Conv2DTranspose(4, 3, strides=2, padding="same", activation="relu")],
+        lambda: [L.Conv2DTranspose(4, 3, strides=2, padding="same"), L.ReLU(6.0)],
+        lambda: [
+            L.Conv2DTranspose(4, 3, strides=2, padding="same", use_bias=False),
+            L.BatchNormalization(),
+            L.ReLU(),
+        ],
+    ],
+    ids=["relu", "relu6_layer", "bn_relu"],
+)
+def test_a_transposed_conv_then_relu_exports_to_int8(block):
+    """TRANSPOSE_CONV fuses no activation (the converter left it and its
+    RELU in float): the ReLU gets its own int8 op between two grids. One
+    step of TRANSPOSE_CONV's rounding (above) on the first grid is a step of
+    it after the ReLU, plus the ReLU's own rounding onto the second."""
+    x = np.random.default_rng(9).uniform(-1, 1, (256, 6, 6, 3)).astype("float32")
+    inputs = keras.Input(x.shape[1:])
+    outputs = functools.reduce(lambda t, layer: layer(t), block(), inputs)
+    qat_model = calibrate(kq.convert_quant_network(keras.Model(inputs, outputs)), x, steps=2)
+    tflite_bytes = kq.export_tflite(qat_model)
+    ops = assert_integer_model(tflite_bytes, ["TRANSPOSE_CONV"])
+    assert {"RELU", "RELU6"} & set(ops), ops
+    tflite_out, scale = kq.run_tflite(tflite_bytes, x)
+    diff = np.abs(qat_model.predict(x, verbose=0) - tflite_out)
+    before_relu = qat_model.layers[-3]
+    assert type(before_relu).__name__ == "FakeQuant", qat_model.layers
+    step_before = float(before_relu.output_scale(before_relu.min, before_relu.max, True))
+    assert np.mean(diff < 0.5 * scale) >= 0.995 and diff.max() <= 1.001 * (step_before + scale), (
+        np.mean(diff < 0.5 * scale),
+        diff.max() / scale,
+        step_before / scale,
     )
 
 

@@ -137,8 +137,12 @@ def _place_shared_grid_pooling(placement, layer, args, kwargs):
 
 
 def _fuses_activation(layer):
-    """Whether the integer kernel fuses `layer`'s activation (or it has none)."""
+    """Whether the integer kernel fuses `layer`'s activation (or it has none).
+    TRANSPOSE_CONV fuses none: the TFLite converter (2.21) leaves a RELU after
+    it in float, and the convolution with it."""
     name = int8_rules.activation_name(layer.activation)
+    if isinstance(layer, Conv2DTransposeBnAct):
+        return name == "linear"
     return name in ("linear",) + int8_rules.FUSED_ACTIVATIONS
 
 
