@@ -73,7 +73,7 @@ def test_learned_weight_ranges_export_their_trained_levels_and_steps(bits, per_c
     for _ in range(3):  # the steps move away from the kernel's own range
         qat.train_on_batch(x, rng.normal(size=(32, 4, 4, 5)).astype("float32"))
     quantizer = qat.get_layer("conv").weight_quantizer
-    step = quantizer.scale.numpy()
+    step = quantizer.step_for(qat.get_layer("conv").kernel()).numpy()
     kernel_step = kq.WeightQuantizer(bits, True, True, per_channel).grid_scale(
         *kq.WeightQuantizer(bits, True, True, per_channel).range(qat.get_layer("conv").kernel())
     )

@@ -6,6 +6,7 @@ with the learned step as their scale."""
 import keras
 import numpy as np
 import pytest
+import reference
 import tensorflow as tf
 from test_export import assert_integer_model
 
@@ -94,9 +95,97 @@ def test_learned_quantizers_start_from_the_first_batch_and_use_lsqs_gradient_sca
     untrained = quantizer.quantize_weights(kernel).values  # the kernel's own range first
     np.testing.assert_allclose(untrained, kq.fake_quant(kernel, -0.7, 0.7, 4, True, True))
     quantizer.quantize_weights(kernel, training=True)
-    assert float(quantizer.scale.numpy()) == pytest.approx(0.1)
+    # 0.95 * 0.7 / 7: -0.35 and 0.2 round closer than on the full range's grid.
+    assert float(quantizer.step_for(kernel).numpy()) == pytest.approx(0.095)
     with pytest.raises(ValueError, match="Received: symmetric=False"):
         kq.LearnedWeightQuantizer(symmetric=False)
+
+
+FRACTIONS = np.arange(15) * 0.05 + 0.3  # 0.3 .. 1.0
+
+
+def least_error(candidates, error):
+    """The candidate of least `error` (the first of equals, as argmin)."""
+    return candidates[int(np.argmin([error(c) for c in candidates]))]
+
+
+def weight_error(values, step):
+    """Squared error of `values` on the signed 4-bit grid of `step`."""
+    return np.sum((np.clip(np.round(values / step), -7, 7) * step - values) ** 2)
+
+
+def test_a_learned_step_starts_where_its_grid_rounds_the_data_with_the_least_error():
+    """At 4 bits an outlier stretches the full range's grid over values it
+    then rounds coarsely: the start is the fraction of the range with the
+    least squared error (numpy, every candidate), per channel for weights."""
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.normal(0, 1, (64, 10))).astype("float32")
+    x[0, 0] = 12.0  # an outlier
+    fq = kq.LearnedFakeQuant(num_bits=4)
+    fq(tf.constant(x), training=True)
+    start = least_error(
+        FRACTIONS, lambda f: np.sum((reference.fake_quant(x, 0, f * 12.0, 4) - x) ** 2)
+    )
+    assert start < 1.0  # the outlier is clipped
+    assert float(fq.max.numpy()) == pytest.approx(start * 12.0, rel=1e-5)
+    kernel = rng.normal(0, 0.1, (3, 3, 4, 5)).astype("float32")
+    kernel[0, 0, 0, 2] = 1.0  # one channel with an outlier
+    quantizer = kq.LearnedWeightQuantizer(
+        num_bits=4, symmetric=True, narrow_range=True, per_channel=True
+    )
+    quantizer.build(kernel.shape)
+    quantizer.quantize_weights(tf.constant(kernel), training=True)
+    for channel in range(5):
+        values = kernel[..., channel]
+        full = np.abs(values).max() / 7
+        steps = FRACTIONS * full
+        step = least_error(steps, lambda s, v=values: weight_error(v, s))
+        learned = quantizer.step_for(kernel).numpy()[channel]
+        assert float(learned) == pytest.approx(step, rel=1e-5), channel
+    assert float(quantizer.step_for(kernel).numpy()[2]) < 1.0 / 7  # the outlier is clipped
+
+
+def test_a_learned_weight_step_follows_the_kernels_scale():
+    """A folded BatchNorm whose moving variance is still settling rescales
+    the folded kernel at every step: the learned factor keeps its levels
+    (a fixed step, as before `relative_step`, clipped a kernel grown 3x to
+    its grid's ends, and learned ranges lost to min / max ranges by 2-9
+    points in a one-epoch fine-tune of a briefly trained network)."""
+    rng = np.random.default_rng(1)
+    kernel = tf.constant(rng.normal(0, 0.1, (3, 3, 2, 4)).astype("float32"))
+    quantizer = kq.LearnedWeightQuantizer(
+        num_bits=4, symmetric=True, narrow_range=True, per_channel=True
+    )
+    quantizer.build(kernel.shape)
+    first = quantizer.quantize_weights(kernel, training=True)
+    grown = quantizer.quantize_weights(3.0 * kernel, training=True)
+    np.testing.assert_allclose(grown.values, 3.0 * first.values.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grown.scale, 3.0 * first.scale.numpy(), rtol=1e-6)
+    with pytest.raises(AttributeError, match="step_for"):
+        quantizer.scale  # noqa: B018  depends on the kernel
+    # The factor's gradient is LSQ's step gradient divided by the step (a
+    # factor of 0.8: no weight on the grid's ends, where float rounding
+    # decides inside or outside).
+    quantizer.log_scale.assign(np.log(np.full(4, 0.8, "float32")))
+    dy = tf.constant(rng.normal(0, 1, kernel.shape).astype("float32"))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(quantizer.quantize_weights(kernel, training=True).values * dy)
+    step = quantizer.step_for(kernel).numpy()
+    grad_scale = 1 / np.sqrt(18 * 7)
+    _, _, d_step = lsq_reference(kernel.numpy(), step, 0, -7, 7, grad_scale, dy.numpy())
+    np.testing.assert_allclose(
+        tape.gradient(loss, quantizer.log_scale), d_step / step, rtol=1e-4, atol=1e-6
+    )
+    # Saved before relative_step: log_scale is the step's own logarithm.
+    config = quantizer.get_config()
+    assert kq.LearnedWeightQuantizer.from_config(config).relative_step is True
+    del config["relative_step"]
+    old = kq.LearnedWeightQuantizer.from_config(config)
+    old.build(kernel.shape)
+    assert old.relative_step is False and len(old.weights) == len(quantizer.weights)
+    old.log_scale.assign(np.log(np.full(4, 0.02, "float32")))
+    old.initialized.assign(1.0)
+    np.testing.assert_allclose(old.step_for(3.0 * kernel), 0.02, rtol=1e-6)
 
 
 def test_the_step_rate_moves_the_log_step_that_many_times_faster_and_is_saved():
@@ -164,12 +253,14 @@ def test_conversion_places_learned_quantizers_and_refuses_bad_values():
 
 
 def steps_of(qat_model):
-    """The learned steps, in graph order."""
-    return [
-        quantizer.scale.numpy()
-        for _, _, quantizer in quantizer_roles.model_quantizers(qat_model)
-        if hasattr(quantizer, "log_scale")
-    ]
+    """The learned steps, in graph order (weights': for their kernel now)."""
+    steps = []
+    for layer, role, quantizer in quantizer_roles.model_quantizers(qat_model):
+        if isinstance(quantizer, kq.LearnedWeightQuantizer):
+            steps.append(quantizer.step_for(layer.quantized_weights()[role]).numpy())
+        elif hasattr(quantizer, "log_scale"):
+            steps.append(quantizer.scale.numpy())
+    return steps
 
 
 def test_learned_ranges_train_save_and_resume_exactly(tmp_path):

@@ -15,23 +15,37 @@ the weights. The forward pass is TensorFlow's fake-quant op on the range
 exactly step `s`: what the converter exports is the learned step.
 
 - `LearnedWeightQuantizer`: symmetric weights (`z` in the middle of the
-  grid), one step per tensor or per output channel, set from the kernel's
-  min / max at the first training step.
+  grid), one step per tensor or per output channel. The step is a learned
+  factor times the step of the kernel's own range, so that it follows the
+  kernel's scale: a folded BatchNorm's moving variance, still settling in a
+  fine-tune of a briefly trained network, rescales the folded kernel at
+  every step, which a fixed step could not follow at Adam's pace (learned
+  ranges then lost to min / max ranges by 2-9 points in one epoch).
 - `LearnedFakeQuant`: activations, one step per tensor, set with the zero
-  point from the first training batch's min / max; the zero point then
-  stays (a fixed zero point rather than LSQ+'s learned offset).
+  point from the first training batch; the zero point then stays (a fixed
+  zero point rather than LSQ+'s learned offset).
 
-The trainable variable is the step's logarithm, `log_scale` (`scale` is
-`exp(log_scale)`), so an update moves the step by a factor, never to zero
-or below. Its gradient is LSQ's step gradient divided by the step (not the
+Where a step starts matters in a short fine-tune (Adam moves a log-step by
+about the learning rate per update: a few percent in an epoch at 3e-4). It
+starts from the data's own range (the kernel's, the first batch's min /
+max) scaled by the fraction in `START_FRACTIONS` (0.3 to 1) whose grid
+rounds that data with the least squared error: at 4 bits a clipped grid
+rounds most values more finely than the full range's. Measured in one-epoch
+W4A4 fine-tunes in docs/measurements.md. `kq.calibrate` still starts
+activations from the min / max over its batches.
+
+The trainable variable is the logarithm of the step (of the weights'
+factor), `log_scale`, so an update moves the step by a factor, never to
+zero or below. Its gradient is LSQ's step gradient divided by the step (not the
 chain rule's times the step): plain SGD then moves the step as LSQ's own
 update of the step would, to first order (`d log s = ds / s`), and Adam and
 the other optimizers that normalize each variable's update move it by a
 relative amount of about the learning rate (on the step itself, a learning
 rate of 1e-2 would wipe out a step of 0.004 in one update, and the int32
-bias grid of a layer after it overflowed: docs/measurements.md). A constraint keeps
-`log_scale` within `log(MIN_STEP)` and `log(MAX_STEP)` after each update,
-so the step stays finite and positive whatever the learning rate. It is an
+bias grid of a layer after it overflowed: docs/measurements.md). A
+constraint keeps `log_scale` within `log(MIN_STEP)` and `log(MAX_STEP)`
+after each update, and a weight step is clipped to them, so the step stays
+finite and positive whatever the learning rate. It is an
 ordinary trainable variable, all-reduced under `tf.distribute`; the
 gradient scale counts the elements of the global batch.
 """
@@ -42,6 +56,7 @@ import keras
 import tensorflow as tf
 
 from keras_qat import quantizers
+from keras_qat.config import check_bool
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.quantizer import across_replicas
 from keras_qat.layers.weight_quantizer import WeightQuantizer
@@ -50,6 +65,10 @@ MIN_STEP = 1e-8
 MAX_STEP = 1e8
 # How many times faster than the learning rate the log-step moves.
 DEFAULT_STEP_RATE = 1.0
+# Where a learned step starts: the range of the data (a kernel, the first
+# batch) scaled by the one of these fractions whose grid rounds the data
+# with the least squared error.
+START_FRACTIONS = tuple(0.3 + 0.05 * i for i in range(15))
 
 
 def _at_least_min_step(step):
@@ -110,14 +129,16 @@ def learned_step_fake_quant(x, step, zero_point, num_bits=8, narrow_range=False,
         )
 
         def grad(dy):
-            # From the forward output y: inside the range y / s = round(x / s),
-            # outside it y / s is the bound (qn or qp), so LSQ's step term is
-            # (y - x) / s inside and y / s outside: one pass fewer over x.
-            inside = tf.logical_and(x >= lowest * s, x <= highest * s)
-            dx = tf.where(inside, dy, tf.zeros_like(dy))
+            # TensorFlow's fused fake-quant gradient gives dx (dy inside the
+            # range, 0 outside) and the sums of dy below and above it. LSQ's
+            # step term is round(v) - v = (y - x) / s inside, qn below and qp
+            # above: one product and one reduction beyond the fused op.
+            dx, below, above = _fake_quant_gradients(
+                dy, x, lowest * s, highest * s, num_bits, narrow_range
+            )
             axes = list(range(x.shape.rank - 1)) if per_channel else None
-            error = y - tf.where(inside, x, tf.zeros_like(x))
-            d_step = tf.reduce_sum(dy * error, axis=axes) / s * grad_scale
+            inside = tf.reduce_sum(dx * (y - x), axis=axes) / s
+            d_step = (inside + lowest * below + highest * above) * grad_scale
             return dx, d_step
 
         return y, grad
@@ -125,6 +146,18 @@ def learned_step_fake_quant(x, step, zero_point, num_bits=8, narrow_range=False,
     # A tensor, not the variable: its read is what the gradient reaches.
     step = tf.convert_to_tensor(step, tf.float32)
     return tf.cast(quantize(tf.cast(x, tf.float32), step), dtype)
+
+
+def _fake_quant_gradients(dy, x, low, high, num_bits, narrow_range):
+    """TensorFlow's fused fake-quant gradient over the nudged range of `[low,
+    high]` (per channel of the last axis when `low` is a vector): `dy` where
+    `x` is inside it (bounds included), else 0; the sum of `dy` below it;
+    the sum above it."""
+    if low.shape.rank == 1:
+        op = tf.quantization.fake_quant_with_min_max_vars_per_channel_gradient
+    else:
+        op = tf.quantization.fake_quant_with_min_max_vars_gradient
+    return op(dy, x, low, high, num_bits=num_bits, narrow_range=narrow_range)
 
 
 def _grad_scale(elements, highest, per_replica=False):
@@ -171,6 +204,24 @@ def step_of(log_step_variable, rate=1.0):
     return _step_of(tf.convert_to_tensor(log_step_variable, tf.float32), float(rate))
 
 
+def _relative_step_of(log_factor, rate, own_step):
+    """`exp(rate * log_factor) * own_step` within `[MIN_STEP, MAX_STEP]`,
+    whose backward pass divides the step's gradient by the step, as
+    `step_of`'s (`own_step`: a statistic of the kernel, not differentiated)."""
+    own_step = tf.stop_gradient(tf.convert_to_tensor(own_step, tf.float32))
+
+    @tf.custom_gradient
+    def step_of_variable(log_factor):
+        step = tf.clip_by_value(tf.exp(rate * log_factor) * own_step, MIN_STEP, MAX_STEP)
+
+        def grad(d_step):
+            return d_step / step
+
+        return step, grad
+
+    return step_of_variable(tf.convert_to_tensor(log_factor, tf.float32))
+
+
 def _set_step(layer, step, where):
     """Sets `layer`'s step to `step` where `where` (its first batch)."""
     log_step = tf.math.log(step) / layer.step_rate
@@ -199,6 +250,54 @@ def _saved_before_step_rate(config):
     return {"step_rate": 1.0, **config}
 
 
+def _candidate_errors(squared_error):
+    """`squared_error(fraction)` (a scalar, or one per channel) for each of
+    `START_FRACTIONS`, one candidate at a time."""
+    fractions = tf.constant(START_FRACTIONS, tf.float32)
+    return tf.map_fn(squared_error, fractions, parallel_iterations=1)
+
+
+def _least_error_fraction(errors):
+    """The one of `START_FRACTIONS` whose error (in `_candidate_errors`) is
+    least."""
+    return tf.gather(tf.constant(START_FRACTIONS, tf.float32), tf.argmin(errors, axis=0))
+
+
+def _start_weight_fraction(kernel, own_step, lowest, highest, per_channel):
+    """The fraction of `own_step` (the step of the kernel's own range, per
+    channel or not) whose grid of levels `[lowest, highest]` rounds `kernel`
+    with the least squared error."""
+    axes = list(range(kernel.shape.rank - 1)) if per_channel else None
+
+    def squared_error(fraction):
+        step = own_step * fraction
+        rounded = tf.clip_by_value(tf.round(kernel / step), lowest, highest) * step
+        return tf.reduce_sum(tf.square(rounded - kernel), axis=axes)
+
+    return _least_error_fraction(_candidate_errors(squared_error))
+
+
+def _activation_errors(x, low, high, num_bits, narrow_range):
+    """The squared error of rounding `x` on the grid over `[f * low, f *
+    high]`, for each fraction `f` of `START_FRACTIONS`."""
+
+    def squared_error(fraction):
+        rounded = tf.quantization.fake_quant_with_min_max_vars(
+            x, fraction * low, fraction * high, num_bits=num_bits, narrow_range=narrow_range
+        )
+        return tf.reduce_sum(tf.square(rounded - x))
+
+    return _candidate_errors(squared_error)
+
+
+def _sum_across_replicas(value):
+    """`value` summed over the replicas of a `tf.distribute` strategy."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce("sum", value)
+
+
 def _flag_weight(layer):
     return layer.add_weight(
         name="initialized",
@@ -216,16 +315,26 @@ class LearnedWeightQuantizer(WeightQuantizer):
     """A `WeightQuantizer` whose step is learned (LSQ), per tensor or per
     output channel.
 
-    The trainable variable `log_scale` holds the step's logarithm (`scale`
-    is the step); the first training call sets it from the kernel's min /
-    max (as `WeightQuantizer` would quantize it), after which it learns with
-    LSQ's gradient. Until then the kernel's
-    own range is used. Only symmetric grids (TFLite's weights) are learned.
+    The step is a learned factor times the step of the kernel's own range
+    (as `WeightQuantizer` would quantize it, per channel or not): the
+    trainable variable `log_scale` holds the factor's logarithm, so the
+    step follows the kernel's scale as it changes (a folded BatchNorm's
+    moving variance still settling rescales the folded kernel every step)
+    and learns the clipping against it with LSQ's gradient. The first
+    training call sets the factor to the one of `START_FRACTIONS` that
+    rounds the kernel with the least squared error; until then the
+    kernel's own range is used. `step_for(kernel)` is the step. Only
+    symmetric grids (TFLite's weights) are learned.
 
     Args:
         num_bits, narrow_range, per_channel, quant_delay: As in
             `WeightQuantizer`.
         symmetric: Must be True.
+        step_rate: How many times the learning rate the log-step moves per
+            update (default `DEFAULT_STEP_RATE`).
+        relative_step: Whether the step is relative to the kernel's range
+            (True, the default). A quantizer saved before this option
+            existed loads with False: `log_scale` holds the step itself.
         **kwargs: Base layer keyword arguments, such as `name`.
 
     Example:
@@ -235,13 +344,14 @@ class LearnedWeightQuantizer(WeightQuantizer):
     >>> kernel = tf.constant([[0.7, -0.35], [0.1, 0.2]])
     >>> quantizer.build(kernel.shape)
     >>> _ = quantizer.quantize_weights(kernel, training=True)
-    >>> round(float(quantizer.scale.numpy()), 4)  # 0.7 / 7
-    0.1
+    >>> round(float(quantizer.step_for(kernel).numpy()), 4)  # 0.95 * 0.7 / 7
+    0.095
     """
 
-    def __init__(self, *args, step_rate=None, **kwargs):
+    def __init__(self, *args, step_rate=None, relative_step=True, **kwargs):
         super().__init__(*args, **kwargs)
         self.step_rate = _check_step_rate(step_rate)
+        self.relative_step = check_bool("relative_step", relative_step)
         if not self.symmetric:
             raise ValueError(
                 "Learned weight ranges are symmetric (TFLite's int8 weights are). "
@@ -249,31 +359,54 @@ class LearnedWeightQuantizer(WeightQuantizer):
             )
 
     def build(self, kernel_shape):
-        self.log_scale = _log_step_weight(self, (kernel_shape[-1],) if self.per_channel else ())
+        shape = (kernel_shape[-1],) if self.per_channel else ()
+        self.log_scale = _log_step_weight(self, shape)
         self.initialized = _flag_weight(self)
         super().build(kernel_shape)
 
     @property
     def scale(self):
-        """The learned step (per channel or not)."""
+        """The learned step (per channel or not) of a quantizer with
+        `relative_step=False`; a relative step depends on the kernel:
+        `step_for(kernel)`."""
+        if self.relative_step:
+            raise AttributeError(
+                f"'{self.name}' learns its step relative to the kernel's range: "
+                "use `step_for(kernel)` (the owning layer's `quantized_weights()` "
+                "gives the kernel)."
+            )
         return step_of(self.log_scale, self.step_rate)
 
+    def step_for(self, kernel):
+        """The learned step for `kernel` (per channel or not)."""
+        if self.relative_step:
+            return _relative_step_of(self.log_scale, self.step_rate, self._own_step(kernel))
+        return self.scale
+
+    def _own_step(self, kernel):
+        """The step of `kernel`'s own range."""
+        return self.grid_scale(*super().range(kernel))
+
     def get_config(self):
-        return {**super().get_config(), "step_rate": self.step_rate}
+        return {
+            **super().get_config(),
+            "step_rate": self.step_rate,
+            "relative_step": self.relative_step,
+        }
 
     @classmethod
     def from_config(cls, config):
-        return super().from_config(_saved_before_step_rate(config))
+        return super().from_config({"relative_step": False, **_saved_before_step_rate(config)})
 
-    def learned_range(self):
+    def learned_range(self, kernel):
         zero = zero_level(self.num_bits, self.narrow_range, True)
         qmin, qmax = quantizers.quant_levels(self.num_bits, self.narrow_range)
-        step = _at_least_min_step(self.scale)
+        step = _at_least_min_step(self.step_for(kernel))
         return (qmin - zero) * step, (qmax - zero) * step
 
     def range(self, kernel):
         """The learned range once set, before that the kernel's."""
-        low, high = self.learned_range()
+        low, high = self.learned_range(kernel)
         kernel_low, kernel_high = super().range(kernel)
         ready = self.initialized > 0
         return tf.where(ready, low, kernel_low), tf.where(ready, high, kernel_high)
@@ -284,11 +417,25 @@ class LearnedWeightQuantizer(WeightQuantizer):
         self.initialized.assign(0.0)
 
     def prepare(self, kernel, training):
-        """Sets the step from the kernel at the first training call."""
+        """At a training call: the first sets the step from the kernel (the
+        fraction of `START_FRACTIONS` of its own step that rounds it with the
+        least squared error); every one records the kernel's own step."""
         if not training:
             return
-        low, high = super().range(kernel)
-        _set_step(self, self.grid_scale(low, high), self.initialized <= 0)
+        first = self.initialized <= 0
+        own_step = self._own_step(kernel)
+
+        def start_fraction():
+            zero = zero_level(self.num_bits, self.narrow_range, True)
+            qmin, qmax = quantizers.quant_levels(self.num_bits, self.narrow_range)
+            values = tf.stop_gradient(tf.cast(kernel, tf.float32))
+            return _start_weight_fraction(
+                values, own_step, float(qmin - zero), float(qmax - zero), self.per_channel
+            )
+
+        no_fraction = tf.ones_like(own_step)
+        fraction = tf.cond(first, start_fraction, lambda: no_fraction)
+        _set_step(self, fraction if self.relative_step else fraction * own_step, first)
         self.initialized.assign(1.0)
 
     def quantize_kernel(self, kernel, min_val, max_val, training):
@@ -296,10 +443,11 @@ class LearnedWeightQuantizer(WeightQuantizer):
             return super().quantize_kernel(kernel, min_val, max_val, training)
         zero = zero_level(self.num_bits, self.narrow_range, True)
         highest = quantizers.quant_levels(self.num_bits, self.narrow_range)[1] - zero
-        per_step = tf.size(kernel) // tf.size(self.scale)
+        step = self.step_for(kernel)
+        per_step = tf.size(kernel) // tf.size(step)
         return learned_step_fake_quant(
             kernel,
-            self.scale,
+            step,
             zero,
             self.num_bits,
             self.narrow_range,
@@ -312,13 +460,16 @@ class LearnedFakeQuant(FakeQuant):
     """A `FakeQuant` on activations whose step is learned (LSQ).
 
     The first training batch sets the step and the zero point from its
-    min / max (the grid a `FakeQuant` would start from); the step then
-    learns with LSQ's gradient and the zero point stays. `min` and `max` are
+    min / max scaled by the fraction of `START_FRACTIONS` whose grid rounds
+    the batch with the least squared error; the step then learns with LSQ's
+    gradient and the zero point stays. `min` and `max` are
     the range of that grid, computed from them. One step per tensor.
 
     Args:
         num_bits, symmetric, narrow_range, quant_delay, activation: As in
             `FakeQuant`.
+        step_rate: How many times the learning rate the log-step moves per
+            update (default `DEFAULT_STEP_RATE`).
         **kwargs: Base layer keyword arguments, such as `name`.
 
     Example:
@@ -380,10 +531,24 @@ class LearnedFakeQuant(FakeQuant):
         return self.initialized > 0
 
     def update_range(self, x):
-        """Sets the step and zero point from the first finite batch; later
-        batches leave them to the optimizer. Returns the range."""
+        """Sets the step and zero point from the first finite batch (its
+        min / max times the fraction of `START_FRACTIONS` whose grid rounds
+        it with the least squared error, over all replicas); later batches
+        leave them to the optimizer. Returns the range."""
+        first = tf.logical_not(self.has_range())
         batch_min, batch_max = across_replicas(*(tf.stop_gradient(v) for v in self._batch_range(x)))
-        self._start_from(batch_min, batch_max, tf.logical_not(self.has_range()))
+        low, high = quantizers.quant_range(batch_min, batch_max, self.symmetric)
+
+        def errors():
+            values = tf.stop_gradient(tf.cast(self.activate(x), tf.float32))
+            return _activation_errors(values, low, high, self.num_bits, self.narrow_range)
+
+        # The collective stays out of the conditional (replicas cannot meet
+        # inside one): after the first batch it sums zeros.
+        no_errors = tf.zeros((len(START_FRACTIONS),))
+        errors = _sum_across_replicas(tf.cond(first, errors, lambda: no_errors))
+        fraction = _least_error_fraction(errors)
+        self._start_from(fraction * low, fraction * high, first)
         return self.min, self.max
 
     def calibrate_range(self, x, method):

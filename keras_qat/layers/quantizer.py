@@ -31,9 +31,8 @@ def across_replicas(batch_min, batch_max):
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return batch_min, batch_max
-    mins = context.all_gather(batch_min[None], axis=0)
-    maxs = context.all_gather(batch_max[None], axis=0)
-    return tf.reduce_min(mins, axis=0), tf.reduce_max(maxs, axis=0)
+    both = context.all_gather(tf.stack([batch_min, batch_max])[None], axis=0)  # one collective
+    return tf.reduce_min(both[:, 0], axis=0), tf.reduce_max(both[:, 1], axis=0)
 
 
 class Quantizer(keras.layers.Layer):

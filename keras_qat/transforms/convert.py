@@ -118,7 +118,8 @@ def convert_quant_network(
             the grid step of the quantized layers' weights and of the
             activations' `FakeQuant`s (and of concatenations, average
             poolings and attention masks) becomes a trainable variable,
-            started from the first training batch. Default False: min / max
+            started from the first training batch (the fraction of its range
+            that rounds it with the least squared error). Default False: min / max
             ranges. Embedding tables, layer norms' intermediates and
             fixed-range outputs keep min / max or fixed ranges.
         layer_num_bits: Bit widths of some layers, overriding `num_bits`:
