@@ -77,7 +77,9 @@ def latency_ms(tflite_bytes, image, runs=200):
     return 1000 * float(np.median(times))
 
 
-def main(argv):
+def main(argv, network_fn=vit):
+    """Runs the example; `network_fn(width=, heads=, blocks=)` builds the
+    float network (examples/keras_hub_vit.py passes keras-hub's ViT)."""
     del argv
     keras.utils.set_random_seed(FLAGS.seed)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
@@ -87,7 +89,7 @@ def main(argv):
     if FLAGS.limit_test:
         x_test, y_test = x_test[: FLAGS.limit_test], y_test[: FLAGS.limit_test]
 
-    network = vit(width=FLAGS.width, heads=FLAGS.heads, blocks=FLAGS.blocks)
+    network = network_fn(width=FLAGS.width, heads=FLAGS.heads, blocks=FLAGS.blocks)
     train(network, x_train, y_train, FLAGS.float_epochs, FLAGS.float_lr)
     results = {
         "float_accuracy": float(np.mean(network.predict(x_test, verbose=0).argmax(1) == y_test))

@@ -175,12 +175,14 @@ def test_unet_example_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_vit_example_end_to_end(tmp_path):
+@pytest.mark.parametrize("script", ["vit_quant.py", "keras_hub_vit.py"])
+def test_vit_example_end_to_end(tmp_path, script):
+    """Ours and keras-hub's ViTBackbone (traced through its custom layers)."""
     data_dir, out_dir = tmp_path / "data", tmp_path / "out"
     data_dir.mkdir()
     write_dataset(str(data_dir), 640, 100, compress=False)
     result = run_example(
-        "vit_quant.py",
+        script,
         f"--data_dir={data_dir}",
         f"--output_dir={out_dir}",
         "--float_epochs=6",
