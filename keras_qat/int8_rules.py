@@ -212,7 +212,7 @@ def unsupported_reason(layer):
             return f"axis={config['axis']}: only the last axis is quantized"
         if config.get("rms_scaling"):
             return "rms_scaling=True: not quantized"
-    if type(layer) in EMBEDDINGS:
+    if is_embedding(layer):
         return _embedding_reason(layer)
     if isinstance(layer, (L.UpSampling2D, L.Resizing)):
         config = layer.get_config()
@@ -241,6 +241,23 @@ EMBEDDINGS = (L.Embedding,) + (
 )
 
 
+def is_embedding(layer):
+    """Whether a `QuantEmbedding` computes `layer`: Keras' `Embedding` or
+    `ReversibleEmbedding`, a subclass that keeps `Embedding.call`, or
+    keras-hub's own `ReversibleEmbedding` of before Keras had one (0.22: an
+    `Embedding` subclass whose lookup is `Embedding.call`). Other subclasses
+    compute something else in their `call` and are traced."""
+    if type(layer) in EMBEDDINGS:
+        return True
+    if not isinstance(layer, L.Embedding):
+        return False
+    kind = type(layer)
+    keras_hub_reversible = kind.__name__ == "ReversibleEmbedding" and kind.__module__.startswith(
+        "keras_hub."
+    )
+    return kind.call is L.Embedding.call or keras_hub_reversible
+
+
 def _embedding_reason(layer):
     """Why an embedding has no QuantEmbedding form, or None."""
     if _reversible_embedding_reason(layer):
@@ -255,7 +272,7 @@ def _embedding_reason(layer):
 
 def _reversible_embedding_reason(layer):
     """Why a ReversibleEmbedding has no QuantEmbedding form, or None."""
-    if type(layer) is L.Embedding:
+    if type(layer).call is L.Embedding.call:
         return None
     # Looked up, tied or not, it reads `embeddings` only (an untied
     # `reverse_embeddings` is left out of the converted model).

@@ -341,3 +341,65 @@ def test_a_custom_layer_without_a_working_config_inside_a_nested_model_is_traced
     np.testing.assert_allclose(
         qat_model.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-4
     )
+
+
+class NamedEmbedding(L.Embedding):
+    """An Embedding subclass that keeps `Embedding.call` (an extra option)."""
+
+    def __init__(self, *args, note="", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.note = note
+
+
+class ReversibleEmbedding(L.Embedding):
+    """keras-hub 0.22's ReversibleEmbedding as it was before Keras had one:
+    its own `call`, looking up with `Embedding.call` unless `reverse`."""
+
+    __module__ = "keras_hub.src.layers.modeling.reversible_embedding"
+
+    def __init__(self, *args, tie_weights=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tie_weights = tie_weights
+
+    def call(self, inputs, reverse=False):
+        if reverse:
+            return keras.ops.matmul(inputs, keras.ops.transpose(self.embeddings))
+        return super().call(inputs)
+
+
+class DoubledEmbedding(L.Embedding):
+    """An Embedding subclass whose `call` computes something else."""
+
+    def call(self, inputs):
+        return super().call(inputs) * 2.0
+
+
+@pytest.mark.parametrize("embedding", [NamedEmbedding, ReversibleEmbedding])
+def test_an_embedding_subclass_that_looks_up_rows_is_a_quant_embedding(embedding):
+    """Refused before (an Embedding subclass was neither traced nor matched:
+    keras-hub 0.22's own ReversibleEmbedding, 6 keras-hub tests at the
+    oldest versions)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,), dtype="int32")
+    model = keras.Model(inputs, L.Dense(3)(embedding(20, 4)(inputs)))
+    ids = np.random.default_rng(0).integers(0, 20, (32, 6)).astype("int32")
+    off = kq.convert_quant_network(model, quant_delay=OFF)
+    assert "QuantEmbedding" in [type(layer).__name__ for layer in off.layers]
+    np.testing.assert_allclose(
+        off.predict(ids, verbose=0), model.predict(ids, verbose=0), atol=1e-6
+    )
+    qat_model = kq.convert_quant_network(model)
+    kq.calibrate(qat_model, ids, verbose=0)
+    tflite_bytes = kq.export_tflite(qat_model)
+    assert float_ops(tflite_bytes) == []
+    assert kq.compare_tflite(qat_model, tflite_bytes, ids)["max_diff_steps"] <= 1.001
+
+
+def test_an_embedding_subclass_with_its_own_call_is_traced_not_taken_for_a_lookup():
+    """Its `call` is traced, never converted as a plain lookup that drops
+    what the `call` adds; the operation it cannot quantize (a `take` of its
+    table) is named with the layer whose call it came from."""
+    inputs = keras.Input((6,), dtype="int32")
+    model = keras.Model(inputs, L.Dense(3)(DoubledEmbedding(20, 4, name="doubled")(inputs)))
+    with pytest.raises(ValueError, match=r"Take, in the call of 'doubled' \(DoubledEmbedding\)"):
+        kq.convert_quant_network(model)

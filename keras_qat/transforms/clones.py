@@ -5,6 +5,10 @@ import keras
 
 from keras_qat import graph
 
+# The attribute naming the traced layer whose call an operation came from
+# (set by tracing, kept by clones; for error messages).
+TRACED_FROM = "_keras_qat_traced_from"
+
 
 def clone(operation, **overrides):
     """A new operation (layer, or Keras operation such as `x + 3.0`) from
@@ -15,10 +19,14 @@ def clone(operation, **overrides):
     safe mode.
     """
     if isinstance(operation, keras.layers.Lambda):
-        return graph.clone_lambda(operation, **overrides)
-    config = operation.get_config()
-    config.update(overrides)
-    return operation.__class__.from_config(config)
+        new = graph.clone_lambda(operation, **overrides)
+    else:
+        config = operation.get_config()
+        config.update(overrides)
+        new = operation.__class__.from_config(config)
+    if hasattr(operation, TRACED_FROM):
+        setattr(new, TRACED_FROM, getattr(operation, TRACED_FROM))
+    return new
 
 
 class Clones:

@@ -252,7 +252,9 @@ def _place_embedding(placement, layer, args, kwargs):
     output keeps the table's grid (GATHER), so no FakeQuant follows."""
     options = placement.weight_options(layer)
     options["per_channel"] = False
-    config = {k: v for k, v in layer.get_config().items() if k not in _REVERSIBLE_ONLY}
+    # Embedding's own options (a subclass may add its own).
+    config = keras.layers.Embedding.get_config(layer)
+    config = {k: v for k, v in config.items() if k not in _REVERSIBLE_ONLY}
     new = placement.clones.of(layer, lambda: QuantEmbedding(**config, weight_quantizer=options))
     return placement.apply_quantizer(new, args[0], placement.needs_scale(layer))
 
@@ -307,7 +309,7 @@ PLACEMENT_RULES = (
     (lambda placement, op: has_quantized_form(op), _place_fusion),
     (_moves_into_fake_quant, _place_fused_activation),
     (lambda placement, op: isinstance(op, int8_rules.ROUNDING_LAYERS), _place_rounding_layer),
-    (lambda placement, op: type(op) in int8_rules.EMBEDDINGS, _place_embedding),
+    (lambda placement, op: int8_rules.is_embedding(op), _place_embedding),
     (
         lambda placement, op: type(op) is keras.layers.LayerNormalization,
         _place_layer_normalization,

@@ -15,6 +15,7 @@ from keras_qat import graph, int8_rules
 from keras_qat.layers.quantized import QUANTIZED_FORMS, has_quantized_form
 from keras_qat.layers.weight_operand import WeightOperand
 from keras_qat.transforms import attention, einsum_dense
+from keras_qat.transforms.clones import TRACED_FROM
 from keras_qat.transforms.fuse import fusable_classes, unfusable_reason
 from keras_qat.transforms.operation_forms import REWRITTEN_OPERATIONS
 
@@ -83,6 +84,8 @@ def is_supported(operation, graph_view):
         )
     if type(operation) in QUANTIZED_KERAS_LAYERS or has_quantized_form(operation):
         return True
+    if int8_rules.is_embedding(operation):
+        return True
     return isinstance(
         operation,
         int8_rules.ROUNDING_LAYERS
@@ -108,6 +111,8 @@ def needs_tracing(operation):
         + int8_rules.SHARED_GRID_LAYERS
     )
     decomposed = any(d.matches(operation) for d in DECOMPOSITIONS)
+    if isinstance(operation, keras.layers.Embedding):
+        return not int8_rules.is_embedding(operation)
     return not isinstance(operation, known) and not decomposed
 
 
@@ -181,4 +186,6 @@ def describe(operation, graph_view):
         reason = "a matmul with a constant; use a Dense or EinsumDense layer"
     reason = f": {reason}" if reason else ""
     kind = "" if isinstance(operation, keras.layers.Layer) else "Keras operation "
-    return f"'{operation.name}' ({kind}{operation.__class__.__name__}{reason})"
+    origin = getattr(operation, TRACED_FROM, None)
+    inside = f", in the call of {origin}" if origin else ""
+    return f"'{operation.name}' ({kind}{operation.__class__.__name__}{reason}{inside})"

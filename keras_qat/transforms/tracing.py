@@ -42,7 +42,7 @@ import tensorflow as tf
 from keras_qat import graph
 from keras_qat.layers.weight_operand import WeightOperand
 from keras_qat.transforms.batch_size import TRACE_BATCH_SIZES, BatchSizeError, batch_free
-from keras_qat.transforms.clones import Clones, UniqueNames, clone
+from keras_qat.transforms.clones import TRACED_FROM, Clones, UniqueNames, clone
 from keras_qat.transforms.operation_forms import quantizable_form
 
 # How deep blocks nest before tracing gives up (a layer that calls itself).
@@ -82,7 +82,7 @@ def trace_layers(model, needs_tracing):
         return model
     clones, names, errors = Clones(), UniqueNames(model), []
 
-    def call_in(prefix, depth):
+    def call_in(prefix, depth, traced_layer=None):
         def call(operation, *args, **kwargs):
             args, kwargs = keras.tree.map_structure(_as_constant, (args, kwargs))
             as_layer = quantizable_form(operation, names.name_for(operation, prefix))
@@ -90,6 +90,9 @@ def trace_layers(model, needs_tracing):
                 return as_layer(*args, **kwargs)
             if not needs_tracing(operation):
                 copy = _copy(operation, clones, names.name_for(operation, prefix))
+                if traced_layer is not None:
+                    origin = f"'{traced_layer.name}' ({type(traced_layer).__name__})"
+                    setattr(copy, TRACED_FROM, origin)
                 if _is_cached_attention(operation):
                     kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_ARGUMENTS}
                 return copy(*args, **kwargs)
@@ -104,7 +107,8 @@ def trace_layers(model, needs_tracing):
                 errors.append(str(error))
                 return operation(*args, **kwargs)
             inputs = [t for t in keras.tree.flatten((args, kwargs)) if _is_symbolic(t)]
-            tensors = graph.run_graph(block.function, inputs, call_in(operation.name, depth + 1))
+            inner = call_in(operation.name, depth + 1, operation)
+            tensors = graph.run_graph(block.function, inputs, inner)
             return block.outputs_from(tensors)
 
         return call
