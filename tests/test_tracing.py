@@ -403,3 +403,33 @@ def test_an_embedding_subclass_with_its_own_call_is_traced_not_taken_for_a_looku
     model = keras.Model(inputs, L.Dense(3)(DoubledEmbedding(20, 4, name="doubled")(inputs)))
     with pytest.raises(ValueError, match=r"Take, in the call of 'doubled' \(DoubledEmbedding\)"):
         kq.convert_quant_network(model)
+
+
+class PositionTable(L.Layer):
+    """A learned position table added to the input, broadcast to its shape
+    as keras-hub's `PositionEmbedding` broadcasts it."""
+
+    def build(self, input_shape):
+        self.table = self.add_weight(shape=(8, input_shape[-1]), initializer="random_normal")
+
+    def call(self, inputs):
+        shape = keras.ops.shape(inputs)
+        rows = keras.ops.slice(keras.ops.convert_to_tensor(self.table), (0, 0), shape[1:])
+        return inputs + keras.ops.broadcast_to(rows, shape)
+
+
+def test_a_table_broadcast_to_the_batch_for_an_add_is_left_to_the_add():
+    """The ADD broadcasts the batch axis itself: no BROADCAST_TO in the
+    model (TF 2.20's converter left BROADCAST_TO of the constant, and the
+    ADD, in float)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 4))
+    model = keras.Model(inputs, L.Dense(3)(PositionTable()(inputs)))
+    x = np.random.default_rng(0).normal(size=(16, 6, 4)).astype("float32")
+    off = kq.convert_quant_network(model, quant_delay=OFF)
+    assert "BatchBroadcast" not in [type(layer).__name__ for layer in off.layers]
+    np.testing.assert_allclose(off.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    qat_model = kq.calibrate(kq.convert_quant_network(model), x, verbose=0)
+    tflite_bytes = kq.export_tflite(qat_model)
+    assert float_ops(tflite_bytes) == []
+    assert kq.compare_tflite(qat_model, tflite_bytes, x)["max_diff_steps"] <= 1.001

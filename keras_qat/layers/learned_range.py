@@ -1,20 +1,9 @@
 """Learned ranges: quantizers whose grid step is a trainable variable (LSQ).
 
-Esser et al. 2019 ("Learned Step Size Quantization") learn the step `s` of
-the grid by gradient descent. With `v = x / s` and the grid's integer
-bounds `qn < 0 < qp` (levels below and above the one of zero):
+LSQ's fake quant and its gradients are in `keras_qat.layers.lsq`; where a
+step starts, in `keras_qat.layers.range_start`.
 
-    y = round(clip(v, qn, qp)) * s
-    dy/dx = 1 inside [qn, qp], else 0                 (straight through)
-    dy/ds = round(v) - v inside, qn below, qp above   (LSQ's eq. 3)
-
-and the step's gradient is scaled by `g = 1 / sqrt(numel * qp)` (numel:
-the elements quantized with that step), so that it learns at the pace of
-the weights. The forward pass is TensorFlow's fake-quant op on the range
-`[(qmin - z) * s, (qmax - z) * s]` (`z`: the level of zero), whose grid is
-exactly step `s`: what the converter exports is the learned step.
-
-- `LearnedWeightQuantizer`: symmetric weights (`z` in the middle of the
+- `LearnedWeightQuantizer`: symmetric weights (zero in the middle of the
   grid), one step per tensor or per output channel. The step is a learned
   factor times the step of the kernel's own range, so that it follows the
   kernel's scale: a folded BatchNorm's moving variance, still settling in a
@@ -58,21 +47,39 @@ import tensorflow as tf
 from keras_qat import quantizers
 from keras_qat.config import check_bool
 from keras_qat.layers.fake_quant import FakeQuant
+from keras_qat.layers.lsq import (
+    MAX_STEP,
+    MIN_STEP,
+    at_least_min_step,
+    grad_scale,
+    learned_step_fake_quant,
+    relative_step_of,
+    step_of,
+    zero_level,
+)
 from keras_qat.layers.quantizer import across_replicas
+from keras_qat.layers.range_start import (
+    START_FRACTIONS,
+    activation_errors,
+    least_error_fraction,
+    start_weight_fraction,
+    sum_across_replicas,
+)
 from keras_qat.layers.weight_quantizer import WeightQuantizer
 
-MIN_STEP = 1e-8
-MAX_STEP = 1e8
+__all__ = [
+    "DEFAULT_STEP_RATE",
+    "MAX_STEP",
+    "MIN_STEP",
+    "START_FRACTIONS",
+    "LearnedFakeQuant",
+    "LearnedWeightQuantizer",
+    "learned_step_fake_quant",
+    "step_of",
+]
+
 # How many times faster than the learning rate the log-step moves.
 DEFAULT_STEP_RATE = 1.0
-# Where a learned step starts: the range of the data (a kernel, the first
-# batch) scaled by the one of these fractions whose grid rounds the data
-# with the least squared error.
-START_FRACTIONS = tuple(0.3 + 0.05 * i for i in range(15))
-
-
-def _at_least_min_step(step):
-    return tf.maximum(step, MIN_STEP)
 
 
 class _LogStepBounds(keras.constraints.Constraint):
@@ -90,86 +97,6 @@ class _LogStepBounds(keras.constraints.Constraint):
         return {"rate": self.rate}
 
 
-def zero_level(num_bits, narrow_range, symmetric):
-    """The level of zero on a symmetric grid (the middle one), else None."""
-    qmin, qmax = quantizers.quant_levels(num_bits, narrow_range)
-    return qmin + (qmax - qmin + 1) // 2 if symmetric else None
-
-
-def learned_step_fake_quant(x, step, zero_point, num_bits=8, narrow_range=False, grad_scale=1.0):
-    """Fake-quantizes `x` on the grid of step `step` whose level `zero_point`
-    is 0, with LSQ's gradients (see the module docstring).
-
-    Args:
-        x: A float tensor.
-        step: The step, a scalar or one per channel of `x`'s last axis.
-        zero_point: The level of 0 (an integer value, scalar).
-        num_bits, narrow_range: The grid's levels, as in `fake_quant`.
-        grad_scale: The factor of the step's gradient.
-
-    Returns:
-        A tensor like `x`.
-    """
-    qmin, qmax = quantizers.quant_levels(num_bits, narrow_range)
-    zero_point = tf.cast(zero_point, tf.float32)
-    lowest, highest = qmin - zero_point, qmax - zero_point  # qn, qp
-    per_channel = step.shape.rank == 1
-    dtype = x.dtype
-
-    @tf.custom_gradient
-    def quantize(x, step):
-        s = _at_least_min_step(step)
-        y = quantizers.fake_quant(
-            x,
-            lowest * s,
-            highest * s,
-            num_bits=num_bits,
-            narrow_range=narrow_range,
-            axis=-1 if per_channel else None,
-        )
-
-        def grad(dy):
-            # TensorFlow's fused fake-quant gradient gives dx (dy inside the
-            # range, 0 outside) and the sums of dy below and above it. LSQ's
-            # step term is round(v) - v = (y - x) / s inside, qn below and qp
-            # above: one product and one reduction beyond the fused op.
-            dx, below, above = _fake_quant_gradients(
-                dy, x, lowest * s, highest * s, num_bits, narrow_range
-            )
-            axes = list(range(x.shape.rank - 1)) if per_channel else None
-            inside = tf.reduce_sum(dx * (y - x), axis=axes) / s
-            d_step = (inside + lowest * below + highest * above) * grad_scale
-            return dx, d_step
-
-        return y, grad
-
-    # A tensor, not the variable: its read is what the gradient reaches.
-    step = tf.convert_to_tensor(step, tf.float32)
-    return tf.cast(quantize(tf.cast(x, tf.float32), step), dtype)
-
-
-def _fake_quant_gradients(dy, x, low, high, num_bits, narrow_range):
-    """TensorFlow's fused fake-quant gradient over the nudged range of `[low,
-    high]` (per channel of the last axis when `low` is a vector): `dy` where
-    `x` is inside it (bounds included), else 0; the sum of `dy` below it;
-    the sum above it."""
-    if low.shape.rank == 1:
-        op = tf.quantization.fake_quant_with_min_max_vars_per_channel_gradient
-    else:
-        op = tf.quantization.fake_quant_with_min_max_vars_gradient
-    return op(dy, x, low, high, num_bits=num_bits, narrow_range=narrow_range)
-
-
-def _grad_scale(elements, highest, per_replica=False):
-    """LSQ's `1 / sqrt(numel * qp)`; with `per_replica`, `elements` counts
-    one replica's share of the global batch."""
-    elements = tf.cast(elements, tf.float32)
-    context = tf.distribute.get_replica_context()
-    if per_replica and context is not None:
-        elements *= context.num_replicas_in_sync
-    return tf.math.rsqrt(elements * tf.maximum(highest, 1.0))
-
-
 def _log_step_weight(layer, shape):
     return layer.add_weight(
         name="log_scale",
@@ -181,45 +108,6 @@ def _log_step_weight(layer, shape):
         constraint=_LogStepBounds(layer.step_rate),
         aggregation="mean",
     )
-
-
-def _step_of(log_step, rate):
-    """`exp(rate * log_step)`, whose backward pass divides the step's
-    gradient by the step (see the module docstring)."""
-
-    @tf.custom_gradient
-    def step_of_variable(log_step):
-        step = tf.exp(rate * log_step)
-
-        def grad(d_step):
-            return d_step / step
-
-        return step, grad
-
-    return step_of_variable(log_step)
-
-
-def step_of(log_step_variable, rate=1.0):
-    """The step of a `log_scale` variable that holds `log(step) / rate`."""
-    return _step_of(tf.convert_to_tensor(log_step_variable, tf.float32), float(rate))
-
-
-def _relative_step_of(log_factor, rate, own_step):
-    """`exp(rate * log_factor) * own_step` within `[MIN_STEP, MAX_STEP]`,
-    whose backward pass divides the step's gradient by the step, as
-    `step_of`'s (`own_step`: a statistic of the kernel, not differentiated)."""
-    own_step = tf.stop_gradient(tf.convert_to_tensor(own_step, tf.float32))
-
-    @tf.custom_gradient
-    def step_of_variable(log_factor):
-        step = tf.clip_by_value(tf.exp(rate * log_factor) * own_step, MIN_STEP, MAX_STEP)
-
-        def grad(d_step):
-            return d_step / step
-
-        return step, grad
-
-    return step_of_variable(tf.convert_to_tensor(log_factor, tf.float32))
 
 
 def _set_step(layer, step, where):
@@ -248,54 +136,6 @@ def _saved_before_step_rate(config):
     """A config saved before `step_rate` existed holds the plain logarithm
     of the step: rate 1."""
     return {"step_rate": 1.0, **config}
-
-
-def _candidate_errors(squared_error):
-    """`squared_error(fraction)` (a scalar, or one per channel) for each of
-    `START_FRACTIONS`, one candidate at a time."""
-    fractions = tf.constant(START_FRACTIONS, tf.float32)
-    return tf.map_fn(squared_error, fractions, parallel_iterations=1)
-
-
-def _least_error_fraction(errors):
-    """The one of `START_FRACTIONS` whose error (in `_candidate_errors`) is
-    least."""
-    return tf.gather(tf.constant(START_FRACTIONS, tf.float32), tf.argmin(errors, axis=0))
-
-
-def _start_weight_fraction(kernel, own_step, lowest, highest, per_channel):
-    """The fraction of `own_step` (the step of the kernel's own range, per
-    channel or not) whose grid of levels `[lowest, highest]` rounds `kernel`
-    with the least squared error."""
-    axes = list(range(kernel.shape.rank - 1)) if per_channel else None
-
-    def squared_error(fraction):
-        step = own_step * fraction
-        rounded = tf.clip_by_value(tf.round(kernel / step), lowest, highest) * step
-        return tf.reduce_sum(tf.square(rounded - kernel), axis=axes)
-
-    return _least_error_fraction(_candidate_errors(squared_error))
-
-
-def _activation_errors(x, low, high, num_bits, narrow_range):
-    """The squared error of rounding `x` on the grid over `[f * low, f *
-    high]`, for each fraction `f` of `START_FRACTIONS`."""
-
-    def squared_error(fraction):
-        rounded = tf.quantization.fake_quant_with_min_max_vars(
-            x, fraction * low, fraction * high, num_bits=num_bits, narrow_range=narrow_range
-        )
-        return tf.reduce_sum(tf.square(rounded - x))
-
-    return _candidate_errors(squared_error)
-
-
-def _sum_across_replicas(value):
-    """`value` summed over the replicas of a `tf.distribute` strategy."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return value
-    return context.all_reduce("sum", value)
 
 
 def _flag_weight(layer):
@@ -380,7 +220,7 @@ class LearnedWeightQuantizer(WeightQuantizer):
     def step_for(self, kernel):
         """The learned step for `kernel` (per channel or not)."""
         if self.relative_step:
-            return _relative_step_of(self.log_scale, self.step_rate, self._own_step(kernel))
+            return relative_step_of(self.log_scale, self.step_rate, self._own_step(kernel))
         return self.scale
 
     def _own_step(self, kernel):
@@ -401,7 +241,7 @@ class LearnedWeightQuantizer(WeightQuantizer):
     def learned_range(self, kernel):
         zero = zero_level(self.num_bits, self.narrow_range, True)
         qmin, qmax = quantizers.quant_levels(self.num_bits, self.narrow_range)
-        step = _at_least_min_step(self.step_for(kernel))
+        step = at_least_min_step(self.step_for(kernel))
         return (qmin - zero) * step, (qmax - zero) * step
 
     def range(self, kernel):
@@ -429,7 +269,7 @@ class LearnedWeightQuantizer(WeightQuantizer):
             zero = zero_level(self.num_bits, self.narrow_range, True)
             qmin, qmax = quantizers.quant_levels(self.num_bits, self.narrow_range)
             values = tf.stop_gradient(tf.cast(kernel, tf.float32))
-            return _start_weight_fraction(
+            return start_weight_fraction(
                 values, own_step, float(qmin - zero), float(qmax - zero), self.per_channel
             )
 
@@ -451,7 +291,7 @@ class LearnedWeightQuantizer(WeightQuantizer):
             zero,
             self.num_bits,
             self.narrow_range,
-            _grad_scale(per_step, float(highest)),
+            grad_scale(per_step, float(highest)),
         )
 
 
@@ -520,12 +360,12 @@ class LearnedFakeQuant(FakeQuant):
     @property
     def min(self):
         qmin, _ = quantizers.quant_levels(self.num_bits, self.narrow_range)
-        return (qmin - self.zero_point) * _at_least_min_step(self.scale)
+        return (qmin - self.zero_point) * at_least_min_step(self.scale)
 
     @property
     def max(self):
         _, qmax = quantizers.quant_levels(self.num_bits, self.narrow_range)
-        return (qmax - self.zero_point) * _at_least_min_step(self.scale)
+        return (qmax - self.zero_point) * at_least_min_step(self.scale)
 
     def has_range(self):
         return self.initialized > 0
@@ -541,13 +381,13 @@ class LearnedFakeQuant(FakeQuant):
 
         def errors():
             values = tf.stop_gradient(tf.cast(self.activate(x), tf.float32))
-            return _activation_errors(values, low, high, self.num_bits, self.narrow_range)
+            return activation_errors(values, low, high, self.num_bits, self.narrow_range)
 
         # The collective stays out of the conditional (replicas cannot meet
         # inside one): after the first batch it sums zeros.
         no_errors = tf.zeros((len(START_FRACTIONS),))
-        errors = _sum_across_replicas(tf.cond(first, errors, lambda: no_errors))
-        fraction = _least_error_fraction(errors)
+        errors = sum_across_replicas(tf.cond(first, errors, lambda: no_errors))
+        fraction = least_error_fraction(errors)
         self._start_from(fraction * low, fraction * high, first)
         return self.min, self.max
 
@@ -593,7 +433,7 @@ class LearnedFakeQuant(FakeQuant):
                 self.zero_point,
                 self.num_bits,
                 self.narrow_range,
-                _grad_scale(tf.size(x_in), highest, per_replica=True),
+                grad_scale(tf.size(x_in), highest, per_replica=True),
             )
 
         if active is True:

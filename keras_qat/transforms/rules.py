@@ -11,8 +11,9 @@ operation is one small function here and a row of the table.
 import keras
 import numpy as np
 
-from keras_qat import int8_rules, quantizers
+from keras_qat import graph, int8_rules, quantizers
 from keras_qat.layers.attention_mask import AttentionScoreMask, QuantAttentionScoreMask
+from keras_qat.layers.batch_broadcast import BatchBroadcast
 from keras_qat.layers.conv2d_transpose import Conv2DTransposeBnAct
 from keras_qat.layers.dense import DenseBnAct
 from keras_qat.layers.embedding import QuantEmbedding
@@ -274,6 +275,33 @@ def _place_layer_normalization(placement, layer, args, kwargs):
     return placement.quantize_output(layer, new(args[0]))
 
 
+# Elementwise operations whose int8 kernels broadcast a batch axis of 1.
+_BROADCASTING = (
+    keras.layers.Add,
+    keras.layers.Subtract,
+    keras.layers.Multiply,
+    graph.ADD_OPERATION,
+    graph.SUBTRACT_OPERATION,
+    graph.MULTIPLY_OPERATION,
+)
+
+
+def _broadcast_by_consumers(placement, op):
+    """A `BatchBroadcast` (a traced `broadcast_to` of one row to the batch,
+    such as keras-hub's position table) whose consumers all broadcast the
+    batch axis themselves: left out. TF 2.20's converter left the
+    BROADCAST_TO of a constant, and the ADD after it, in float."""
+    if not isinstance(op, BatchBroadcast):
+        return False
+    consumers = graph.consumer_operations(op)
+    return bool(consumers) and all(isinstance(c, _BROADCASTING) for c in consumers)
+
+
+def _place_dropped_broadcast(placement, layer, args, kwargs):
+    """The row itself, which its consumers broadcast."""
+    return args[0][0]
+
+
 def _place_bilinear_resize(placement, layer, args, kwargs):
     """A QuantUpSampling2D / QuantResizing: the int8 kernel's rounding onto
     the input's grid, which its output keeps."""
@@ -315,5 +343,6 @@ PLACEMENT_RULES = (
         _place_layer_normalization,
     ),
     (lambda placement, op: int8_rules.is_bilinear_resize(op), _place_bilinear_resize),
+    (_broadcast_by_consumers, _place_dropped_broadcast),
     (lambda placement, op: True, _place_grid_keeping),
 )

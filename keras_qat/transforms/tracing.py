@@ -90,12 +90,7 @@ def trace_layers(model, needs_tracing):
                 return as_layer(*args, **kwargs)
             if not needs_tracing(operation):
                 copy = _copy(operation, clones, names.name_for(operation, prefix))
-                if traced_layer is not None:
-                    origin = f"'{traced_layer.name}' ({type(traced_layer).__name__})"
-                    setattr(copy, TRACED_FROM, origin)
-                if _is_cached_attention(operation):
-                    kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_ARGUMENTS}
-                return copy(*args, **kwargs)
+                return _call_copy(copy, operation, traced_layer, args, kwargs)
             if depth == _MAX_DEPTH:
                 raise ValueError(
                     f"Layer '{operation.name}' nests layers more than {_MAX_DEPTH} levels "
@@ -123,6 +118,18 @@ def trace_layers(model, needs_tracing):
         )
     clones.copy_weights()
     return traced
+
+
+def _call_copy(copy, operation, traced_layer, args, kwargs):
+    """Calls `copy` of `operation` as the traced layer `traced_layer` (None:
+    the model itself) called it, and records that layer in it for error
+    messages. A cached attention is called without its cache."""
+    if traced_layer is not None:
+        origin = f"'{traced_layer.name}' ({type(traced_layer).__name__})"
+        setattr(copy, TRACED_FROM, origin)
+    if _is_cached_attention(operation):
+        kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_ARGUMENTS}
+    return copy(*args, **kwargs)
 
 
 def _copy(operation, clones, name):
