@@ -32,9 +32,6 @@ from keras_qat.transforms.support import computes_integers, is_float, is_integer
 # Merge layers whose TFLite op takes two operands.
 _BINARY_MERGES = (keras.layers.Add, keras.layers.Multiply)
 
-# ReversibleEmbedding's options that a looked-up table does not need.
-_REVERSIBLE_ONLY = ("tie_weights", "reverse_dtype", "logit_soft_cap")
-
 # Average poolings and their shared-range forms.
 _AVERAGE_POOLINGS = {
     keras.layers.AveragePooling1D: QuantAveragePooling1D,
@@ -253,9 +250,8 @@ def _place_embedding(placement, layer, args, kwargs):
     output keeps the table's grid (GATHER), so no FakeQuant follows."""
     options = placement.weight_options(layer)
     options["per_channel"] = False
-    # Embedding's own options (a subclass may add its own).
+    # Embedding's own options (ReversibleEmbedding and subclasses add theirs).
     config = keras.layers.Embedding.get_config(layer)
-    config = {k: v for k, v in config.items() if k not in _REVERSIBLE_ONLY}
     new = placement.clones.of(layer, lambda: QuantEmbedding(**config, weight_quantizer=options))
     return placement.apply_quantizer(new, args[0], placement.needs_scale(layer))
 
