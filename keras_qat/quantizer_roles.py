@@ -15,6 +15,10 @@ kind, optionally followed by `/` and a name:
   inside the layer that an int8 op of its own rounds (the first op of a
   two-op activation, a layer norm's stages).
 
+A layer whose weights are operands of activation ops (a layer norm's
+`gamma` and `beta`) names those roles in `activation_operands()`: they take
+the activations' width in a 16x8 model (`keras_qat.export.checks`).
+
 Conversion, `check_exportable`, `quant_report`, `sensitivity` and
 `QuantRangeLogger` ask the layers through `model_quantizers`; none keeps a
 list of classes.

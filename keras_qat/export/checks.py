@@ -19,7 +19,6 @@ from keras_qat.layers.conv2d_transpose import Conv2DTransposeBnAct
 from keras_qat.layers.embedding import QuantEmbedding
 from keras_qat.layers.fake_quant import FakeQuant
 from keras_qat.layers.fusion import FusionLayer
-from keras_qat.layers.layer_norm import QuantLayerNormalization
 from keras_qat.layers.shared_range import QuantConcatenate
 
 ACTIVATION_TYPES = ("int8", "int16")
@@ -82,15 +81,16 @@ def _int16_problems(quantizer, name):
     return []
 
 
-def _weight_problems(quantizer, name, activations):
-    """Weights of any layer: symmetric int8 (or fewer bits), past the delay."""
+def _weight_problems(quantizer, name, activations, bits=8):
+    """Weights of any layer: symmetric int8 (or fewer bits; `bits` for an
+    int16 operand), past the delay."""
     problems = []
     if not (quantizer.symmetric and quantizer.narrow_range):
         problems.append(
             f"{name} has asymmetric weights; TFLite int8 weights have zero point 0 "
             "(convert with symmetric=[True, ...], narrow_range=[True, ...])"
         )
-    if quantizer.num_bits > 8:
+    if quantizer.num_bits > bits:
         problems.append(f"{name} has {quantizer.num_bits}-bit weights; int8 TFLite holds at most 8")
     return problems + _delay_problems(quantizer, name)
 
@@ -164,11 +164,9 @@ def _fixed_range_producer(tensor):
     return None
 
 
-def _int8_weight_operand_problems(layer, name, activations):
-    """Layers whose int8 weights become an operand of an activation op: an
-    embedding's GATHER output is on its int8 table's grid, a layer norm
-    multiplies by and adds its int8 `gamma` / `beta`; the 16x8 converter
-    takes no int8 operand in an int16 op."""
+def _int8_table_problems(layer, name, activations):
+    """An embedding's GATHER output is on its int8 table's grid; the 16x8
+    converter takes no int8 operand in an int16 op."""
     if activations != "int16":
         return []
     return [
@@ -176,6 +174,23 @@ def _int8_weight_operand_problems(layer, name, activations):
         "converter fails on; export it with int8 activations, or keep it in float with "
         "skip_layers"
     ]
+
+
+def _operand_problems(quantizer, name, activations):
+    """Weights that are operands of activation ops (a layer norm's `gamma`
+    and `beta`): as other weights in an int8 model; 16-bit in a 16x8 one,
+    whose int16 ops take no int8 operand."""
+    if activations != "int16":
+        return _weight_problems(quantizer, name, activations)
+    problems = _weight_problems(quantizer, name, activations, bits=16)
+    if quantizer.num_bits != 16:
+        problems.insert(
+            0,
+            f"{name} has {quantizer.num_bits}-bit weights, an operand of int16 activation ops, "
+            "which take 16-bit operands (convert_quant_network gives them 16 bits with "
+            "16-bit activations)",
+        )
+    return problems
 
 
 def _causal_mask_problems(layer, name, activations):
@@ -200,10 +215,7 @@ def _causal_mask_problems(layer, name, activations):
 LAYER_RULES = (
     (lambda layer: isinstance(layer, FusionLayer) and layer.quantized, _fusion_layer_problems),
     (lambda layer: isinstance(layer, QuantConcatenate), _concatenation_problems),
-    (
-        lambda layer: isinstance(layer, (QuantEmbedding, QuantLayerNormalization)),
-        _int8_weight_operand_problems,
-    ),
+    (lambda layer: isinstance(layer, QuantEmbedding), _int8_table_problems),
     (lambda layer: isinstance(layer, QuantAttentionScoreMask), _causal_mask_problems),
 )
 
@@ -269,8 +281,15 @@ def find_problems(qat_model, activations="int8"):
             for applies, rule in LAYER_RULES:
                 problems += rule(layer, name, activations) if applies(layer) else []
         rule = ROLE_RULES[quantizer_roles.kind(role)]
+        if role in _activation_operands(layer):
+            rule = _operand_problems
         problems += rule(quantizer, _describe(layer, role), activations)
     return problems
+
+
+def _activation_operands(layer):
+    method = getattr(layer, "activation_operands", None)
+    return method() if callable(method) else ()
 
 
 def check_exportable(qat_model, activations="int8"):

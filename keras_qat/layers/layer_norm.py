@@ -10,6 +10,12 @@ rounds where the integer model rounds. `gamma` and `beta` are constants of
 the integer model, fake-quantized per tensor by `WeightQuantizer`s. The
 output's `FakeQuant` is the one `convert_quant_network` places after the
 layer.
+
+With 16-bit activations (TFLite's 16x8 mode) `gamma` and `beta` are
+operands of int16 ops and so take 16 bits too (`convert_quant_network` sets
+that), and the constants are subtracted (`x - (-beta)`, `variance -
+(-epsilon)`): TF 2.21's 16x8 converter fails on an ADD with a constant
+operand ("element type needs to match") and takes a SUB.
 """
 
 import keras
@@ -122,7 +128,7 @@ class QuantLayerNormalization(keras.layers.LayerNormalization):
         centred = rounded("centred", x - mean)
         square = rounded("square", centred * centred)
         variance = rounded("variance", tf.reduce_mean(square, -1, keepdims=True))
-        shifted = rounded("variance_eps", variance + self.epsilon)
+        shifted = rounded("variance_eps", self._plus_epsilon(variance))
         inverse_std = rounded("inverse_std", tf.math.rsqrt(self._positive(shifted, training)))
         outputs = centred * inverse_std
         if self.scale or self.center:
@@ -131,9 +137,28 @@ class QuantLayerNormalization(keras.layers.LayerNormalization):
             gamma = self.gamma_quantizer.quantize_weights(tf.cast(self.gamma, tf.float32), training)
             outputs = rounded("scaled", outputs * gamma.values)
         if self.center:
-            beta = self.beta_quantizer.quantize_weights(tf.cast(self.beta, tf.float32), training)
-            outputs = outputs + beta.values
+            outputs = self._plus_beta(outputs, training)
         return tf.cast(outputs, self.compute_dtype)
+
+    @property
+    def int16(self):
+        """Whether its activations are 16-bit (TFLite's 16x8 mode)."""
+        return self.quantizer.get("num_bits") == 16
+
+    def _plus_epsilon(self, variance):
+        if not self.int16:
+            return variance + self.epsilon
+        negated = tf.quantization.fake_quant_with_min_max_args(
+            tf.constant(-self.epsilon), -2 * self.epsilon, 2 * self.epsilon, 16, True
+        )
+        return variance - negated
+
+    def _plus_beta(self, outputs, training):
+        beta = tf.cast(self.beta, tf.float32)
+        if not self.int16:
+            return outputs + self.beta_quantizer.quantize_weights(beta, training).values
+        # A symmetric grid: the levels of -beta are those of beta, negated.
+        return outputs - self.beta_quantizer.quantize_weights(-beta, training).values
 
     def _positive(self, shifted, training):
         """`variance + epsilon` as RSQRT takes it.
@@ -161,6 +186,12 @@ class QuantLayerNormalization(keras.layers.LayerNormalization):
         if self.center:
             roles["weights/beta"] = self.beta_quantizer
         return roles
+
+    def activation_operands(self):
+        """The roles of weights that are operands of activation ops
+        (`gamma` multiplies, `beta` is added): they take the activations'
+        width (`keras_qat.export.checks`)."""
+        return tuple(r for r in ("weights/gamma", "weights/beta") if r in self.quantizers())
 
     def quantized_weights(self):
         """`{"weights/gamma": gamma, "weights/beta": beta}`, float32, those it uses."""

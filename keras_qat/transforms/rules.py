@@ -260,12 +260,16 @@ def _place_layer_normalization(placement, layer, args, kwargs):
     """A QuantLayerNormalization (its intermediate results rounded as
     TFLite's int8 ops round them), then the FakeQuant of its output."""
     calls = placement.graph.call_count(layer)
+    activations = placement.activation_options(layer.name, calls)
+    weights = dict(placement.weight_options(layer), per_channel=False)
+    if activations.get("num_bits") == 16:  # gamma and beta are operands of int16 ops
+        weights["num_bits"] = 16
     new = placement.clones.of(
         layer,
         lambda: QuantLayerNormalization(
             **dict(layer.get_config(), axis=-1),  # the last axis (checked)
-            quantizer=placement.activation_options(layer.name, calls),
-            weight_quantizer=dict(placement.weight_options(layer), per_channel=False),
+            quantizer=activations,
+            weight_quantizer=weights,
         ),
     )
     return placement.quantize_output(layer, new(args[0]))
