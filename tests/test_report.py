@@ -296,3 +296,33 @@ def test_range_logger_checks_its_arguments_and_samples_before_training(tmp_path)
         model.fit(
             x, np.zeros((40, 3)), verbose=0, callbacks=[kq.callbacks.QuantRangeLogger(tmp_path)]
         )
+
+
+class PrependToken(keras.layers.Layer):
+    """A learned token tiled to the batch and put before the sequence (a
+    ViT's class token): traced as a WeightOperand broadcast to the batch."""
+
+    def build(self, input_shape):
+        self.token = self.add_weight(shape=(1, 1, input_shape[-1]), initializer="random_normal")
+
+    def call(self, x):
+        token = keras.ops.tile(self.token, (keras.ops.shape(x)[0], 1, 1))
+        return keras.ops.concatenate([token, x], axis=1)
+
+
+def test_quant_report_counts_a_batch_broadcast_constant_once_per_value():
+    """The TFLite tensor of a constant broadcast to the batch has a row per
+    input; its FakeQuant's one row was counted once per TFLite row (6400 %
+    exact on a keras-hub ViT's class token)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 8))
+    x = L.Dense(8)(PrependToken()(L.Dense(8)(inputs)))
+    model = keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling1D()(x)))
+    x = np.random.default_rng(0).normal(size=(16, 4, 8)).astype("float32")
+    qat = kq.convert_quant_network(model)
+    qat(x, training=True)
+    rows = kq.quant_report(qat, x, tflite_model=kq.export_tflite(qat)).rows
+    compared = [row for row in rows if row["tflite_exact"] is not None]
+    assert any("token" in row["tensor"] for row in compared), [r["tensor"] for r in rows]
+    for row in compared:
+        assert 0.9 <= row["tflite_exact"] <= 1.0, row
