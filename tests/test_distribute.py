@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import mirrored_strategy
 from worker_ports import run_workers
 
 import keras_qat as kq
@@ -67,7 +68,7 @@ def test_mirrored_equals_single_device_and_replicas_agree():
     initial = build_qat_model().get_weights()
     data = batches(5)
     single = trained(tf.distribute.get_strategy(), initial, data)
-    mirrored = trained(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), initial, data)
+    mirrored = trained(mirrored_strategy(), initial, data)
     assert mirrored.distribute_strategy.num_replicas_in_sync == 2
     assert_same_state(state(mirrored), state(single))
     fake_quants = [layer for layer in mirrored.layers if isinstance(layer, FakeQuant)]
@@ -80,7 +81,7 @@ def test_mirrored_equals_single_device_and_replicas_agree():
 
 def test_ranges_are_those_of_the_global_batch():
     # Shards with very different values: the range must cover both.
-    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    with mirrored_strategy().scope():
         inputs = keras.Input((4,))
         model = keras.Model(inputs, FakeQuant(ema=False)(inputs))
         model.compile(optimizer="sgd", loss="mse")
@@ -94,7 +95,7 @@ def test_checkpoint_from_two_replicas_resumes_on_one(tmp_path):
     initial = build_qat_model().get_weights()
     data = batches(6, seed=1)
     straight = trained(tf.distribute.get_strategy(), initial, data)
-    mirrored = trained(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), initial, data[:3])
+    mirrored = trained(mirrored_strategy(), initial, data[:3])
     path = str(tmp_path / "mirrored.keras")
     mirrored.save(path)
     resumed = keras.saving.load_model(path)

@@ -110,6 +110,11 @@ def _log_step_weight(layer, shape):
     )
 
 
+def _one_replica():
+    context = tf.distribute.get_replica_context()
+    return context is None or context.num_replicas_in_sync == 1
+
+
 def _set_step(layer, step, where):
     """Sets `layer`'s step to `step` where `where` (its first batch)."""
     log_step = tf.math.log(step) / layer.step_rate
@@ -376,6 +381,16 @@ class LearnedFakeQuant(FakeQuant):
         it with the least squared error, over all replicas); later batches
         leave them to the optimizer. Returns the range."""
         first = tf.logical_not(self.has_range())
+        if _one_replica():
+            # Nothing to do after the first batch: skip the batch's range.
+            tf.cond(first, lambda: self._start(x, first), tf.no_op)
+        else:
+            # Collectives stay out of conditionals (replicas cannot meet
+            # inside one): every batch gathers, later ones to no effect.
+            self._start(x, first)
+        return self.min, self.max
+
+    def _start(self, x, first):
         batch_min, batch_max = across_replicas(*(tf.stop_gradient(v) for v in self._batch_range(x)))
         low, high = quantizers.quant_range(batch_min, batch_max, self.symmetric)
 
@@ -383,13 +398,11 @@ class LearnedFakeQuant(FakeQuant):
             values = tf.stop_gradient(tf.cast(self.activate(x), tf.float32))
             return activation_errors(values, low, high, self.num_bits, self.narrow_range)
 
-        # The collective stays out of the conditional (replicas cannot meet
-        # inside one): after the first batch it sums zeros.
         no_errors = tf.zeros((len(START_FRACTIONS),))
         errors = sum_across_replicas(tf.cond(first, errors, lambda: no_errors))
         fraction = least_error_fraction(errors)
         self._start_from(fraction * low, fraction * high, first)
-        return self.min, self.max
+        return tf.no_op()
 
     def calibrate_range(self, x, method):
         """In calibration, with either method, the step and zero point of
