@@ -186,6 +186,15 @@ def node_arguments(layer):
     return [(node.arguments.args, node.arguments.kwargs) for node in layer._inbound_nodes]
 
 
+def node_calls(layer):
+    """`(args, kwargs, outputs)` of each call of `layer` in the graphs it is
+    part of (`outputs`: the call's output tensors, a list)."""
+    return [
+        (node.arguments.args, node.arguments.kwargs, list(node.output_tensors))
+        for node in layer._inbound_nodes
+    ]
+
+
 class NodeView:
     """One call in a graph: its operation and the shapes of its first input
     and first output."""

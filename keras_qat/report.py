@@ -43,9 +43,13 @@ class ActivationTap:
     def __init__(self, layer, quantizer):
         self.layer = layer
         self.quantizer = quantizer
-        self.output = keras.tree.flatten(layer.output)[0]
-        self.input = layer.input if hasattr(layer, "unquantized_output") else None
-        self.producer = graph.producer(keras.tree.flatten(layer.input)[0])
+        # A concatenation's first call can be one that puts a shared input
+        # on its grid (`onto_grid`): the tap is its concatenation.
+        args, _, outputs = next(c for c in graph.node_calls(layer) if not c[1].get("onto_grid"))
+        inputs = args[0]
+        self.output = outputs[0]
+        self.input = inputs if hasattr(layer, "unquantized_output") else None
+        self.producer = graph.producer(keras.tree.flatten(inputs)[0])
 
     def grid(self):
         """`(nudged_min, nudged_max, scale)` of the current range, numpy."""

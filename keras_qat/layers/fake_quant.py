@@ -11,7 +11,7 @@ from keras_qat.config import (
     check_fraction,
     check_int,
 )
-from keras_qat.layers.call_context import calibration_method
+from keras_qat.layers.call_context import calibration_method, is_bypassed, is_tracing_for_export
 from keras_qat.layers.quantizer import Quantizer, across_replicas
 
 
@@ -231,6 +231,18 @@ class FakeQuant(Quantizer):
         if active is not True and active is not False and self.fixed_range is None:
             active = tf.logical_and(active, self.has_range())
         return self.min, self.max, active
+
+    def stored_range_active(self):
+        """Whether the stored range quantizes now, for a call that neither
+        observes values nor counts as a call: past the quant delay with a
+        range (Python `True` while traced for export, `False` while
+        bypassed or calibrating)."""
+        if is_tracing_for_export():
+            return True
+        if is_bypassed(self) or calibration_method() is not None:
+            return False
+        past_delay = self.steps() >= self.quant_delay
+        return past_delay if self.fixed_range is not None else past_delay & self.has_range()
 
     def quantize_with(self, x, min_val, max_val, active, training=False):
         """Fake-quantizes `activation(x)` with the range from `observe` when

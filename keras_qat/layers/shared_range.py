@@ -66,7 +66,9 @@ class QuantConcatenate(keras.layers.Concatenate):
         if not self.quantizer.built:  # built when loaded
             self.quantizer.build(self.compute_output_shape(input_shape))
 
-    def call(self, inputs, training=False, return_scale=False):
+    def call(self, inputs, training=False, return_scale=False, onto_grid=False):
+        if onto_grid:
+            return self._onto_grid(inputs, training, return_scale)
         quantizer = self.quantizer
         flags = self.quantize_inputs or [True] * len(inputs)
         min_val, max_val, active = quantizer.observe(super().call(inputs), training)
@@ -81,11 +83,29 @@ class QuantConcatenate(keras.layers.Concatenate):
             return outputs, quantizer.output_scale(min_val, max_val, active)
         return outputs
 
+    def _onto_grid(self, x, training, return_scale):
+        """`x` (one tensor) on the shared grid as it stands, neither
+        observed nor counted as a call: the pooled (or otherwise
+        grid-keeping) result that this concatenation and other layers read,
+        which TFLite's converter puts on the concatenation's grid for all of
+        them (CONCATENATION's same-scale constraint reaches back to it; the
+        other readers then see it requantized). In training the range is the
+        one stored before this step's concatenation updates it."""
+        quantizer = self.quantizer
+        active = quantizer.stored_range_active()
+        low, high = quantizer.min, quantizer.max
+        outputs = quantizer.quantize_with(x, low, high, active, training)
+        if return_scale:
+            return outputs, quantizer.output_scale(low, high, active)
+        return outputs
+
     def quantizers(self):
         """`{"output": quantizer}`: the shared range (`keras_qat.quantizer_roles`)."""
         return {"output": self.quantizer}
 
-    def compute_output_spec(self, inputs, training=False, return_scale=False):
+    def compute_output_spec(self, inputs, training=False, return_scale=False, onto_grid=False):
+        if onto_grid:
+            return with_scale_spec(keras.KerasTensor(inputs.shape, inputs.dtype), return_scale)
         return with_scale_spec(super().compute_output_spec(inputs), return_scale)
 
     def get_config(self):

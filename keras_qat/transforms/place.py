@@ -13,6 +13,8 @@ zero-centred; and it makes the quantizers with the options of
 `convert_quant_network`.
 """
 
+import functools
+
 import keras
 
 from keras_qat import graph, int8_rules, quantizers
@@ -106,8 +108,35 @@ class Placement:
         args, kwargs = keras.tree.map_structure(self.quantize_model_input, (args, kwargs))
         for applies, rule in rules.PLACEMENT_RULES:
             if applies(self, operation):
-                return rule(self, operation, args, kwargs)
+                return self.onto_concatenation_grid(operation, rule(self, operation, args, kwargs))
         raise AssertionError(f"no placement rule for {operation!r}")  # unreachable
+
+    def onto_concatenation_grid(self, operation, outputs):
+        """`outputs` of a grid-keeping operation (a max pooling, a reshape)
+        that a concatenation and other layers read, put on the
+        concatenation's grid for all of them: TFLite's converter carries
+        CONCATENATION's same-scale constraint back to that result and
+        requantizes it there, so the other readers see it requantized too
+        (measured: DenseNet's pooled stem, read by a concatenation and a
+        BatchNormalization, was 0.37 steps off on average)."""
+        concatenation = self._sharing_concatenation(operation)
+        if concatenation is None:
+            return outputs
+        layer = rules.concatenation_of(self, concatenation)
+        onto_grid = functools.partial(layer, onto_grid=True)
+        return self.apply_quantizer(onto_grid, outputs, self.needs_scale(operation))
+
+    def _sharing_concatenation(self, operation):
+        """The one concatenation that reads `operation`'s result beside other
+        layers, where that result keeps its input's grid; else None."""
+        if not isinstance(operation, _GRID_KEEPING) or self.is_skipped(operation):
+            return None
+        consumers = self.graph.consumers(operation)
+        joins = [c for c in consumers if isinstance(c, keras.layers.Concatenate)]
+        if len(joins) != 1 or self.is_skipped(joins[0]):
+            return None
+        others = len(consumers) > 1 or self.graph.is_output(operation)
+        return joins[0] if others else None
 
     # Where the integer model rounds.
 

@@ -89,8 +89,10 @@ def _place_constant(placement, operation, args, kwargs):
     return placement.quantize_output(operation, outputs)
 
 
-def _place_concatenation(placement, layer, args, kwargs):
-    """A QuantConcatenate, which quantizes the inputs that have no grid yet."""
+def concatenation_of(placement, layer):
+    """The QuantConcatenate of `layer`, which quantizes the inputs that have
+    no grid yet (made and built at its first use, which can be a call that
+    puts one input on its grid: `Placement.onto_concatenation_grid`)."""
     new = placement.clones.of(
         layer,
         lambda: QuantConcatenate(
@@ -99,6 +101,13 @@ def _place_concatenation(placement, layer, args, kwargs):
             quantizer=placement.shared_quantizer(layer),
         ),
     )
+    if not new.built:
+        new.build([tuple(t.shape) for t in keras.tree.flatten(layer.input)])
+    return new
+
+
+def _place_concatenation(placement, layer, args, kwargs):
+    new = concatenation_of(placement, layer)
     return placement.apply_quantizer(new, args[0], placement.needs_scale(layer))
 
 
