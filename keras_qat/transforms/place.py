@@ -284,8 +284,11 @@ class Placement:
     def shared_quantizer(self, layer):
         """The `quantizer` of a layer that holds its output's range (a
         concatenation, an average pooling, an attention mask): options, or a
-        `LearnedFakeQuant` with learned activation ranges."""
+        `LearnedFakeQuant` with learned activation ranges; zero-centred
+        where it feeds a matmul's second operand (`feeds_matmul_rhs`)."""
         options = self.activation_options(layer.name, self.graph.call_count(layer))
+        if self.feeds_matmul_rhs(layer):  # a rotary embedding's stacked key halves
+            options.update(symmetric=True, narrow_range=True)
         return LearnedFakeQuant(**options) if self.options.range_learning[1] else options
 
     def apply_quantizer(self, quantizer, tensor, with_scale):
