@@ -85,7 +85,13 @@ class _Statistics:
         q = tap.quantizer
         self.levels = np.zeros(2**q.num_bits, bool)
         self.sums = dict(
-            count=0, clipped=0, own=0.0, own_error=0.0, reference=0.0, error=0.0, exact=0,
+            count=0,
+            clipped=0,
+            own=0.0,
+            own_error=0.0,
+            reference=0.0,
+            error=0.0,
+            exact=0,
             compared=0,
         )
         self.max_steps = 0.0

@@ -10,10 +10,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import mirrored_strategy
 from worker_ports import run_workers
 
 import keras_qat as kq
+from conftest import mirrored_strategy
 from keras_qat import Conv2DBnAct, DenseBnAct, FakeQuant
 
 HERE = os.path.dirname(os.path.abspath(__file__))

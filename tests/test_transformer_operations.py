@@ -330,7 +330,10 @@ def test_a_concatenation_that_is_a_matmuls_second_operand_is_zero_centred():
     )
     model = keras.Model([a, b], ops.matmul(keras.layers.Dense(6)(a), key))
     rng = np.random.default_rng(3)
-    x = [rng.uniform(-1, 1, (256, 4, 5)).astype("float32"), rng.uniform(0, 2, (256, 3, 3)).astype("float32")]
+    x = [
+        rng.uniform(-1, 1, (256, 4, 5)).astype("float32"),
+        rng.uniform(0, 2, (256, 3, 3)).astype("float32"),
+    ]
     qat_model = calibrate(kq.convert_quant_network(model), x, steps=2)
     shared = qat_model.get_layer("stacked").quantizer
     assert shared.symmetric and shared.narrow_range
