@@ -57,7 +57,7 @@ from keras_qat.layers.lsq import (
     step_of,
     zero_level,
 )
-from keras_qat.layers.quantizer import across_replicas
+from keras_qat.layers.quantizer import across_replicas, one_replica
 from keras_qat.layers.range_start import (
     START_FRACTIONS,
     activation_errors,
@@ -108,11 +108,6 @@ def _log_step_weight(layer, shape):
         constraint=_LogStepBounds(layer.step_rate),
         aggregation="mean",
     )
-
-
-def _one_replica():
-    context = tf.distribute.get_replica_context()
-    return context is None or context.num_replicas_in_sync == 1
 
 
 def _set_step(layer, step, where):
@@ -381,7 +376,7 @@ class LearnedFakeQuant(FakeQuant):
         it with the least squared error, over all replicas); later batches
         leave them to the optimizer. Returns the range."""
         first = tf.logical_not(self.has_range())
-        if _one_replica():
+        if one_replica():
             # Nothing to do after the first batch: skip the batch's range.
             tf.cond(first, lambda: self._start(x, first), tf.no_op)
         else:

@@ -18,6 +18,13 @@ from keras_qat.layers.call_context import (
 )
 
 
+def one_replica():
+    """Whether the code runs outside a `tf.distribute` strategy or on one
+    replica of it (no collective to make)."""
+    context = tf.distribute.get_replica_context()
+    return context is None or context.num_replicas_in_sync == 1
+
+
 def across_replicas(batch_min, batch_max):
     """The min of `batch_min` and max of `batch_max` over all replicas.
 
@@ -28,10 +35,11 @@ def across_replicas(batch_min, batch_max):
     Outside a strategy, or with one replica, the values are returned as
     they are.
     """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
+    if one_replica():
         return batch_min, batch_max
-    both = context.all_gather(tf.stack([batch_min, batch_max])[None], axis=0)  # one collective
+    both = tf.distribute.get_replica_context().all_gather(
+        tf.stack([batch_min, batch_max])[None], axis=0
+    )  # one collective
     return tf.reduce_min(both[:, 0], axis=0), tf.reduce_max(both[:, 1], axis=0)
 
 

@@ -9,6 +9,8 @@ moves a log-step by only a few percent (docs/measurements.md).
 
 import tensorflow as tf
 
+from keras_qat.layers.quantizer import one_replica
+
 START_FRACTIONS = tuple(0.3 + 0.05 * i for i in range(15))
 
 
@@ -54,7 +56,6 @@ def activation_errors(x, low, high, num_bits, narrow_range):
 
 def sum_across_replicas(value):
     """`value` summed over the replicas of a `tf.distribute` strategy."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
+    if one_replica():
         return value
-    return context.all_reduce("sum", value)
+    return tf.distribute.get_replica_context().all_reduce("sum", value)
