@@ -89,6 +89,7 @@ MOVEAXIS_OPERATION = _numpy_ops.Moveaxis
 SPLIT_OPERATION = _numpy_ops.Split
 STACK_OPERATION = _numpy_ops.Stack
 EINSUM_OPERATION = _numpy_ops.Einsum
+DOT_PRODUCT_ATTENTION_OPERATION = _nn_ops.DotProductAttention
 WHERE_OPERATION = _numpy_ops.Where
 ZEROS_LIKE_OPERATION = _numpy_ops.ZerosLike
 

@@ -206,6 +206,12 @@ def unsupported_reason(layer):
         return _pad_reason(layer)
     if isinstance(layer, (L.Softmax, graph.SOFTMAX_OPERATION)) and not _over_last_axis(layer):
         return f"axis={layer.axis}: TFLite's SOFTMAX is over the last axis; transpose first"
+    if isinstance(layer, graph.DOT_PRODUCT_ATTENTION_OPERATION):
+        return (
+            "quantized only on symbolic 4D query, key, value and mask tensors (a bias may be "
+            "constant) with known head counts, the queries' a multiple of the keys', a "
+            "constant scalar scale and no flash attention"
+        )
     if type(layer) is L.LayerNormalization:
         config = layer.get_config()
         if not normalizes_last_axis(layer):

@@ -197,6 +197,50 @@ def test_a_layer_that_cannot_be_traced_is_named_with_the_reason(layer, reason):
     assert type(qat_model.get_layer("odd")) is type(layer)
 
 
+class TwoOutputs(L.Layer):
+    """Returns two tensors while its output shape says one (keras-hub's ESM
+    rotary embedding): its caller's symbolic call fails."""
+
+    def call(self, x):
+        return x, x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+class BlockWithPair(L.Layer):
+    """A block whose sub-layer, named the same in every block, cannot be
+    traced."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.pair = BlockPair(name="pair")
+
+    def call(self, x):
+        return self.pair(x) + x
+
+
+class BlockPair(L.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.split = TwoOutputs()
+
+    def call(self, x):
+        first, second = self.split(x)
+        return first * second
+
+
+def test_untraceable_layers_of_the_same_name_in_two_blocks_are_all_named():
+    # Each block's 'pair' stays whole in the traced graph, twice under one
+    # name: the error must still be the tracing one, listing both.
+    inputs = keras.Input((5, 4))
+    outputs = BlockWithPair(name="block_b")(BlockWithPair(name="block_a")(inputs))
+    with pytest.raises(ValueError, match="cannot trace these layers") as error:
+        kq.convert_quant_network(keras.Model(inputs, outputs))
+    message = str(error.value)
+    assert message.count("'pair' (BlockPair): its `call` fails on symbolic tensors") == 2
+
+
 def sequences(n, seed=0):
     return np.random.default_rng(seed).standard_normal((n, 5, 4)).astype("float32")
 

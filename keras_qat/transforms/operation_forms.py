@@ -19,6 +19,10 @@ TensorFlow 2.21):
 - `einsum` of two tensors with one contracted, one free index each and
   batch indices (attention's `"bqhd,bkhd->bhqk"`) -> transposes and a
   `matmul` (BATCH_MATMUL, as the converter lowers it);
+- `dot_product_attention(query, key, value, bias, mask, scale)` (keras-hub's
+  ESM and DINOv3 attention) -> transposes, the queries times the scale,
+  `matmul`, the bias added, an `AttentionScoreMask`, softmax, `matmul`
+  (MUL, BATCH_MATMUL, ADD, SELECT_V2, SOFTMAX, BATCH_MATMUL);
 - a `Softmax` layer called with a mask -> `AttentionScoreMask`, softmax,
   `AttentionWeightMask` (SELECT_V2, SOFTMAX, SELECT_V2), as a
   `MultiHeadAttention`'s masked softmax;
@@ -217,6 +221,60 @@ def _transposed(x, order):
     return x if order == list(range(len(order))) else keras.ops.transpose(x, order)
 
 
+def _dot_product_attention(operation, name):
+    """`keras.ops.dot_product_attention` on `(batch, positions, heads,
+    depth)` tensors, as Keras' TensorFlow backend computes it: the scores
+    `q k^T * scale` (scale `1 / sqrt(depth)` unless given), plus `bias`,
+    those that `mask` (boolean, broadcast to `(batch, heads, queries,
+    keys)`) or `is_causal` exclude set to a large negative value (a row that
+    excludes every key then weighs all keys equally), softmax, times the
+    values; keys and values with fewer heads repeated to the queries'. The
+    scale multiplies the queries before the product (the same in float, one
+    MUL on the smaller tensor). Like that backend, it has no logit soft cap;
+    a `flash_attention` request is left to Keras (TensorFlow has none)."""
+    causal = operation.is_causal
+
+    def attention(query, key, value, bias=None, mask=None, scale=None, **options):
+        for option in ("flash_attention", "attn_logits_soft_cap"):
+            options.setdefault(option, getattr(operation, option, None))
+        if options["flash_attention"] or not _attention_form_applies(
+            query, key, value, bias, mask, scale
+        ):
+            return keras.ops.dot_product_attention(
+                query, key, value, bias, mask, scale, is_causal=causal, **options
+            )
+        heads, kv_heads = query.shape[2], key.shape[2]
+        if heads != kv_heads:
+            key, value = (keras.ops.repeat(t, heads // kv_heads, axis=2) for t in (key, value))
+        scale = float(1 / np.sqrt(key.shape[-1]) if scale is None else scale)
+        queries = _transposed(keras.ops.multiply(query, scale), [0, 2, 1, 3])
+        scores = keras.ops.matmul(queries, _transposed(key, [0, 2, 3, 1]))
+        if bias is not None:
+            scores = keras.ops.add(scores, bias)
+        if mask is not None or causal:
+            mask_input = scores if mask is None else [scores, _with_rank(mask, 4)]
+            scores = AttentionScoreMask(causal, name=f"{name}_score_mask")(mask_input)
+        weights = keras.layers.Softmax(name=name)(scores)
+        context = keras.ops.matmul(weights, _transposed(value, [0, 2, 1, 3]))
+        return _transposed(context, [0, 2, 1, 3])
+
+    return attention
+
+
+def _attention_form_applies(query, key, value, bias, mask, scale):
+    """Whether `_dot_product_attention`'s form computes the call (what
+    `int8_rules.unsupported_reason` says otherwise): symbolic 4D tensors (a
+    bias may be constant), known head counts (the queries' a multiple of the
+    keys'), and a scalar scale."""
+    tensors = [t for t in (query, key, value, mask) if t is not None]
+    if not all(isinstance(t, keras.KerasTensor) for t in tensors) or len(query.shape) != 4:
+        return False
+    heads, kv_heads = query.shape[2], key.shape[2]
+    if None in (heads, kv_heads, key.shape[-1]) or heads % kv_heads:
+        return False
+    return scale is None or (np.ndim(scale) == 0 and not isinstance(scale, keras.KerasTensor))
+
+
 def _where(operation, name):
     """`where(condition, zeros_like(x), x)` (Gemma's attention wipes rows
     without attended tokens so) keeps `x`'s grid: an `AttentionWeightMask`
@@ -261,6 +319,7 @@ def _zeros_like(zeros, tensor):
 
 
 _REWRITES = {
+    graph.DOT_PRODUCT_ATTENTION_OPERATION: _dot_product_attention,
     graph.WHERE_OPERATION: _where,
     graph.SQUARE_OPERATION: _square,
     graph.POWER_OPERATION: _power,

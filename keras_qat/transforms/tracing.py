@@ -108,15 +108,29 @@ def trace_layers(model, needs_tracing):
 
         return call
 
-    with _einsum_dense_shapes_inferred():
-        traced = graph.rebuild(model, call_in(model.name, 0))
+    traced = _rebuild(model, call_in(model.name, 0), errors)
+    clones.copy_weights()
+    return traced
+
+
+def _rebuild(model, call, errors):
+    """`graph.rebuild(model, call)`, or one error listing `errors` (the
+    layers that could not be traced, appended while rebuilding) when there
+    are any. An untraced layer called in each of several traced blocks has
+    its name more than once, which rebuilding refuses: the tracing errors
+    are the cause then."""
+    try:
+        with _einsum_dense_shapes_inferred():
+            traced = graph.rebuild(model, call)
+    except ValueError:
+        if not errors:
+            raise
     if errors:
         raise ValueError(
             f"`convert_quant_network` cannot trace these layers of model '{model.name}' "
             f"into layers and operations it quantizes: {'; '.join(errors)}. Keep them in "
             "float with `skip_layers` (names, classes or a predicate)."
         )
-    clones.copy_weights()
     return traced
 
 
