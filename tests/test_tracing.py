@@ -1,6 +1,8 @@
 """Custom layers are converted through the graph their `call` builds, or
 refused with the layer and the reason."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -197,48 +199,60 @@ def test_a_layer_that_cannot_be_traced_is_named_with_the_reason(layer, reason):
     assert type(qat_model.get_layer("odd")) is type(layer)
 
 
-class TwoOutputs(L.Layer):
-    """Returns two tensors while its output shape says one (keras-hub's ESM
-    rotary embedding): its caller's symbolic call fails."""
-
-    def call(self, x):
-        return x, x
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-
-class BlockWithPair(L.Layer):
+class BlockWithRowNumbers(L.Layer):
     """A block whose sub-layer, named the same in every block, cannot be
     traced."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.pair = BlockPair(name="pair")
+        self.rows = RowNumbers(name="rows")
 
     def call(self, x):
-        return self.pair(x) + x
+        return self.rows(x) + x
 
 
-class BlockPair(L.Layer):
+def test_untraceable_layers_of_the_same_name_in_two_blocks_are_all_named():
+    # Each block's 'rows' stays whole in the traced graph, twice under one
+    # name: the error must still be the tracing one, listing both.
+    inputs = keras.Input((5, 4))
+    block = BlockWithRowNumbers
+    outputs = block(name="block_b")(block(name="block_a")(inputs))
+    with pytest.raises(ValueError, match="cannot trace these layers") as error:
+        kq.convert_quant_network(keras.Model(inputs, outputs))
+    reasons = re.findall(
+        r"'rows' \(RowNumbers\): Multiply '\w+' takes a constant whose shape", str(error.value)
+    )
+    assert len(reasons) == 2, str(error.value)
+
+
+class TwoOutputs(L.Layer):
+    """Returns two tensors while its output shape says one (keras-hub's ESM
+    rotary embedding)."""
+
+    def call(self, x):
+        return x * 2.0, x * 3.0
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+class BlockWithTwoOutputs(L.Layer):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.split = TwoOutputs()
 
     def call(self, x):
         first, second = self.split(x)
-        return first * second
+        return first - second
 
 
-def test_untraceable_layers_of_the_same_name_in_two_blocks_are_all_named():
-    # Each block's 'pair' stays whole in the traced graph, twice under one
-    # name: the error must still be the tracing one, listing both.
-    inputs = keras.Input((5, 4))
-    outputs = BlockWithPair(name="block_b")(BlockWithPair(name="block_a")(inputs))
-    with pytest.raises(ValueError, match="cannot trace these layers") as error:
-        kq.convert_quant_network(keras.Model(inputs, outputs))
-    message = str(error.value)
-    assert message.count("'pair' (BlockPair): its `call` fails on symbolic tensors") == 2
+def test_a_sub_layer_returning_other_outputs_than_it_declares_is_traced_by_its_call():
+    model = sequence_model(BlockWithTwoOutputs(name="block"))
+    qat_model = kq.convert_quant_network(model, quant_delay=10**6)
+    x = sequences(8)
+    np.testing.assert_allclose(
+        qat_model.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
 
 
 def sequences(n, seed=0):

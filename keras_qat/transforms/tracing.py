@@ -256,7 +256,11 @@ def trace_call(layer, args, kwargs):
             graph uses trainable weights outside it, or depends on the batch
             size in a way no graph for any batch size can hold.
     """
-    with _symbolic_cached_attention(layer), graph.non_tensor_outputs_recorded():
+    with (
+        _symbolic_cached_attention(layer),
+        _specs_from_custom_calls(layer),
+        graph.non_tensor_outputs_recorded(),
+    ):
         (traced, outputs), (other, other_outputs) = (
             _trace_at(layer, args, kwargs, size) for size in TRACE_BATCH_SIZES
         )
@@ -331,6 +335,35 @@ def _symbolic_cached_attention(layer):
     finally:
         for sub in patched:
             object.__delattr__(sub, "compute_output_spec")
+
+
+@contextlib.contextmanager
+def _specs_from_custom_calls(layer):
+    """While `layer.call` is traced, its custom sub-layers (classes of
+    neither Keras nor keras_qat, traced in turn) that declare their output
+    shape give the spec their `call` computes instead: keras-hub's ESM
+    rotary embedding returns two tensors where the `compute_output_shape`
+    it inherits declares one. A `call` that fails there keeps the declared
+    spec."""
+    patched = []
+    for sub in graph.all_layers(layer):
+        declared = type(sub).compute_output_shape is not keras.layers.Layer.compute_output_shape
+        custom = type(sub).__module__.split(".")[0] not in ("keras", "keras_qat")
+        if sub is not layer and custom and declared and "compute_output_spec" not in vars(sub):
+            object.__setattr__(sub, "compute_output_spec", functools.partial(_spec_of_call, sub))
+            patched.append(sub)
+    try:
+        yield
+    finally:
+        for sub in patched:
+            object.__delattr__(sub, "compute_output_spec")
+
+
+def _spec_of_call(layer, *args, **kwargs):
+    try:
+        return keras.Operation.compute_output_spec(layer, *args, **kwargs)
+    except Exception:  # noqa: BLE001 - the declared spec, as without tracing
+        return type(layer).compute_output_spec(layer, *args, **kwargs)
 
 
 @contextlib.contextmanager
