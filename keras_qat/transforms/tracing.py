@@ -318,26 +318,14 @@ def _trace_at(layer, args, kwargs, batch_size):
     return keras.Function(inputs, tensors, name=layer.name), outputs
 
 
-@contextlib.contextmanager
 def _symbolic_cached_attention(layer):
     """While `layer.call` is traced, its attention sub-layers of subclasses
     with a generation cache (keras-hub's `CachedMultiHeadAttention`) take a
     symbolic call without a cache: Keras' `MultiHeadAttention` computes
     the output spec, and its `compute_output_spec` takes no `cache`."""
-    patched = []
-    for sub in graph.all_layers(layer):
-        if _is_cached_attention(sub) and "compute_output_spec" not in vars(sub):
-            spec = functools.partial(_spec_without_cache, sub)
-            object.__setattr__(sub, "compute_output_spec", spec)
-            patched.append(sub)
-    try:
-        yield
-    finally:
-        for sub in patched:
-            object.__delattr__(sub, "compute_output_spec")
+    return _output_specs(layer, _is_cached_attention, _spec_without_cache)
 
 
-@contextlib.contextmanager
 def _specs_from_custom_calls(layer):
     """While `layer.call` is traced, its custom sub-layers (classes of
     neither Keras nor keras_qat, traced in turn) that declare their output
@@ -345,12 +333,24 @@ def _specs_from_custom_calls(layer):
     rotary embedding returns two tensors where the `compute_output_shape`
     it inherits declares one. A `call` that fails there keeps the declared
     spec."""
-    patched = []
-    for sub in graph.all_layers(layer):
+
+    def custom_and_declared(sub):
         declared = type(sub).compute_output_shape is not keras.layers.Layer.compute_output_shape
         custom = type(sub).__module__.split(".")[0] not in ("keras", "keras_qat")
-        if sub is not layer and custom and declared and "compute_output_spec" not in vars(sub):
-            object.__setattr__(sub, "compute_output_spec", functools.partial(_spec_of_call, sub))
+        return sub is not layer and custom and declared
+
+    return _output_specs(layer, custom_and_declared, _spec_of_call)
+
+
+@contextlib.contextmanager
+def _output_specs(layer, selected, spec):
+    """While inside, each sub-layer of `layer` for which `selected(sub)`
+    holds computes its symbolic output spec with `spec(sub, *args,
+    **kwargs)` (unless the instance has its own)."""
+    patched = []
+    for sub in graph.all_layers(layer):
+        if selected(sub) and "compute_output_spec" not in vars(sub):
+            object.__setattr__(sub, "compute_output_spec", functools.partial(spec, sub))
             patched.append(sub)
     try:
         yield
