@@ -187,6 +187,12 @@ def node_arguments(layer):
     return [(node.arguments.args, node.arguments.kwargs) for node in layer._inbound_nodes]
 
 
+def keras_mask(tensor):
+    """The Keras mask a symbolic tensor carries (an `Embedding(mask_zero=True)`
+    or `Masking` output's), or None."""
+    return getattr(tensor, "_keras_mask", None)
+
+
 def node_calls(layer):
     """`(args, kwargs, outputs)` of each call of `layer` in the graphs it is
     part of (`outputs`: the call's output tensors, a list)."""

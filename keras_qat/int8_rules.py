@@ -208,7 +208,7 @@ def unsupported_reason(layer):
         return f"axis={layer.axis}: TFLite's SOFTMAX is over the last axis; transpose first"
     if isinstance(layer, graph.DOT_PRODUCT_ATTENTION_OPERATION):
         return (
-            "quantized only on symbolic 4D query, key, value and mask tensors (a bias may be "
+            "quantized only on symbolic 4D query, key and value tensors (a bias or a mask may be "
             "constant) with known head counts, the queries' a multiple of the keys', a "
             "constant scalar scale and no flash attention"
         )

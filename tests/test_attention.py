@@ -1,5 +1,6 @@
-"""MultiHeadAttention: decomposed into its Dense projections and Keras
-operations, with its weights, then quantized and exported to int8."""
+"""MultiHeadAttention: traced into its projections (Dense layers) and the
+Keras operations of its attention, with its weights, then quantized and
+exported to int8."""
 
 import keras
 import numpy as np
@@ -8,9 +9,20 @@ import reference
 from test_export import assert_integer_model, calibrate
 
 import keras_qat as kq
-from keras_qat.transforms.attention import decompose_attention
+from keras_qat.transforms.support import DECOMPOSITIONS, needs_tracing
+from keras_qat.transforms.tracing import trace_layers
 
 L = keras.layers
+ops = keras.ops
+
+
+def decompose_attention(model):
+    """`model` as conversion rewrites it before quantizing: attention layers
+    traced, their EinsumDense projections as Dense layers."""
+    model = trace_layers(model, needs_tracing)
+    for decomposition in DECOMPOSITIONS:
+        model = decomposition.rewrite(model)
+    return model
 
 
 def encoder_block(sequence=6, width=16, heads=2, cross=False, **attention_args):
@@ -182,28 +194,86 @@ def test_masked_attention_exports_to_int8_like_the_keras_model(mask, causal, tmp
         )
 
 
-def test_attention_that_cannot_be_quantized_yet_is_listed():
-    inputs = keras.Input((4, 8))
+def keys_kept(n, length, seed=0):
+    """A 0 / 1 mask per sequence position (rows keep 0 to `length`)."""
+    rng = np.random.default_rng(seed)
+    return (np.arange(length) < rng.integers(0, length + 1, (n, 1))).astype("int32")
+
+
+def test_attention_with_keras_masks_as_arguments_computes_what_the_layer_computes():
+    # query_mask / value_mask: Keras' own mask arguments, traced with the
+    # layer's call (were refused before attention was traced).
+    inputs, padding = keras.Input((5, 8)), keras.Input((5,), dtype="int32")
     attention = L.MultiHeadAttention(2, 4, name="masked")
-    model = keras.Model(inputs, attention(inputs, inputs, query_mask=inputs[..., 0] > 0))
-    with pytest.raises(
-        ValueError, match=r"'masked' \(MultiHeadAttention: called with query_mask \(Keras masks"
-    ):
-        kq.convert_quant_network(model)
+    kept = ops.cast(padding, "bool")
+    model = keras.Model(
+        [inputs, padding], attention(inputs, inputs, query_mask=kept, value_mask=kept)
+    )
+    x = [np.random.default_rng(0).normal(size=(16, 5, 8)).astype("float32"), keys_kept(16, 5)]
+    decomposed = decompose_attention(model)
+    assert "MultiHeadAttention" not in [type(layer).__name__ for layer in decomposed.layers]
+    np.testing.assert_allclose(
+        decomposed.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "layer_args, call_args",
+    [(dict(use_gate=True), {}), (dict(sliding_window=2), dict(use_causal_mask=True))],
+    ids=["gate", "sliding_window"],
+)
+def test_a_gated_or_windowed_attention_computes_what_the_layer_computes_and_exports(
+    layer_args, call_args
+):
+    # Were refused when attention was rewritten by hand; traced, the gate is
+    # a projection with a sigmoid times the context, the window a constant mask.
+    inputs = keras.Input((6, 8))
+    attended = L.MultiHeadAttention(2, 4, name="attention", **layer_args)(
+        inputs, inputs, **call_args
+    )
+    model = keras.Model(inputs, L.Dense(3)(attended))
+    x = np.random.default_rng(0).normal(size=(64, 6, 8)).astype("float32")
+    off = kq.convert_quant_network(model, quant_delay=10**6)
+    np.testing.assert_allclose(off.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    qat_model = calibrate(kq.convert_quant_network(model), x, steps=2)
+    tflite_bytes = kq.export_tflite(qat_model)
+    assert_integer_model(tflite_bytes, ["BATCH_MATMUL", "SOFTMAX"])
+    report = kq.compare_tflite(qat_model, tflite_bytes, x)
+    assert report["max_diff_steps"] <= 1.001 and report["within_one_step"] == 1.0, report
+
+
+def test_attention_over_two_axes_is_refused_with_the_reason():
     images = keras.Input((3, 3, 8))
     axes = keras.Model(
         images, L.MultiHeadAttention(2, 4, attention_axes=(1, 2), name="axes")(images, images)
     )
-    with pytest.raises(ValueError, match=r"'axes' \(MultiHeadAttention: attention_axes"):
+    with pytest.raises(
+        ValueError, match=r"Softmax: axis=\(4, 5\): TFLite's SOFTMAX is over the last"
+    ):
         kq.convert_quant_network(axes)
 
 
-def test_attention_over_one_axis_of_a_4d_input_is_refused():
+def test_attention_on_inputs_with_keras_masks_is_refused_with_the_reason():
+    tokens = keras.Input((5,), dtype="int32")
+    x = L.Embedding(10, 8, mask_zero=True)(tokens)
+    model = keras.Model(tokens, L.MultiHeadAttention(2, 4, name="attention")(x, x))
+    with pytest.raises(ValueError, match="'attention' .MultiHeadAttention.: called on inputs that"):
+        kq.convert_quant_network(model, skip_layers=[model.layers[1].name])
+
+
+def test_attention_over_one_axis_of_a_4d_input_computes_what_the_layer_computes():
+    # Attention over the rows of images (issue 33: was rewritten as attention
+    # over all positions, then refused); traced, it is the layer's einsums.
     images = keras.Input((4, 3, 8))
     attended = L.MultiHeadAttention(2, 4, attention_axes=(1,), name="rows")(images, images)
     model = keras.Model(images, L.Dense(2)(L.Flatten()(attended)))
-    with pytest.raises(ValueError, match=r"'rows' \(MultiHeadAttention: a 4D query"):
-        kq.convert_quant_network(model)
+    x = np.random.default_rng(0).normal(size=(16, 4, 3, 8)).astype("float32")
+    off = kq.convert_quant_network(model, quant_delay=10**6)
+    np.testing.assert_allclose(off.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    qat_model = calibrate(kq.convert_quant_network(model), x, steps=2)
+    tflite_bytes = kq.export_tflite(qat_model)
+    assert_integer_model(tflite_bytes, ["BATCH_MATMUL", "SOFTMAX"])
+    assert kq.compare_tflite(qat_model, tflite_bytes, x)["max_diff_steps"] <= 1.001
 
 
 def test_regularizers_reach_the_decomposed_projections():
@@ -271,5 +341,7 @@ def test_a_causal_mask_over_an_unknown_length_is_refused_before_export():
     attended = L.MultiHeadAttention(2, 4, name="causal")(inputs, inputs, use_causal_mask=True)
     qat = kq.convert_quant_network(keras.Model(inputs, attended))
     qat(np.random.default_rng(0).normal(size=(4, 6, 8)).astype("float32"), training=True)
-    with pytest.raises(ValueError, match=r"causal_causal_mask.*a causal mask over a sequence of"):
+    with pytest.raises(
+        ValueError, match=r"'causal_.*_score_mask'.*a causal mask over a sequence of"
+    ):
         kq.check_exportable(qat)

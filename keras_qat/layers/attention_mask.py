@@ -8,8 +8,10 @@ scale for both value operands and its output (measured: the converter
 stores the constant on the scores' grid). `AttentionScoreMask` is that
 step in float; `QuantAttentionScoreMask` quantizes the scores with its own
 range and puts the excluded ones at the bottom of that grid, as the int8
-model does. `keras_qat.transforms.attention` builds them from a
-`MultiHeadAttention`'s `attention_mask` and `use_causal_mask`.
+model does. Tracing (`keras_qat.transforms.operation_forms`) builds them
+from the masks of `dot_product_attention` and of a `Softmax` called with a
+mask, which is how `MultiHeadAttention` applies its `attention_mask` and
+`use_causal_mask`.
 """
 
 import keras

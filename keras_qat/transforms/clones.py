@@ -1,6 +1,8 @@
 """Cloning layers and Keras operations, with their weights copied once the
 new model is built."""
 
+import re
+
 import keras
 
 from keras_qat import graph
@@ -74,18 +76,23 @@ class UniqueNames:
         }
         self._assigned = {}
 
-    def name_for(self, layer, prefix):
-        """The name of `layer`'s copy (the same each time it is asked)."""
+    def name_for(self, layer, prefix, part=False):
+        """The name of `layer`'s copy (the same each time it is asked);
+        with `part`, always `<prefix>_<name>` (without a number Keras
+        appended to make the name unique): a part of the layer `prefix`
+        names."""
         if id(layer) in self._assigned:
             return self._assigned[id(layer)]
-        self._assigned[id(layer)] = name = self._new_name(layer, prefix)
+        self._assigned[id(layer)] = name = self._new_name(layer, prefix, part)
         return name
 
-    def _new_name(self, layer, prefix):
+    def _new_name(self, layer, prefix, part):
         name = layer.name
-        if self._owners.setdefault(name, id(layer)) == id(layer):
+        if part:
+            name = re.sub(r"_\d+$", "", name)
+        if not part and self._owners.setdefault(name, id(layer)) == id(layer):
             return name
-        base = name = f"{prefix}_{layer.name}"
+        base = name = f"{prefix}_{name}"
         suffix = 1
         while name in self._owners:
             suffix += 1

@@ -181,9 +181,9 @@ def convert_quant_network(
     def traced(operation):
         return needs_tracing(operation) and not kept_in_float(operation)
 
-    model = trace_layers(inline_nested_models(model, keep=traced), traced)
+    inlined = inline_nested_models(model, keep=traced)
+    model = trace_layers(inlined, traced)
     skipped = selected_layer_names(model, skip_layers)
-    inlined = model
     for decomposition in DECOMPOSITIONS:
         if decomposition.applies_in(model, skipped):
             model = decomposition.rewrite(model, skipped)
@@ -208,9 +208,11 @@ def _check_model(model):
 
 def _check_layer_names(inlined, decomposed, skipped, layer_num_bits):
     """Raises `ValueError` for a `layer_num_bits` key that names no layer of
-    the model as it is quantized (after decompositions: `'mha_query'`, not
-    `'mha'`), or a layer that `skip_layers` keeps in float."""
+    the model as it is quantized (after tracing and decompositions:
+    `'mha_query'`, not `'mha'`), or a layer that `skip_layers` keeps in
+    float."""
     names = [layer.name for layer in decomposed.layers]
+    weighted = [layer.name for layer in decomposed.layers if layer.weights]
     invalid = f"Received an invalid value for `layer_num_bits`: model '{inlined.name}'"
     received = f"Received: layer_num_bits={layer_num_bits!r}"
     for name in layer_num_bits:
@@ -222,7 +224,7 @@ def _check_layer_names(inlined, decomposed, skipped, layer_num_bits):
         if name in names:
             continue
         rewritten = name in {layer.name for layer in inlined.layers}
-        parts = [n for n in names if n.startswith(f"{name}_")] if rewritten else []
+        parts = [n for n in weighted if n.startswith(f"{name}_")] if rewritten else []
         if parts:
             raise ValueError(
                 f"{invalid} quantizes '{name}' as the layers it is rewritten as: give "

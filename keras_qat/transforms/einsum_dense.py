@@ -11,8 +11,8 @@ FULLY_CONNECTED between RESHAPEs. This transform rewrites each such layer as
 
 (each Reshape only where the axes are not already one), with the kernel
 transposed and reshaped to `(contracted, new)` and the bias broadcast to the
-new axes. The `Dense` keeps the layer's name, activation and weights; it is
-then fused and quantized like any `Dense`.
+new axes. The `Dense` keeps the layer's name, activation, weights, regularizers and
+constraints; it is then fused and quantized like any `Dense`.
 
 Equations of another form (a kernel axis shared with the output's leading
 axes, an input axis summed without the kernel, a bias over the leading
@@ -30,6 +30,19 @@ from keras_qat import graph, int8_rules
 from keras_qat.transforms.decomposition import Decomposition
 
 L = keras.layers
+
+# Options carried into the Dense (its weights are copied, so initializers
+# do not matter). A regularizer or constraint sees the Dense's kernel
+# `(contracted, new)` and bias `(new,)`, flattened (and the bias broadcast to
+# the new axes): one that depends on their shape (OrthogonalRegularizer, a
+# norm constraint over another axis than 0) computes on those shapes.
+_CARRIED_OPTIONS = (
+    "kernel_regularizer",
+    "bias_regularizer",
+    "activity_regularizer",
+    "kernel_constraint",
+    "bias_constraint",
+)
 
 
 class _Equation:
@@ -110,6 +123,7 @@ class _Decomposition:
             dtype=layer.dtype_policy,
             trainable=layer.trainable,
             name=name,
+            **{key: config[key] for key in _CARRIED_OPTIONS if config.get(key) is not None},
         )
         self.flatten = None
         if len(self.contracted_shape) > 1:

@@ -252,7 +252,7 @@ def _dot_product_attention(operation, name):
         if bias is not None:
             scores = keras.ops.add(scores, bias)
         if mask is not None or causal:
-            mask_input = scores if mask is None else [scores, _with_rank(mask, 4)]
+            mask_input = scores if mask is None else [scores, _mask_of_rank_4(mask)]
             scores = AttentionScoreMask(causal, name=f"{name}_score_mask")(mask_input)
         weights = keras.layers.Softmax(name=name)(scores)
         context = keras.ops.matmul(weights, _transposed(value, [0, 2, 1, 3]))
@@ -261,12 +261,22 @@ def _dot_product_attention(operation, name):
     return attention
 
 
+def _mask_of_rank_4(mask):
+    """`mask` with leading axes of size 1 up to rank 4; a constant one (a
+    sliding window's, made from the sequence length) as a boolean array."""
+    if isinstance(mask, keras.KerasTensor):
+        return _with_rank(mask, 4)
+    mask = np.asarray(mask).astype(bool)
+    return mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+
+
 def _attention_form_applies(query, key, value, bias, mask, scale):
     """Whether `_dot_product_attention`'s form computes the call (what
     `int8_rules.unsupported_reason` says otherwise): symbolic 4D tensors (a
-    bias may be constant), known head counts (the queries' a multiple of the
+    bias or a mask may be constant), known head counts (the queries' a multiple of the
     keys'), and a scalar scale."""
-    tensors = [t for t in (query, key, value, mask) if t is not None]
+    tensors = (query, key, value) if isinstance(mask, np.ndarray) else (query, key, value, mask)
+    tensors = [t for t in tensors if t is not None]
     if not all(isinstance(t, keras.KerasTensor) for t in tensors) or len(query.shape) != 4:
         return False
     heads, kv_heads = query.shape[2], key.shape[2]

@@ -14,13 +14,13 @@ import numpy as np
 from keras_qat import graph, int8_rules
 from keras_qat.layers.quantized import QUANTIZED_FORMS, has_quantized_form
 from keras_qat.layers.weight_operand import WeightOperand
-from keras_qat.transforms import attention, einsum_dense
+from keras_qat.transforms import einsum_dense
 from keras_qat.transforms.clones import TRACED_FROM
 from keras_qat.transforms.fuse import fusable_classes, unfusable_reason
 from keras_qat.transforms.operation_forms import REWRITTEN_OPERATIONS
 
 # Layers rewritten as the graph their int8 model computes, in this order.
-DECOMPOSITIONS = (attention.DECOMPOSITION, einsum_dense.DECOMPOSITION)
+DECOMPOSITIONS = (einsum_dense.DECOMPOSITION,)
 
 # Keras layers that placement replaces by a quantized form of their own.
 QUANTIZED_KERAS_LAYERS = int8_rules.EMBEDDINGS + (keras.layers.LayerNormalization,)
@@ -95,12 +95,21 @@ def is_supported(operation, graph_view):
     )
 
 
+# Keras layers converted through the graph their `call` builds, like custom
+# layers: `MultiHeadAttention` becomes its EinsumDense projections (Dense
+# layers after `einsum_dense`) and the operations of its attention
+# (`operation_forms`: `dot_product_attention`, einsum, a masked softmax).
+TRACED_KERAS_LAYERS = (keras.layers.MultiHeadAttention,)
+
+
 def needs_tracing(operation):
     """Whether `operation` is a layer that conversion knows only through its
-    `call`: a class of neither Keras nor keras_qat, nor a subclass of a
-    class that a table lists."""
+    `call`: one of `TRACED_KERAS_LAYERS`, or a class of neither Keras nor
+    keras_qat, nor a subclass of a class that a table lists."""
     if not isinstance(operation, keras.layers.Layer) or isinstance(operation, keras.Model):
         return False
+    if isinstance(operation, TRACED_KERAS_LAYERS):
+        return True
     if type(operation).__module__.split(".")[0] in ("keras", "keras_qat"):
         return False
     known = (
@@ -148,6 +157,7 @@ def supported_summary():
         ("layers that fuse with the BatchNormalization and activation after them", _fusable()),
         ("fusion layers", _names(QUANTIZED_FORMS)),
         ("rewritten as their int8 graph", _names(d.layer_class for d in DECOMPOSITIONS)),
+        ("traced into the layers and operations they call", _names(TRACED_KERAS_LAYERS)),
         ("with a quantized form", _names(QUANTIZED_KERAS_LAYERS)),
         ("rounding layers", _names(int8_rules.ROUNDING_LAYERS)),
         ("shared-grid layers", _names(int8_rules.SHARED_GRID_LAYERS)),

@@ -32,8 +32,6 @@ constants of the graph.
 """
 
 import contextlib
-import functools
-import inspect
 
 import keras
 import numpy as np
@@ -41,6 +39,7 @@ import tensorflow as tf
 
 from keras_qat import graph
 from keras_qat.layers.weight_operand import WeightOperand
+from keras_qat.transforms import symbolic_calls
 from keras_qat.transforms.batch_size import TRACE_BATCH_SIZES, BatchSizeError, batch_free
 from keras_qat.transforms.clones import TRACED_FROM, Clones, UniqueNames, clone
 from keras_qat.transforms.operation_forms import quantizable_form
@@ -83,13 +82,17 @@ def trace_layers(model, needs_tracing):
     clones, names, errors = Clones(), UniqueNames(model), []
 
     def call_in(prefix, depth, traced_layer=None):
+        # The parts of an attention layer are named after it (`mha_query`).
+        part = isinstance(traced_layer, keras.layers.MultiHeadAttention)
+
         def call(operation, *args, **kwargs):
             args, kwargs = keras.tree.map_structure(_as_constant, (args, kwargs))
-            as_layer = quantizable_form(operation, names.name_for(operation, prefix))
+            name = names.name_for(operation, prefix, part)
+            as_layer = quantizable_form(operation, name)
             if as_layer is not None:
                 return as_layer(*args, **kwargs)
             if not needs_tracing(operation):
-                copy = _copy(operation, clones, names.name_for(operation, prefix))
+                copy = _copy(operation, clones, name)
                 return _call_copy(copy, operation, traced_layer, args, kwargs)
             if depth == _MAX_DEPTH:
                 raise ValueError(
@@ -97,12 +100,13 @@ def trace_layers(model, needs_tracing):
                     "deep (or calls itself); it cannot be traced."
                 )
             try:
+                _check_no_keras_masks(operation)
                 block = trace_call(operation, args, kwargs)
             except UntraceableLayerError as error:
                 errors.append(str(error))
                 return operation(*args, **kwargs)
             inputs = [t for t in keras.tree.flatten((args, kwargs)) if _is_symbolic(t)]
-            inner = call_in(operation.name, depth + 1, operation)
+            inner = call_in(names.name_for(operation, prefix, part), depth + 1, operation)
             tensors = graph.run_graph(block.function, inputs, inner)
             return block.outputs_from(tensors)
 
@@ -113,6 +117,22 @@ def trace_layers(model, needs_tracing):
     return traced
 
 
+def _check_no_keras_masks(layer):
+    """Raises `UntraceableLayerError` for a layer called on tensors that
+    carry Keras masks: its `call` reads them from its inputs (a
+    `MultiHeadAttention` its `query_mask` / `value_mask`), which the traced
+    graph's placeholders do not have."""
+    for args, kwargs in graph.node_arguments(layer):
+        tensors = [t for t in keras.tree.flatten((args, kwargs)) if _is_symbolic(t)]
+        if any(graph.keras_mask(t) is not None for t in tensors):
+            raise UntraceableLayerError(
+                layer,
+                "called on inputs that carry Keras masks (of an Embedding(mask_zero=True) or "
+                "Masking layer), which its traced graph would lose; pass masks as arguments "
+                "(an attention_mask, a padding mask) instead",
+            )
+
+
 def _rebuild(model, call, errors):
     """`graph.rebuild(model, call)`, or one error listing `errors` (the
     layers that could not be traced, appended while rebuilding) when there
@@ -120,7 +140,7 @@ def _rebuild(model, call, errors):
     its name more than once, which rebuilding refuses: the tracing errors
     are the cause then."""
     try:
-        with _einsum_dense_shapes_inferred():
+        with symbolic_calls.einsum_dense_shapes_inferred():
             traced = graph.rebuild(model, call)
     except ValueError:
         if not errors:
@@ -141,16 +161,16 @@ def _call_copy(copy, operation, traced_layer, args, kwargs):
     if traced_layer is not None:
         origin = f"'{traced_layer.name}' ({type(traced_layer).__name__})"
         setattr(copy, TRACED_FROM, origin)
-    if _is_cached_attention(operation):
-        kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_ARGUMENTS}
+    if symbolic_calls.is_cached_attention(operation):
+        kwargs = {k: v for k, v in kwargs.items() if k not in symbolic_calls.CACHE_ARGUMENTS}
     return copy(*args, **kwargs)
 
 
 def _copy(operation, clones, name):
     """The copy of a layer (or Keras operation) in the traced model: a
     cached attention as a plain `MultiHeadAttention`."""
-    if _is_cached_attention(operation):
-        return clones.of(operation, lambda: _plain_attention(operation, name))
+    if symbolic_calls.is_cached_attention(operation):
+        return clones.of(operation, lambda: symbolic_calls.plain_attention(operation, name))
     return clones.of(operation, lambda: clone(operation, name=name))
 
 
@@ -190,7 +210,7 @@ def as_functional(model, inputs):
     symbolic = keras.tree.map_structure(_input_like, inputs)
     if not model.built:
         model(symbolic)  # creates the weights
-    with _einsum_dense_shapes_inferred():
+    with symbolic_calls.einsum_dense_shapes_inferred():
         traced = trace_call(model, (symbolic,), {})
     inputs = keras.tree.pack_sequence_as(symbolic, traced.function.inputs)
     return keras.Model(inputs, traced.outputs_from(traced.function.outputs), name=model.name)
@@ -257,8 +277,8 @@ def trace_call(layer, args, kwargs):
             size in a way no graph for any batch size can hold.
     """
     with (
-        _symbolic_cached_attention(layer),
-        _specs_from_custom_calls(layer),
+        symbolic_calls.symbolic_cached_attention(layer),
+        symbolic_calls.specs_from_custom_calls(layer),
         graph.non_tensor_outputs_recorded(),
     ):
         (traced, outputs), (other, other_outputs) = (
@@ -316,103 +336,6 @@ def _trace_at(layer, args, kwargs, batch_size):
     for operation, constant in _constants(tensors, inputs):
         _check_constant(layer, operation, constant, tape, watched)
     return keras.Function(inputs, tensors, name=layer.name), outputs
-
-
-def _symbolic_cached_attention(layer):
-    """While `layer.call` is traced, its attention sub-layers of subclasses
-    with a generation cache (keras-hub's `CachedMultiHeadAttention`) take a
-    symbolic call without a cache: Keras' `MultiHeadAttention` computes
-    the output spec, and its `compute_output_spec` takes no `cache`."""
-    return _output_specs(layer, _is_cached_attention, _spec_without_cache)
-
-
-def _specs_from_custom_calls(layer):
-    """While `layer.call` is traced, its custom sub-layers (classes of
-    neither Keras nor keras_qat, traced in turn) that declare their output
-    shape give the spec their `call` computes instead: keras-hub's ESM
-    rotary embedding returns two tensors where the `compute_output_shape`
-    it inherits declares one. A `call` that fails there keeps the declared
-    spec."""
-
-    def custom_and_declared(sub):
-        declared = type(sub).compute_output_shape is not keras.layers.Layer.compute_output_shape
-        custom = type(sub).__module__.split(".")[0] not in ("keras", "keras_qat")
-        return sub is not layer and custom and declared
-
-    return _output_specs(layer, custom_and_declared, _spec_of_call)
-
-
-@contextlib.contextmanager
-def _output_specs(layer, selected, spec):
-    """While inside, each sub-layer of `layer` for which `selected(sub)`
-    holds computes its symbolic output spec with `spec(sub, *args,
-    **kwargs)` (unless the instance has its own)."""
-    patched = []
-    for sub in graph.all_layers(layer):
-        if selected(sub) and "compute_output_spec" not in vars(sub):
-            object.__setattr__(sub, "compute_output_spec", functools.partial(spec, sub))
-            patched.append(sub)
-    try:
-        yield
-    finally:
-        for sub in patched:
-            object.__delattr__(sub, "compute_output_spec")
-
-
-def _spec_of_call(layer, *args, **kwargs):
-    try:
-        return keras.Operation.compute_output_spec(layer, *args, **kwargs)
-    except Exception:  # noqa: BLE001 - the declared spec, as without tracing
-        return type(layer).compute_output_spec(layer, *args, **kwargs)
-
-
-@contextlib.contextmanager
-def _einsum_dense_shapes_inferred():
-    """While tracing, an `EinsumDense` declared with `None` in its
-    `output_shape` (keras-hub's attention projections: `(None, heads,
-    head_dim)`) gives the size its equation infers from the input there,
-    as a call on values does: code after it that reads the sequence length
-    (a rotary embedding's `ops.arange(ops.shape(x)[1])`) then sees it."""
-    declared_shape = keras.layers.EinsumDense.compute_output_shape
-
-    def inferred_shape(layer, input_shape):
-        declared = declared_shape(layer, input_shape)
-        inferred = keras.ops.einsum(
-            layer.equation,
-            keras.KerasTensor(tuple(input_shape)),
-            keras.KerasTensor(tuple(layer.kernel.shape)),
-        ).shape
-        return tuple(d if d is not None else i for d, i in zip(declared, inferred))
-
-    keras.layers.EinsumDense.compute_output_shape = inferred_shape
-    try:
-        yield
-    finally:
-        keras.layers.EinsumDense.compute_output_shape = declared_shape
-
-
-# Call arguments of keras-hub's CachedMultiHeadAttention beyond Keras' own.
-_CACHE_ARGUMENTS = ("cache", "cache_update_index")
-
-
-def _is_cached_attention(operation):
-    return isinstance(operation, keras.layers.MultiHeadAttention) and (
-        type(operation) is not keras.layers.MultiHeadAttention
-    )
-
-
-def _plain_attention(layer, name):
-    """A Keras `MultiHeadAttention` with the options of a subclass that
-    adds a generation cache (traced calls pass none); weights copied later."""
-    known = inspect.signature(keras.layers.MultiHeadAttention.__init__).parameters
-    config = {k: v for k, v in layer.get_config().items() if k in known or k in ("dtype",)}
-    return keras.layers.MultiHeadAttention.from_config({**config, "name": name})
-
-
-def _spec_without_cache(layer, *args, cache=None, cache_update_index=None, **kwargs):
-    if cache is not None or cache_update_index is not None:
-        raise ValueError(f"'{layer.name}' is called with a generation cache: not traced")
-    return keras.layers.MultiHeadAttention.compute_output_spec(layer, *args, **kwargs)
 
 
 @contextlib.contextmanager
