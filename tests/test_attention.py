@@ -2,6 +2,8 @@
 Keras operations of its attention, with its weights, then quantized and
 exported to int8."""
 
+import inspect
+
 import keras
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from keras_qat.transforms.tracing import trace_layers
 
 L = keras.layers
 ops = keras.ops
+KERAS_VERSION = tuple(int(part) for part in keras.version().split(".")[:2])
 
 
 def decompose_attention(model):
@@ -210,18 +213,34 @@ def test_attention_with_keras_masks_as_arguments_computes_what_the_layer_compute
         [inputs, padding], attention(inputs, inputs, query_mask=kept, value_mask=kept)
     )
     x = [np.random.default_rng(0).normal(size=(16, 5, 8)).astype("float32"), keys_kept(16, 5)]
-    decomposed = decompose_attention(model)
+    try:
+        decomposed = decompose_attention(model)
+    except ValueError as error:
+        # Keras 3.10's MultiHeadAttention.call takes query_mask only as the
+        # query's Keras mask, which its __call__ sets: refused, not dropped.
+        assert KERAS_VERSION < (3, 15) and "leaves some of its tensor arguments unused" in str(
+            error
+        )
+        return
     assert "MultiHeadAttention" not in [type(layer).__name__ for layer in decomposed.layers]
     np.testing.assert_allclose(
         decomposed.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5
     )
 
 
-@pytest.mark.parametrize(
-    "layer_args, call_args",
-    [(dict(use_gate=True), {}), (dict(sliding_window=2), dict(use_causal_mask=True))],
-    ids=["gate", "sliding_window"],
-)
+# Options of newer Keras releases' MultiHeadAttention (not in Keras 3.10).
+ATTENTION_OPTIONS = [
+    pytest.param(dict(use_gate=True), {}, id="gate"),
+    pytest.param(dict(sliding_window=2), dict(use_causal_mask=True), id="sliding_window"),
+]
+ATTENTION_OPTIONS = [
+    case
+    for case in ATTENTION_OPTIONS
+    if set(case.values[0]) <= set(inspect.signature(L.MultiHeadAttention.__init__).parameters)
+]
+
+
+@pytest.mark.parametrize("layer_args, call_args", ATTENTION_OPTIONS)
 def test_a_gated_or_windowed_attention_computes_what_the_layer_computes_and_exports(
     layer_args, call_args
 ):
@@ -336,10 +355,16 @@ def test_masked_softmax_path_exports_its_zeroed_weights_to_int8():
     assert kq.compare_tflite(qat, tflite_bytes, x)["max_diff_steps"] <= 1.001
 
 
-def test_a_causal_mask_over_an_unknown_length_is_refused_before_export():
+def test_a_causal_mask_over_an_unknown_length_is_refused_with_the_fix():
     inputs = keras.Input((None, 8))
     attended = L.MultiHeadAttention(2, 4, name="causal")(inputs, inputs, use_causal_mask=True)
-    qat = kq.convert_quant_network(keras.Model(inputs, attended))
+    try:
+        qat = kq.convert_quant_network(keras.Model(inputs, attended))
+    except ValueError as error:
+        # Keras 3.10 builds its causal mask from the length: tracing fails.
+        assert KERAS_VERSION < (3, 15), error
+        assert "other than the batch is None: convert a model whose inputs" in str(error)
+        return
     qat(np.random.default_rng(0).normal(size=(4, 6, 8)).astype("float32"), training=True)
     with pytest.raises(
         ValueError, match=r"'causal_.*_score_mask'.*a causal mask over a sequence of"

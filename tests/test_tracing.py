@@ -255,6 +255,41 @@ def test_a_sub_layer_returning_other_outputs_than_it_declares_is_traced_by_its_c
     )
 
 
+class IgnoresItsMask(L.Layer):
+    """Takes a second tensor and does not use it."""
+
+    def call(self, x, mask_values):
+        return x * 2.0
+
+
+class LengthTable(L.Layer):
+    """Builds a table from the sequence length, which must be known."""
+
+    def call(self, x):
+        return x + keras.ops.ones((keras.ops.shape(x)[1], 1))
+
+
+def test_a_call_that_leaves_a_tensor_argument_unused_converts_or_is_refused_with_the_reason():
+    x, m = keras.Input((5, 4)), keras.Input((5, 4))
+    model = keras.Model([x, m], IgnoresItsMask(name="odd")(x, m))
+    if tuple(int(p) for p in keras.version().split(".")[:2]) < (3, 15):
+        # Keras 3.10's graphs take no unused input: refused with the reason
+        # (its MultiHeadAttention takes query_mask through __call__ only).
+        with pytest.raises(ValueError, match="'odd' .IgnoresItsMask.: its `call` leaves some"):
+            kq.convert_quant_network(model)
+        return
+    data = [sequences(4), sequences(4, seed=1)]
+    off = kq.convert_quant_network(model, quant_delay=10**6)
+    np.testing.assert_allclose(off.predict(data, verbose=0), model.predict(data, verbose=0))
+
+
+def test_a_call_that_needs_an_unknown_length_is_refused_with_the_fix():
+    inputs = keras.Input((None, 4))
+    model = keras.Model(inputs, LengthTable(name="odd")(inputs))
+    with pytest.raises(ValueError, match=r"other than the batch is None: convert a model whose"):
+        kq.convert_quant_network(model)
+
+
 def sequences(n, seed=0):
     return np.random.default_rng(seed).standard_normal((n, 5, 4)).astype("float32")
 

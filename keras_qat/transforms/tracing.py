@@ -327,15 +327,32 @@ def _trace_at(layer, args, kwargs, batch_size):
             try:
                 outputs = layer.call(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 - any failure is reported with the layer
-                raise UntraceableLayerError(
-                    layer,
-                    f"its `call` fails on symbolic tensors ({type(error).__name__}: "
-                    f"{_first_line(error)})",
-                ) from error
+                raise _call_failure(layer, error, inputs) from error
     tensors = [t for t in keras.tree.flatten(outputs) if _is_symbolic(t)]
     for operation, constant in _constants(tensors, inputs):
         _check_constant(layer, operation, constant, tape, watched)
-    return keras.Function(inputs, tensors, name=layer.name), outputs
+    try:
+        return keras.Function(inputs, tensors, name=layer.name), outputs
+    except ValueError as error:  # an input that no output depends on
+        raise UntraceableLayerError(
+            layer,
+            "its `call` leaves some of its tensor arguments unused (its `__call__` passes "
+            "them on in another way, as Keras 3.10's MultiHeadAttention takes `query_mask` "
+            f"as its query's Keras mask): {_first_line(error)}",
+        ) from error
+
+
+def _call_failure(layer, error, inputs):
+    """The `UntraceableLayerError` for a `call` that raised `error` on
+    symbolic `inputs`; with the fix when one of their sizes besides the
+    batch is unknown (code that reads it, such as a causal mask's)."""
+    reason = f"its `call` fails on symbolic tensors ({type(error).__name__}: {_first_line(error)})"
+    if any(None in tuple(t.shape[1:]) for t in inputs):
+        reason += (
+            "; an input dimension other than the batch is None: convert a model whose "
+            "inputs have that size fixed (`keras.Input((length, ...))`)"
+        )
+    return UntraceableLayerError(layer, reason)
 
 
 @contextlib.contextmanager
