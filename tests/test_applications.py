@@ -29,8 +29,10 @@ EXPORTABLE = dict(per_channel=[True, False], symmetric=[True, False], narrow_ran
 # (constructor, input size, extra arguments, what the network brings)
 NETWORKS = {
     "MobileNetV2": (96, dict(alpha=0.35)),  # depthwise, ReLU6, inverted residuals
-    "ResNet50": (32, {}),  # conv + BN, ZeroPadding2D, MaxPooling2D, Add
-    "ResNet50V2": (32, {}),  # pre-activation: BatchNorm after no conv
+    # conv + BN, ZeroPadding2D, MaxPooling2D, Add, and pre-activation
+    # BatchNorm after no conv (ResNet50's post-activation blocks are covered
+    # by keras-hub's ResNet in tests/test_keras_hub.py; left out for CI time)
+    "ResNet50V2": (32, {}),
     "MobileNetV3Small": (64, {}),  # Rescaling, hard-swish, SE Multiply, x + 3 ops
 }
 
@@ -54,7 +56,6 @@ NETWORKS = {
 ALLOWED_BELOW_XLA = {
     "MobileNetV2": (6, 1.0),
     "MobileNetV3Small": (15, 2.2),
-    "ResNet50": (3, 0.9),
     "ResNet50V2": (3, 0.7),
 }
 
