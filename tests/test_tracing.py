@@ -6,10 +6,11 @@ import re
 import keras
 import numpy as np
 import pytest
+from test_export import ops_and_tensors
 from test_fuse import randomize_bns
 
 import keras_qat as kq
-from keras_qat.export.interpreter import float_ops
+from keras_qat.export.interpreter import float_ops, run_tflite
 from keras_qat.transforms.tracing import trace_layers
 
 L = keras.layers
@@ -526,3 +527,40 @@ def test_a_table_broadcast_to_the_batch_for_an_add_is_left_to_the_add():
     tflite_bytes = kq.export_tflite(qat_model)
     assert float_ops(tflite_bytes) == []
     assert kq.compare_tflite(qat_model, tflite_bytes, x)["max_diff_steps"] <= 1.001
+
+
+class PrependSmallToken(L.Layer):
+    """A learned token tiled to the batch before the sequence, its values
+    small beside the sequence's (a randomly initialized ViT class token)."""
+
+    def build(self, input_shape):
+        init = keras.initializers.RandomUniform(0.0, 0.06)
+        self.token = self.add_weight(shape=(1, 1, input_shape[-1]), initializer=init)
+
+    def call(self, x):
+        token = keras.ops.tile(self.token, (keras.ops.shape(x)[0], 1, 1))
+        return keras.ops.concatenate([token, x], axis=1)
+
+
+def test_a_token_concatenated_to_a_sequence_is_stored_on_the_concatenations_grid():
+    """With a grid of its own the token was requantized onto the
+    concatenation's by an int8 QUANTIZE, which XNNPACK rounds coarsely: a
+    keras-hub ViT's class token was a step off and its layer norm made that
+    13 steps (TF 2.21); TF 2.20's converter did not requantize it at all."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 64))
+    model = keras.Model(inputs, PrependSmallToken(name="prepend")(L.Dense(64)(inputs)))
+    x = np.random.default_rng(0).normal(size=(16, 4, 64)).astype("float32")
+    qat_model = kq.calibrate(kq.convert_quant_network(model), x, verbose=0)
+    assert "prepend_token_quant" not in [layer.name for layer in qat_model.layers]
+    tflite_bytes = kq.export_tflite(qat_model)
+    ops, tensors = ops_and_tensors(tflite_bytes)
+    requantized = [
+        op
+        for op in ops
+        if op["op_name"] == "QUANTIZE" and tensors[op["inputs"][0]]["dtype"] != np.float32
+    ]
+    assert requantized == []
+    outputs, scale = run_tflite(tflite_bytes, x)
+    token_steps = np.abs(outputs[:, 0] - qat_model.predict(x, verbose=0)[:, 0]) / scale
+    assert token_steps.max() < 1e-3, token_steps.max()

@@ -9,7 +9,8 @@ outputs it, whatever its input (any tensor of the graph, which only places
 it there). In the int8 model the weight is a constant operand, stored on
 the int8 grid of its own range; placement puts a `FakeQuant` after a float
 `WeightOperand` for that (an integer one, such as position ids, is left as
-it is).
+it is), or, where it reaches only a concatenation (a class token), puts it
+on the concatenation's grid.
 """
 
 import keras

@@ -122,9 +122,17 @@ class Placement:
         concatenation = self._sharing_concatenation(operation)
         if concatenation is None:
             return outputs
+        return self.onto_grid_of(concatenation, operation, outputs)
+
+    def onto_grid_of(self, concatenation, operation, outputs):
+        """`outputs` of `operation` quantized onto `concatenation`'s grid
+        (its `QuantConcatenate` called with `onto_grid=True`). The call
+        returns the grid's scale too: it comes before the concatenation's
+        own call, which may return it, and Keras checks a graph with the
+        number of outputs of a layer's first call."""
         layer = rules.concatenation_of(self, concatenation)
         onto_grid = functools.partial(layer, onto_grid=True)
-        return self.apply_quantizer(onto_grid, outputs, self.needs_scale(operation))
+        return self.apply_quantizer(onto_grid, outputs, with_scale=True)
 
     def _sharing_concatenation(self, operation):
         """The one concatenation that reads `operation`'s result beside other
@@ -169,6 +177,43 @@ class Placement:
         return self.graph.is_output(operation) or any(
             not self.is_constant(c) for c in self.graph.consumers(operation)
         )
+
+    def concatenation_storing(self, operation):
+        """The one concatenation on whose grid the converter stores constant
+        `operation`'s result: it reaches that concatenation and nothing
+        else, directly or through grid-keeping layers (a class token tiled
+        to the batch). Else None.
+
+        The constant is then put on that grid before anything moves it
+        (`onto_grid`). On a grid of its own it was requantized by an int8
+        QUANTIZE, which XNNPACK computes with the ratio of the scales
+        rounded to 8 fractional bits (`lrintf(256 * ratio)` in its qs8
+        convert kernels): a keras-hub ViT's class token at 3.39 steps of
+        the concatenation's grid became 4, and its layer norm turned that
+        step into 13 (TF 2.21). TF 2.20's converter gave the BROADCAST_TO of
+        such a constant the concatenation's scale without requantizing it
+        (DeiT's class and distillation tokens 84 steps off). Measured.
+        """
+        if not self.is_constant(operation) or not self.feeds_non_constant(operation):
+            return None
+        return self._concatenation_reached(operation)
+
+    def _concatenation_reached(self, operation):
+        """The one non-constant concatenation that `operation`'s result
+        reaches, directly or as the first input of grid-keeping layers, if
+        it reaches nothing else; else None."""
+        if self.graph.is_output(operation) or self.is_skipped(operation):
+            return None
+        reached = set()
+        for consumer in self.graph.consumers(operation):
+            if isinstance(consumer, keras.layers.Concatenate) and not self.is_constant(consumer):
+                reached.add(consumer if not self.is_skipped(consumer) else None)
+            elif isinstance(consumer, _GRID_KEEPING) and not self.is_constant(consumer):
+                first = self.graph.producers(consumer)[:1] == [operation]
+                reached.add(self._concatenation_reached(consumer) if first else None)
+            else:
+                return None
+        return reached.pop() if len(reached) == 1 else None
 
     def rounded_by_consumers(self, operation):
         """Whether every consumer of `operation` rounds its result onto the

@@ -82,10 +82,14 @@ def _place_constant(placement, operation, args, kwargs):
     """A weight operand, or an operation on weight operands only (a slice of
     a position table, `1 + scale`): computed as it is, since the converter
     folds them into one constant; where that constant meets other tensors
-    it is stored on the int8 grid of its own range (a FakeQuant)."""
+    it is stored on the int8 grid of its own range (a FakeQuant), or on the
+    grid of the one concatenation it reaches (`concatenation_storing`)."""
     outputs = placement.clones.of(operation)(*args, **kwargs)
     if not is_float(outputs) or not placement.feeds_non_constant(operation):
         return outputs
+    concatenation = placement.concatenation_storing(operation)
+    if concatenation is not None:
+        return placement.onto_grid_of(concatenation, operation, outputs)
     return placement.quantize_output(operation, outputs)
 
 
