@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import idx_data  # noqa: E402
 
 import keras_qat as kq  # noqa: E402
-from keras_qat.export import float_ops  # noqa: E402
+from keras_qat.export.interpreter import float_ops  # noqa: E402
 
 # name -> (input size, constructor arguments, input scale)
 NETWORKS = {
