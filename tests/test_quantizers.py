@@ -259,3 +259,26 @@ def test_training_fake_quant_keeps_half_precision_inputs():
     np.testing.assert_allclose(
         y.numpy(), reference.fake_quant([-1.0, 0.25, 3.0], -1, 1, symmetric=True), atol=1e-3
     )
+
+
+def test_requantized_follows_xnnpacks_formula_within_its_ratios_and_passes_gradients():
+    """XNNPACK's int8 QUANTIZE: `floor((lrintf(256 * ratio) * level + 128) / 256)`
+    (its qs8 convert kernels); outside ratios 2**-8..2**7 or with a scale of
+    0 (a grid not quantizing yet), the value is left for the next FakeQuant."""
+    from keras_qat.requantization import requantized
+
+    levels = np.arange(-255, 256, dtype="float32")
+    for ratio in (0.0188, 0.613, 0.9077, 1.4058):
+        output_scale = 0.03
+        x = levels * (ratio * output_scale)
+        multiplier = np.rint(256 * np.float32(ratio))
+        expected = np.floor((multiplier * levels + 128) / 256) * output_scale
+        got = requantized(x, ratio * output_scale, output_scale).numpy()
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    x = tf.constant(levels * 0.5)
+    for input_scale, output_scale in ((0.5, 0.0), (0.0, 0.5), (0.5, 1000.0), (1000.0, 0.5)):
+        np.testing.assert_array_equal(requantized(x, input_scale, output_scale).numpy(), x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = requantized(x, 0.5, 0.03)
+    np.testing.assert_array_equal(tape.gradient(y, x).numpy(), np.ones(levels.shape))

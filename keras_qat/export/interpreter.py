@@ -191,8 +191,9 @@ class TensorProbe:
 
     TFLite's built-in kernels run (no XNNPACK delegate, which would fuse
     tensors away), so values can differ from a delegated run where the two
-    round differently (XNNPACK requantizes in float32, the built-in kernels
-    in fixed point). Inputs are given in the Keras model's input order.
+    round differently (XNNPACK requantizes compute ops in float32 and an
+    int8 QUANTIZE with an 8-bit multiplier, the built-in kernels in fixed
+    point). Inputs are given in the Keras model's input order.
 
     Args:
         tflite_bytes: The flatbuffer.

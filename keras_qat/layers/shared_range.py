@@ -14,6 +14,7 @@ import tensorflow as tf
 from keras_qat import quantizers
 from keras_qat.layers.call_context import is_tracing_for_export
 from keras_qat.layers.fake_quant import FakeQuant, with_scale_spec
+from keras_qat.requantization import requantized
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -66,9 +67,9 @@ class QuantConcatenate(keras.layers.Concatenate):
         if not self.quantizer.built:  # built when loaded
             self.quantizer.build(self.compute_output_shape(input_shape))
 
-    def call(self, inputs, training=False, return_scale=False, onto_grid=False):
+    def call(self, inputs, training=False, return_scale=False, onto_grid=False, input_scales=None):
         if onto_grid:
-            return self._onto_grid(inputs, training, return_scale)
+            return self._onto_grid(inputs, training, return_scale, input_scales)
         quantizer = self.quantizer
         flags = self.quantize_inputs or [True] * len(inputs)
         min_val, max_val, active = quantizer.observe(super().call(inputs), training)
@@ -76,6 +77,9 @@ class QuantConcatenate(keras.layers.Concatenate):
             quantizer.quantize_with(x, min_val, max_val, active, training) if flag else x
             for x, flag in zip(inputs, flags)
         ]
+        if input_scales is not None and not is_tracing_for_export():
+            scale = quantizer.output_scale(min_val, max_val, active)
+            inputs = self._requantized(inputs, flags, input_scales, scale)
         outputs = super().call(inputs)
         if not all(flags):  # else already on the shared grid
             outputs = quantizer.quantize_with(outputs, min_val, max_val, active, training)
@@ -83,17 +87,32 @@ class QuantConcatenate(keras.layers.Concatenate):
             return outputs, quantizer.output_scale(min_val, max_val, active)
         return outputs
 
-    def _onto_grid(self, x, training, return_scale):
+    def _requantized(self, inputs, flags, input_scales, scale):
+        """The inputs that keep grids of their own (not in `quantize_inputs`)
+        moved onto the shared grid of step `scale` as XNNPACK's int8
+        QUANTIZE moves them (`keras_qat.requantization`): `input_scales`
+        holds their grids' steps, in order. Not while traced for export: the
+        converter puts its QUANTIZE there."""
+        scales = iter(input_scales)
+        return [
+            x if flag else requantized(x, next(scales), scale) for x, flag in zip(inputs, flags)
+        ]
+
+    def _onto_grid(self, x, training, return_scale, input_scales=None):
         """`x` (one tensor) on the shared grid as it stands, neither
         observed nor counted as a call: the pooled (or otherwise
         grid-keeping) result that this concatenation and other layers read,
         which TFLite's converter puts on the concatenation's grid for all of
         them (CONCATENATION's same-scale constraint reaches back to it; the
         other readers then see it requantized). In training the range is the
-        one stored before this step's concatenation updates it."""
+        one stored before this step's concatenation updates it. With
+        `input_scales` (`[step of x's grid]`), `x` is requantized as XNNPACK
+        does it."""
         quantizer = self.quantizer
         active = quantizer.stored_range_active()
         low, high = quantizer.min, quantizer.max
+        if input_scales is not None and not is_tracing_for_export():
+            x = requantized(x, input_scales[0], quantizer.output_scale(low, high, active))
         outputs = quantizer.quantize_with(x, low, high, active, training)
         if return_scale:
             return outputs, quantizer.output_scale(low, high, active)
@@ -103,7 +122,9 @@ class QuantConcatenate(keras.layers.Concatenate):
         """`{"output": quantizer}`: the shared range (`keras_qat.quantizer_roles`)."""
         return {"output": self.quantizer}
 
-    def compute_output_spec(self, inputs, training=False, return_scale=False, onto_grid=False):
+    def compute_output_spec(
+        self, inputs, training=False, return_scale=False, onto_grid=False, input_scales=None
+    ):
         if onto_grid:
             return with_scale_spec(keras.KerasTensor(inputs.shape, inputs.dtype), return_scale)
         return with_scale_spec(super().compute_output_spec(inputs), return_scale)

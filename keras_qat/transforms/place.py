@@ -131,7 +131,7 @@ class Placement:
         own call, which may return it, and Keras checks a graph with the
         number of outputs of a layer's first call."""
         layer = rules.concatenation_of(self, concatenation)
-        onto_grid = functools.partial(layer, onto_grid=True)
+        onto_grid = functools.partial(layer, onto_grid=True, input_scales=self.scales_of([outputs]))
         return self.apply_quantizer(onto_grid, outputs, with_scale=True)
 
     def _sharing_concatenation(self, operation):
@@ -257,8 +257,9 @@ class Placement:
 
     def needs_scale(self, operation):
         """Whether a quantized layer (or a bilinear resize, which rounds to
-        its input's grid) consumes `operation`'s output, directly or through
-        layers that keep its grid."""
+        its input's grid, or a concatenation, which requantizes it onto its
+        own) consumes `operation`'s output, directly or through layers that
+        keep its grid."""
         for consumer in self.graph.consumers(operation):
             if int8_rules.is_bilinear_resize(consumer) and not self.is_skipped(consumer):
                 return True
@@ -267,6 +268,8 @@ class Placement:
                     return True
             elif has_quantized_form(consumer) and not self.is_skipped(consumer):
                 return True
+            elif isinstance(consumer, keras.layers.Concatenate) and not self.is_skipped(consumer):
+                return True  # requantized onto its grid (`QuantConcatenate`)
         return False
 
     def reads_as_indices(self, operation):
@@ -401,6 +404,12 @@ class Placement:
         if scale is not None:
             self.scales[id(outputs)] = scale
         return outputs
+
+    def scales_of(self, tensors):
+        """The steps of the grids `tensors` lie on, or None if one is not
+        known (or there are none)."""
+        scales = [self.scales.get(id(t)) for t in tensors]
+        return scales if scales and all(s is not None for s in scales) else None
 
     def scale_of(self, tensor):
         """`{"input_scale": scale}` for a quantized layer's call, or `{}`."""

@@ -8,6 +8,8 @@ built, which knows the graph and makes the quantizers. A new kind of
 operation is one small function here and a row of the table.
 """
 
+import functools
+
 import keras
 import numpy as np
 
@@ -111,7 +113,14 @@ def concatenation_of(placement, layer):
 
 
 def _place_concatenation(placement, layer, args, kwargs):
+    """A QuantConcatenate; the inputs that keep grids of their own are
+    requantized onto its grid as XNNPACK does, given their grids' steps."""
     new = concatenation_of(placement, layer)
+    flags = new.quantize_inputs or [True] * len(args[0])
+    kept = [x for x, flag in zip(args[0], flags) if not flag]
+    scales = placement.scales_of(kept)
+    if scales:
+        new = functools.partial(new, input_scales=scales)
     return placement.apply_quantizer(new, args[0], placement.needs_scale(layer))
 
 
