@@ -282,3 +282,19 @@ def test_requantized_follows_xnnpacks_formula_within_its_ratios_and_passes_gradi
         tape.watch(x)
         y = requantized(x, 0.5, 0.03)
     np.testing.assert_array_equal(tape.gradient(y, x).numpy(), np.ones(levels.shape))
+
+
+@pytest.mark.parametrize("num_bits", [8, 16])
+def test_a_concatenation_requantizes_as_xnnpack_on_8_bit_grids_only(num_bits):
+    """An input on a grid of its own (step 0.004) moved onto the shared one:
+    XNNPACK's rounding on int8 grids; wider grids (int16, TFLite's built-in
+    kernels) keep the float rounding."""
+    import keras_qat as kq
+
+    layer = kq.QuantConcatenate(quantize_inputs=[False, True], quantizer={"num_bits": num_bits})
+    own = tf.constant(np.arange(-127, 128, dtype="float32")[None] * 0.004)
+    other = tf.constant(np.linspace(-1.9, 1.9, 255, dtype="float32")[None])
+    layer([own, other], training=True)  # sets the shared range
+    plain = layer([own, other]).numpy()
+    requantized = layer([own, other], input_scales=[tf.constant(0.004)]).numpy()
+    assert (np.abs(requantized - plain).max() > 0) == (num_bits == 8)

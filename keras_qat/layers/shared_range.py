@@ -77,7 +77,7 @@ class QuantConcatenate(keras.layers.Concatenate):
             quantizer.quantize_with(x, min_val, max_val, active, training) if flag else x
             for x, flag in zip(inputs, flags)
         ]
-        if input_scales is not None and not is_tracing_for_export():
+        if input_scales is not None and self._requantizes_as_xnnpack():
             scale = quantizer.output_scale(min_val, max_val, active)
             inputs = self._requantized(inputs, flags, input_scales, scale)
         outputs = super().call(inputs)
@@ -87,12 +87,17 @@ class QuantConcatenate(keras.layers.Concatenate):
             return outputs, quantizer.output_scale(min_val, max_val, active)
         return outputs
 
+    def _requantizes_as_xnnpack(self):
+        """Whether inputs on other grids are requantized as XNNPACK's int8
+        QUANTIZE does it: on grids of 8 bits or fewer (stored as int8), and
+        not while traced for export (the converter puts the QUANTIZE)."""
+        return self.quantizer.num_bits <= 8 and not is_tracing_for_export()
+
     def _requantized(self, inputs, flags, input_scales, scale):
         """The inputs that keep grids of their own (not in `quantize_inputs`)
         moved onto the shared grid of step `scale` as XNNPACK's int8
         QUANTIZE moves them (`keras_qat.requantization`): `input_scales`
-        holds their grids' steps, in order. Not while traced for export: the
-        converter puts its QUANTIZE there."""
+        holds their grids' steps, in order."""
         scales = iter(input_scales)
         return [
             x if flag else requantized(x, next(scales), scale) for x, flag in zip(inputs, flags)
@@ -111,7 +116,7 @@ class QuantConcatenate(keras.layers.Concatenate):
         quantizer = self.quantizer
         active = quantizer.stored_range_active()
         low, high = quantizer.min, quantizer.max
-        if input_scales is not None and not is_tracing_for_export():
+        if input_scales is not None and self._requantizes_as_xnnpack():
             x = requantized(x, input_scales[0], quantizer.output_scale(low, high, active))
         outputs = quantizer.quantize_with(x, low, high, active, training)
         if return_scale:
