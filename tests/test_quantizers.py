@@ -4,6 +4,8 @@ import reference
 import tensorflow as tf
 
 from keras_qat import quantizers
+from keras_qat.layers.shared_range import QuantConcatenate
+from keras_qat.requantization import requantized
 
 
 def assert_matches_reference(y, x, min_val, max_val, num_bits, narrow_range, symmetric):
@@ -265,8 +267,6 @@ def test_requantized_follows_xnnpacks_formula_within_its_ratios_and_passes_gradi
     """XNNPACK's int8 QUANTIZE: `floor((lrintf(256 * ratio) * level + 128) / 256)`
     (its qs8 convert kernels); outside ratios 2**-8..2**7 or with a scale of
     0 (a grid not quantizing yet), the value is left for the next FakeQuant."""
-    from keras_qat.requantization import requantized
-
     levels = np.arange(-255, 256, dtype="float32")
     for ratio in (0.0188, 0.613, 0.9077, 1.4058):
         output_scale = 0.03
@@ -289,12 +289,10 @@ def test_a_concatenation_requantizes_as_xnnpack_on_8_bit_grids_only(num_bits):
     """An input on a grid of its own (step 0.004) moved onto the shared one:
     XNNPACK's rounding on int8 grids; wider grids (int16, TFLite's built-in
     kernels) keep the float rounding."""
-    import keras_qat as kq
-
-    layer = kq.QuantConcatenate(quantize_inputs=[False, True], quantizer={"num_bits": num_bits})
+    layer = QuantConcatenate(quantize_inputs=[False, True], quantizer={"num_bits": num_bits})
     own = tf.constant(np.arange(-127, 128, dtype="float32")[None] * 0.004)
     other = tf.constant(np.linspace(-1.9, 1.9, 255, dtype="float32")[None])
     layer([own, other], training=True)  # sets the shared range
     plain = layer([own, other]).numpy()
-    requantized = layer([own, other], input_scales=[tf.constant(0.004)]).numpy()
-    assert (np.abs(requantized - plain).max() > 0) == (num_bits == 8)
+    moved = layer([own, other], input_scales=[tf.constant(0.004)]).numpy()
+    assert (np.abs(moved - plain).max() > 0) == (num_bits == 8)

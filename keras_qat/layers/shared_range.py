@@ -71,7 +71,7 @@ class QuantConcatenate(keras.layers.Concatenate):
         if onto_grid:
             return self._onto_grid(inputs, training, return_scale, input_scales)
         quantizer = self.quantizer
-        flags = self.quantize_inputs or [True] * len(inputs)
+        flags = self.input_flags(len(inputs))
         min_val, max_val, active = quantizer.observe(super().call(inputs), training)
         inputs = [
             quantizer.quantize_with(x, min_val, max_val, active, training) if flag else x
@@ -86,6 +86,11 @@ class QuantConcatenate(keras.layers.Concatenate):
         if return_scale:
             return outputs, quantizer.output_scale(min_val, max_val, active)
         return outputs
+
+    def input_flags(self, count):
+        """Whether each of `count` inputs is quantized here (True) or keeps a
+        grid of its own, to be requantized onto the shared one (False)."""
+        return self.quantize_inputs or [True] * count
 
     def _requantizes_as_xnnpack(self):
         """Whether inputs on other grids are requantized as XNNPACK's int8

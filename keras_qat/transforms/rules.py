@@ -116,8 +116,7 @@ def _place_concatenation(placement, layer, args, kwargs):
     """A QuantConcatenate; the inputs that keep grids of their own are
     requantized onto its grid as XNNPACK does, given their grids' steps."""
     new = concatenation_of(placement, layer)
-    flags = new.quantize_inputs or [True] * len(args[0])
-    kept = [x for x, flag in zip(args[0], flags) if not flag]
+    kept = [x for x, flag in zip(args[0], new.input_flags(len(args[0]))) if not flag]
     scales = placement.scales_of(kept)
     if scales:
         new = functools.partial(new, input_scales=scales)
