@@ -60,7 +60,7 @@ def export_onnx(qat_model, path=None, *, opset=17, activation_dtype="uint8", ver
     The model is first exported to int8 TFLite (`export_tflite` with
     `pack_int4=False`: the same checks and refusals), then converted by
     tf2onnx into QuantizeLinear / DequantizeLinear pairs around every
-    quantized op: int8 weights as int8 initializers with per-channel scales
+    quantized op: the int8 weights as initializers with per-channel scales
     where the Keras model has them, int32 biases as TFLite computed them,
     activations with the trained ranges. ONNX Runtime fuses these pairs
     into its integer kernels (QLinearConv, QLinearMatMul, QLinearAdd, ...;
@@ -75,10 +75,15 @@ def export_onnx(qat_model, path=None, *, opset=17, activation_dtype="uint8", ver
             existing directory.
         opset: The ONNX opset, 13 to 18 (13 is the first with per-axis
             DequantizeLinear).
-        activation_dtype: `"uint8"` (the default: the activation type of
-            ONNX Runtime's x86 integer kernels, zero points moved by 128,
-            the same real values) or `"int8"` (TFLite's integers as they
-            are; what TensorRT takes, with symmetric activations).
+        activation_dtype: `"uint8"` (the default: activations and weights
+            stored as uint8, zero points moved by 128, the same real
+            values: ONNX Runtime's x86 integer kernels compute these
+            exactly on every CPU) or `"int8"` (TFLite's integers as they
+            are; what TensorRT takes, with symmetric activations). ONNX
+            Runtime's x86 kernels for int8 activations sum pairs of products
+            in 16 bits with saturation on CPUs without VNNI (AVX2, AVX-512
+            without VNNI): there an `"int8"` model can be many steps off
+            (docs/onnx.md).
         verbose: Whether to show TensorFlow's and tf2onnx's logging.
 
     Returns:
@@ -157,6 +162,7 @@ def _rewrite(model, tflite_bytes, activation_dtype):
     onnx_graph.requantize_data_movement(model)
     if activation_dtype == "uint8":
         onnx_graph.activations_as_uint8(model)
+        onnx_graph.weights_as_uint8(model)
     onnx_graph.remove_unused_initializers(model)
 
 
