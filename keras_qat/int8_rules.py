@@ -166,6 +166,20 @@ def fused_activation(layer):
     return None
 
 
+def multiplies_its_operands(operation):
+    """Whether `operation` is an int8 MUL of its operands (a `Multiply`
+    layer, `x * y`), whose product the `FakeQuant` after it rounds as
+    XNNPACK does when it knows the operands' grids
+    (`keras_qat.requantization.multiplied`)."""
+    return isinstance(operation, (L.Multiply, graph.MULTIPLY_OPERATION))
+
+
+def is_swish(layer):
+    """Whether `layer` is a swish / silu `Activation` layer (a LOGISTIC, then
+    a MUL of the input and the sigmoid: `QuantSwish`)."""
+    return isinstance(layer, L.Activation) and activation_name(layer.activation) == "silu"
+
+
 def is_fused_activation(layer):
     """Whether `layer` is a ReLU / ReLU6 that integer kernels fuse into the
     op before it."""

@@ -22,6 +22,7 @@ gradient of the elements below / above the range.
 import numpy as np
 import tensorflow as tf
 
+from keras_qat import stored_scale
 from keras_qat.config import check_num_bits
 
 
@@ -119,7 +120,8 @@ def grid_scale(min_val, max_val, num_bits=8, symmetric=False, narrow_range=False
         A float32 tensor of the shape of `min_val`.
     """
     low, high = quant_range(tf.cast(min_val, tf.float32), tf.cast(max_val, tf.float32), symmetric)
-    return nudged_range(low, high, num_bits, narrow_range)[2]
+    qmin, qmax = quant_levels(num_bits, narrow_range)
+    return stored_scale.converter_scale(low, high, float(qmax - qmin))
 
 
 def round_half_away_from_zero(x, tie_tolerance=0.0):

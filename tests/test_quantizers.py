@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from keras_qat import quantizers
 from keras_qat.layers.shared_range import QuantConcatenate
-from keras_qat.requantization import requantized
+from keras_qat.requantization import multiplied, requantized
 
 
 def assert_matches_reference(y, x, min_val, max_val, num_bits, narrow_range, symmetric):
@@ -296,3 +296,61 @@ def test_a_concatenation_requantizes_as_xnnpack_on_8_bit_grids_only(num_bits):
     plain = layer([own, other]).numpy()
     moved = layer([own, other], input_scales=[tf.constant(0.004)]).numpy()
     assert (np.abs(moved - plain).max() > 0) == (num_bits == 8)
+
+
+def test_grid_scale_is_the_converters_float64_scale_in_every_mode():
+    """The TFLite converter stores `float32((max - min) / levels)` computed
+    in float64. A float32 division differed from it for 28 of 102 trained
+    ranges, and in a `tf.function` (a product with the reciprocal) for 67;
+    XNNPACK's MUL and QUANTIZE round near-ties from these scales."""
+    rng = np.random.default_rng(0)
+    low = -np.abs(rng.standard_normal(20000) * 10.0 ** rng.uniform(-4, 3, 20000))
+    high = np.abs(rng.standard_normal(20000) * 10.0 ** rng.uniform(-4, 3, 20000))
+    low, high = low.astype("float32"), high.astype("float32")
+    low[:100] = 0.0
+    for num_bits, narrow_range, symmetric in ((8, False, False), (8, True, True), (16, True, True)):
+        levels = 2**num_bits - 1 - narrow_range
+        bound = np.maximum(-low, high) if symmetric else None
+        lo, hi = (-bound, bound) if symmetric else (low, high)
+        exact = (hi.astype("float64") - lo.astype("float64")) / levels
+        expected = exact.astype("float32")
+        # float64 results exactly between two float32s may round either way.
+        tie = np.abs(exact - expected) == np.spacing(expected) / 2
+
+        def scale(a, b, num_bits=num_bits, narrow_range=narrow_range, symmetric=symmetric):
+            return quantizers.grid_scale(a, b, num_bits, symmetric, narrow_range)
+
+        for mode in (scale, tf.function(scale)):
+            got = mode(tf.constant(low), tf.constant(high)).numpy()
+            np.testing.assert_array_equal(got[~tie], expected[~tie])
+        # XLA contracts some operations: a few more round the other way.
+        jit = tf.function(scale, jit_compile=True)(tf.constant(low), tf.constant(high)).numpy()
+        assert np.mean(jit != expected) <= 1e-3
+
+
+def test_multiplied_follows_xnnpacks_mul_and_passes_gradients():
+    """XNNPACK's int8 MUL: the product of the levels times the float32
+    `(scale_a * scale_b) / output_scale`, to nearest, ties to even; a
+    float rounding of the product differs within float error of ties."""
+    rng = np.random.default_rng(0)
+    level_a = rng.integers(-128, 128, 5000).astype("float32")
+    level_b = rng.integers(-128, 128, 5000).astype("float32")
+    differs = 0
+    # Power-of-two scales make exact ties (half of the odd products), which
+    # XNNPACK rounds to even and a float rounding up.
+    for scale_a, scale_b, output_scale in ((2**-4, 2**-8, 2**-11), (0.0113, 0.0231, 0.0071)):
+        scale_a, scale_b, output_scale = np.float32([scale_a, scale_b, output_scale])
+        product = (level_a * scale_a) * (level_b * scale_b)
+        ratio = np.float32(scale_a * scale_b) / output_scale
+        expected = np.round(level_a * level_b * ratio) * output_scale  # ties to even
+        got = multiplied(product, (scale_a, scale_b), output_scale).numpy()
+        np.testing.assert_array_equal(got, expected.astype("float32"))
+        differs += np.sum(np.floor(product / output_scale + 0.5) != np.round(got / output_scale))
+    assert differs > 0  # the float rounding is not XNNPACK's on these levels
+    x = tf.constant(level_a * 0.01)
+    for scales in ((0.0, 0.5, 0.1), (0.1, 0.1, 0.0), (1000.0, 1.0, 0.001)):
+        np.testing.assert_array_equal(multiplied(x, scales[:2], scales[2]).numpy(), x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = multiplied(x, (0.1, 0.1), 0.03)
+    np.testing.assert_array_equal(tape.gradient(y, x).numpy(), np.ones(x.shape))

@@ -12,7 +12,7 @@ activation of a fusion layer that absorbed a `LeakyReLU` layer.
 
 import keras
 
-from keras_qat.layers.fake_quant import FakeQuant
+from keras_qat.layers.fake_quant import FakeQuant, with_scale_spec
 
 
 class TwoOpActivation(keras.layers.Layer):
@@ -113,7 +113,11 @@ class QuantSwish(TwoOpActivation):
     before the multiplication. Computed in float, the sigmoid is not rounded
     there, and int8 swish outputs differ by a step or two from it. This layer
     rounds the sigmoid to that grid; `convert_quant_network` puts a
-    `FakeQuant` after it for the MUL.
+    `FakeQuant` after it for the MUL. Called with
+    `return_sigmoid_scale=True`, the layer also returns the step of the
+    sigmoid's grid (0 while it does not quantize): one of the MUL's operand
+    grids, with which that `FakeQuant` rounds the product as the int8 MUL
+    does (`FakeQuant(operand_scales=)`).
 
     Args:
         quantizer: The options of the sigmoid's grid (see
@@ -129,8 +133,16 @@ class QuantSwish(TwoOpActivation):
 
     intermediate_range = (0.0, 255 / 256)
 
-    def call(self, inputs, training=False):
-        return inputs * self.quantizer(keras.ops.sigmoid(inputs), training=training)
+    def call(self, inputs, training=False, return_sigmoid_scale=False):
+        sigmoid = keras.ops.sigmoid(inputs)
+        if not return_sigmoid_scale:
+            return inputs * self.quantizer(sigmoid, training=training)
+        sigmoid, scale = self.quantizer(sigmoid, training=training, return_scale=True)
+        return inputs * sigmoid, scale
+
+    def compute_output_spec(self, inputs, training=False, return_sigmoid_scale=False):
+        outputs = keras.KerasTensor(inputs.shape, inputs.dtype)
+        return with_scale_spec(outputs, return_sigmoid_scale)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")

@@ -13,6 +13,7 @@ from keras_qat.config import (
 )
 from keras_qat.layers.call_context import calibration_method, is_bypassed, is_tracing_for_export
 from keras_qat.layers.quantizer import Quantizer, across_replicas
+from keras_qat.requantization import multiplied
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -57,6 +58,13 @@ class FakeQuant(Quantizer):
     step of the output's grid (a float32 scalar) when this call quantized,
     else 0. A quantized layer that consumes the output takes it as its
     `input_scale`, to add its bias on the integer kernel's int32 grid.
+
+    Called with `operand_scales=[scale_a, scale_b]` (the grids of the two
+    operands of the multiplication whose result it rounds, as
+    `convert_quant_network` calls the `FakeQuant` after a `Multiply`, a `*`
+    of two tensors or a swish), a grid of 8 bits or fewer rounds the product
+    as TFLite's int8 MUL does (`keras_qat.requantization.multiplied`): from
+    the exact product of the operands' levels, ties to even.
 
     Args:
         num_bits: Bit width, an integer in `[2, 16]`.
@@ -289,12 +297,21 @@ class FakeQuant(Quantizer):
         scale = self.grid_scale(min_val, max_val)
         return scale if active is True else tf.where(active, scale, 0.0)
 
-    def call(self, inputs, training=False, return_scale=False):
+    def call(self, inputs, training=False, return_scale=False, operand_scales=None):
         min_val, max_val, active = self.observe(inputs, training)
+        if operand_scales is not None and self._rounds_products_as_xnnpack():
+            output_scale = self.output_scale(min_val, max_val, active)
+            inputs = multiplied(inputs, operand_scales, output_scale)
         outputs = self.quantize_with(inputs, min_val, max_val, active, training)
         if return_scale:
             return outputs, self.output_scale(min_val, max_val, active)
         return outputs
+
+    def _rounds_products_as_xnnpack(self):
+        """Whether a product is rounded as XNNPACK's int8 MUL rounds it: on
+        one grid (per tensor) of 8 bits or fewer (stored as int8), and not
+        while traced for export (the converter reads the range)."""
+        return not self.per_channel and self.num_bits <= 8 and not is_tracing_for_export()
 
     def quantizers(self):
         """`{"output": self}`: a `FakeQuant` is its output's grid."""
@@ -304,7 +321,7 @@ class FakeQuant(Quantizer):
         """What the layer computes from `inputs` before it rounds."""
         return self.activate(inputs)
 
-    def compute_output_spec(self, inputs, training=False, return_scale=False):
+    def compute_output_spec(self, inputs, training=False, return_scale=False, operand_scales=None):
         return with_scale_spec(keras.KerasTensor(inputs.shape, inputs.dtype), return_scale)
 
     def compute_mask(self, inputs, mask=None):

@@ -257,9 +257,10 @@ class Placement:
 
     def needs_scale(self, operation):
         """Whether a quantized layer (or a bilinear resize, which rounds to
-        its input's grid, or a concatenation, which requantizes it onto its
-        own) consumes `operation`'s output, directly or through layers that
-        keep its grid."""
+        its input's grid, a concatenation, which requantizes it onto its
+        own, or a multiplication, whose product is rounded from its
+        operands' grids) consumes `operation`'s output, directly or through
+        layers that keep its grid."""
         for consumer in self.graph.consumers(operation):
             if int8_rules.is_bilinear_resize(consumer) and not self.is_skipped(consumer):
                 return True
@@ -270,7 +271,16 @@ class Placement:
                 return True
             elif isinstance(consumer, keras.layers.Concatenate) and not self.is_skipped(consumer):
                 return True  # requantized onto its grid (`QuantConcatenate`)
+            elif self.multiplies(consumer):
+                return True  # its product rounded as the int8 MUL rounds it
         return False
+
+    def multiplies(self, operation):
+        """Whether `operation` is a quantized int8 MUL of tensors (a
+        `Multiply`, `x * y`, a swish), whose product the `FakeQuant` after
+        it rounds from its operands' grids (`FakeQuant(operand_scales=)`)."""
+        kind = int8_rules.multiplies_its_operands(operation) or int8_rules.is_swish(operation)
+        return kind and not self.is_skipped(operation)
 
     def reads_as_indices(self, operation):
         """Whether every consumer of `operation` reads its values as indices
@@ -339,26 +349,33 @@ class Placement:
             options.update(symmetric=True, narrow_range=True)
         return LearnedFakeQuant(**options) if self.options.range_learning[1] else options
 
-    def apply_quantizer(self, quantizer, tensor, with_scale):
+    def apply_quantizer(self, quantizer, tensor, with_scale, operand_scales=None):
         """`quantizer(tensor)`; with `with_scale`, the scale of its grid is
-        kept for the quantized layers that consume the result."""
+        kept for the quantized layers that consume the result; with
+        `operand_scales`, the grids of the two operands of the product
+        `tensor` that the quantizer (a `FakeQuant`) rounds."""
+        kwargs = {} if operand_scales is None else {"operand_scales": operand_scales}
         if not with_scale:
-            return quantizer(tensor)
-        outputs, scale = quantizer(tensor, return_scale=True)
+            return quantizer(tensor, **kwargs)
+        outputs, scale = quantizer(tensor, return_scale=True, **kwargs)
         self.scales[id(outputs)] = scale
         return outputs
 
-    def quantize_output(self, operation, outputs, fixed_range=None, name=None, activation=None):
+    def quantize_output(
+        self, operation, outputs, fixed_range=None, name=None, activation=None, operand_scales=None
+    ):
         """A `FakeQuant` on `operation`'s result, unless its consumers round
         it (a fixed range is always kept: the kernel's output has it); with
-        `activation`, the fused activation that the `FakeQuant` applies."""
+        `activation`, the fused activation that the `FakeQuant` applies;
+        with `operand_scales`, the grids of the operands of the product it
+        rounds."""
         if fixed_range is None and self.rounded_by_consumers(operation):
             return quantizers.fused_activation(outputs, activation)
         zero_centred = fixed_range is None and self.feeds_matmul_rhs(operation)
         quantizer = self.fake_quant(
             name or operation.name, fixed_range, activation, zero_centred, operation.name
         )
-        return self.apply_quantizer(quantizer, outputs, self.needs_scale(operation))
+        return self.apply_quantizer(quantizer, outputs, self.needs_scale(operation), operand_scales)
 
     def moves_activation(self, layer):
         """The fused activation ("relu", "relu6") of fusion layer `layer` that

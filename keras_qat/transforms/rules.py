@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from keras_qat import graph, int8_rules, quantizers
+from keras_qat.layers.activations import QuantSwish
 from keras_qat.layers.attention_mask import AttentionScoreMask, QuantAttentionScoreMask
 from keras_qat.layers.batch_broadcast import BatchBroadcast
 from keras_qat.layers.conv2d_transpose import Conv2DTransposeBnAct
@@ -77,7 +78,21 @@ def _place_rounding_operation(placement, operation, args, kwargs):
     constant is in the node, put on the int8 grid the converter stores it
     on), then a FakeQuant (with softmax's fixed range)."""
     outputs = clone(operation)(*(_on_int8_grid(arg) for arg in args), **kwargs)
-    return placement.quantize_output(operation, outputs, int8_rules.fixed_output_range(operation))
+    fixed_range = int8_rules.fixed_output_range(operation)
+    scales = _operand_scales(placement, operation, args)
+    return placement.quantize_output(operation, outputs, fixed_range, operand_scales=scales)
+
+
+def _operand_scales(placement, operation, args):
+    """The grids of the two tensors a multiplication multiplies, for the
+    `FakeQuant` that rounds the product; None for another operation, a
+    constant operand or a grid not known."""
+    operands = keras.tree.flatten(args)
+    if not placement.multiplies(operation) or len(operands) != 2:
+        return None
+    if not all(isinstance(t, keras.KerasTensor) for t in operands):
+        return None
+    return placement.scales_of(operands)
 
 
 def _place_constant(placement, operation, args, kwargs):
@@ -203,11 +218,15 @@ def _place_fusion(placement, layer, args, kwargs):
         return placement.quantize_output(
             layer, outputs, activation=placement.moves_activation(layer)
         )
-    outputs = placement.fake_quant(layer.name)(outputs)
     name = f"{layer.name}_activation"
-    outputs = _activation_layer(placement, layer.activation, name, layer.name)(outputs)
+    activation = _activation_layer(placement, layer.activation, name, layer.name)
+    swish = isinstance(activation, QuantSwish)
+    outputs = placement.apply_quantizer(placement.fake_quant(layer.name), outputs, swish)
+    outputs, scales = (
+        _swish(placement, activation, outputs) if swish else (activation(outputs), None)
+    )
     fixed_range = int8_rules.FIXED_OUTPUT_RANGES.get(int8_rules.activation_name(layer.activation))
-    return placement.quantize_output(layer, outputs, fixed_range, name=name)
+    return placement.quantize_output(layer, outputs, fixed_range, name=name, operand_scales=scales)
 
 
 def _activation_layer(placement, activation, name, layer_name, calls_per_step=1):
@@ -232,8 +251,20 @@ def _place_rounding_layer(placement, layer, args, kwargs):
     )
     if isinstance(layer, _BINARY_MERGES) and len(args[0]) > 2:
         args = (_merged_but_last(placement, layer, args[0]),) + tuple(args[1:])
-    outputs = new(*args, **kwargs)
-    return placement.quantize_output(layer, outputs, int8_rules.fixed_output_range(layer))
+    if isinstance(new, QuantSwish):
+        outputs, scales = _swish(placement, new, args[0])
+    else:
+        outputs, scales = new(*args, **kwargs), _operand_scales(placement, layer, args)
+    fixed_range = int8_rules.fixed_output_range(layer)
+    return placement.quantize_output(layer, outputs, fixed_range, operand_scales=scales)
+
+
+def _swish(placement, layer, inputs):
+    """`QuantSwish` `layer` on `inputs`, and the grids of its MUL's operands
+    (the input's, the sigmoid's) when the input's is known."""
+    outputs, sigmoid_scale = layer(inputs, return_sigmoid_scale=True)
+    scales = placement.scales_of([inputs])
+    return outputs, None if scales is None else scales + [sigmoid_scale]
 
 
 def _merged_but_last(placement, layer, inputs):
