@@ -2,8 +2,8 @@
 
 The converter computes `(max - min) / levels` in float64 and stores it
 rounded to float32. TFLite's kernels that round from the scales (XNNPACK's
-MUL and QUANTIZE, a bias's int32 grid) use that value, so the Keras model
-must too, to a unit in the last place. Float64 is not an option (TPUs have
+MUL and QUANTIZE) use that value, so the Keras model must too, to a unit in
+the last place. Float64 is not an option (TPUs have
 none), and a float32 division is not that value (`converter_scale`).
 """
 
