@@ -25,6 +25,7 @@ import contextlib
 import re
 
 import keras
+from keras.src.export import export_utils as _export_utils
 from keras.src.layers import layer as _layer_module
 from keras.src.ops import core as _core_ops
 from keras.src.ops import math as _math_ops
@@ -97,6 +98,13 @@ ZEROS_LIKE_OPERATION = _numpy_ops.ZerosLike
 def is_functional(model):
     """Whether `model` is a Functional model (not Sequential, not subclassed)."""
     return isinstance(model, keras.Model) and hasattr(model, "_run_through_graph")
+
+
+def export_input_signature(model):
+    """The `tf.TensorSpec`s of the inputs `model.export` serves `model` with
+    (their structure and names)."""
+    signature = _export_utils.get_input_signature(model)
+    return keras.tree.map_structure(_export_utils.make_tf_tensor_spec, signature)
 
 
 def functional_graph(model):

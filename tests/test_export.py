@@ -1,3 +1,5 @@
+import logging
+
 import keras
 import numpy as np
 import pytest
@@ -6,6 +8,8 @@ import tensorflow as tf
 import keras_qat as kq
 from keras_qat.export.agreement import agreement
 from keras_qat.export.interpreter import TensorProbe, float_ops, tflite_interpreter
+from keras_qat.export.saved_model import save_for_conversion
+from keras_qat.layers.call_context import tracing_for_export
 
 EXPORTABLE = dict(symmetric=[True, False], narrow_range=[True, False])
 
@@ -356,6 +360,54 @@ def test_saved_model_export_also_converts(tmp_path):
     converter = tf.lite.TFLiteConverter.from_saved_model(path)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     assert len(converter.convert()) > 0
+
+
+def two_input_two_output_model():
+    first, second = keras.Input((6,), name="first"), keras.Input((4,), name="second")
+    joined = keras.layers.Concatenate()([kq.DenseBnAct(5)(first), kq.DenseBnAct(5)(second)])
+    outputs = [kq.DenseBnAct(3)(joined), kq.DenseBnAct(2, activation="relu")(joined)]
+    return keras.Model([first, second], outputs)
+
+
+def converted(saved_model_path):
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_path)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    return converter.convert()
+
+
+def test_the_saved_model_for_conversion_converts_as_keras_export_does(tmp_path):
+    """`save_for_conversion` (one trace, no gradient functions) gives the
+    converter what `model.export` gives it: the same signature, ops,
+    quantization and outputs."""
+    rng = np.random.default_rng(6)
+    x = [rng.normal(size=(32, 6)).astype("float32"), rng.normal(size=(32, 4)).astype("float32")]
+    qat_model = calibrate(kq.convert_quant_network(two_input_two_output_model(), **EXPORTABLE), x)
+    ours, keras_export = str(tmp_path / "ours"), str(tmp_path / "keras")
+    with tracing_for_export():
+        save_for_conversion(qat_model, ours)
+        qat_model.export(keras_export, verbose=False)
+    models = [tflite_interpreter(converted(path)) for path in (ours, keras_export)]
+    assert models[0].get_signature_list() == models[1].get_signature_list()
+    ops, quantization = [], []
+    for interpreter in models:
+        ops.append([op["op_name"] for op in interpreter._get_ops_details()])
+        details = interpreter.get_tensor_details()
+        quantization.append([(d["dtype"], d["quantization"]) for d in details])
+    assert ops[0] == ops[1] and "FULLY_CONNECTED" in ops[0]
+    assert quantization[0] == quantization[1]
+    outputs = [
+        interpreter.get_signature_runner()(first=x[0], second=x[1]) for interpreter in models
+    ]
+    for name in outputs[1]:
+        np.testing.assert_array_equal(outputs[0][name], outputs[1][name])
+
+
+def test_export_does_not_warn_about_the_gradients_it_leaves_out(caplog):
+    x = np.random.default_rng(7).uniform(-1, 1, (16, 12, 12, 3)).astype("float32")
+    qat_model = calibrate(conv_model(False), x)
+    with caplog.at_level(logging.WARNING):
+        kq.export_tflite(qat_model)
+    assert not [r for r in caplog.records if "gradient" in r.getMessage()], caplog.text
 
 
 def test_export_refuses_what_int8_cannot_run():

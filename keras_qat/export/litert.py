@@ -9,7 +9,6 @@ dataset is needed and the integer model uses exactly the trained grids.
 everything that keeps a model from int8.
 """
 
-import inspect
 import os
 import tempfile
 
@@ -23,16 +22,9 @@ from keras_qat.export.checks import check_activation_type, check_exportable
 from keras_qat.export.interpreter import float_ops
 from keras_qat.export.io_order import in_keras_order
 from keras_qat.export.quiet import quiet
+from keras_qat.export.saved_model import save_for_conversion, unsaved_gradients_unmentioned
 from keras_qat.layers.call_context import tracing_for_export
 from keras_qat.transforms.clones import Clones, clone
-
-
-def _save_for_conversion(model, path):
-    """`model.export(path)`, the SavedModel the TFLite converter reads;
-    quietly where Keras can be asked to (its `verbose` argument is newer
-    than some supported releases)."""
-    quiet = {"verbose": False} if "verbose" in inspect.signature(model.export).parameters else {}
-    model.export(path, **quiet)
 
 
 def export_tflite(
@@ -201,13 +193,13 @@ def _convert(qat_model, input_type, output_type, select_tf_ops, pack_int4, int16
 
 
 def _run_converter(qat_model, input_type, output_type, select_tf_ops, pack_int4, int16_activations):
-    with tempfile.TemporaryDirectory() as directory:
+    with tempfile.TemporaryDirectory() as directory, unsaved_gradients_unmentioned():
         saved_model = os.path.join(directory, "saved_model")
         model = float32_model(qat_model)
         if input_type == tf.uint8 and pixel_inputs.takes_pixels(model):
             model = pixel_inputs.from_rescaled_values(model)
         with tracing_for_export(pack_int4, repeated_weights(model)):
-            _save_for_conversion(model, saved_model)
+            save_for_conversion(model, saved_model)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.inference_input_type = input_type
@@ -337,6 +329,7 @@ def export_float_tflite(model, path=None, strip_names=False, verbose=None):
     _check_path(path)
     with quiet(verbose), tempfile.TemporaryDirectory() as directory:
         saved_model = os.path.join(directory, "saved_model")
-        _save_for_conversion(model, saved_model)
+        with unsaved_gradients_unmentioned():
+            save_for_conversion(model, saved_model)
         tflite_bytes = tf.lite.TFLiteConverter.from_saved_model(saved_model).convert()
     return _finish(in_keras_order(tflite_bytes, _input_names(model)), path, strip_names)

@@ -51,14 +51,17 @@ _EXPORT_STATE = ("export", "pack_int4", "weight_groups", "copies")
 
 
 def weight_copy(quantizer):
-    """While tracing for export, how many quantizations of the same weights
-    (`tracing_for_export`'s `weight_groups`) were traced before this one;
-    0 for weights quantized once."""
+    """While tracing for export, the number of this quantization among
+    those of the same weights (`tracing_for_export`'s `weight_groups`):
+    1 for the first traced, 2 for the next, ...; 0 for weights quantized
+    once. Every copy is then a constant of its own, however often the
+    model is traced (a first copy kept as it is, an all-ones gamma, became
+    a multiplication by one that the converter removes)."""
     group = (getattr(_state, "weight_groups", None) or {}).get(id(quantizer))
     if group is None:
         return 0
-    copy = _state.copies.get(group, 0)
-    _state.copies[group] = copy + 1
+    copy = _state.copies.get(group, 0) + 1
+    _state.copies[group] = copy
     return copy
 
 

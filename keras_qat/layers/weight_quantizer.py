@@ -139,10 +139,10 @@ class WeightQuantizer(Quantizer):
         Weights that the model quantizes more than once with the same values
         (a shared layer, equal kernels) would trace to one constant used by
         several ops, which the converter requantizes with scales of its own
-        (the trained levels were lost). Each further copy is traced on a
-        grid `COPY_STRETCH` wider per copy: a distinct constant with the
-        same levels, whose scale differs from the trained one by about 1e-6
-        per copy, relatively.
+        (the trained levels were lost). Copy `n` (`weight_copy`, from 1) is
+        traced on a grid `n * COPY_STRETCH` wider: a distinct constant with
+        the same levels, whose scale differs from the trained one by about
+        1e-6 per copy, relatively.
         """
         bits = self.num_bits
         carrier = 4 if bits <= 4 and packs_int4() and int4_storage else 8
