@@ -40,8 +40,9 @@ def converter_scale(low, high, levels):
 def _on_tpu():
     """Whether the model runs on TPUs (under a `TPUStrategy`, as Keras
     models on TPUs do), where XLA has no float64."""
-    strategy = tf.distribute.get_strategy()
-    return isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy))
+    # TPUStrategy, TPUStrategyV1 and TPUStrategyV2, by name: not every
+    # TensorFlow release exports every one of them.
+    return type(tf.distribute.get_strategy()).__name__.startswith("TPUStrategy")
 
 
 def float32_scale(low, high, levels):

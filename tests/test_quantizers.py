@@ -331,6 +331,18 @@ def test_grid_scale_is_the_converters_float64_scale_in_every_mode(on_tpu, monkey
         assert np.mean(jit[~tie] != expected[~tie]) <= (1e-3 if on_tpu else 0.0)
 
 
+@pytest.mark.parametrize("strategy", ["TPUStrategy", "TPUStrategyV2", "MirroredStrategy"])
+def test_the_scale_avoids_float64_only_on_tpus(strategy, monkeypatch):
+    """TPUs have no float64: under their strategies the scale is computed
+    in float32 arithmetic, elsewhere in float64 as the converter does."""
+    monkeypatch.setattr(tf.distribute, "get_strategy", lambda: type(strategy, (), {})())
+    spec = tf.TensorSpec([], tf.float32)
+    scale = tf.function(lambda low, high: stored_scale.converter_scale(low, high, 255.0))
+    operations = scale.get_concrete_function(spec, spec).graph.get_operations()
+    uses_float64 = any(op.outputs and op.outputs[0].dtype == tf.float64 for op in operations)
+    assert uses_float64 == (strategy == "MirroredStrategy")
+
+
 def test_multiplied_follows_xnnpacks_mul_and_passes_gradients():
     """XNNPACK's int8 MUL: the product of the levels times the float32
     `(scale_a * scale_b) / output_scale`, to nearest, ties to even; a

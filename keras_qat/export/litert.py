@@ -331,5 +331,5 @@ def export_float_tflite(model, path=None, strip_names=False, verbose=None):
         saved_model = os.path.join(directory, "saved_model")
         with unsaved_gradients_unmentioned():
             save_for_conversion(model, saved_model)
-        tflite_bytes = tf.lite.TFLiteConverter.from_saved_model(saved_model).convert()
+            tflite_bytes = tf.lite.TFLiteConverter.from_saved_model(saved_model).convert()
     return _finish(in_keras_order(tflite_bytes, _input_names(model)), path, strip_names)
