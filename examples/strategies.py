@@ -17,6 +17,7 @@ import time
 
 import keras
 import numpy as np
+import one_trace
 import tensorflow as tf
 from absl import flags
 
@@ -68,7 +69,8 @@ def fit(model, x, y, *, epochs, batch_size, optimizer, strategy, seed=1):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     if not is_multi_worker(strategy):
         timer = _EpochTimer()
-        model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+        accuracy_metric = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        one_trace.compile(model, optimizer, loss, [accuracy_metric])
         model.fit(x, y, batch_size=batch_size, epochs=epochs, callbacks=[timer], verbose=2)
         return timer.times
     per_example = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)

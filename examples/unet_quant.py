@@ -34,6 +34,7 @@ from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import idx_data  # noqa: E402
+import one_trace  # noqa: E402
 
 import keras_qat as kq  # noqa: E402
 
@@ -97,11 +98,10 @@ def scores(predicted, truth):
 
 def train(model, x, y, epochs, learning_rate):
     steps = epochs * -(-len(x) // FLAGS.batch_size)
-    model.compile(
-        optimizer=keras.optimizers.Adam(
-            keras.optimizers.schedules.CosineDecay(learning_rate, steps)
-        ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    one_trace.compile(
+        model,
+        keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps)),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     model.fit(x, y, epochs=epochs, batch_size=FLAGS.batch_size, verbose=2)
 

@@ -28,6 +28,7 @@ from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import idx_data  # noqa: E402
+import one_trace  # noqa: E402
 from models import vit  # noqa: E402
 
 import keras_qat as kq  # noqa: E402
@@ -52,12 +53,11 @@ FLAGS = flags.FLAGS
 
 def train(model, x, y, epochs, learning_rate):
     steps = epochs * -(-len(x) // FLAGS.batch_size)
-    model.compile(
-        optimizer=keras.optimizers.Adam(
-            keras.optimizers.schedules.CosineDecay(learning_rate, steps)
-        ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+    one_trace.compile(
+        model,
+        keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps)),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
     model.fit(x, y, epochs=epochs, batch_size=FLAGS.batch_size, verbose=2)
 

@@ -201,7 +201,8 @@ def test_a_bert_backbone_converts_trains_and_exports_with_parity():
     model = bert()
     off = kq.convert_quant_network(model, quant_delay=10**6)
     x = text_batch(model, 16)
-    expected, traced = model.predict(x, verbose=0), off.predict(x, verbose=0)
+    # Eager calls: a traced `predict` of each costs more than the check.
+    expected, traced = model(x, training=False), off(x, training=False)
     for name in expected:
         np.testing.assert_allclose(traced[name], expected[name], rtol=1e-5, atol=1e-5)
     qat_model = kq.convert_quant_network(model)
@@ -230,8 +231,8 @@ def assert_sequence_model_converts_trains_and_exports_with_parity(model, toleran
     `tolerance`; trained, it exports all-int8 with `assert_parity`."""
     x = text_batch(model, 16)
     off = kq.convert_quant_network(model, quant_delay=10**6)
-    np.testing.assert_allclose(
-        off.predict(x, verbose=0), model.predict(x, verbose=0), rtol=tolerance, atol=tolerance
+    np.testing.assert_allclose(  # eager calls: cheaper than a traced `predict` of each
+        off(x, training=False), model(x, training=False), rtol=tolerance, atol=tolerance
     )
     qat_model = kq.convert_quant_network(model)
     qat_model.compile(keras.optimizers.SGD(1e-3), "mse")
@@ -342,8 +343,8 @@ def test_a_vit_backbone_traces_to_the_function_it_computes_and_exports_with_pari
     )
     x = np.random.default_rng(0).standard_normal((32, 16, 16, 3)).astype("float32")
     off = kq.convert_quant_network(model, quant_delay=10**6)
-    np.testing.assert_allclose(
-        off.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5
+    np.testing.assert_allclose(  # eager calls: cheaper than a traced `predict` of each
+        off(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-5
     )
     qat_model = calibrate(kq.convert_quant_network(model), x, steps=2)
     tflite_model = kq.export_tflite(qat_model)
