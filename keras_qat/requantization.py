@@ -20,6 +20,16 @@ float error of a tie (measured: 0.006-0.015 % of a random MUL's outputs),
 but a tie can recur on many values (a swish of one level pair: 1.2 % of an
 EfficientNet stem's outputs), so the Keras model computes it as XNNPACK
 does too (`multiplied`).
+
+A float model input becomes int8 by a QUANTIZE from float. XNNPACK multiplies
+the input by the float32 reciprocal of the scale and rounds to nearest, ties
+to even (measured: every one of 65,536 values placed within a few float32
+steps of a tie, as `round(x * float32(1 / scale))`); TensorFlow's fake-quant
+kernel, which subtracts the range's minimum first, rounds 23 % of those
+values the other way. Random float inputs meet such near-ties a few times in
+a batch (1 in 100,000 values), and a network's layer norms can amplify one
+step at its input to many at its output, so the Keras model rounds a float
+input as XNNPACK does (`from_float`).
 """
 
 import tensorflow as tf
@@ -97,3 +107,27 @@ def multiplied(product, operand_scales, output_scale):
     applies = (product_scale > 0.0) & (output_scale > 0.0) & (ratio >= low) & (ratio < high)
     exact = tf.where(applies, tf.cast(moved, product.dtype), product)
     return product + tf.stop_gradient(exact - product)
+
+
+def from_float(x, scale):
+    """`x`, a float tensor, on the grid of step `scale` as XNNPACK's int8
+    QUANTIZE of a float tensor rounds it: `round(x * (1 / scale))`, the
+    reciprocal and the product in float32, to nearest, ties to even (not
+    clamped: the grid's `FakeQuant` clamps), with a straight-through
+    gradient. Where `scale` is 0 (a grid not quantizing yet), `x` as it is.
+
+    Args:
+        x: A float tensor.
+        scale: The grid's step (a scalar tensor).
+
+    Example:
+
+    >>> float(from_float(0.625, 0.25) / 0.25)  # 2.5 steps: to even (TF's kernel: 3)
+    2.0
+    """
+    x = tf.convert_to_tensor(x)
+    scale = tf.cast(scale, tf.float32)
+    reciprocal = 1.0 / tf.where(scale > 0.0, scale, 1.0)
+    exact = tf.round(tf.cast(x, tf.float32) * reciprocal) * scale
+    exact = tf.where(scale > 0.0, tf.cast(exact, x.dtype), x)
+    return x + tf.stop_gradient(exact - x)

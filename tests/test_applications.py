@@ -26,13 +26,17 @@ import keras_qat as kq
 
 EXPORTABLE = dict(per_channel=[True, False], symmetric=[True, False], narrow_range=[True, False])
 
-# (constructor, input size, extra arguments, what the network brings)
+# (constructor, input size, extra arguments, what the network brings).
+# ResNet50V2 (and ResNet50) are left to bench/applications.py: untrained,
+# with BatchNorm statistics from random inputs, ResNet50V2's agreement
+# varies with the last bits of its two training steps, 99-118 of 128 images
+# and 4.6-13.6 mean steps over six seeds (2026-12-08), too wide for a bound
+# to catch a regression; the blocks they bring (ZeroPadding2D, MaxPooling2D,
+# Add, pre-activation BatchNorm) are tested with tight parity on keras-hub's
+# ResNets (tests/test_keras_hub.py), and trained ResNet50V2 agrees on more
+# than 98 % (bench/applications.py --train_images).
 NETWORKS = {
     "MobileNetV2": (96, dict(alpha=0.35)),  # depthwise, ReLU6, inverted residuals
-    # conv + BN, ZeroPadding2D, MaxPooling2D, Add, and pre-activation
-    # BatchNorm after no conv (ResNet50's post-activation blocks are covered
-    # by keras-hub's ResNet in tests/test_keras_hub.py; left out for CI time)
-    "ResNet50V2": (32, {}),
     "MobileNetV3Small": (64, {}),  # Rescaling, hard-swish, SE Multiply, x + 3 ops
 }
 
@@ -45,18 +49,18 @@ NETWORKS = {
 #                     AVX-512 / AVX2 machine         AVX-512 / AVX2 machine
 #   MobileNetV2       118 (119) / 118 (121)          4.13 (5.91) / 4.15 (5.34)
 #   MobileNetV3Small  114 (121) / 108 (120)          4.04 (1.14) / 3.77 (0.81-2.16)
-#   ResNet50V2        118 (108) / 118  (99)          7.49 (12.2) / 7.31 (14.7)
 #
 # (AVX-512 machine 2026-12-08, AVX2 machine 2026-12-06/07: XNNPACK's int8
-# kernels differ between the two.) The allowances are the lower measured
-# top-1 less 3 images and the higher mean plus 25 %. MobileNetV3Small is
-# furthest from its yardstick: TFLite's int8 HARD_SWISH kernel (XNNPACK's,
-# in 16-bit fixed point) is one step off on 0.4 % of its outputs, measured
-# on a lone op; the network has 19 of them and amplifies those differences.
+# kernels differ between the two; since float inputs are quantized as
+# TFLite's QUANTIZE rounds them, MobileNetV2 124 images and 3.43 steps on
+# the AVX-512 machine.) The allowances are the lower measured top-1 less 3
+# images and the higher mean plus 25 %. MobileNetV3Small is furthest from
+# its yardstick: TFLite's int8 HARD_SWISH kernel (XNNPACK's, in 16-bit fixed
+# point) is one step off on 0.4 % of its outputs, measured on a lone op; the
+# network has 19 of them and amplifies those differences.
 ALLOWED = {
     "MobileNetV2": (115, 5.2),
     "MobileNetV3Small": (105, 5.1),
-    "ResNet50V2": (115, 9.4),
 }
 
 

@@ -9,6 +9,7 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
+from reference import OLD_BATCH_MATMUL
 from test_export import calibrate
 
 import keras_qat as kq
@@ -335,22 +336,34 @@ def test_a_vit_backbone_traces_to_the_function_it_computes_and_exports_with_pari
     # inside the layer: both become graph tensors (BatchBroadcast,
     # WeightOperand). The class token is stored on the concatenation's grid:
     # requantized there by XNNPACK it was a step off, which the layer norm of
-    # its small-variance row made 13 (mean 2.7 steps, top-1 97 %). Now a
-    # few values are up to 5 steps apart (measured: mean 0.016 steps).
+    # its small-variance row made 13 (16 x 16 images: mean 2.7 steps, top-1
+    # 97 %). At 32 x 32 (bench/keras_hub_parity.py's protocol, seed 0) two
+    # roundings were left: a few float inputs at a tie of TFLite's QUANTIZE
+    # and one variance level at a tie of its fixed-point RSQRT, which the
+    # layer norms made up to 23 steps (95 % within one step, top-1 99.9 %);
+    # both are rounded as the kernels round them now (measured: exact).
     keras.utils.set_random_seed(0)
     model = keras_hub.models.ViTBackbone(
-        image_shape=(16, 16, 3), patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16
+        image_shape=(32, 32, 3), patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16
     )
-    x = np.random.default_rng(0).standard_normal((32, 16, 16, 3)).astype("float32")
+    x = np.random.default_rng(0).standard_normal((32, 32, 32, 3)).astype("float32")
     off = kq.convert_quant_network(model, quant_delay=10**6)
     np.testing.assert_allclose(  # eager calls: cheaper than a traced `predict` of each
         off(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-5
     )
-    qat_model = calibrate(kq.convert_quant_network(model), x, steps=2)
+    qat_model = kq.convert_quant_network(model)
+    targets = np.random.default_rng(0).standard_normal((32, 17, 8)).astype("float32")
+    qat_model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    for _ in range(2):
+        qat_model.train_on_batch(x, targets)
     tflite_model = kq.export_tflite(qat_model)
     assert not set(float_ops(tflite_model)) & COMPUTE_OPS
-    x = np.random.default_rng(10).standard_normal((64, 16, 16, 3)).astype("float32")
+    x = np.random.default_rng(10).standard_normal((64, 32, 32, 3)).astype("float32")
     result = kq.compare_tflite(qat_model, tflite_model, x)
+    # TF 2.20 (its BATCH_MATMUL rounds near-ties otherwise, reference.py):
+    # 0.051 steps, 98.98 % within one, up to 19 steps, one token in about
+    # 1,000 with another argmax.
     assert result["mean_abs_diff"] <= 0.1 * result["output_scale"], result
-    assert result["top1_agreement_unambiguous"] == 1.0, result
-    assert result["within_one_step"] >= 0.95, result
+    assert result["top1_agreement_unambiguous"] >= (0.998 if OLD_BATCH_MATMUL else 1.0), result
+    assert result["within_one_step"] >= 0.98, result
+    assert result["max_diff_steps"] <= (20 if OLD_BATCH_MATMUL else 4) + 0.001, result

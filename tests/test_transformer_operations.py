@@ -239,7 +239,8 @@ def test_a_float_attention_mask_input_is_not_quantized_and_exports():
     rng = np.random.default_rng(0)
     data = [rng.normal(size=(32, 5, 8)).astype("f4"), (rng.random((32, 5, 5)) > 0.3).astype("f4")]
     qat(data, training=True)
-    assert kq.compare_tflite(qat, kq.export_tflite(qat), data)["max_diff_steps"] <= 1.001
+    largest = reference.ATTENTION_PARITY[1]
+    assert kq.compare_tflite(qat, kq.export_tflite(qat), data)["max_diff_steps"] <= largest
 
 
 @pytest.mark.parametrize(

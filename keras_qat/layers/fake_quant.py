@@ -13,7 +13,9 @@ from keras_qat.config import (
 )
 from keras_qat.layers.call_context import calibration_method, is_bypassed, is_tracing_for_export
 from keras_qat.layers.quantizer import Quantizer, across_replicas
+from keras_qat.requantization import from_float as from_float_rounded
 from keras_qat.requantization import multiplied
+from keras_qat.tflite_rsqrt import rounded_rsqrt
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -65,6 +67,15 @@ class FakeQuant(Quantizer):
     of two tensors or a swish), a grid of 8 bits or fewer rounds the product
     as TFLite's int8 MUL does (`keras_qat.requantization.multiplied`): from
     the exact product of the operands' levels, ties to even.
+
+    Called with `from_float=True` (as `convert_quant_network` calls the
+    `FakeQuant` of a float model input), a grid of 8 bits or fewer rounds
+    as TFLite's int8 QUANTIZE of a float tensor does
+    (`keras_qat.requantization.from_float`: times the float32 reciprocal of
+    the scale, ties to even). Called with `rsqrt_of=(values, scale)`, where
+    its input is `rsqrt(values)` and `values` lie on the grid of step
+    `scale` (a layer normalization's inverse standard deviation), it rounds
+    as TFLite's int8 RSQRT kernel does (`keras_qat.tflite_rsqrt`).
 
     Args:
         num_bits: Bit width, an integer in `[2, 16]`.
@@ -297,20 +308,35 @@ class FakeQuant(Quantizer):
         scale = self.grid_scale(min_val, max_val)
         return scale if active is True else tf.where(active, scale, 0.0)
 
-    def call(self, inputs, training=False, return_scale=False, operand_scales=None):
+    def call(
+        self,
+        inputs,
+        training=False,
+        return_scale=False,
+        operand_scales=None,
+        from_float=False,
+        rsqrt_of=None,
+    ):
         min_val, max_val, active = self.observe(inputs, training)
-        if operand_scales is not None and self._rounds_products_as_xnnpack():
+        kernel_rounding = operand_scales is not None or from_float or rsqrt_of is not None
+        if kernel_rounding and self._rounds_as_int8_kernels():
             output_scale = self.output_scale(min_val, max_val, active)
-            inputs = multiplied(inputs, operand_scales, output_scale)
+            if operand_scales is not None:
+                inputs = multiplied(inputs, operand_scales, output_scale)
+            elif from_float:
+                inputs = from_float_rounded(inputs, output_scale)
+            else:
+                inputs = rounded_rsqrt(inputs, *rsqrt_of, output_scale)
         outputs = self.quantize_with(inputs, min_val, max_val, active, training)
         if return_scale:
             return outputs, self.output_scale(min_val, max_val, active)
         return outputs
 
-    def _rounds_products_as_xnnpack(self):
-        """Whether a product is rounded as XNNPACK's int8 MUL rounds it: on
-        one grid (per tensor) of 8 bits or fewer (stored as int8), and not
-        while traced for export (the converter reads the range)."""
+    def _rounds_as_int8_kernels(self):
+        """Whether a product, a float input or an inverse square root is
+        rounded as TFLite's int8 MUL, QUANTIZE or RSQRT rounds it: on one
+        grid (per tensor) of 8 bits or fewer (stored as int8), and not while
+        traced for export (the converter reads the range)."""
         return not self.per_channel and self.num_bits <= 8 and not is_tracing_for_export()
 
     def quantizers(self):
@@ -321,7 +347,7 @@ class FakeQuant(Quantizer):
         """What the layer computes from `inputs` before it rounds."""
         return self.activate(inputs)
 
-    def compute_output_spec(self, inputs, training=False, return_scale=False, operand_scales=None):
+    def compute_output_spec(self, inputs, training=False, return_scale=False, **rounding):
         return with_scale_spec(keras.KerasTensor(inputs.shape, inputs.dtype), return_scale)
 
     def compute_mask(self, inputs, mask=None):

@@ -118,18 +118,24 @@ class QuantLayerNormalization(keras.layers.LayerNormalization):
                 quantizer.build((input_shape[-1],))
 
     def call(self, inputs, training=False):
-        def rounded(stage, values):
+        def rounded(stage, values, **kwargs):
             if stage not in self.stages:  # the FakeQuant after the layer rounds it
                 return values
-            return getattr(self, f"{stage}_quant")(values, training=training)
+            return getattr(self, f"{stage}_quant")(values, training=training, **kwargs)
 
         x = tf.cast(inputs, tf.float32)
         mean = rounded("mean", tf.reduce_mean(x, -1, keepdims=True))
         centred = rounded("centred", x - mean)
         square = rounded("square", centred * centred)
         variance = rounded("variance", tf.reduce_mean(square, -1, keepdims=True))
-        shifted = rounded("variance_eps", self._plus_epsilon(variance))
-        inverse_std = rounded("inverse_std", tf.math.rsqrt(self._positive(shifted, training)))
+        shifted, shifted_scale = rounded(
+            "variance_eps", self._plus_epsilon(variance), return_scale=True
+        )
+        positive = self._positive(shifted, training)
+        # Rounded as TFLite's int8 RSQRT kernel rounds it (in fixed point).
+        inverse_std = rounded(
+            "inverse_std", tf.math.rsqrt(positive), rsqrt_of=(positive, shifted_scale)
+        )
         outputs = centred * inverse_std
         if self.scale or self.center:
             outputs = rounded("normalized", outputs)

@@ -349,12 +349,16 @@ class Placement:
             options.update(symmetric=True, narrow_range=True)
         return LearnedFakeQuant(**options) if self.options.range_learning[1] else options
 
-    def apply_quantizer(self, quantizer, tensor, with_scale, operand_scales=None):
+    def apply_quantizer(self, quantizer, tensor, with_scale, operand_scales=None, from_float=False):
         """`quantizer(tensor)`; with `with_scale`, the scale of its grid is
         kept for the quantized layers that consume the result; with
         `operand_scales`, the grids of the two operands of the product
-        `tensor` that the quantizer (a `FakeQuant`) rounds."""
+        `tensor` that the quantizer (a `FakeQuant`) rounds; with
+        `from_float`, `tensor` is a float model input, which the quantizer
+        rounds as TFLite's QUANTIZE from float does."""
         kwargs = {} if operand_scales is None else {"operand_scales": operand_scales}
+        if from_float:
+            kwargs["from_float"] = True
         if not with_scale:
             return quantizer(tensor, **kwargs)
         outputs, scale = quantizer(tensor, return_scale=True, **kwargs)
@@ -412,6 +416,7 @@ class Placement:
                 self.fake_quant(layer.name, zero_centred=self.feeds_matmul_rhs(original)),
                 tensor,
                 self.needs_scale(original),
+                from_float=True,
             )
         return self.quantized_inputs[id(tensor)]
 
