@@ -114,7 +114,8 @@ def from_float(x, scale):
     QUANTIZE of a float tensor rounds it: `round(x * (1 / scale))`, the
     reciprocal and the product in float32, to nearest, ties to even (not
     clamped: the grid's `FakeQuant` clamps), with a straight-through
-    gradient. Where `scale` is 0 (a grid not quantizing yet), `x` as it is.
+    gradient. Where `scale` is 0 (a grid not quantizing yet) and where `x`
+    is not finite, `x` as it is.
 
     Args:
         x: A float tensor.
@@ -129,5 +130,6 @@ def from_float(x, scale):
     scale = tf.cast(scale, tf.float32)
     reciprocal = 1.0 / tf.where(scale > 0.0, scale, 1.0)
     exact = tf.round(tf.cast(x, tf.float32) * reciprocal) * scale
-    exact = tf.where(scale > 0.0, tf.cast(exact, x.dtype), x)
-    return x + tf.stop_gradient(exact - x)
+    applies = (scale > 0.0) & tf.math.is_finite(x)  # +-inf: left for the FakeQuant to clamp
+    exact = tf.where(applies, tf.cast(exact, x.dtype), x)
+    return tf.where(applies, x + tf.stop_gradient(exact - x), x)

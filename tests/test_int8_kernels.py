@@ -39,6 +39,8 @@ def test_from_float_rounds_the_product_with_the_reciprocal_to_even():
     np.testing.assert_array_equal(from_float(x, scale).numpy(), expected.astype("float32"))
     assert float(from_float(0.625, 0.25)) == 0.5  # 2.5 steps: to even
     np.testing.assert_array_equal(from_float(x, 0.0).numpy(), x)  # no grid yet
+    infinite = np.array([np.inf, -np.inf], "float32")  # left for the FakeQuant to clamp
+    np.testing.assert_array_equal(from_float(infinite, scale).numpy(), infinite)
     x = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(x)
